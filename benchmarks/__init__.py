@@ -1,0 +1,1 @@
+"""clawgate load benchmark: run with benchmarks/run.sh (see benchmarks/harness.py)."""

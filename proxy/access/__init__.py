@@ -1,0 +1,1 @@
+"""Pure access decisions: networks, tokens and policy. No I/O here."""

@@ -1,0 +1,166 @@
+"""The admin listener, loopback only: /health, /metrics (Prometheus) and /connections.
+
+An aiohttp application; nothing here is on the connection hot path. /health answers 503
+when clawgate is degraded (tailscaled not Running or unreachable while identity is in
+use, node key expired, the gateway unreachable) and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from .metrics import MetricsCollector
+
+if TYPE_CHECKING:
+    from .server import Runtime
+
+__all__ = ["start_admin", "build_admin_app", "health_report", "connections_report"]
+
+RT_KEY: web.AppKey[Runtime] = web.AppKey("rt")
+REG_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+
+
+async def upstream_reachable(rt: Runtime) -> tuple[bool, str | None]:
+    u = rt.cfg.upstream
+    try:
+        async with asyncio.timeout(min(u.connect_timeout, 2.0)):
+            if u.unix_path is not None:
+                _, w = await asyncio.open_unix_connection(u.unix_path)
+            else:
+                _, w = await asyncio.open_connection(u.host, u.port)
+        w.close()
+        return True, None
+    except (OSError, TimeoutError) as exc:
+        return False, f"{u.url}: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+
+
+async def health_report(rt: Runtime) -> tuple[bool, dict[str, Any]]:
+    problems: list[str] = []
+    up_ok, up_err = await upstream_reachable(rt)
+    if not up_ok:
+        problems.append(f"gateway unreachable: {up_err}")
+    ts: dict[str, Any] | None = None
+    if rt.monitor is not None:
+        ts = rt.monitor.health()
+        if not ts.get("running"):
+            problems.append(ts.get("warning") or "tailscale not running")
+        elif ts.get("expired"):
+            problems.append("node key expired")
+    if not rt.listen_addresses:
+        problems.append("not listening yet (waiting for tailnet addresses)")
+    warnings = []
+    if ts is not None and ts.get("warning") and ts.get("running"):
+        warnings.append(ts["warning"])
+    if rt.last_reload_error:
+        warnings.append(f"last reload refused: {rt.last_reload_error}")
+    tls_info = getattr(rt, "tls_status", None)
+    if callable(tls_info):
+        tls_health = tls_info()
+        if tls_health.get("warning"):
+            warnings.append(tls_health["warning"])
+    else:
+        tls_health = None
+    ok = not problems
+    body: dict[str, Any] = {
+        "status": "ok" if ok else "degraded",
+        "problems": problems,
+        "warnings": warnings,
+        "clawgate": {
+            "uptime_seconds": round(time.time() - rt.started, 1),
+            "listening": rt.listen_addresses,
+            "connections": rt.metrics.active,
+            "tunnels": rt.metrics.tunnels,
+            "draining": rt.draining,
+            "reloads": rt.reloads,
+        },
+        "upstream": {"url": rt.cfg.upstream.url, "reachable": up_ok, "error": up_err},
+        "tailscale": ts,
+    }
+    if tls_health is not None:
+        body["tls"] = tls_health
+    return ok, body
+
+
+def connections_report(rt: Runtime) -> list[dict[str, Any]]:
+    out = []
+    for conn in sorted(rt.conns, key=lambda c: c.conn_id):
+        grant = conn.grant
+        item: dict[str, Any] = {
+            "id": conn.conn_id,
+            "peer": conn.peer_ip,
+            "port": conn.peer_port,
+            "websocket": conn.is_tunnel,
+            "requests": conn.requests,
+            "bytes_in": conn.bytes_up,
+            "bytes_out": conn.bytes_down,
+            "age_seconds": round(conn.age(), 1),
+        }
+        if grant is not None:
+            if grant.credential is not None:
+                item["token"] = grant.credential.name
+            if grant.identity is not None:
+                item.update(rt.identity_fields(grant.identity, conn.peer_ip))
+        out.append(item)
+    return out
+
+
+async def _health(request: web.Request) -> web.Response:
+    ok, body = await health_report(request.app[RT_KEY])
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[REG_KEY])
+    resp = web.Response(body=data)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def _connections(request: web.Request) -> web.Response:
+    return web.json_response({"connections": connections_report(request.app[RT_KEY])})
+
+
+async def _reload(request: web.Request) -> web.Response:
+    rt = request.app[RT_KEY]
+    ok = rt.reload()
+    return web.json_response({"ok": ok, "error": rt.last_reload_error}, status=200 if ok else 409)
+
+
+def build_admin_app(rt: Runtime) -> web.Application:
+    app = web.Application()
+    app[RT_KEY] = rt
+    registry = CollectorRegistry(auto_describe=True)
+
+    def extra() -> dict[str, Any]:
+        cache = rt.identity_cache
+        out: dict[str, Any] = {}
+        if cache is not None:
+            out["clawgate_identity_cache_hits"] = ("counter", "Identity cache hits", cache.hits)
+            out["clawgate_identity_cache_misses"] = ("counter", "Identity cache misses",
+                                                     cache.misses)
+        out["clawgate_sessions"] = ("gauge", "Browser login sessions", len(rt.sessions))
+        return out
+
+    registry.register(MetricsCollector(lambda: rt.metrics, extra))
+    app[REG_KEY] = registry
+    app.router.add_get("/health", _health)
+    app.router.add_get("/healthz", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/connections", _connections)
+    app.router.add_post("/-/reload", _reload)
+    return app
+
+
+async def start_admin(rt: Runtime) -> web.AppRunner:
+    app = build_admin_app(rt)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, rt.cfg.admin.host, rt.cfg.admin.port, reuse_address=True)
+    await site.start()
+    return runner

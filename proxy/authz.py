@@ -1,0 +1,398 @@
+"""Who is asking, and may they: credentials, Tailscale identity, policy, and the headers
+the gateway is told.
+
+This module gathers the inputs of the pure decision (``access.policy.decide``): the
+credential (static token, JWT, login session, or the gateway's own token), and the peer's
+Tailscale identity through the cache. It never lets an unexpected path through: every
+failure becomes a deny with a reason. It also builds what the gateway receives (the
+rewritten head with forwarding and identity headers) and serves clawgate's login page.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qs, quote
+
+from .access.policy import (
+    ALLOW_EXEMPT,
+    Decision,
+    IdentityOutcome,
+    PolicySettings,
+    decide,
+)
+from .access.tokens import Credential, TokenSet, digest, extract_token
+from .errors import (
+    AccessError,
+    LocalAPIUnavailable,
+    PeerNotFound,
+    TailscaleError,
+    TooManyRequests,
+    Unauthenticated,
+)
+from .httphead import RequestHead, rewrite_request_head
+from .sessions import SessionStore
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .front import ClientConnection
+
+__all__ = ["Grant", "Authorizer", "JwtVerifierLike", "IdentityCacheLike", "q_encode"]
+
+_NONE = IdentityOutcome("none")
+
+
+class JwtVerifierLike(Protocol):
+    def verify(self, token: str) -> Credential: ...
+
+
+class IdentityCacheLike(Protocol):
+    def get(self, ip: str, port: int = 0) -> Any: ...
+    async def lookup(self, ip: str, port: int) -> Any: ...
+
+
+@dataclass(slots=True)
+class Grant:
+    """The outcome of authorization for one request."""
+
+    decision: Decision
+    credential: Credential | None = None
+    identity: Any = None  # proxy.tailscale.Identity when known
+    identity_kind: str = "none"
+    drop_authorization: bool = False
+    strip_session_cookie: bool = False
+    retry_after: int | None = None
+    gated: bool = False  # the gateway token must still be checked in the first frame
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def q_encode(value: str) -> str:
+    """RFC 2047 Q-encoding for non-ASCII header values, as `tailscale serve` does."""
+    if value.isascii():
+        return value
+    out = []
+    for b in value.encode("utf-8"):
+        c = chr(b)
+        if c.isalnum() and b < 0x80:
+            out.append(c)
+        elif c == " ":
+            out.append("_")
+        else:
+            out.append(f"={b:02X}")
+    return "=?utf-8?q?" + "".join(out) + "?="
+
+
+class Authorizer:
+    """Per-config authorization state. Rebuilt on reload; holds no connection state."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        tokens: TokenSet,
+        sessions: SessionStore,
+        *,
+        identity: IdentityCacheLike | None,
+        identity_present: bool,
+        jwt: JwtVerifierLike | None = None,
+        gateway_token: bytes | None = None,
+        revoked: Callable[[Credential], str | None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tokens = tokens
+        self.sessions = sessions
+        self.identity = identity
+        self.jwt = jwt
+        self.gateway_token_digest = digest(gateway_token) if gateway_token else None
+        self.revoked = revoked
+        ts = cfg.tailscale
+        require_identity = ts.require_identity
+        if require_identity is None:
+            require_identity = identity_present or ts.auth_mode != "both"
+        self.settings = PolicySettings(
+            require_token=cfg.gateway.require_token,
+            require_identity=require_identity,
+            auth_mode=ts.auth_mode,
+            allow_users=ts.allow_users,
+            allow_tags=ts.allow_tags,
+            allow_nodes=ts.allow_nodes,
+            require_capability=ts.require_capability,
+            require_token_user_match=cfg.jwt.require_tailscale_user,
+        )
+        self.exempt = frozenset(p.encode() for p in cfg.gateway.exempt_paths)
+        self.cookie_name = cfg.tokens.cookie_name.encode()
+        norm = ts.identity_header.lower().replace("_", "-").encode()
+        self.identity_norm = frozenset({norm})
+        self.identity_header = ts.identity_header.encode()
+        self.want_identity = identity is not None
+        self._static_ok = self.settings.require_token or len(tokens) > 0
+
+    # ------------------------------------------------------------------ credentials
+
+    def credential(self, head: RequestHead) -> tuple[Credential | None, str | None, bool, bool]:
+        """(credential, error, drop_authorization, strip_cookie)."""
+        cookie = head.header(b"cookie")
+        if cookie is not None and self.cookie_name in cookie:
+            sid = _cookie_value(cookie, self.cookie_name)
+            if sid is not None:
+                s = self.sessions.get(sid)
+                if s is not None and (s.token_name in self.tokens.names
+                                      or s.token_name == "gateway-token"):
+                    return (Credential("session", s.token_name, expires_at=s.expires),
+                            None, False, True)
+        auth = head.header(b"authorization")
+        if auth is None:
+            return None, None, False, cookie is not None and self.cookie_name in cookie
+        try:
+            auth_text = auth.decode("latin-1")
+        except UnicodeError:  # pragma: no cover - latin-1 decodes every byte
+            return None, "malformed authorization header", True, False
+        token, err = extract_token(auth_text)
+        if token is None:
+            if not self.settings.require_token and self.jwt is None:
+                return None, None, False, False  # not ours: leave it for the gateway
+            return None, err or "malformed credential", True, False
+        if self.jwt is not None and token.count(".") == 2 and token.startswith("eyJ"):
+            try:
+                cred = self.jwt.verify(token)
+            except Unauthenticated as exc:
+                return None, exc.reason, True, False
+            if self.revoked is not None:
+                why = self.revoked(cred)
+                if why is not None:
+                    return None, why, True, False
+            return cred, None, True, False
+        d = digest(token)
+        name = self.tokens.verify_digest(d)
+        if name is not None:
+            return Credential("token", name), None, True, False
+        if self.gateway_token_digest is not None and hmac.compare_digest(
+                self.gateway_token_digest, d):
+            # The gateway's own token: the gateway needs it, so it is forwarded.
+            return Credential("gateway-token", "gateway-token"), None, False, False
+        if not self.settings.require_token and self.jwt is None:
+            return None, None, False, False
+        return None, "invalid token", True, False
+
+    # ------------------------------------------------------------------ identity
+
+    def identity_sync(self, conn: ClientConnection) -> IdentityOutcome | None:
+        """A cached outcome, or None when tailscaled must be asked."""
+        cache = self.identity
+        if cache is None:
+            return _NONE
+        ident = cache.get(conn.peer_ip, conn.peer_port)
+        if ident is None:
+            return None
+        return IdentityOutcome("identity", ident)
+
+    async def identity_async(self, conn: ClientConnection) -> IdentityOutcome:
+        cache = self.identity
+        if cache is None:
+            return _NONE
+        try:
+            ident = await cache.lookup(conn.peer_ip, conn.peer_port)
+        except PeerNotFound:
+            if conn.is_loopback_peer:
+                return IdentityOutcome("none", reason="local process, not a tailnet peer")
+            return IdentityOutcome("unknown", reason="not a known tailnet peer")
+        except LocalAPIUnavailable as exc:
+            conn.rt.metrics.localapi_errors += 1
+            return IdentityOutcome("unavailable", reason=f"tailscale identity unavailable: {exc}")
+        except TailscaleError as exc:
+            conn.rt.metrics.localapi_errors += 1
+            return IdentityOutcome("unavailable", reason=f"tailscale identity unavailable: {exc}")
+        if ident is None:
+            return IdentityOutcome("none", reason="local process, not a tailnet peer")
+        return IdentityOutcome("identity", ident)
+
+    # ------------------------------------------------------------------ decision
+
+    def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
+        if head.path in self.exempt:
+            return Grant(ALLOW_EXEMPT)
+        conn.rt.check_lockout(conn)
+        outcome = self.identity_sync(conn)
+        if outcome is None:
+            return None
+        return self._finish(conn, head, outcome)
+
+    async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
+        conn.rt.check_lockout(conn)
+        outcome = await self.identity_async(conn)
+        return self._finish(conn, head, outcome)
+
+    def _finish(self, conn: ClientConnection, head: RequestHead,
+                outcome: IdentityOutcome) -> Grant:
+        cred, err, drop_auth, strip_cookie = self.credential(head)
+        gated = False
+        s = self.settings
+        if (cred is None and err is None and head.websocket
+                and self.gateway_token_digest is not None and s.require_token):
+            # The client carries only the gateway's token, inside its first frame:
+            # let the upgrade through and hold that frame until it is checked.
+            cred = Credential("gateway-token", "gateway-token (first frame)")
+            gated = True
+        decision = decide(
+            s,
+            token_name=cred.name if cred else None,
+            token_error=err,
+            token_subject=cred.subject if cred else None,
+            identity=outcome,
+        )
+        return Grant(
+            decision=decision,
+            credential=cred,
+            identity=outcome.identity,
+            identity_kind=outcome.kind,
+            drop_authorization=drop_auth,
+            strip_session_cookie=strip_cookie,
+            gated=gated and decision.allow,
+        )
+
+    # ------------------------------------------------------------------ rewrite
+
+    def rewrite(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> bytes:
+        add: list[tuple[bytes, bytes]] = []
+        ident = grant.identity
+        ts = self.cfg.tailscale
+        if ident is not None:
+            value: str | None
+            if ident.tagged:
+                value = ts.tagged_identity.format(
+                    node=ident.node_name, host=ident.node_host, tags=",".join(ident.tags),
+                    id=ident.node_id) if ts.tagged_identity else None
+            else:
+                value = ident.login
+            if value:
+                add.append((self.identity_header, _header_value(value)))
+            if ts.send_tailscale_headers and not ident.tagged and ident.login:
+                add.append((b"Tailscale-User-Login", _header_value(q_encode(ident.login))))
+                if ident.display_name:
+                    add.append((b"Tailscale-User-Name",
+                                _header_value(q_encode(ident.display_name))))
+                if ident.profile_pic:
+                    add.append((b"Tailscale-User-Profile-Pic",
+                                _header_value(ident.profile_pic)))
+        return rewrite_request_head(
+            head,
+            client_ip=conn.peer_ip,
+            proto=conn.proto,
+            identity_headers=self.identity_norm,
+            add=add,
+            drop_authorization=grant.drop_authorization,
+            session_cookie=self.cookie_name if grant.strip_session_cookie else None,
+        )
+
+    # ------------------------------------------------------------------ login
+
+    def login_endpoint(self, conn: ClientConnection, head: RequestHead,
+                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        path = head.path
+        html_type = ("Content-Type", "text/html; charset=utf-8")
+        if path == b"/__clawgate/login" and head.method in (b"GET", b"HEAD"):
+            nxt = _query_param(head.target, "next") or "/"
+            return 200, [html_type], self.login_page(nxt, "")
+        if path == b"/__clawgate/login" and head.method == b"POST":
+            origin = head.header(b"origin")
+            host = head.header(b"host")
+            if origin is not None and host is not None and origin.split(b"://", 1)[-1] != host:
+                return 403, [("Content-Type", "text/plain")], b"cross-origin login refused\n"
+            try:
+                form = parse_qs(body.decode("utf-8"), max_num_fields=4)
+            except (UnicodeError, ValueError):
+                return 400, [("Content-Type", "text/plain")], b"malformed form\n"
+            token = (form.get("token") or [""])[0].strip()
+            nxt = _safe_next((form.get("next") or ["/"])[0])
+            name: str | None = None
+            if token:
+                d = digest(token)
+                name = self.tokens.verify_digest(d)
+                if name is None and self.gateway_token_digest is not None and \
+                        hmac.compare_digest(self.gateway_token_digest, d):
+                    name = "gateway-token"
+            if name is None:
+                conn.rt.note_denied(conn, 401)
+                conn.rt.log.write({"event": "login", "conn": conn.conn_id,
+                                   "peer": conn.peer_ip, "result": "invalid token"})
+                return 401, [html_type], self.login_page(nxt, "That token is not valid.")
+            sid, sess = self.sessions.create(name)
+            secure = "; Secure" if conn.tls else ""
+            cookie = (f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
+                      f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}")
+            conn.rt.log.write({"event": "login", "conn": conn.conn_id, "peer": conn.peer_ip,
+                               "result": "ok", "token": name})
+            return 303, [("Set-Cookie", cookie), ("Location", nxt)], b""
+        if path == b"/__clawgate/logout":
+            cookie = head.header(b"cookie")
+            if cookie is not None:
+                sid = _cookie_value(cookie, self.cookie_name)
+                if sid is not None:
+                    self.sessions.delete(sid)
+            expire = f"{self.cfg.tokens.cookie_name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+            return 303, [("Set-Cookie", expire), ("Location", "/__clawgate/login")], b""
+        return 404, [("Content-Type", "text/plain")], b"not found\n"
+
+    def login_page(self, nxt: str, message: str) -> bytes:
+        msg = f'<p class="err">{html.escape(message)}</p>' if message else ""
+        return _LOGIN_HTML.replace("{msg}", msg).replace(
+            "{next}", html.escape(_safe_next(nxt), quote=True)).encode("utf-8")
+
+
+def _header_value(value: str) -> bytes:
+    if any(c in value for c in "\r\n\x00"):
+        raise ValueError("control character in identity value")
+    return value.encode("utf-8")
+
+
+def _cookie_value(cookie: bytes, name: bytes) -> str | None:
+    for part in cookie.split(b";"):
+        k, sep, v = part.strip().partition(b"=")
+        if sep and k == name:
+            try:
+                return v.decode("ascii")
+            except UnicodeError:
+                return None
+    return None
+
+
+def _query_param(target: bytes, name: str) -> str | None:
+    q = target.find(b"?")
+    if q < 0:
+        return None
+    try:
+        values = parse_qs(target[q + 1:].decode("latin-1"), max_num_fields=8)
+    except ValueError:
+        return None
+    v = values.get(name)
+    return v[0] if v else None
+
+
+def _safe_next(nxt: str) -> str:
+    # Only a local path: no scheme, no '//' host, no backslash tricks, no CR/LF.
+    if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt or any(
+            c in nxt for c in "\r\n\x00") or nxt.startswith("/__clawgate/"):
+        return "/"
+    return quote(nxt, safe="/?=&%:@!$'()*+,;~.-_")
+
+
+_LOGIN_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>clawgate sign-in</title>
+<style>body{font:16px system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}
+input{width:100%;padding:.5rem;font:inherit;box-sizing:border-box}
+button{margin-top:1rem;padding:.5rem 1rem;font:inherit}.err{color:#b00}</style></head>
+<body><h1>clawgate</h1>
+<p>This OpenClaw gateway is protected. Paste an access token to continue.</p>{msg}
+<form method="post" action="/__clawgate/login">
+<input type="hidden" name="next" value="{next}">
+<label>Token <input type="password" name="token" autocomplete="current-password" autofocus></label>
+<button type="submit">Sign in</button></form>
+<p><small>Create one on the gateway host with <code>clawgate token new NAME</code>.</small></p>
+</body></html>
+"""
+
+_ = (time, AccessError, TooManyRequests)

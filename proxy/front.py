@@ -1,0 +1,633 @@
+"""One client connection: accept, network check, head, decision, forward, splice.
+
+``ClientConnection`` is an ``asyncio.Protocol``. The network check runs in
+``connection_made`` before a byte is read. The request head is read into a bounded
+buffer under a deadline, parsed strictly, and decided; allowed requests are rewritten and
+forwarded to the gateway over a connection this client owns. Plain HTTP is proxied one
+request at a time (each decided again); after an upstream 101 the connection becomes a
+splice. Everything that is not a clear allow ends in a short status and a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+from .access.networks import is_loopback
+from .access.policy import Decision
+from .errors import AccessError, BadRequest
+from .httphead import (
+    RequestHead,
+    find_head_end,
+    parse_request_head,
+)
+from .relay import ChunkedScanner, UpstreamConnection, close_frame
+
+if TYPE_CHECKING:
+    from .authz import Grant
+    from .server import Runtime
+
+__all__ = ["ClientConnection", "STATUS_TEXT"]
+
+STATUS_TEXT = {
+    200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+# States. Small ints: compared on every data_received.
+HEAD, DECIDING, BODY, AWAIT, TUNNEL, GATED, LOCAL_BODY, CLOSING = range(8)
+
+_ids = itertools.count(1)
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "rt", "transport", "up", "up_t", "state", "buf", "conn_id", "peer_ip", "peer_port",
+        "started", "bytes_up", "bytes_down", "requests", "grant", "head", "_head_timer",
+        "_body_left", "_chunks", "_paused_state", "_paused_bp", "_client_eof", "_up_eof",
+        "awaiting_upgrade", "_task", "close_reason", "_closed", "_t_head", "gate",
+        "counted_ip", "proto", "tls", "_unauth_counted", "_local_head", "was_tunnel",
+    )
+
+    def __init__(self, rt: Runtime, *, tls: bool = False) -> None:
+        self.rt = rt
+        self.tls = tls
+        self.proto = b"https" if tls else b"http"
+        self.transport: asyncio.Transport | None = None
+        self.up: UpstreamConnection | None = None
+        self.up_t: asyncio.Transport | None = None
+        self.state = HEAD
+        self.buf = b""
+        self.conn_id = 0
+        self.peer_ip = ""
+        self.peer_port = 0
+        self.started = 0.0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.requests = 0
+        self.grant: Grant | None = None
+        self.head: RequestHead | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_left = 0
+        self._chunks: ChunkedScanner | None = None
+        self._paused_state = False
+        self._paused_bp = False
+        self._client_eof = False
+        self._up_eof = False
+        self.awaiting_upgrade = False
+        self._task: asyncio.Task[None] | None = None
+        self.close_reason = ""
+        self._closed = False
+        self._t_head = 0.0
+        self.gate: Any = None
+        self.counted_ip = False
+        self._unauth_counted = False
+        self._local_head: RequestHead | None = None
+        self.was_tunnel = False
+
+    # ------------------------------------------------------------------ accept
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        rt = self.rt
+        m = rt.metrics
+        m.accepted += 1
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        if not rt.networks.contains(ip):
+            # Refused before reading a byte: RST rather than FIN, nothing is said.
+            m.refused["network"] += 1
+            transport.abort()  # type: ignore[attr-defined]
+            rt.log.refused({"event": "refused", "peer": ip, "reason": "network not allowed"})
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.peer_ip = ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+        self.peer_port = peer[1]
+        self.conn_id = next(_ids)
+        self.started = time.monotonic()
+        refusal = rt.admit(self)
+        if refusal is not None:
+            status, reason, retry = refusal
+            self._deny_and_close(status, reason, retry_after=retry, log_level="refused")
+            return
+        m.active += 1
+        rt.conns.add(self)
+        transport.set_write_buffer_limits(high=rt.cfg.limits.high_water)
+        self._head_timer = rt.loop.call_later(rt.cfg.limits.head_timeout, self._head_timeout)
+
+    # ------------------------------------------------------------------ reading
+
+    def data_received(self, data: bytes) -> None:
+        st = self.state
+        if st == TUNNEL:
+            # HOT PATH: client -> gateway splice.
+            self.bytes_up += len(data)
+            self.up_t.write(data)  # type: ignore[union-attr]
+            return
+        if st == BODY:
+            self._body_bytes(data)
+            return
+        if st == GATED:
+            self.gate.feed(data)
+            return
+        if st == HEAD:
+            buf = self.buf + data if self.buf else data
+            end = find_head_end(buf, len(self.buf))
+            if end < 0:
+                if len(buf) > self.rt.cfg.limits.head_bytes:
+                    self.buf = b""
+                    self._deny_and_close(431, "request head too large")
+                    return
+                self.buf = buf
+                return
+            if end > self.rt.cfg.limits.head_bytes:
+                self.buf = b""
+                self._deny_and_close(431, "request head too large")
+                return
+            self.buf = buf[end:]
+            self._on_head(buf[:end])
+            return
+        if st == LOCAL_BODY:
+            self.buf += data
+            self._local_body_progress()
+            return
+        if st == CLOSING:
+            return
+        # DECIDING / AWAIT: hold what arrives (pipelined request, early frames).
+        self.buf += data
+        if len(self.buf) > self.rt.cfg.limits.head_bytes + 65536:
+            self._pause(True)
+
+    def eof_received(self) -> bool | None:
+        self._client_eof = True
+        st = self.state
+        if st == TUNNEL:
+            if self.up_t is not None and self.up_t.can_write_eof():
+                self.up_t.write_eof()
+            if self._up_eof:
+                return None
+            return True  # half-close: keep sending the gateway's bytes to the client
+        if st == HEAD and not self.buf:
+            self.close_reason = self.close_reason or "client closed"
+            return None
+        if st in (AWAIT, DECIDING):
+            return True  # the response may still come; close after it
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # refused in connection_made; never counted as active
+        self._finalise("client closed" if exc is None else "client reset")
+
+    # ------------------------------------------------------------------ the head
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.state in (HEAD, LOCAL_BODY) and not self._closed:
+            self.rt.metrics.refused["head_timeout"] += 1
+            if self.buf or self.requests == 0:
+                self._deny_and_close(408, "request head not received in time")
+            else:
+                self._close("idle keep-alive")
+
+    def _on_head(self, raw: bytes) -> None:
+        rt = self.rt
+        self._t_head = time.monotonic()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        try:
+            head = parse_request_head(raw)
+        except BadRequest as exc:
+            rt.metrics.refused["bad_request"] += 1
+            self._deny_and_close(exc.status, exc.reason)
+            return
+        self.requests += 1
+        self.head = head
+        if head.path.startswith(b"/__clawgate/"):
+            self._local(head)
+            return
+        try:
+            grant = rt.authorize_sync(self, head)
+        except AccessError as exc:
+            self._deny(head, exc.status, exc.reason, getattr(exc, "retry_after", None))
+            return
+        if grant is None:
+            # Identity not cached: ask tailscaled without blocking other connections.
+            self.state = DECIDING
+            self._pause(True)
+            self._task = rt.spawn(self._decide_async(head), f"decide-{self.conn_id}")
+            return
+        self._apply(head, grant)
+
+    async def _decide_async(self, head: RequestHead) -> None:
+        try:
+            grant = await self.rt.authorize(self, head)
+        except AccessError as exc:
+            if not self._closed:
+                self._deny(head, exc.status, exc.reason, getattr(exc, "retry_after", None))
+            return
+        if not self._closed:
+            self._apply(head, grant)
+
+    def _apply(self, head: RequestHead, grant: Grant) -> None:
+        rt = self.rt
+        d: Decision = grant.decision
+        rt.log_decision(self, head, grant)
+        if not d.allow:
+            rt.metrics.decisions[("deny", d.status)] += 1
+            self._send_denial(head, d.status, d.reason, grant.retry_after, grant)
+            return
+        rt.metrics.decisions[("allow", 200)] += 1
+        self.grant = grant
+        rt.note_granted(self, grant)
+        try:
+            out = rt.rewrite(self, head, grant)
+        except ValueError:
+            self._deny(head, 403, "identity value not representable in a header")
+            return
+        self.awaiting_upgrade = head.websocket
+        if self.up_t is not None and not self.up.closed:  # type: ignore[union-attr]
+            self._forward_head(head, out)
+        else:
+            self.state = DECIDING
+            self._pause(True)
+            self._task = rt.spawn(self._dial_and_forward(head, out), f"dial-{self.conn_id}")
+
+    async def _dial_and_forward(self, head: RequestHead, out: bytes) -> None:
+        rt = self.rt
+        up = UpstreamConnection(self)
+        try:
+            transport = await rt.dial(up)
+        except (OSError, TimeoutError) as exc:
+            rt.metrics.upstream_errors += 1
+            if not self._closed:
+                reason = "gateway unreachable"
+                if isinstance(exc, TimeoutError):
+                    reason = "gateway did not accept the connection in time"
+                elif isinstance(exc, ConnectionRefusedError):
+                    reason = "gateway refused the connection (is it running?)"
+                self._send_simple(502, reason, close=True)
+                rt.log.write({"event": "upstream_error", "conn": self.conn_id,
+                              "peer": self.peer_ip, "reason": reason})
+            return
+        if self._closed:
+            transport.abort()
+            return
+        self.up = up
+        self.up_t = transport
+        self._forward_head(head, out)
+
+    def _forward_head(self, head: RequestHead, out: bytes) -> None:
+        assert self.up is not None and self.up_t is not None
+        self.up.expect_response(head.method == b"HEAD")
+        self.up_t.write(out)
+        if self.requests == 1:
+            self.rt.metrics.observe_handshake(time.monotonic() - self.started)
+        if head.chunked:
+            self._chunks = ChunkedScanner()
+            self.state = BODY
+        elif head.content_length:
+            self._body_left = head.content_length
+            self.state = BODY
+        else:
+            self.state = AWAIT
+        self._pause(False)
+        if self.buf:
+            pending, self.buf = self.buf, b""
+            if self.state == BODY:
+                self._body_bytes(pending)
+            else:
+                self.buf = pending  # early bytes (e.g. frames before the 101): hold them
+
+    def _body_bytes(self, data: bytes) -> None:
+        assert self.up_t is not None
+        if self._chunks is not None:
+            try:
+                end = self._chunks.feed(data)
+            except ValueError as exc:
+                self._send_simple(400, f"bad chunked body: {exc}", close=True)
+                return
+            if end < 0:
+                self.bytes_up += len(data)
+                self.up_t.write(data)
+                return
+            self._chunks = None
+        else:
+            end = min(self._body_left, len(data))
+            self._body_left -= end
+            if self._body_left > 0:
+                self.bytes_up += len(data)
+                self.up_t.write(data)
+                return
+        self.bytes_up += end
+        self.up_t.write(data[:end])
+        rest = data[end:]
+        self.state = AWAIT
+        if rest:
+            self.buf += rest
+
+    # ------------------------------------------------------------------ responses
+
+    def write_response(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.bytes_down += len(data)
+            self.transport.write(data)
+
+    def response_done(self, status: int, keep_alive: bool) -> None:
+        """The gateway finished a response; decide the next request (or close)."""
+        if self.state == BODY:
+            # The gateway answered before the body was complete (e.g. 413): the rest
+            # of the body cannot be framed reliably any more.
+            keep_alive = False
+        self.awaiting_upgrade = False
+        head = self.head
+        if not keep_alive or self._client_eof or head is None or not head.keep_alive:
+            self._close("response complete, connection not reusable")
+            return
+        self.state = HEAD
+        self._head_timer = self.rt.loop.call_later(
+            self.rt.cfg.limits.head_timeout * 6, self._head_timeout)
+        if self.buf:
+            pending, self.buf = self.buf, b""
+            self.data_received(pending)
+
+    def become_tunnel(self, early: bytes) -> None:
+        """The gateway answered 101: from now on, splice (or gate the first frame)."""
+        rt = self.rt
+        self.awaiting_upgrade = False
+        rt.metrics.tunnels += 1
+        self.was_tunnel = True
+        gate = rt.make_gate(self)
+        pending, self.buf = self.buf, b""
+        if gate is not None:
+            self.gate = gate
+            self.state = GATED
+        else:
+            self.state = TUNNEL
+        if early:
+            self.up.data_received(early)  # type: ignore[union-attr]
+        if pending:
+            self.data_received(pending)
+
+    def gate_passed(self, released: bytes) -> None:
+        """The first-frame gate verified the client: release what it held and splice."""
+        self.gate = None
+        self.state = TUNNEL
+        if released:
+            self.bytes_up += len(released)
+            self.up_t.write(released)  # type: ignore[union-attr]
+
+    def upstream_eof(self) -> None:
+        self._up_eof = True
+        t = self.transport
+        if t is not None and not self._closed and t.can_write_eof():
+            t.write_eof()
+        if self._client_eof:
+            self._close("both sides closed")
+
+    def upstream_lost(self) -> None:
+        self._close(self.close_reason or "gateway closed")
+
+    def upstream_lost_during_exchange(self, got_any: bool) -> None:
+        if self._closed:
+            return
+        if self.state == HEAD and not got_any:
+            # Idle keep-alive connection closed by the gateway: dial again next time.
+            self.up = None
+            self.up_t = None
+            return
+        if not got_any and self.state in (AWAIT, BODY):
+            self.rt.metrics.upstream_errors += 1
+            self._send_simple(502, "gateway closed the connection without a response",
+                              close=True)
+            return
+        self._close("gateway closed mid-response")
+
+    def upstream_broken(self, reason: str, started: bool) -> None:
+        self.rt.metrics.upstream_errors += 1
+        self.rt.log.write({"event": "upstream_error", "conn": self.conn_id,
+                           "peer": self.peer_ip, "reason": reason})
+        if self.up_t is not None:
+            self.up_t.abort()
+        self._abort(reason)
+
+    # ------------------------------------------------------------------ flow control
+
+    def _pause(self, on: bool) -> None:
+        self._paused_state = on
+        self._apply_pause()
+
+    def pause_reading_for_upstream(self) -> None:
+        self._paused_bp = True
+        self._apply_pause()
+
+    def resume_reading_for_upstream(self) -> None:
+        self._paused_bp = False
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        t = self.transport
+        if t is None or self._closed:
+            return
+        want = self._paused_state or self._paused_bp
+        if want and t.is_reading():
+            t.pause_reading()
+        elif not want and not t.is_reading():
+            t.resume_reading()
+
+    def pause_writing(self) -> None:
+        if self.up_t is not None:
+            self.up_t.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up_t is not None and not self.up_t.is_closing():
+            self.up_t.resume_reading()
+
+    # ------------------------------------------------------------------ local endpoints
+
+    def _local(self, head: RequestHead) -> None:
+        if head.content_length:
+            if head.content_length > 8192:
+                self._deny_and_close(413, "body too large")
+                return
+            self._local_head = head
+            self._body_left = head.content_length
+            self.state = LOCAL_BODY
+            self._head_timer = self.rt.loop.call_later(
+                self.rt.cfg.limits.head_timeout, self._head_timeout)
+            self._local_body_progress()
+            return
+        if head.chunked:
+            self._deny_and_close(411, "length required")
+            return
+        self._local_respond(head, b"")
+
+    def _local_body_progress(self) -> None:
+        head = self._local_head
+        if head is None or len(self.buf) < self._body_left:
+            return
+        body, self.buf = self.buf[:self._body_left], self.buf[self._body_left:]
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._local_head = None
+        self._local_respond(head, body)
+
+    def _local_respond(self, head: RequestHead, body: bytes) -> None:
+        status, headers, payload = self.rt.local_endpoint(self, head, body)
+        self.rt.log.write({"event": "local", "conn": self.conn_id, "peer": self.peer_ip,
+                           "method": head.method.decode("latin-1"),
+                           "path": head.path.decode("latin-1"), "status": status})
+        self._send(status, headers, payload, close=True)
+
+    # ------------------------------------------------------------------ answering
+
+    def _deny(self, head: RequestHead, status: int, reason: str,
+              retry_after: int | None = None) -> None:
+        from .authz import Grant  # local: authz imports front's types only for typing
+
+        grant = Grant(Decision(False, status, reason), retry_after=retry_after)
+        self.rt.log_decision(self, head, grant)
+        self.rt.metrics.decisions[("deny", status)] += 1
+        self._send_denial(head, status, reason, retry_after, grant)
+
+    def _send_denial(self, head: RequestHead, status: int, reason: str,
+                     retry_after: int | None, grant: Grant | None) -> None:
+        self.rt.note_denied(self, status)
+        headers: list[tuple[str, str]] = []
+        body = None
+        if status == 401:
+            headers.append(("WWW-Authenticate", 'Bearer realm="clawgate"'))
+            if not head.websocket and b"text/html" in (head.header(b"accept") or b""):
+                body = self.rt.login_page(head, reason)
+                headers.append(("Content-Type", "text/html; charset=utf-8"))
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
+        if body is None:
+            body = (reason + "\n").encode("utf-8", "replace")
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        self._send(status, headers, body, close=True)
+
+    def _deny_and_close(self, status: int, reason: str, retry_after: int | None = None,
+                        log_level: str = "deny") -> None:
+        rt = self.rt
+        record = {"event": "refused" if log_level == "refused" else "decision",
+                  "conn": self.conn_id, "peer": self.peer_ip, "decision": "deny",
+                  "status": status, "reason": reason}
+        if log_level == "refused":
+            rt.log.refused(record)
+        else:
+            rt.log.write(record)
+        rt.metrics.decisions[("deny", status)] += 1
+        headers = [("Content-Type", "text/plain; charset=utf-8")]
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
+        self._send(status, headers, (reason + "\n").encode(), close=True)
+
+    def _send_simple(self, status: int, reason: str, close: bool) -> None:
+        self._send(status, [("Content-Type", "text/plain; charset=utf-8")],
+                   (reason + "\n").encode(), close=close)
+
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
+              close: bool) -> None:
+        t = self.transport
+        if t is None or self._closed:
+            return
+        lines = [f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}"]
+        lines.extend(f"{k}: {v}" for k, v in headers)
+        lines.append(f"Content-Length: {len(body)}")
+        lines.append("Cache-Control: no-store")
+        if close:
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        self.bytes_down += len(data)
+        t.write(data)
+        if close:
+            self.close_reason = self.close_reason or f"{status} sent"
+            self.state = CLOSING
+            self._close(self.close_reason)
+
+    # ------------------------------------------------------------------ ending
+
+    def end_session(self, code: int, reason: str) -> None:
+        """End a live session: a clean close frame when a WebSocket is open."""
+        if self._closed:
+            return
+        self.close_reason = reason
+        t = self.transport
+        if self.state in (TUNNEL, GATED) and t is not None and self.up is not None:
+            self.rt.spawn(self._close_at_boundary(code, reason), f"end-{self.conn_id}")
+            return
+        self._close(reason)
+
+    async def _close_at_boundary(self, code: int, reason: str) -> None:
+        up = self.up
+        assert up is not None
+        if self.up_t is not None:
+            self.up_t.pause_reading()
+        # Wait (briefly) for the frame being relayed to finish before injecting ours.
+        for _ in range(50):
+            if up.frames.at_boundary or self._closed:
+                break
+            if self.up_t is not None:
+                self.up_t.resume_reading()
+            await asyncio.sleep(0.02)
+            if self.up_t is not None:
+                self.up_t.pause_reading()
+        if self._closed:
+            return
+        t = self.transport
+        if t is not None and up.frames.at_boundary:
+            t.write(close_frame(code, reason[:100]))
+        self._close(reason)
+
+    def _abort(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+        self._finalise(self.close_reason)
+
+    def _close(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        self.state = CLOSING
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+        if self.up_t is not None and not self.up_t.is_closing():
+            self.up_t.close()
+
+    def _finalise(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.state = CLOSING
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.up_t is not None and not self.up_t.is_closing():
+            self.up_t.close()
+        if self.gate is not None:
+            self.gate.cancel()
+        self.rt.connection_closed(self, self.close_reason or reason)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def is_tunnel(self) -> bool:
+        return self.state in (TUNNEL, GATED)
+
+    @property
+    def is_loopback_peer(self) -> bool:
+        return is_loopback(self.peer_ip)
+
+    def age(self) -> float:
+        return time.monotonic() - self.started
+

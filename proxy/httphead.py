@@ -1,0 +1,349 @@
+"""Request heads: strict parsing, smuggling checks, and the forwarding rewrite.
+
+Pure functions over bytes, no I/O. httptools (llhttp, as used by uvicorn) parses; our own
+checks run first on the raw lines for the shapes that differ between parsers (bare CR or
+LF, obs-fold, NUL, duplicate or conflicting framing headers). The rewrite keeps every
+surviving header line byte for byte, removes hop-by-hop, Connection-listed, forwarding and
+identity headers sent by the client, and only then adds the headers clawgate vouches for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import httptools
+
+from .errors import BadRequest
+
+__all__ = [
+    "RequestHead",
+    "ResponseHead",
+    "HeadTooLarge",
+    "parse_request_head",
+    "parse_response_head",
+    "rewrite_request_head",
+    "find_head_end",
+    "normalise_header_name",
+    "is_spoofable_header",
+    "strip_cookie",
+]
+
+_CRLF = b"\r\n"
+_HEAD_END = b"\r\n\r\n"
+_METHODS = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"}
+)
+# End-to-end headers a client must not get removed by listing them in Connection.
+_PROTECTED = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"sec-websocket-key",
+     b"sec-websocket-version", b"sec-websocket-protocol", b"sec-websocket-extensions",
+     b"origin", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+     b"proxy-authorization", b"proxy-authenticate", b"http2-settings"}
+)
+# Client-supplied claims about the client: never believed, never forwarded.
+_SPOOF_EXACT = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"client-ip",
+     b"x-cluster-client-ip", b"cf-connecting-ip", b"fastly-client-ip",
+     b"x-original-forwarded-for", b"x-remote-ip", b"x-remote-addr", b"x-originating-ip"}
+)
+_SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
+
+
+class HeadTooLarge(BadRequest):
+    status = 431
+
+
+def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Offset just past the blank line ending the head, or -1."""
+    i = buf.find(_HEAD_END, max(0, start - 3))
+    return -1 if i < 0 else i + 4
+
+
+def normalise_header_name(name: bytes) -> bytes:
+    """Lower case with '_' read as '-' (some servers treat them alike)."""
+    return name.lower().replace(b"_", b"-")
+
+
+def is_spoofable_header(norm: bytes, identity_headers: frozenset[bytes]) -> bool:
+    return (
+        norm in _SPOOF_EXACT
+        or norm.startswith(_SPOOF_PREFIXES)
+        or norm in identity_headers
+    )
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A validated request head. ``lines`` are the raw header lines, in order."""
+
+    raw: bytes
+    method: bytes
+    target: bytes
+    version: tuple[int, int]
+    request_line: bytes
+    lines: list[bytes]
+    names: list[bytes]  # lower-case names, parallel to ``lines``
+    values: list[bytes]  # raw values, parallel to ``lines``
+    content_length: int | None
+    chunked: bool
+    websocket: bool
+    keep_alive: bool
+
+    @property
+    def path(self) -> bytes:
+        q = self.target.find(b"?")
+        return self.target if q < 0 else self.target[:q]
+
+    def header(self, lname: bytes) -> bytes | None:
+        """First value of a header (lower-case name), or None."""
+        for n, v in zip(self.names, self.values, strict=True):
+            if n == lname:
+                return v
+        return None
+
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class _Collector:
+    __slots__ = ("url", "names", "values", "_last_was_value", "done")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.names: list[bytes] = []
+        self.values: list[bytes] = []
+        self._last_was_value = True
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.names.append(name)
+        self.values.append(value)
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+
+def _strict_lines(raw: bytes) -> list[bytes]:
+    """Split a head (ending in CRLF CRLF) into lines; reject parser-differential shapes."""
+    if b"\x00" in raw:
+        raise BadRequest("NUL byte in request head")
+    body = raw[:-4]
+    lines = body.split(_CRLF)
+    for line in lines:
+        if b"\r" in line or b"\n" in line:
+            raise BadRequest("bare CR or LF in request head")
+    for line in lines[1:]:
+        if not line:
+            raise BadRequest("empty header line")
+        if line[0] in (0x20, 0x09):
+            raise BadRequest("obsolete line folding in header")
+    return lines
+
+
+def parse_request_head(raw: bytes) -> RequestHead:
+    """Parse and validate a complete head (``raw`` ends with CRLF CRLF).
+
+    Raises BadRequest (400) for anything malformed or smuggling-shaped.
+    """
+    lines = _strict_lines(raw)
+    request_line = lines[0]
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("malformed request line")
+    method, target, proto = parts
+    if method not in _METHODS:
+        if method == b"CONNECT":
+            raise BadRequest("CONNECT is not supported")
+        raise BadRequest("unsupported method")
+    if proto not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise BadRequest("unsupported HTTP version")
+    if not target.startswith(b"/"):
+        raise BadRequest("request target must be origin-form (/path)")
+    if any(b <= 0x20 or b == 0x7F for b in target):
+        raise BadRequest("control character in request target")
+
+    col = _Collector()
+    parser = httptools.HttpRequestParser(col)
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        raise BadRequest("malformed request head") from None
+    if not col.done:
+        raise BadRequest("malformed request head")
+    header_lines = lines[1:]
+    if len(col.names) != len(header_lines):
+        raise BadRequest("malformed header line")
+
+    names = [n.lower() for n in col.names]
+    values = col.values
+    content_length: int | None = None
+    chunked = False
+    host_count = 0
+    upgrade: bytes | None = None
+    conn_tokens: set[bytes] = set()
+    for i, name in enumerate(names):
+        if name == b"content-length":
+            if content_length is not None:
+                raise BadRequest("more than one Content-Length")
+            v = values[i].strip()
+            if not v.isdigit() or len(v) > 15:
+                raise BadRequest("invalid Content-Length")
+            content_length = int(v)
+        elif name == b"transfer-encoding":
+            if chunked:
+                raise BadRequest("more than one Transfer-Encoding")
+            if values[i].strip().lower() != b"chunked":
+                raise BadRequest("unsupported Transfer-Encoding")
+            chunked = True
+        elif name == b"host":
+            host_count += 1
+        elif name == b"upgrade":
+            if upgrade is not None:
+                raise BadRequest("more than one Upgrade")
+            upgrade = values[i].strip().lower()
+        elif name == b"connection":
+            conn_tokens.update(t.strip().lower() for t in values[i].split(b","))
+        elif name == b"http2-settings":
+            raise BadRequest("HTTP/2 upgrade (h2c) is not supported")
+    if chunked and content_length is not None:
+        raise BadRequest("both Content-Length and Transfer-Encoding")
+    if host_count > 1:
+        raise BadRequest("more than one Host")
+    if host_count == 0 and proto == b"HTTP/1.1":
+        raise BadRequest("missing Host")
+    if chunked and proto == b"HTTP/1.0":
+        raise BadRequest("chunked body in HTTP/1.0")
+    websocket = False
+    if upgrade is not None:
+        if upgrade != b"websocket":
+            raise BadRequest("only the websocket upgrade is supported")
+        if b"upgrade" in conn_tokens:
+            if method != b"GET":
+                raise BadRequest("websocket upgrade must be GET")
+            if chunked or content_length:
+                raise BadRequest("websocket upgrade with a body")
+            websocket = True
+    if proto == b"HTTP/1.1":
+        keep_alive = b"close" not in conn_tokens
+        version = (1, 1)
+    else:
+        keep_alive = b"keep-alive" in conn_tokens
+        version = (1, 0)
+    return RequestHead(
+        raw=raw,
+        method=method,
+        target=target,
+        version=version,
+        request_line=request_line,
+        lines=header_lines,
+        names=names,
+        values=values,
+        content_length=content_length,
+        chunked=chunked,
+        websocket=websocket,
+        keep_alive=keep_alive,
+    )
+
+
+def strip_cookie(value: bytes, cookie_name: bytes) -> bytes:
+    """Remove ``cookie_name=...`` pairs from a Cookie header value, keep the rest as is."""
+    kept = [
+        p for p in value.split(b";")
+        if p.strip().partition(b"=")[0].strip() != cookie_name
+    ]
+    return b";".join(kept).strip()
+
+
+def rewrite_request_head(
+    head: RequestHead,
+    *,
+    client_ip: str,
+    proto: bytes,
+    identity_headers: frozenset[bytes],
+    add: Sequence[tuple[bytes, bytes]] = (),
+    drop_authorization: bool = False,
+    session_cookie: bytes | None = None,
+) -> bytes:
+    """The head to send upstream.
+
+    Drops hop-by-hop headers, every header named in Connection (except the protected
+    end-to-end ones), all client-sent forwarding and identity headers (any case, '_' for
+    '-'), and the proxy's own credential; then sets X-Forwarded-For to ``client_ip``
+    (replaced, never appended), X-Forwarded-Proto, X-Forwarded-Host and ``add``.
+    ``identity_headers`` holds normalised names (lower case, '-').
+    """
+    named: set[bytes] = set()
+    for n, v in zip(head.names, head.values, strict=True):
+        if n == b"connection":
+            for tok in v.split(b","):
+                t = normalise_header_name(tok.strip())
+                if t and t not in _PROTECTED:
+                    named.add(t)
+    out: list[bytes] = [head.request_line]
+    host_value: bytes | None = None
+    for line, n, v in zip(head.lines, head.names, head.values, strict=True):
+        norm = normalise_header_name(n)
+        if norm == b"host":
+            host_value = v
+            out.append(line)
+            continue
+        if norm in _HOP_BY_HOP or norm in named:
+            continue
+        if is_spoofable_header(norm, identity_headers):
+            continue
+        if drop_authorization and norm == b"authorization":
+            continue
+        if session_cookie is not None and norm == b"cookie":
+            stripped = strip_cookie(v, session_cookie)
+            if stripped != v.strip():
+                if stripped:
+                    out.append(b"Cookie: " + stripped)
+                continue
+        out.append(line)
+    if head.websocket:
+        out.append(b"Upgrade: websocket")
+        out.append(b"Connection: Upgrade")
+    elif not head.keep_alive:
+        out.append(b"Connection: close")
+    out.append(b"X-Forwarded-For: " + client_ip.encode("ascii"))
+    out.append(b"X-Forwarded-Proto: " + proto)
+    if host_value is not None:
+        out.append(b"X-Forwarded-Host: " + host_value)
+    for name, value in add:
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise ValueError("control character in an injected header value")
+        out.append(name + b": " + value)
+    out.append(b"")
+    out.append(b"")
+    return _CRLF.join(out)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+
+
+def parse_response_head(raw: bytes) -> tuple[int, bytes]:
+    """Status code and reason from a response head's first line (raw ends CRLF CRLF)."""
+    line_end = raw.find(_CRLF)
+    first = raw[:line_end]
+    parts = first.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
+        raise ValueError("malformed status line")
+    return int(parts[1]), parts[2] if len(parts) > 2 else b""
+
+
+def header_lines(pairs: Iterable[tuple[str, str]]) -> bytes:
+    return b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in pairs)

@@ -1,0 +1,580 @@
+"""The running proxy: listeners, shared state, limits, reload and drain.
+
+``Runtime`` is what every connection sees: the current config snapshot and everything
+derived from it (compiled networks, token set, authorizer), counters, the access log and
+the set of live connections. A reload builds a whole new snapshot and swaps it in one
+assignment; a bad config leaves the old one in place. ``serve`` binds the listeners
+(the tailnet addresses from tailscaled when ``host`` is ``"tailscale"``), runs the admin
+server, and handles SIGHUP (reload) and SIGTERM (drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from .access.networks import NetworkSet
+from .access.policy import check_identity
+from .access.tokens import Credential, TokenEntry, TokenFile, TokenSet, digest
+from .accesslog import AccessLog
+from .authz import Authorizer, Grant
+from .config import HOST_TAILSCALE, Config, load_config
+from .errors import ClawgateError, ConfigError, TokenStoreError, TooManyRequests
+from .front import ClientConnection
+from .httphead import RequestHead
+from .metrics import Metrics
+from .sessions import SessionStore
+
+if TYPE_CHECKING:
+    from .relay import UpstreamConnection
+
+__all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_notify"]
+
+log = logging.getLogger("clawgate")
+IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; no-op elsewhere."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+def read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
+    """A secret from a file (first line, stripped) or an environment variable."""
+    if path:
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                value = fh.read(65536).strip()
+        except OSError as exc:
+            raise ConfigError(f"{what}.file", f"cannot read {path}: {exc.strerror}") from None
+        if st.st_mode & 0o077:
+            log.warning("%s file %s is readable by group/others (mode %o): chmod 600 it",
+                        what, path, st.st_mode & 0o777)
+        if not value:
+            raise ConfigError(f"{what}.file", f"{path} is empty")
+        return value.splitlines()[0]
+    if env:
+        value_s = os.environ.get(env)
+        if not value_s:
+            raise ConfigError(f"{what}.env", f"environment variable {env} is not set")
+        return value_s.strip().encode()
+    return None
+
+
+def build_authorizer_inputs(cfg: Config) -> tuple[TokenSet, bytes | None]:
+    """Load the static tokens (file + env) and the gateway token for a config."""
+    try:
+        entries = TokenFile(cfg.tokens.file).load(missing_ok=True)
+    except TokenStoreError as exc:
+        raise ConfigError("tokens.file", str(exc)) from None
+    for var in cfg.tokens.env:
+        value = os.environ.get(var)
+        if not value:
+            raise ConfigError("tokens.env", f"environment variable {var} is not set")
+        entries.append(TokenEntry(f"env:{var}", digest(value.strip())))
+    gw = read_secret(cfg.gateway_token.file, cfg.gateway_token.env, "gatewayToken")
+    return TokenSet(entries), gw
+
+
+class Runtime:
+    """Shared state of one proxy process."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.metrics = Metrics()
+        self.conns: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.log = AccessLog(cfg.log.access, cfg.log.refused_per_second)
+        self.sessions = SessionStore(cfg.tokens.session_ttl)
+        self.identity_cache: Any = None
+        self.monitor: Any = None
+        self.localapi: Any = None
+        self.identity_present = False
+        self.jwt: Any = None
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.unauth_per_ip: collections.Counter[str] = collections.Counter()
+        self.failures: dict[str, collections.deque[float]] = {}
+        self.lockouts: dict[str, float] = {}
+        self.draining = False
+        self.started = time.time()
+        self.reloads = 0
+        self.last_reload_error: str | None = None
+        self.listen_addresses: list[str] = []
+        self.servers: list[asyncio.base_events.Server] = []
+        self.gate_factory: Any = None
+        self.on_tailnet_addresses: Any = None
+        self.cfg = cfg
+        self.networks: NetworkSet = cfg.gateway.allowed_networks
+        self.authz: Authorizer = None  # type: ignore[assignment]  # set by apply_config
+
+    # ------------------------------------------------------------------ config
+
+    def apply_config(self, cfg: Config) -> None:
+        """Build everything derived from ``cfg`` and swap it in; raises on a bad config."""
+        tokens, gw_token = build_authorizer_inputs(cfg)
+        jwt = None
+        if cfg.jwt.enabled:
+            from .access.jwt import JwtVerifier  # optional module (issue: JWT)
+
+            jwt = JwtVerifier.from_config(cfg.jwt, loop=self.loop)
+        authz = Authorizer(
+            cfg, tokens, self.sessions,
+            identity=self.identity_cache,
+            identity_present=self.identity_present,
+            jwt=jwt,
+            gateway_token=gw_token,
+            revoked=getattr(jwt, "revoked_reason", None),
+        )
+        # One assignment each, nothing awaited in between: connections see old or new.
+        self.cfg = cfg
+        self.networks = cfg.gateway.allowed_networks
+        self.jwt = jwt
+        self.authz = authz
+        self.sessions.ttl = cfg.tokens.session_ttl
+        self.sessions.revoke_missing(tokens.names | {"gateway-token"})
+
+    def reload(self) -> bool:
+        """Re-read the config file and tokens; keep the old config on any error."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        try:
+            cfg = load_config(self.cfg.source) if self.cfg.source else self.cfg
+            if (cfg.gateway.hosts, cfg.gateway.port) != (self.cfg.gateway.hosts,
+                                                         self.cfg.gateway.port):
+                log.warning("gateway.host/port changed: restart clawgate to move listeners")
+            self.apply_config(cfg)
+        except ClawgateError as exc:
+            self.last_reload_error = str(exc)
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.log.write({"event": "reload", "result": "refused", "error": str(exc)})
+            sd_notify("READY=1\nSTATUS=reload refused: " + str(exc)[:200])
+            return False
+        self.reloads += 1
+        self.last_reload_error = None
+        ended = self.recheck_sessions()
+        self.log.write({"event": "reload", "result": "ok", "sessions_ended": ended})
+        log.info("config reloaded (%d live sessions ended)", ended)
+        sd_notify("READY=1\nSTATUS=serving")
+        return True
+
+    def recheck_sessions(self) -> int:
+        """End live sessions the current config would refuse. Returns how many."""
+        ended = 0
+        now = time.time()
+        for conn in list(self.conns):
+            grant = conn.grant
+            if grant is None or conn.closed:
+                continue
+            why = self.session_invalid_reason(conn, grant, now)
+            if why is not None:
+                ended += 1
+                self.log.write({"event": "session_ended", "conn": conn.conn_id,
+                                "peer": conn.peer_ip, "reason": why})
+                conn.end_session(1008, why)
+        return ended
+
+    def session_invalid_reason(self, conn: ClientConnection, grant: Grant,
+                               now: float) -> str | None:
+        if not self.networks.contains(conn.peer_ip):
+            return "network no longer allowed"
+        cred = grant.credential
+        authz = self.authz
+        if cred is not None:
+            if cred.kind in ("token", "session") and cred.name not in authz.tokens.names \
+                    and cred.name != "gateway-token":
+                return f"token {cred.name} revoked"
+            if cred.expires_at is not None and cred.expires_at <= now:
+                return f"credential {cred.name} expired"
+            if authz.revoked is not None and cred.kind == "jwt":
+                why = authz.revoked(cred)
+                if why is not None:
+                    return why
+        elif authz.settings.require_token and grant.decision.reason != "exempt path" \
+                and authz.settings.auth_mode == "both":
+            return "a token is now required"
+        if grant.identity is not None and authz.settings.require_identity:
+            why = check_identity(grant.identity, authz.settings)
+            if why is not None:
+                return why
+        return None
+
+    # ------------------------------------------------------------------ tasks
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Every background task goes through here: referenced, named, errors logged."""
+        task = self.loop.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, conn: ClientConnection) -> tuple[int, str, int | None] | None:
+        lim = self.cfg.limits
+        if self.draining:
+            return 503, "server shutting down", None
+        if self.metrics.active >= lim.max_connections:
+            self.metrics.refused["max_connections"] += 1
+            return 503, "too many connections", None
+        ip = conn.peer_ip
+        until = self.lockouts.get(ip)
+        if until is not None:
+            left = until - time.monotonic()
+            if left > 0:
+                self.metrics.refused["locked_out"] += 1
+                return 429, "too many failed authentications", int(left) + 1
+            del self.lockouts[ip]
+        if self.per_ip[ip] >= lim.per_source_ip:
+            self.metrics.refused["per_ip"] += 1
+            return 429, "too many connections from this address", 1
+        self.per_ip[ip] += 1
+        conn.counted_ip = True
+        return None
+
+    def check_lockout(self, conn: ClientConnection) -> None:
+        until = self.lockouts.get(conn.peer_ip)
+        if until is not None:
+            left = until - time.monotonic()
+            if left > 0:
+                raise TooManyRequests("too many failed authentications", int(left) + 1)
+
+    def note_denied(self, conn: ClientConnection, status: int) -> None:
+        if status != 401:
+            return
+        lim = self.cfg.limits
+        now = time.monotonic()
+        q = self.failures.setdefault(conn.peer_ip, collections.deque())
+        q.append(now)
+        while q and q[0] < now - lim.failed_auth_window:
+            q.popleft()
+        if len(q) >= lim.failed_auth_count and lim.failed_auth_lockout > 0:
+            self.lockouts[conn.peer_ip] = now + lim.failed_auth_lockout
+            q.clear()
+            self.log.write({"event": "lockout", "peer": conn.peer_ip,
+                            "seconds": lim.failed_auth_lockout})
+        if len(self.failures) > 100000:
+            self.failures.clear()
+
+    def note_granted(self, conn: ClientConnection, grant: Grant) -> None:
+        pass
+
+    # ------------------------------------------------------------------ per request
+
+    def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
+        return self.authz.authorize_sync(conn, head)
+
+    async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
+        return await self.authz.authorize(conn, head)
+
+    def rewrite(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> bytes:
+        return self.authz.rewrite(conn, head, grant)
+
+    def make_gate(self, conn: ClientConnection) -> Any:
+        grant = conn.grant
+        if grant is None or not grant.gated or self.gate_factory is None:
+            return None
+        return self.gate_factory(conn)
+
+    def local_endpoint(self, conn: ClientConnection, head: RequestHead,
+                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        return self.authz.login_endpoint(conn, head, body)
+
+    def login_page(self, head: RequestHead, reason: str) -> bytes:
+        return self.authz.login_page(head.target.decode("latin-1"), "")
+
+    async def dial(self, up: UpstreamConnection) -> asyncio.Transport:
+        u = self.cfg.upstream
+        async with asyncio.timeout(u.connect_timeout):
+            if u.unix_path is not None:
+                transport, _ = await self.loop.create_unix_connection(lambda: up, u.unix_path)
+            else:
+                transport, _ = await self.loop.create_connection(lambda: up, u.host, u.port)
+        return transport
+
+    # ------------------------------------------------------------------ logging
+
+    def identity_fields(self, ident: Any, ip: str) -> dict[str, Any]:
+        if ident is None:
+            return {}
+        fields: dict[str, Any] = ident.to_log()
+        if self.monitor is not None:
+            fields["path"] = self.monitor.peer_paths.get(ip, "unknown")
+        return fields
+
+    def log_decision(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> None:
+        if not self.log.enabled:
+            return
+        d = grant.decision
+        rec: dict[str, Any] = {
+            "event": "decision", "conn": conn.conn_id, "peer": conn.peer_ip,
+            "decision": "allow" if d.allow else "deny", "status": d.status,
+            "reason": d.reason, "method": head.method.decode("latin-1"),
+            "path": head.path.decode("latin-1")[:256], "websocket": head.websocket,
+        }
+        if grant.credential is not None:
+            rec["token"] = grant.credential.name
+        if grant.identity is not None:
+            rec.update(self.identity_fields(grant.identity, conn.peer_ip))
+        self.log.write(rec)
+
+    def connection_closed(self, conn: ClientConnection, reason: str) -> None:
+        self.conns.discard(conn)
+        m = self.metrics
+        m.active -= 1
+        m.bytes_up += conn.bytes_up
+        m.bytes_down += conn.bytes_down
+        if conn.was_tunnel:
+            m.tunnels -= 1
+        if conn.counted_ip:
+            ip = conn.peer_ip
+            n = self.per_ip[ip] - 1
+            if n <= 0:
+                del self.per_ip[ip]
+            else:
+                self.per_ip[ip] = n
+        if self.identity_cache is not None and conn.is_loopback_peer:
+            from .tailscale import cache_key
+
+            self.identity_cache.forget(cache_key(conn.peer_ip, conn.peer_port))
+        if not self.log.enabled:
+            return
+        rec: dict[str, Any] = {
+            "event": "close", "conn": conn.conn_id, "peer": conn.peer_ip,
+            "requests": conn.requests, "bytes_in": conn.bytes_up,
+            "bytes_out": conn.bytes_down, "duration": round(conn.age(), 4),
+            "reason": reason,
+        }
+        grant = conn.grant
+        if grant is not None:
+            if grant.credential is not None:
+                rec["token"] = grant.credential.name
+            if grant.identity is not None:
+                rec.update(self.identity_fields(grant.identity, conn.peer_ip))
+        self.log.write(rec)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting; let sessions finish; then close each with 1001."""
+        self.draining = True
+        sd_notify("STOPPING=1")
+        for srv in self.servers:
+            srv.close()
+        deadline = time.monotonic() + seconds
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.conns):
+            conn.end_session(1001, "server shutting down")
+        deadline = time.monotonic() + 2.0
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.conns):
+            conn._abort("shutdown")  # noqa: SLF001 - last resort after the grace period
+
+
+def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if freebind and sys.platform.startswith("linux"):
+            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, IP_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_listeners(rt: Runtime, hosts: list[str], *,
+                          ssl_context: Any = None) -> list[str]:
+    cfg = rt.cfg
+    bound: list[str] = []
+    tls = ssl_context is not None
+    for host in hosts:
+        addr = f"[{host}]:{cfg.gateway.port}" if ":" in host else f"{host}:{cfg.gateway.port}"
+        if addr in rt.listen_addresses:
+            continue
+        try:
+            sock = _listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1,
+                                  freebind=True)
+        except OSError as exc:
+            raise ClawgateError(f"cannot listen on {addr}: {exc.strerror}") from None
+        srv = await rt.loop.create_server(
+            lambda: ClientConnection(rt, tls=tls), sock=sock, ssl=ssl_context,
+            backlog=4096)
+        rt.servers.append(srv)
+        rt.listen_addresses.append(addr)
+        bound.append(addr)
+    return bound
+
+
+async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None,
+                sockets: list[socket.socket] | None = None) -> int:
+    """Run the proxy until SIGTERM/SIGINT (or ``stop``); returns the exit status."""
+    loop = asyncio.get_running_loop()
+    rt = Runtime(cfg, loop)
+    hosts = list(cfg.gateway.hosts)
+    ts_hosts: list[str] = []
+    from .tailscale_runtime import attach_tailscale
+
+    ts_hosts = await attach_tailscale(rt, want_addresses=HOST_TAILSCALE in hosts)
+    rt.apply_config(cfg)
+    from .gate import make_gate_factory
+
+    rt.gate_factory = make_gate_factory(rt)
+    hosts = [h for h in hosts if h != HOST_TAILSCALE] + ts_hosts
+    if HOST_TAILSCALE in cfg.gateway.hosts and not ts_hosts and rt.monitor is None:
+        port = cfg.gateway.port
+        if cfg.upstream.host in ("127.0.0.1", "localhost") and cfg.upstream.port == port:
+            port += 1
+            rt.cfg = cfg = _with_port(cfg, port)
+        log.warning("tailscaled not found: serving on 127.0.0.1:%d only (loopback); "
+                    "start tailscaled or set gateway.host", port)
+        hosts.append("127.0.0.1")
+    ssl_context = None
+    if cfg.tls.mode != "off":
+        from .tls import setup_tls
+
+        ssl_context = await setup_tls(rt)
+    if sockets:
+        for sock in sockets:
+            srv = await loop.create_server(lambda: ClientConnection(rt, tls=ssl_context
+                                                                    is not None),
+                                           sock=sock, ssl=ssl_context, backlog=4096)
+            rt.servers.append(srv)
+            name = sock.getsockname()
+            rt.listen_addresses.append(f"{name[0]}:{name[1]}")
+    bound = await start_listeners(rt, hosts, ssl_context=ssl_context) if hosts else []
+    if rt.monitor is not None and HOST_TAILSCALE in cfg.gateway.hosts:
+        rt.on_tailnet_addresses = lambda addrs: rt.spawn(
+            _bind_new(rt, addrs, ssl_context), "bind-tailscale")
+    admin_runner = None
+    if cfg.admin.enabled:
+        from .admin import start_admin
+
+        admin_runner = await start_admin(rt)
+    for addr in bound:
+        log.info("listening on %s -> %s", addr, cfg.upstream.url)
+    if not rt.listen_addresses:
+        log.warning("no tailnet address yet: waiting for tailscaled to come up")
+    stop_event = stop or asyncio.Event()
+    drain_now = asyncio.Event()
+    if stop is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, drain_now.set)
+        loop.add_signal_handler(signal.SIGHUP, rt.reload)
+    sweeper = rt.spawn(_sweep(rt), "sweep")
+    sd_notify("READY=1\nSTATUS=serving")
+    if ready is not None:
+        ready.set()
+    waiters = [asyncio.ensure_future(stop_event.wait()), asyncio.ensure_future(drain_now.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        log.info("draining %d connections (up to %.0fs)", len(rt.conns),
+                 rt.cfg.limits.drain_seconds)
+        await rt.drain(rt.cfg.limits.drain_seconds)
+        sweeper.cancel()
+        if rt.monitor is not None:
+            await rt.monitor.stop()
+        if rt.localapi is not None:
+            await rt.localapi.close()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        for srv in rt.servers:
+            srv.close()
+        rt.log.close()
+        if stop is None:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+def _with_port(cfg: Config, port: int) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, port=port))
+
+
+async def _bind_new(rt: Runtime, addrs: list[str], ssl_context: Any) -> None:
+    try:
+        bound = await start_listeners(rt, addrs, ssl_context=ssl_context)
+    except ClawgateError as exc:
+        log.error("%s", exc)
+        return
+    for addr in bound:
+        log.info("listening on %s (tailnet address appeared)", addr)
+
+
+async def _sweep(rt: Runtime) -> None:
+    """Once a second: expire credentials of live sessions, idle tunnels, lockouts."""
+    last_bytes: dict[int, tuple[int, float]] = {}
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.time()
+        mono = time.monotonic()
+        idle = rt.cfg.limits.idle_timeout
+        seen = set()
+        for conn in list(rt.conns):
+            grant = conn.grant
+            if grant is not None and grant.credential is not None:
+                exp = grant.credential.expires_at
+                if exp is not None and exp <= now:
+                    rt.log.write({"event": "session_ended", "conn": conn.conn_id,
+                                  "peer": conn.peer_ip,
+                                  "reason": f"credential {grant.credential.name} expired"})
+                    conn.end_session(1008, "credential expired")
+                    continue
+            if conn.is_tunnel:
+                seen.add(conn.conn_id)
+                total = conn.bytes_up + conn.bytes_down
+                prev = last_bytes.get(conn.conn_id)
+                if prev is None or prev[0] != total:
+                    last_bytes[conn.conn_id] = (total, mono)
+                elif mono - prev[1] > idle:
+                    conn.end_session(1001, "idle timeout")
+        for k in [k for k in last_bytes if k not in seen]:
+            del last_bytes[k]
+        for ip in [ip for ip, t in rt.lockouts.items() if t < mono]:
+            del rt.lockouts[ip]
+        rt.sessions.expire()
+
+
+_ = Credential

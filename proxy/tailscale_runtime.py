@@ -1,0 +1,65 @@
+"""Wiring tailscaled into the running proxy: client, identity cache, monitor, addresses.
+
+With no tailscaled socket anywhere (and none configured) clawgate runs without identity.
+With one, identity is looked up for every peer, the cache is kept honest by the IPN bus,
+and, when ``host`` is ``"tailscale"``, listeners follow this node's tailnet addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .errors import TailscaleError
+from .tailscale import IdentityCache, LocalAPIClient, TailscaleMonitor, find_socket
+
+if TYPE_CHECKING:
+    from .server import Runtime
+
+__all__ = ["attach_tailscale"]
+
+log = logging.getLogger("clawgate")
+
+
+async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
+    """Set up identity on ``rt``; return this node's tailnet addresses when known now."""
+    ts = rt.cfg.tailscale
+    path = find_socket(ts.socket)
+    if path is None and ts.socket is None:
+        if ts.require_identity:
+            # Identity was asked for explicitly: fail closed (503) until tailscaled appears.
+            log.warning("tailscale.requireIdentity is true but no tailscaled socket was "
+                        "found: every request will get 503 until it appears")
+        else:
+            return []
+    client = LocalAPIClient(ts.socket, timeout=ts.timeout)
+    cache = IdentityCache(client, ttl=max(ts.cache_ttl, 0.001))
+    rt.localapi = client
+    rt.identity_cache = cache
+    rt.identity_present = True
+
+    def on_addresses(addrs: list[str]) -> None:
+        if want_addresses and rt.on_tailnet_addresses is not None and addrs:
+            rt.on_tailnet_addresses(list(addrs))
+
+    def on_state(state: str) -> None:
+        rt.log.write({"event": "tailscale", "state": state})
+        if state != "Running":
+            log.warning("tailscale backend state is %s: identity lookups may fail", state)
+
+    monitor = TailscaleMonitor(client, cache, on_addresses=on_addresses, on_state=on_state,
+                               key_expiry_warn_days=ts.key_expiry_warn_days)
+    rt.monitor = monitor
+    addresses: list[str] = []
+    try:
+        status = await client.status(peers=False)
+        if status.running:
+            addresses = list(status.tailscale_ips)
+        else:
+            log.warning("tailscale is %s, not Running: will listen once it is up",
+                        status.backend_state)
+    except TailscaleError as exc:
+        log.warning("tailscaled at %s not answering (%s): will listen once it is up",
+                    path or ts.socket, exc)
+    monitor.start()
+    return addresses if want_addresses else []
