@@ -88,9 +88,7 @@ def install_openclaw() -> OpenClawInstall:
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         raise OpenClawUnavailable(f"{INSTALL_SCRIPT.name} exited {proc.returncode}: {tail}")
-    values = dict(
-        line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line
-    )
+    values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     try:
         return OpenClawInstall(Path(values["OPENCLAW_BIN"]), Path(values["OPENCLAW_NODE"]))
     except KeyError as exc:
@@ -235,7 +233,9 @@ class OpenClawGateway:
     ) -> None:
         self.auth_mode = auth
         self.token = token if auth == "token" else None
-        self.trusted_proxy = (trusted_proxy or TrustedProxyAuth()) if auth == "trusted-proxy" else None
+        self.trusted_proxy = (
+            (trusted_proxy or TrustedProxyAuth()) if auth == "trusted-proxy" else None
+        )
         self.password = self.trusted_proxy.password if self.trusted_proxy else None
         self.trusted_proxies = list(trusted_proxies)
         self.extra_config = dict(extra_config or {})
@@ -352,9 +352,7 @@ class OpenClawGateway:
         try:
             self._prepare_home(self.home, self.build_config())
             # Without a logging.file the CLI writes to /tmp/openclaw/ (outside TMPDIR).
-            self._prepare_home(
-                self.cli_home, {"logging": {"file": str(self.root / "cli.log")}}
-            )
+            self._prepare_home(self.cli_home, {"logging": {"file": str(self.root / "cli.log")}})
             cmd = [
                 *_netns_prefix(self.netns),
                 str(install.launcher),

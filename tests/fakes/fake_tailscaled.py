@@ -364,9 +364,9 @@ class FakeTailscaled:
         app.router.add_post("/fake/drop-watchers", self._ctl_drop)
         app.router.add_post("/fake/reset-stats", self._ctl_reset)
         app.router.add_post("/fake/cert", self._ctl_cert)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.UnixSite(runner, self.socket_path, shutdown_timeout=0.5)
+        site = web.UnixSite(runner, self.socket_path)
         await site.start()
         os.chmod(self.socket_path, 0o666)  # like tailscaled: every local user may read
         self._runner = runner

@@ -1,0 +1,960 @@
+"""clawgate load benchmark: clawgate vs direct vs nginx vs HAProxy vs a raw uvloop splice.
+
+Run it with `benchmarks/run.sh` (installs nginx/haproxy, builds the C programs, runs the
+correctness check, then this). Directly: `python -m benchmarks [--quick] [...]`.
+
+Layout of one run (everything on loopback; the client on CPU 0; proxy + echo on CPU 1):
+  per repetition, per target (order rotated each repetition):
+    main instance:  conns, rtt1, rtt100, tput100, tput64k       (one proxy process)
+    fresh instance: idle (RSS per idle connection, N connections)
+    clawgate only:  cold (fresh process, every connection from a new source IP)
+                    refused (a config whose allowedNetworks excludes 127.0.0.1)
+    baseline only:  refused (--refuse: close at accept; reference for clawgate)
+Every loadgen run is bounded by --duration/--count and its own watchdog, and the harness
+kills it (by process group) if it overruns. Servers are started in their own process
+groups and stopped by pid at the end, also on Ctrl-C.
+
+Results: benchmarks/out/results-<stamp>.json (+ results-latest.json) and, for a full run,
+benchmarks/RESULTS.md (a --quick run writes benchmarks/out/RESULTS-quick.md instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import json
+import os
+import platform
+import queue
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import report
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HZ = os.sysconf("SC_CLK_TCK")
+CLIENT_CPU = "0"
+SERVER_CPU = "1"
+
+# ---------------------------------------------------------------- process bookkeeping
+
+_procs: list[subprocess.Popen] = []  # every process we started (own process group each)
+
+
+def _kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)  # the group we created with start_new_session
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(5)
+
+
+def cleanup_all() -> None:
+    while _procs:
+        _kill_group(_procs.pop())
+
+
+def spawn(cmd: list[str], *, cpu: str | None, log: Path | None = None, cwd: Path | None = None,
+          stdout: Any = None, stdin: Any = None, stderr: Any = None,
+          env: dict | None = None) -> subprocess.Popen:
+    full = (["taskset", "-c", cpu] if cpu is not None else []) + cmd
+    out = stdout if stdout is not None else (open(log, "ab") if log else subprocess.DEVNULL)
+    err = stderr if stderr is not None else (open(log, "ab") if log else subprocess.DEVNULL)
+    p = subprocess.Popen(full, stdout=out, stderr=err, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                         cwd=str(cwd) if cwd else None, start_new_session=True, env=env)
+    _procs.append(p)
+    return p
+
+
+def forget(p: subprocess.Popen) -> None:
+    if p in _procs:
+        _procs.remove(p)
+
+
+# ---------------------------------------------------------------- /proc helpers
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and all its descendants (nginx master + workers, ...)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                s = f.read()
+            ppid = int(s[s.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of each process (all its threads), from /proc/<pid>/stat."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                s = f.read()
+            fields = s[s.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / HZ
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def nfds(pids: list[int]) -> int:
+    n = 0
+    for p in pids:
+        try:
+            n += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return n
+
+
+def cpu_stat() -> dict[str, tuple[int, int]]:
+    """per-cpu (busy, total) ticks from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                v = [int(x) for x in parts[1:]]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)
+                out[parts[0]] = (sum(v[:8]) - idle, sum(v[:8]))
+    return out
+
+
+def busy_frac(a: dict, b: dict) -> dict[str, float]:
+    r = {}
+    for k in b:
+        db, dt_ = b[k][0] - a[k][0], b[k][1] - a[k][1]
+        r[k] = round(db / dt_, 3) if dt_ > 0 else 0.0
+    return r
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def read_ready_line(p: subprocess.Popen, timeout: float = 10.0) -> str:
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: q.put(p.stdout.readline()), daemon=True).start()
+    try:
+        line = q.get(timeout=timeout)
+        return line.decode(errors="replace") if isinstance(line, bytes) else line
+    except queue.Empty:
+        raise RuntimeError("no READY line") from None
+
+
+def unix_http_get(sock_path: str, path: str, timeout: float = 5.0) -> Any:
+    """GET over a unix socket (fake tailscaled's /fake/stats); returns parsed JSON."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            n = int(size_line.split(b";")[0], 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return json.loads(body)
+
+
+def find_count(obj: Any, word: str = "whois") -> float | None:
+    """First numeric value under a key containing `word` (fake tailscaled stats shape TBD)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if word in str(k).lower() and isinstance(v, (int, float)):
+                return float(v)
+        for v in obj.values():
+            r = find_count(v, word)
+            if r is not None:
+                return r
+    return None
+
+
+# ---------------------------------------------------------------- targets
+
+class Target:
+    name = "?"
+    proxied = True
+    variants = ("main", "fresh")  # which instance kinds it supports
+    tests: tuple[str, ...] = ("conns", "rtt1", "rtt100", "tput100", "tput64k", "idle")
+
+    def __init__(self, h: "Harness") -> None:
+        self.h = h
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.headers: list[str] = []
+
+    def available(self) -> str | None:
+        """None if usable, else the reason it is skipped."""
+        return None
+
+    def start(self, variant: str) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return proc_tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            forget(self.proc)
+            self.proc = None
+
+    def version(self) -> str:
+        return ""
+
+
+class Direct(Target):
+    name = "direct"
+    proxied = False
+    tests = ("conns", "rtt1", "rtt100", "tput100", "tput64k")
+
+    def start(self, variant: str) -> None:
+        self.port = self.h.echo_port
+
+    def pids(self) -> list[int]:
+        return []
+
+
+class Baseline(Target):
+    name = "baseline"
+    tests = ("conns", "rtt1", "rtt100", "tput100", "tput64k", "idle", "refused")
+
+    def start(self, variant: str) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, str(HERE / "baseline_splice.py"), "--listen", f"127.0.0.1:{self.port}",
+               "--upstream", f"127.0.0.1:{self.h.echo_port}"]
+        if variant == "refused":
+            cmd.append("--refuse")
+        self.proc = spawn(cmd, cpu=SERVER_CPU, log=self.h.tmp / "baseline.log")
+        wait_port(self.port, self.proc)
+
+    def version(self) -> str:
+        import uvloop
+        return f"uvloop {uvloop.__version__}"
+
+
+class Nginx(Target):
+    name = "nginx"
+
+    def available(self) -> str | None:
+        return None if shutil.which("nginx") else "nginx not installed (run benchmarks/run.sh)"
+
+    def start(self, variant: str) -> None:
+        self.port = free_port()
+        d = self.h.tmp / f"nginx-{self.port}"
+        for sub in ("logs", "tmp"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.h.tmp, 0o755)
+        os.chmod(d, 0o755)
+        alog = (f"access_log {d}/logs/access.log combined buffer=64k flush=1s;"
+                if self.h.args.access_log == "on" else "access_log off;")
+        conf = f"""
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 200000;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 100000; use epoll; }}
+http {{
+    {alog}
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    upstream echo {{ server 127.0.0.1:{self.h.echo_port}; }}
+    server {{
+        listen 127.0.0.1:{self.port} backlog=4096;
+        location / {{
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_buffering off;
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+        (d / "nginx.conf").write_text(conf)
+        self.proc = spawn(["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], cpu=SERVER_CPU,
+                          log=self.h.tmp / "nginx.log")
+        wait_port(self.port, self.proc)
+
+    def version(self) -> str:
+        r = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+        return (r.stderr or r.stdout).strip().replace("nginx version: ", "")
+
+
+class Haproxy(Target):
+    name = "haproxy"
+
+    def available(self) -> str | None:
+        return None if shutil.which("haproxy") else "haproxy not installed (run benchmarks/run.sh)"
+
+    def start(self, variant: str) -> None:
+        self.port = free_port()
+        d = self.h.tmp / f"haproxy-{self.port}"
+        d.mkdir(parents=True, exist_ok=True)
+        on = self.h.args.access_log == "on"
+        conf = f"""
+global
+    maxconn 60000
+    nbthread 1
+    {"log stdout format raw local0" if on else ""}
+defaults
+    mode http
+    {"log global" if on else ""}
+    {"option httplog" if on else ""}
+    option forwardfor
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    maxconn 60000
+frontend fe
+    bind 127.0.0.1:{self.port}
+    default_backend be
+backend be
+    server echo 127.0.0.1:{self.h.echo_port} maxconn 60000
+"""
+        (d / "haproxy.cfg").write_text(conf)
+        self.proc = spawn(["haproxy", "-db", "-f", str(d / "haproxy.cfg")], cpu=SERVER_CPU,
+                          log=d / "haproxy.out")
+        wait_port(self.port, self.proc)
+
+    def version(self) -> str:
+        r = subprocess.run(["haproxy", "-v"], capture_output=True, text=True)
+        return r.stdout.splitlines()[0].replace("HAProxy version ", "").split(" - ")[0] if r.stdout else ""
+
+
+class Clawgate(Target):
+    """Contract: python -m proxy serve --config CONFIG.json; token via `proxy token new`."""
+
+    name = "clawgate"
+    tests = ("conns", "rtt1", "rtt100", "tput100", "tput64k", "idle", "cold", "refused")
+
+    def __init__(self, h: "Harness") -> None:
+        super().__init__(h)
+        self._why: str | None = None
+        self.token: str | None = None
+        self.tokens_file = h.tmp / "tokens.json"
+
+    def available(self) -> str | None:
+        py = sys.executable
+        r = subprocess.run([py, "-c", "import proxy, importlib.util as u, sys; "
+                            "sys.exit(0 if u.find_spec('proxy.__main__') else 3)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["proxy/__main__.py missing"])[-1]
+            return f"`import proxy` / `python -m proxy` not usable yet: {last}"
+        r = subprocess.run([py, "-m", "proxy", "token", "new", "bench", "--file", str(self.tokens_file)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        tok = r.stdout.strip().splitlines()[-1].strip() if r.stdout.strip() else ""
+        if r.returncode != 0 or not tok:
+            return f"`python -m proxy token new` failed (rc={r.returncode}): {r.stderr.strip()[-300:]}"
+        self.token = tok
+        self.headers = [f"Authorization: Bearer {tok}"]
+        return None
+
+    def config(self, variant: str) -> dict:
+        a = self.h.args
+        alog = str(self.h.tmp / f"clawgate-access-{self.port}.log") if a.access_log == "on" else "off"
+        cfg: dict[str, Any] = {
+            "gateway": {"host": "127.0.0.1", "port": self.port, "requireToken": True,
+                        # refused: the client connects from 127.0.0.1, which this excludes
+                        "allowedNetworks": ["127.0.0.2/32"] if variant == "refused" else ["127.0.0.0/8"]},
+            "upstream": f"http://127.0.0.1:{self.h.echo_port}",
+            "tokens": {"file": str(self.tokens_file)},
+            "admin": {"port": free_port()},
+            "log": {"access": alog},
+        }
+        # ---- HOOK (identity): the fake tailscaled. The key name below is a placeholder
+        # until the lead fixes the config schema for the LocalAPI socket.
+        if a.tailscale_socket:
+            cfg["tailscale"] = {"socket": a.tailscale_socket}
+        if a.clawgate_extra:
+            deep_merge(cfg, json.loads(a.clawgate_extra))
+        return cfg
+
+    def start(self, variant: str) -> None:
+        self.port = free_port()
+        path = self.h.tmp / f"clawgate-{variant}-{self.port}.json"
+        path.write_text(json.dumps(self.config(variant), indent=2))
+        self.proc = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cpu=SERVER_CPU,
+                          log=self.h.tmp / f"clawgate-{variant}.log", cwd=ROOT)
+        wait_port(self.port, self.proc, timeout=30)
+
+    def version(self) -> str:
+        return git_rev()
+
+
+def deep_merge(a: dict, b: dict) -> None:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            deep_merge(a[k], v)
+        else:
+            a[k] = v
+
+
+def git_rev() -> str:
+    def g(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    rev = g("rev-parse", "--short=12", "HEAD") or "no commit yet"
+    dirty = g("status", "--porcelain", "--", "proxy")
+    return rev + (" + uncommitted changes in proxy/" if dirty else "")
+
+
+# ---------------------------------------------------------------- the harness
+
+class Harness:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="clawgate-bench-"))
+        self.loadgen = self.out / "loadgen"
+        self.echo_bin = self.out / "echo"
+        self.echo: subprocess.Popen | None = None
+        self.echo_port = 0
+        self.runs: list[dict] = []
+        self.skipped: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.t_start = time.monotonic()
+        self.step = 0
+        self.total_steps = 0
+        self.tty = sys.stderr.isatty()
+
+    # -- echo backend (one for the whole run; restarted if it dies)
+    def ensure_echo(self) -> None:
+        if self.echo is not None and self.echo.poll() is None:
+            return
+        if self.echo is not None:
+            self.notes.append("echo backend died and was restarted")
+            forget(self.echo)
+        p = spawn([str(self.echo_bin), "--port", "0"], cpu=SERVER_CPU, stdout=subprocess.PIPE,
+                  log=self.tmp / "echo.log")
+        line = read_ready_line(p)
+        if not line.startswith("READY "):
+            raise RuntimeError(f"echo did not start: {line!r}")
+        self.echo, self.echo_port = p, int(line.split()[1])
+
+    # -- quiet check: other work on the machine skews everything; wait (bounded) for calm
+    def wait_quiet(self) -> dict:
+        limit = self.args.quiet_wait
+        t0 = time.monotonic()
+        while True:
+            a = cpu_stat()
+            time.sleep(0.4)
+            b = cpu_stat()
+            bf = busy_frac(a, b)
+            busy = max(bf.get("cpu0", 0), bf.get("cpu1", 0))
+            if busy <= self.args.quiet_threshold or time.monotonic() - t0 >= limit:
+                return {"busy_before": bf, "quiet_wait_s": round(time.monotonic() - t0, 2),
+                        "quiet": busy <= self.args.quiet_threshold}
+
+    # -- progress
+    def progress(self, msg: str, live: bool = False) -> None:
+        el = time.monotonic() - self.t_start
+        eta = ""
+        if self.step and self.total_steps:
+            rem = el / self.step * (self.total_steps - self.step)
+            eta = f" eta {int(rem // 60):02d}:{int(rem % 60):02d}"
+        line = f"[{self.step:3d}/{self.total_steps} {int(el // 60):02d}:{int(el % 60):02d}{eta}] {msg}"
+        if live:
+            if self.tty:
+                sys.stderr.write("\r\033[K" + line[:160])
+                sys.stderr.flush()
+        else:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            print(line, file=sys.stderr, flush=True)
+
+    # -- one loadgen run with CPU accounting
+    def loadgen_run(self, target: Target, args: list[str], label: str,
+                    timeout: float | None = None) -> dict:
+        cmd = [str(self.loadgen), *args, "--port", str(target.port), "--progress"]
+        for h in target.headers:
+            cmd += ["-H", h]
+        quiet = self.wait_quiet()
+        pids = target.pids()
+        echo_pids = [self.echo.pid] if self.echo else []
+        c0, e0, s0, t0 = cpu_seconds(pids), cpu_seconds(echo_pids), cpu_stat(), time.monotonic()
+        outf = tempfile.TemporaryFile(dir=self.tmp)
+        p = spawn(cmd, cpu=CLIENT_CPU, stdout=outf, stderr=subprocess.PIPE)
+        err_lines: list[str] = []
+
+        def ticks() -> None:  # loadgen prints "tick t=.. done=.. rate=.." once a second
+            for raw in p.stderr:
+                line = raw.decode(errors="replace").strip()
+                err_lines.append(line)
+                if line.startswith("tick"):
+                    self.progress(f"{label}: {line[5:]}", live=True)
+
+        th = threading.Thread(target=ticks, daemon=True)
+        th.start()
+        try:
+            p.wait(timeout=timeout or (2 * self.args.duration + 90))
+        except subprocess.TimeoutExpired:
+            _kill_group(p)
+            forget(p)
+            raise RuntimeError(f"loadgen overran its time bound: {shlex.join(cmd)}") from None
+        forget(p)
+        th.join(2)
+        t1 = time.monotonic()
+        c1, e1, s1 = cpu_seconds(pids), cpu_seconds(echo_pids), cpu_stat()
+        outf.seek(0)
+        text = outf.read().decode(errors="replace").strip()
+        outf.close()
+        if p.returncode != 0 or not text:
+            raise RuntimeError(f"loadgen failed rc={p.returncode}: {shlex.join(cmd)} {err_lines[-3:]}")
+        res = json.loads(text.splitlines()[-1])
+        wall = t1 - t0
+        busy_all = sum(s1[k][0] - s0[k][0] for k in s1 if k in ("cpu0", "cpu1")) / HZ
+        ours = (c1 - c0) + (e1 - e0) + res.get("client_cpu_s", 0)
+        return {
+            "loadgen": res, "cmd": shlex.join(cmd), "wall_s": round(wall, 3),
+            "proxy_cpu_s": round(c1 - c0, 3) if pids else None,
+            "echo_cpu_s": round(e1 - e0, 3),
+            "foreign_cpu_s": round(max(0.0, busy_all - ours), 3),
+            "cpu_busy": busy_frac(s0, s1),
+            **quiet,
+        }
+
+    def record(self, rep: int, target: Target, test: str, r: dict, extra: dict | None = None) -> dict:
+        rec = {"rep": rep, "target": target.name, "test": test, **r, **(extra or {})}
+        self.runs.append(rec)
+        lg = r.get("loadgen", {})
+        summ = summarize_line(test, rec)
+        errs = lg.get("errors_total", 0)
+        warn = f"  !! {errs} errors ({lg.get('first_error', '')})" if errs else ""
+        self.progress(f"rep {rep} {target.name:9s} {test:8s} {summ}{warn}")
+        return rec
+
+    # -- tests
+    def run_main_tests(self, rep: int, t: Target) -> None:
+        a = self.args
+        d, w = str(a.duration), str(a.warmup)
+        specs = {
+            "conns": ["conns", "--conc", "50", "--size", "100"],
+            "rtt1": ["rtt", "--conc", "1", "--size", "100"],
+            "rtt100": ["rtt", "--conc", "100", "--size", "100"],
+            "tput100": ["throughput", "--conc", str(a.tput_conns), "--window", str(a.window), "--size", "100"],
+            "tput64k": ["throughput", "--conc", str(a.tput_conns), "--window", str(a.window_64k),
+                        "--size", "65536"],
+        }
+        for test in ("conns", "rtt1", "rtt100", "tput100", "tput64k"):
+            if test not in t.tests or test not in a.tests:
+                continue
+            self.ensure_echo()
+            if not t.alive():
+                raise RuntimeError(f"{t.name} died (see logs in {self.tmp})")
+            self.progress(f"rep {rep} {t.name:9s} {test:8s} running {d}s ...", live=True)
+            r = self.loadgen_run(t, specs[test] + ["--duration", d, "--warmup", w],
+                                 f"rep {rep} {t.name} {test}")
+            self.step += 1
+            self.record(rep, t, test, r)
+
+    def run_idle(self, rep: int, t: Target) -> None:
+        a = self.args
+        self.ensure_echo()
+        t.start("fresh")
+        try:
+            # warm the process (lazy imports, first-connection allocations) before the baseline
+            self.loadgen_run(t, ["conns", "--conc", "10", "--count", "200", "--duration", "10",
+                                 "--warmup", "0"], "idle-warm")
+            time.sleep(0.5)
+            pids = t.pids()
+            rss0, fds0 = rss_kib(pids), nfds(pids)
+            cmd = [str(self.loadgen), "idle", "--count", str(a.idle_conns), "--conc", "64",
+                   "--duration", str(a.idle_setup), "--hold", str(a.idle_setup + 30), "--timeout", "10",
+                   "--port", str(t.port)]
+            for h in t.headers:
+                cmd += ["-H", h]
+            self.progress(f"rep {rep} {t.name:9s} idle     opening {a.idle_conns} connections ...", live=True)
+            c0 = cpu_seconds(pids)
+            p = spawn(cmd, cpu=CLIENT_CPU, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            try:
+                ready = read_ready_line(p, timeout=a.idle_setup + 30)
+                if not ready.startswith("READY"):
+                    raise RuntimeError(f"idle loadgen: {ready!r}")
+                time.sleep(1.0)
+                pids = t.pids()
+                samples = []
+                for _ in range(3):
+                    samples.append(rss_kib(pids))
+                    time.sleep(0.2)
+                rss1, fds1 = max(samples), nfds(pids)
+                c1 = cpu_seconds(pids)
+                p.stdin.write(b"release\n")
+                p.stdin.flush()
+                out, _ = p.communicate(timeout=60)
+            except (subprocess.TimeoutExpired, RuntimeError):
+                _kill_group(p)
+                raise
+            finally:
+                forget(p)
+            res = json.loads(out.decode().strip().splitlines()[-1])
+            kv = dict(x.split("=") for x in ready.split()[1:])
+            up = int(kv.get("up", 0))
+            r = {"loadgen": res, "cmd": shlex.join(cmd), "ready_line": ready.strip(),
+                 "rss0_kib": rss0, "rss1_kib": rss1, "fds0": fds0, "fds1": fds1, "up": up,
+                 "rss_kib_per_conn": round((rss1 - rss0) / up, 3) if up else None,
+                 "proxy_cpu_s": round(c1 - c0, 3)}
+            self.step += 1
+            self.record(rep, t, "idle", r)
+        finally:
+            t.stop()
+
+    def run_cold(self, rep: int, t: Clawgate) -> None:
+        a = self.args
+        self.ensure_echo()
+        t.start("fresh")
+        try:
+            stats0 = self.fake_stats()
+            n = a.cold_peers
+            r = self.loadgen_run(t, ["conns", "--conc", "50", "--size", "100", "--src-base", "127.3.0.1",
+                                     "--src-count", str(n), "--count", str(n), "--duration", str(a.duration),
+                                     "--warmup", str(a.warmup)], "cold")
+            stats1 = self.fake_stats()
+            lg = r["loadgen"]
+            peers = min(n, lg.get("ok_total", 0) + lg.get("errors_total", 0))
+            extra: dict[str, Any] = {"new_peers": peers}
+            if stats0 is not None and stats1 is not None:
+                w0, w1 = find_count(stats0), find_count(stats1)
+                extra["fake_stats_before"], extra["fake_stats_after"] = stats0, stats1
+                if w0 is not None and w1 is not None and peers:
+                    extra["whois_calls"] = w1 - w0
+                    extra["whois_per_new_peer"] = round((w1 - w0) / peers, 4)
+            self.step += 1
+            self.record(rep, t, "cold", r, extra)
+        finally:
+            t.stop()
+
+    def run_refused(self, rep: int, t: Target) -> None:
+        a = self.args
+        self.ensure_echo()
+        t.start("refused")
+        try:
+            r = self.loadgen_run(t, ["refused", "--conc", "50", "--duration", str(a.duration),
+                                     "--warmup", str(a.warmup), "--timeout", "5"], "refused")
+            self.step += 1
+            self.record(rep, t, "refused", r)
+        finally:
+            t.stop()
+
+    def fake_stats(self) -> Any:
+        """HOOK (identity): the fake tailscaled's counters, from GET /fake/stats on its socket."""
+        sock = self.args.tailscale_socket
+        if not sock:
+            return None
+        try:
+            return unix_http_get(sock, "/fake/stats")
+        except (OSError, ValueError) as e:
+            self.notes.append(f"/fake/stats unavailable: {e}")
+            return None
+
+    # -- the whole run
+    def run(self) -> dict:
+        a = self.args
+        started = dt.datetime.now(dt.timezone.utc)
+        all_targets: list[Target] = [Direct(self), Baseline(self), Nginx(self), Haproxy(self), Clawgate(self)]
+        targets = []
+        for t in all_targets:
+            if t.name not in a.targets:
+                continue
+            why = t.available()
+            if why:
+                self.skipped[t.name] = why
+                print(f"SKIP {t.name}: {why}", file=sys.stderr, flush=True)
+            else:
+                targets.append(t)
+        self.total_steps = a.reps * sum(len([x for x in t.tests if x in a.tests]) for t in targets)
+        self.ensure_echo()
+        print(f"bench: {len(targets)} targets x {a.reps} repetitions, {self.total_steps} measurements, "
+              f"{a.duration}s each; client on CPU {CLIENT_CPU}, proxy+echo on CPU {SERVER_CPU}; "
+              f"tmp {self.tmp}", file=sys.stderr, flush=True)
+        for rep in range(1, a.reps + 1):
+            k = (rep - 1) % max(1, len(targets))
+            order = targets[k:] + targets[:k]  # rotate so no target always runs first
+            for t in order:
+                try:
+                    t.start("main")
+                    try:
+                        self.run_main_tests(rep, t)
+                    finally:
+                        t.stop()
+                    if "idle" in t.tests and "idle" in a.tests:
+                        self.run_idle(rep, t)
+                    if "cold" in t.tests and "cold" in a.tests:
+                        self.run_cold(rep, t)  # type: ignore[arg-type]
+                    if "refused" in t.tests and "refused" in a.tests:
+                        self.run_refused(rep, t)
+                except RuntimeError as e:
+                    msg = f"rep {rep} {t.name}: {e}"
+                    self.notes.append(msg)
+                    print(f"ERROR {msg}", file=sys.stderr, flush=True)
+                    t.stop()
+        meta = self.meta(started, targets)
+        return {"meta": meta, "runs": self.runs}
+
+    def meta(self, started: dt.datetime, targets: list[Target]) -> dict:
+        a = self.args
+        cpu_model = ""
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+        mem_kib = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem_kib = int(line.split()[1])
+
+        def sysctl(name: str) -> str:
+            try:
+                return Path("/proc/sys/" + name.replace(".", "/")).read_text().strip()
+            except OSError:
+                return "?"
+
+        import uvloop
+        versions = {
+            "python": platform.python_version(),
+            "uvloop": uvloop.__version__,
+            "gcc": subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip(),
+            "clawgate": git_rev(),
+        }
+        for t in targets:
+            if t.name in ("nginx", "haproxy"):
+                versions[t.name] = t.version()
+        for name in ("websockets", "httptools", "aiohttp"):
+            try:
+                versions[name] = __import__(name).__version__
+            except Exception:  # noqa: BLE001
+                pass
+        return {
+            "date": started.isoformat(timespec="seconds"),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "duration_total_s": round(time.monotonic() - self.t_start, 1),
+            "command": a.command or ("benchmarks/run.sh " + shlex.join(sys.argv[1:])).strip(),
+            "quick": a.quick,
+            "machine": {"cpu": cpu_model, "cores": os.cpu_count(), "kernel": platform.release(),
+                        "mem_gib": round(mem_kib / 1048576, 1), "loadavg_at_start": a.loadavg_at_start},
+            "sysctl": {k: sysctl(k) for k in ("net.core.somaxconn", "net.ipv4.tcp_tw_reuse",
+                                              "net.ipv4.ip_local_port_range", "net.ipv4.tcp_max_syn_backlog")},
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+            "versions": versions,
+            "params": {"reps": a.reps, "duration_s": a.duration, "warmup_s": a.warmup,
+                       "conns_concurrency": 50, "msg_size_small": 100, "msg_size_large": 65536,
+                       "tput_connections": a.tput_conns, "window_100B": a.window, "window_64KiB": a.window_64k,
+                       "idle_conns": a.idle_conns, "cold_peers": a.cold_peers, "access_log": a.access_log,
+                       "pinning": {"client": CLIENT_CPU, "proxy_and_echo": SERVER_CPU},
+                       "quiet_threshold": a.quiet_threshold, "quiet_wait_s": a.quiet_wait,
+                       "tailscale_socket": a.tailscale_socket or None},
+            "targets": [t.name for t in targets],
+            "skipped": self.skipped,
+            "notes": self.notes,
+        }
+
+
+def summarize_line(test: str, rec: dict) -> str:
+    lg = rec.get("loadgen", {})
+    cc = lg.get("client_cpu_frac_measure")
+    pc = rec.get("proxy_cpu_s")
+    wall = rec.get("wall_s") or 0
+    extra = f"client cpu {cc * 100:.0f}%" if cc is not None else ""
+    if pc is not None and wall:
+        extra += f", proxy cpu {pc / wall * 100:.0f}%"
+    if rec.get("foreign_cpu_s") and wall:
+        extra += f", other {rec['foreign_cpu_s'] / wall * 100:.0f}%"
+    if test in ("conns", "cold", "refused"):
+        s = f"{lg.get('rate', 0):>10,.0f} conn/s"
+        if test == "cold" and "whois_per_new_peer" in rec:
+            s += f"  whois/peer {rec['whois_per_new_peer']}"
+    elif test.startswith("rtt"):
+        s = f"p50 {lg.get('lat_p50_us', 0):>7.1f} us  p99 {lg.get('lat_p99_us', 0):>8.1f} us"
+    elif test.startswith("tput"):
+        s = f"{lg.get('rate', 0):>10,.0f} msg/s ({lg.get('mbytes_per_s', 0):.0f} MB/s)"
+    elif test == "idle":
+        return (f"{rec.get('up')} up, RSS +{(rec.get('rss1_kib', 0) - rec.get('rss0_kib', 0)) / 1024:.1f} MiB"
+                f" = {rec.get('rss_kib_per_conn')} KiB/conn, alive {lg.get('alive')}")
+    else:
+        s = ""
+    return f"{s}   ({extra})"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 repetition, short runs")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 8; quick 2)")
+    ap.add_argument("--warmup", type=float, default=None, help="seconds excluded at the start (default 1)")
+    ap.add_argument("--targets", default="direct,baseline,nginx,haproxy,clawgate")
+    ap.add_argument("--tests", default="conns,rtt1,rtt100,tput100,tput64k,idle,cold,refused")
+    ap.add_argument("--idle-conns", type=int, default=None, help="idle connections (default 10000; quick 2000)")
+    ap.add_argument("--idle-setup", type=float, default=60.0, help="max seconds to open them")
+    ap.add_argument("--cold-peers", type=int, default=60000, help="distinct source IPs for the cold test")
+    ap.add_argument("--tput-conns", type=int, default=10)
+    ap.add_argument("--window", type=int, default=16, help="messages in flight per connection, 100 B")
+    ap.add_argument("--window-64k", type=int, default=16, help="messages in flight per connection, 64 KiB")
+    ap.add_argument("--access-log", choices=("on", "off"), default="on",
+                    help="access logs for nginx, HAProxy and clawgate (to a file), default on")
+    ap.add_argument("--tailscale-socket", default=os.environ.get("BENCH_TAILSCALE_SOCKET", ""),
+                    help="HOOK: fake tailscaled LocalAPI socket (identity checks + /fake/stats)")
+    ap.add_argument("--clawgate-extra", default="", help="JSON merged into the clawgate config")
+    ap.add_argument("--quiet-threshold", type=float, default=0.15,
+                    help="before each measurement wait until both CPUs are below this busy fraction")
+    ap.add_argument("--quiet-wait", type=float, default=None, help="max seconds to wait for quiet (default 20; quick 3)")
+    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of this run")
+    ap.add_argument("--results-md", default=None, help="where to write the markdown report")
+    ap.add_argument("--command", default=os.environ.get("BENCH_COMMAND", ""), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.reps = a.reps or (1 if q else 3)
+    a.duration = a.duration or (2.0 if q else 8.0)
+    a.warmup = a.warmup if a.warmup is not None else (0.5 if q else 1.0)
+    a.idle_conns = a.idle_conns or (2000 if q else 10000)
+    a.quiet_wait = a.quiet_wait if a.quiet_wait is not None else (3.0 if q else 20.0)
+    a.targets = [x.strip() for x in a.targets.split(",") if x.strip()]
+    a.tests = [x.strip() for x in a.tests.split(",") if x.strip()]
+    if a.results_md is None:
+        a.results_md = str(Path(a.out) / "RESULTS-quick.md") if q else str(HERE / "RESULTS.md")
+    for bound in ("duration", "idle_setup"):
+        if not 0 < getattr(a, bound) <= 300:
+            ap.error(f"--{bound.replace('_', '-')} must be in (0, 300]")
+    a.reps = max(1, min(a.reps, 20))
+    a.idle_conns = max(1, min(a.idle_conns, 30000))
+    a.cold_peers = max(1, min(a.cold_peers, 16_000_000))
+    a.loadavg_at_start = Path("/proc/loadavg").read_text().split()[:3]
+    return a
+
+
+def raise_nofile(n: int = 262144) -> None:
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_nofile()
+    h = Harness(args)
+    for b in (h.loadgen, h.echo_bin):
+        if not b.exists():
+            print(f"missing {b}: build with benchmarks/run.sh (gcc -O2)", file=sys.stderr)
+            return 2
+    atexit.register(cleanup_all)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        cleanup_all()
+        shutil.rmtree(h.tmp, ignore_errors=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        data = h.run()
+    finally:
+        cleanup_all()
+        if args.keep_tmp:
+            print(f"kept {h.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(h.tmp, ignore_errors=True)
+    report.analyse(data)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    jpath = Path(args.out) / f"results-{stamp}{'-quick' if args.quick else ''}.json"
+    jpath.write_text(json.dumps(data, indent=1))
+    (Path(args.out) / "results-latest.json").write_text(json.dumps(data, indent=1))
+    md = report.render(data, json_path=jpath)
+    Path(args.results_md).write_text(md)
+    print(f"\nresults: {jpath}\nreport:  {args.results_md}\n", file=sys.stderr)
+    print(report.console_summary(data))
+    return 0
