@@ -113,20 +113,56 @@ def run_loadgen(loadgen: Path, port: int, args: list[str]) -> dict:
 def check_loadgen(loadgen: Path, port: int) -> None:
     r = run_loadgen(loadgen, port, ["conns", "--conc", "20", "--count", "300", "--duration", "20"])
     assert r["errors_total"] == 0 and r["ok_total"] == 300, r
-    ok(f"loadgen conns: 300 sessions (upgrade, 100 B echo verified, close handshake), 0 errors")
-    r = run_loadgen(loadgen, port, ["rtt", "--conc", "5", "--count", "500", "--duration", "10", "--warmup", "0"])
+    ok("loadgen conns: 300 sessions (upgrade, 100 B echo verified, close handshake), 0 errors")
+    r = run_loadgen(
+        loadgen, port, ["rtt", "--conc", "5", "--count", "500", "--duration", "10", "--warmup", "0"]
+    )
     assert r["errors_total"] == 0 and r["msgs_total"] >= 500 and r["lat_n"] > 0, r
     ok(f"loadgen rtt: {r['msgs_total']} ping-pongs verified, p50 {r['lat_p50_us']} us")
     for size in ("100", "65536"):
-        r = run_loadgen(loadgen, port, ["throughput", "--conc", "3", "--window", "8", "--size", size,
-                                        "--count", "600", "--duration", "10", "--warmup", "0",
-                                        "--verify", "1"])
+        r = run_loadgen(
+            loadgen,
+            port,
+            [
+                "throughput",
+                "--conc",
+                "3",
+                "--window",
+                "8",
+                "--size",
+                size,
+                "--count",
+                "600",
+                "--duration",
+                "10",
+                "--warmup",
+                "0",
+                "--verify",
+                "1",
+            ],
+        )
         assert r["errors_total"] == 0 and r["msgs_total"] >= 600, r
         ok(f"loadgen throughput {size} B: {r['msgs_total']} pipelined messages verified")
     # idle: hold 200, release via stdin, each must echo once
-    p = subprocess.Popen([str(loadgen), "idle", "--count", "200", "--conc", "50", "--hold", "10",
-                          "--duration", "20", "--port", str(port)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            str(loadgen),
+            "idle",
+            "--count",
+            "200",
+            "--conc",
+            "50",
+            "--hold",
+            "10",
+            "--duration",
+            "20",
+            "--port",
+            str(port),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = p.stdout.readline()
         assert line.startswith("READY up=200 failed=0"), line
@@ -151,7 +187,9 @@ def check_loadgen_against_echo(loadgen: Path, port: int) -> None:
 
 
 def check_refused(loadgen: Path, port: int) -> None:
-    r = run_loadgen(loadgen, port, ["refused", "--conc", "10", "--count", "500", "--duration", "10"])
+    r = run_loadgen(
+        loadgen, port, ["refused", "--conc", "10", "--count", "500", "--duration", "10"]
+    )
     assert r["errors_total"] == 0 and r["ok_total"] == 500, r
     ok("loadgen refused vs a server that closes at accept: 500 closes counted, 0 errors")
 
@@ -169,8 +207,9 @@ def start_echo_server_thread() -> tuple[int, threading.Event]:
     async def main() -> None:
         quiet = logging.getLogger("bench-check-server")
         quiet.setLevel(logging.CRITICAL)  # loadgen ends rtt/throughput runs with a plain close
-        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=4 << 20,
-                         logger=quiet) as srv:
+        async with serve(
+            handler, "127.0.0.1", 0, compression=None, max_size=4 << 20, logger=quiet
+        ) as srv:
             holder["port"] = list(srv.sockets)[0].getsockname()[1]
             ready.set()
             while not stop.is_set():
@@ -208,12 +247,29 @@ def main() -> int:
         stop.set()
         print("check: loadgen.c against echo.c, and the refused mode", flush=True)
         check_loadgen_against_echo(loadgen, eport)
-        p2, rport = start_proc([sys.executable, str(HERE / "baseline_splice.py"), "--listen",
-                                "127.0.0.1:0", "--upstream", f"127.0.0.1:{eport}", "--refuse"])
+        p2, rport = start_proc(
+            [
+                sys.executable,
+                str(HERE / "baseline_splice.py"),
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"127.0.0.1:{eport}",
+                "--refuse",
+            ]
+        )
         procs.append(p2)
         check_refused(loadgen, rport)
-        p3, sport = start_proc([sys.executable, str(HERE / "baseline_splice.py"), "--listen",
-                                "127.0.0.1:0", "--upstream", f"127.0.0.1:{eport}"])
+        p3, sport = start_proc(
+            [
+                sys.executable,
+                str(HERE / "baseline_splice.py"),
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"127.0.0.1:{eport}",
+            ]
+        )
         procs.append(p3)
         asyncio.run(check_echo(sport))
         ok("baseline_splice: the same websockets checks pass through the splice")

@@ -55,7 +55,7 @@ enum { CL_EOF, CL_FRAME, CL_RST };
 
 typedef struct conn {
     int fd;
-    uint8_t state, in_payload, fhlen, opcode, got_close, counted_open;
+    uint8_t state, in_payload, fhlen, opcode, got_close, counted_open, need_flush;
     uint8_t fh[14];
     uint64_t remain, poff;
     uint64_t t_start, t_step, t_sent;
@@ -290,7 +290,11 @@ static int on_message(conn *c) {
         if (IN_WINDOW(t)) { msgs_meas++; bytes_meas += msg_size; }
         if (count_cap && msgs_total >= count_cap) stopping = 1;
         if (stopping) return 0;
-        return send_msgs(c, 1);
+        /* queue the next message; written once per readiness event (on_readable) */
+        c->stream_left += flen;
+        c->msgs_sent++;
+        c->need_flush = 1;
+        return 0;
     case M_IDLE:
         alive++; verify_done++;
         conn_release(c);
@@ -415,7 +419,11 @@ static void on_readable(conn *c) {
             conn_fail(c, n == 0 ? E_EOF : E_RESET, n == 0 ? "EOF before close handshake" : "reset");
             return;
         }
-        if (errno == EAGAIN || errno == EINTR) return;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+            if (c->need_flush) { c->need_flush = 0; conn_flush(c); }
+            return;
+        }
         conn_fail(c, E_RESET, strerror(errno));
         return;
     }
@@ -663,10 +671,9 @@ int main(int argc, char **argv) {
                     c->t_sent = c->t_step = now_ns();
                     send_msgs(c, mode == M_TPUT ? (uint64_t)window : 1);
                 }
-                cpu_now(&ru_meas0); ru_meas_taken = 1;
             }
         }
-        if (traffic_started && (mode == M_CONNS || mode == M_REFUSED) && !ru_meas_taken && t >= meas_start_ns) {
+        if (traffic_started && mode != M_IDLE && !ru_meas_taken && t >= meas_start_ns) {
             cpu_now(&ru_meas0); ru_meas_taken = 1;
         }
         if (mode == M_IDLE) {

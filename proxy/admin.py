@@ -47,6 +47,9 @@ async def health_report(rt: Runtime) -> tuple[bool, dict[str, Any]]:
         problems.append(f"gateway unreachable: {up_err}")
     ts: dict[str, Any] | None = None
     if rt.monitor is not None:
+        # Ask tailscaled now (bounded by tailscale.timeout): between the monitor's polls a
+        # dead, slow or broken daemon would otherwise still look healthy here.
+        await rt.monitor.poll()
         ts = rt.monitor.health()
         if not ts.get("running"):
             problems.append(ts.get("warning") or "tailscale not running")
@@ -147,7 +150,13 @@ def build_admin_app(rt: Runtime) -> web.Application:
         out["clawgate_sessions"] = ("gauge", "Browser login sessions", len(rt.sessions))
         return out
 
-    registry.register(MetricsCollector(lambda: rt.metrics, extra))
+    def live_bytes() -> tuple[int, int]:
+        # Closed connections are already in rt.metrics; connection_closed moves a
+        # connection's bytes there and drops it from rt.conns in one step: no double count.
+        conns = list(rt.conns)
+        return sum(c.bytes_up for c in conns), sum(c.bytes_down for c in conns)
+
+    registry.register(MetricsCollector(lambda: rt.metrics, extra, live_bytes))
     app[REG_KEY] = registry
     app.router.add_get("/health", _health)
     app.router.add_get("/healthz", _health)

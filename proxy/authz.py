@@ -44,10 +44,16 @@ if TYPE_CHECKING:
 __all__ = ["Grant", "Authorizer", "JwtVerifierLike", "IdentityCacheLike", "q_encode"]
 
 _NONE = IdentityOutcome("none")
+# The name logs and sessions use for the gateway's own token (never the token itself).
+GATEWAY_TOKEN_NAME = "gateway-token"  # noqa: S105
 
 
 class JwtVerifierLike(Protocol):
     def verify(self, token: str) -> Credential: ...
+    # True when verify() should wait for a key fetch first (JWKS: unknown kid, no keys yet);
+    # prepare() awaits that fetch. The decision itself stays synchronous.
+    def needs_keys(self, token: str) -> bool: ...
+    async def prepare(self, token: str) -> None: ...
 
 
 class IdentityCacheLike(Protocol):
@@ -70,20 +76,38 @@ class Grant:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Go's mime.QEncoding keeps printable ASCII except '=', '?' and '_' (its writeQString).
+_Q_KEEP = frozenset(chr(b) for b in range(0x21, 0x7F)) - {"=", "?", "_"}
+# RFC 2047: an encoded-word is at most 75 characters; Go's maxContentLen = 75 - 12.
+_Q_MAX_CONTENT = 63
+
+
 def q_encode(value: str) -> str:
-    """RFC 2047 Q-encoding for non-ASCII header values, as `tailscale serve` does."""
-    if value.isascii():
+    """RFC 2047 Q-encoding exactly as `tailscale serve` sends Tailscale-User-* values
+    (Go's ``mime.QEncoding.Encode("utf-8", v)``): printable ASCII unchanged, otherwise
+    encoded-words of at most 75 characters, split between characters, joined by a space.
+    CR, LF and NUL are refused (ValueError), never encoded into something that passes.
+    """
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError("control character in identity value")
+    if all(" " <= c <= "~" or c == "\t" for c in value):
         return value
-    out = []
-    for b in value.encode("utf-8"):
-        c = chr(b)
-        if c.isalnum() and b < 0x80:
-            out.append(c)
-        elif c == " ":
-            out.append("_")
+    words: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for ch in value:
+        if ch in _Q_KEEP or ch == " ":
+            piece, n = ("_" if ch == " " else ch), 1
         else:
-            out.append(f"={b:02X}")
-    return "=?utf-8?q?" + "".join(out) + "?="
+            data = ch.encode("utf-8")  # a lone surrogate raises: refused, like CR/LF
+            piece, n = "".join(f"={b:02X}" for b in data), 3 * len(data)
+        if size + n > _Q_MAX_CONTENT:
+            words.append("".join(cur))
+            cur, size = [], 0
+        cur.append(piece)
+        size += n
+    words.append("".join(cur))
+    return " ".join(f"=?utf-8?q?{w}?=" for w in words)
 
 
 class Authorizer:
@@ -140,7 +164,7 @@ class Authorizer:
             if sid is not None:
                 s = self.sessions.get(sid)
                 if s is not None and (s.token_name in self.tokens.names
-                                      or s.token_name == "gateway-token"):
+                                      or s.token_name == GATEWAY_TOKEN_NAME):
                     return (Credential("session", s.token_name, expires_at=s.expires),
                             None, False, True)
         auth = head.header(b"authorization")
@@ -215,6 +239,10 @@ class Authorizer:
         if head.path in self.exempt:
             return Grant(ALLOW_EXEMPT)
         conn.rt.check_lockout(conn)
+        if self.jwt is not None:
+            token = self._bearer_jwt(head)
+            if token is not None and self.jwt.needs_keys(token):
+                return None  # the async path awaits the JWKS fetch, then decides
         outcome = self.identity_sync(conn)
         if outcome is None:
             return None
@@ -222,8 +250,21 @@ class Authorizer:
 
     async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
         conn.rt.check_lockout(conn)
+        if self.jwt is not None:
+            token = self._bearer_jwt(head)
+            if token is not None:
+                await self.jwt.prepare(token)
         outcome = await self.identity_async(conn)
         return self._finish(conn, head, outcome)
+
+    def _bearer_jwt(self, head: RequestHead) -> str | None:
+        auth = head.header(b"authorization")
+        if auth is None:
+            return None
+        token, _ = extract_token(auth.decode("latin-1"))
+        if token is not None and token.count(".") == 2 and token.startswith("eyJ"):
+            return token
+        return None
 
     def _finish(self, conn: ClientConnection, head: RequestHead,
                 outcome: IdentityOutcome) -> Grant:
@@ -321,17 +362,17 @@ class Authorizer:
                 return 401, [html_type], self.login_page(nxt, "That token is not valid.")
             sid, sess = self.sessions.create(name)
             secure = "; Secure" if conn.tls else ""
-            cookie = (f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
-                      f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}")
+            set_cookie = (f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
+                          f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}")
             conn.rt.log.write({"event": "login", "conn": conn.conn_id, "peer": conn.peer_ip,
                                "result": "ok", "token": name})
-            return 303, [("Set-Cookie", cookie), ("Location", nxt)], b""
+            return 303, [("Set-Cookie", set_cookie), ("Location", nxt)], b""
         if path == b"/__clawgate/logout":
-            cookie = head.header(b"cookie")
-            if cookie is not None:
-                sid = _cookie_value(cookie, self.cookie_name)
-                if sid is not None:
-                    self.sessions.delete(sid)
+            raw_cookie = head.header(b"cookie")
+            if raw_cookie is not None:
+                old_sid = _cookie_value(raw_cookie, self.cookie_name)
+                if old_sid is not None:
+                    self.sessions.delete(old_sid)
             expire = f"{self.cfg.tokens.cookie_name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
             return 303, [("Set-Cookie", expire), ("Location", "/__clawgate/login")], b""
         return 404, [("Content-Type", "text/plain")], b"not found\n"

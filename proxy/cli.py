@@ -66,14 +66,14 @@ def _install_uvloop() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _setup_logging(cfg.log.level)
-    if cfg.workers > 1 and not getattr(args, "_worker", False):
+    if cfg.workers > 1 and args.worker_index is None:
         from .workers import run_workers
 
         return run_workers(cfg, _config_path(args))
     _install_uvloop()
     from .server import serve
 
-    return asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg, worker_index=args.worker_index or 0))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -133,7 +133,7 @@ def _admin_url(args: argparse.Namespace, path: str) -> str:
 def _try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:
     try:
         url = _admin_url(args, "/-/reload")
-        req = urllib.request.Request(url, method="POST", data=b"")
+        req = urllib.request.Request(url, method="POST", data=b"")  # noqa: S310
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback admin
             body = json.loads(resp.read() or b"{}")
     except (urllib.error.URLError, OSError, ValueError, ConfigError) as exc:
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the proxy"))
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
     s = with_config(sub.add_parser("check-config", help="validate a config and exit"))
     s.set_defaults(func=cmd_check)

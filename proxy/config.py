@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,7 +388,7 @@ def _upstream(value: Any, path: str) -> UpstreamConfig:
     if isinstance(value, str):
         value = {"url": value}
     sec = _Section(value, path)
-    url = sec.get("url", _str, UpstreamConfig.url)
+    url = sec.get("url", _str, UpstreamConfig().url)
     timeout = sec.get("connectTimeout", _num(0.05, 60), 1.0)
     sec.finish()
     where = sec.key("url") if isinstance(value, dict) and "url" in value else path
@@ -396,7 +397,10 @@ def _upstream(value: Any, path: str) -> UpstreamConfig:
         if not unix_path.startswith("/"):
             raise ConfigError(where, "a unix upstream needs an absolute path (unix:/path)")
         return UpstreamConfig(url, None, None, unix_path, timeout)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. 'http://[::1' (an unclosed IPv6 bracket)
+        raise ConfigError(where, f"{url!r}: expected http://HOST:PORT or unix:/path") from None
     if parts.scheme not in ("http", "ws"):
         raise ConfigError(where, f"{url!r}: expected http://HOST:PORT or unix:/path")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
@@ -507,9 +511,9 @@ def parse_config(data: object, source: str | None = None) -> Config:
     tailscale = TailscaleConfig(
         socket=ts.get("socket", _opt_path, None),
         require_identity=ts.get("requireIdentity", _opt_bool, None),
-        allow_users=frozenset(ts.get("allowUsers", _str_list, ())),
-        allow_tags=frozenset(ts.get("allowTags", _tags, ())),
-        allow_nodes=frozenset(n.rstrip(".") for n in ts.get("allowNodes", _str_list, ())),
+        allow_users=frozenset(ts.get("allowUsers", _str_list, _NO_STRS)),
+        allow_tags=frozenset(ts.get("allowTags", _tags, _NO_STRS)),
+        allow_nodes=frozenset(n.rstrip(".") for n in ts.get("allowNodes", _str_list, _NO_STRS)),
         require_capability=ts.get("requireCapability", _capability, None),
         auth_mode=ts.get("authMode", _choice("both", "either", "identity"), "both"),
         identity_header=ts.get("identityHeader", _header_name, "X-Forwarded-User"),
@@ -588,6 +592,7 @@ def parse_config(data: object, source: str | None = None) -> Config:
     )
 
 
+_NO_STRS: tuple[str, ...] = ()
 _RESERVED_IDENTITY_HEADERS = frozenset(
     {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "authorization",
      "cookie", "connection", "upgrade", "content-length", "transfer-encoding"}
@@ -646,10 +651,16 @@ def _tagged_template(value: Any, path: str) -> str:
         raise ConfigError(path, f"expected a string, got {_kind(value)}")
     if any(c in value for c in "\r\n\x00"):
         raise ConfigError(path, "must not contain CR, LF or NUL")
+    bad = ConfigError(path, "may use only {node}, {host}, {tags} and {id}")
     try:
+        # Field names must be exactly one of ours: '{node.x}' or '{node[0]}' would reach
+        # attributes or items of the value (AttributeError/TypeError at format time).
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        if any(f not in ("node", "host", "tags", "id") for f in fields):
+            raise bad
         value.format(node="n", host="h", tags="t", id="i")
     except (KeyError, IndexError, ValueError):
-        raise ConfigError(path, "may use only {node}, {host}, {tags} and {id}") from None
+        raise bad from None
     return value
 
 
@@ -709,19 +720,41 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         data = json.loads(raw, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigError("", f"{p}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
-    except _DuplicateKey as exc:
-        raise ConfigError(str(exc), "appears twice") from None
+    except (ValueError, RecursionError) as exc:
+        # An integer literal over 4300 digits (ValueError) or absurd nesting.
+        raise ConfigError("", f"{p}: not a usable JSON document ({type(exc).__name__})") from None
+    dup = _find_duplicate(data)
+    if dup is not None:
+        raise ConfigError(dup, "appears twice")
     return parse_config(data, str(p))
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _DuplicateKeys(dict[str, Any]):
+    """A JSON object that repeated ``dup``; the hook cannot know its path, so mark it."""
+
+    dup = ""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> Mapping[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise _DuplicateKey(k)
+            marked = _DuplicateKeys(out)
+            marked.dup = k
+            return marked
         out[k] = v
     return out
+
+
+def _find_duplicate(data: object) -> str | None:
+    """The key path of the first repeated key (``gateway.port``), or None."""
+    stack: list[tuple[object, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _DuplicateKeys):
+            return f"{path}.{value.dup}" if path else value.dup
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else k) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+    return None

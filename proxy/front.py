@@ -116,7 +116,7 @@ class ClientConnection(asyncio.Protocol):
             return
         m.active += 1
         rt.conns.add(self)
-        transport.set_write_buffer_limits(high=rt.cfg.limits.high_water)
+        transport.set_write_buffer_limits(high=rt.cfg.limits.high_water)  # type: ignore[attr-defined]
         self._head_timer = rt.loop.call_later(rt.cfg.limits.head_timeout, self._head_timeout)
 
     # ------------------------------------------------------------------ reading
@@ -240,6 +240,10 @@ class ClientConnection(asyncio.Protocol):
         rt.log_decision(self, head, grant)
         if not d.allow:
             rt.metrics.decisions[("deny", d.status)] += 1
+            if grant.identity is not None:
+                # The close line names the device too (per-device log); the connection
+                # is closing, so this grant never lets a byte through.
+                self.grant = grant
             self._send_denial(head, d.status, d.reason, grant.retry_after, grant)
             return
         rt.metrics.decisions[("allow", 200)] += 1
@@ -387,6 +391,12 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is not None and not self._closed and t.can_write_eof():
             t.write_eof()
+        elif t is not None and not self._closed:
+            # TLS cannot half-close (no write_eof on SSL transports): the gateway has
+            # nothing more to send, so flush and close, or the client waits for a FIN that
+            # never comes (websockets: close_timeout, then the TLS shutdown timeout).
+            self._close("gateway closed")
+            return
         if self._client_eof:
             self._close("both sides closed")
 

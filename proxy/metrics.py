@@ -49,9 +49,13 @@ class MetricsCollector(Collector):
     """Exposes a Metrics object (and extra gauges from ``extra``) at scrape time."""
 
     def __init__(self, get: Callable[[], Metrics],
-                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+                 extra: Callable[[], dict[str, Any]] | None = None,
+                 live_bytes: Callable[[], tuple[int, int]] | None = None) -> None:
         self._get = get
         self._extra = extra
+        # Bytes of connections still open: a WebSocket session lives for hours, and a
+        # counter that only grows at close would show nothing of it until then.
+        self._live_bytes = live_bytes
 
     def collect(self) -> Iterator[Any]:
         m = self._get()
@@ -74,9 +78,10 @@ class MetricsCollector(Collector):
         t = GaugeMetricFamily("clawgate_tunnels_active", "WebSocket tunnels open")
         t.add_metric([], m.tunnels)
         yield t
+        live_up, live_down = self._live_bytes() if self._live_bytes is not None else (0, 0)
         b = CounterMetricFamily("clawgate_bytes", "Bytes relayed", labels=["direction"])
-        b.add_metric(["client_to_gateway"], m.bytes_up)
-        b.add_metric(["gateway_to_client"], m.bytes_down)
+        b.add_metric(["client_to_gateway"], m.bytes_up + live_up)
+        b.add_metric(["gateway_to_client"], m.bytes_down + live_down)
         yield b
         u = CounterMetricFamily("clawgate_upstream_errors", "Failures reaching the gateway")
         u.add_metric([], m.upstream_errors)

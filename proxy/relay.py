@@ -35,7 +35,10 @@ class ResponseError(Exception):
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """An unmasked (server-to-client) WebSocket close frame."""
-    payload = struct.pack("!H", code) + reason.encode("utf-8")[:123]
+    # A control frame carries at most 125 bytes; cut on a character boundary, since a
+    # reason that is not valid UTF-8 makes the client fail the connection with 1007.
+    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    payload = struct.pack("!H", code) + text
     return bytes((0x88, len(payload))) + payload
 
 
@@ -191,7 +194,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=self.client.rt.cfg.limits.high_water)
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            high=self.client.rt.cfg.limits.high_water)
 
     def expect_response(self, head_request: bool) -> None:
         """The client forwarded a request head: the next bytes are its response."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .access.networks import NetworkSet
@@ -123,6 +124,11 @@ class Runtime:
         self.servers: list[asyncio.base_events.Server] = []
         self.gate_factory: Any = None
         self.on_tailnet_addresses: Any = None
+        # Hooks of optional modules (tls.py): run on SIGHUP/reload, and per bound listen
+        # host (e.g. the HTTP->HTTPS redirect port on the same addresses); /health detail.
+        self.reload_callbacks: list[Callable[[], object]] = []
+        self.listen_hooks: list[Callable[[str], Awaitable[None]]] = []
+        self.tls_status: Callable[[], dict[str, Any]] | None = None
         self.cfg = cfg
         self.networks: NetworkSet = cfg.gateway.allowed_networks
         self.authz: Authorizer = None  # type: ignore[assignment]  # set by apply_config
@@ -136,7 +142,8 @@ class Runtime:
         if cfg.jwt.enabled:
             from .access.jwt import JwtVerifier  # optional module (issue: JWT)
 
-            jwt = JwtVerifier.from_config(cfg.jwt, loop=self.loop)
+            # previous: an unchanged JWKS URL keeps its fetched keys and cooldown.
+            jwt = JwtVerifier.from_config(cfg.jwt, loop=self.loop, previous=self.jwt)
         authz = Authorizer(
             cfg, tokens, self.sessions,
             identity=self.identity_cache,
@@ -156,6 +163,8 @@ class Runtime:
     def reload(self) -> bool:
         """Re-read the config file and tokens; keep the old config on any error."""
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        for callback in self.reload_callbacks:
+            callback()  # e.g. re-fetch the TLS certificate, even if the config is refused
         try:
             cfg = load_config(self.cfg.source) if self.cfg.source else self.cfg
             if (cfg.gateway.hosts, cfg.gateway.port) != (self.cfg.gateway.hosts,
@@ -313,6 +322,7 @@ class Runtime:
             if u.unix_path is not None:
                 transport, _ = await self.loop.create_unix_connection(lambda: up, u.unix_path)
             else:
+                assert u.host is not None and u.port is not None
                 transport, _ = await self.loop.create_connection(lambda: up, u.host, u.port)
         return transport
 
@@ -323,7 +333,13 @@ class Runtime:
             return {}
         fields: dict[str, Any] = ident.to_log()
         if self.monitor is not None:
-            fields["path"] = self.monitor.peer_paths.get(ip, "unknown")
+            paths = self.monitor.peer_paths
+            path = paths.get(ip)
+            if path is None:
+                # Userspace networking: the peer arrived from 127.0.0.1, so look its path
+                # up by the node's own tailnet addresses.
+                path = next((paths[a] for a in ident.addresses if a in paths), "unknown")
+            fields["path"] = path
         return fields
 
     def log_decision(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> None:
@@ -439,14 +455,24 @@ async def start_listeners(rt: Runtime, hosts: list[str], *,
         rt.servers.append(srv)
         rt.listen_addresses.append(addr)
         bound.append(addr)
+        for hook in rt.listen_hooks:
+            await hook(host)
     return bound
 
 
 async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None,
-                sockets: list[socket.socket] | None = None) -> int:
-    """Run the proxy until SIGTERM/SIGINT (or ``stop``); returns the exit status."""
+                sockets: list[socket.socket] | None = None, worker_index: int = 0) -> int:
+    """Run the proxy until SIGTERM/SIGINT (or ``stop``); returns the exit status.
+
+    With ``workers: N`` every worker runs this on the same port (SO_REUSEPORT); only
+    worker 0 serves the admin listener.
+    """
     loop = asyncio.get_running_loop()
+    if worker_index > 0:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, admin=dataclasses.replace(cfg.admin, enabled=False))
     rt = Runtime(cfg, loop)
     hosts = list(cfg.gateway.hosts)
     ts_hosts: list[str] = []
@@ -463,14 +489,30 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
         if cfg.upstream.host in ("127.0.0.1", "localhost") and cfg.upstream.port == port:
             port += 1
             rt.cfg = cfg = _with_port(cfg, port)
-        log.warning("tailscaled not found: serving on 127.0.0.1:%d only (loopback); "
-                    "start tailscaled or set gateway.host", port)
+        admin_note = ""
+        if cfg.admin.enabled and cfg.admin.port == port and cfg.admin.host in (
+                "127.0.0.1", "localhost"):
+            # The fallback lands on the default admin port (18790): move the admin aside
+            # rather than fail to bind it after the proxy took the port.
+            rt.cfg = cfg = dataclasses.replace(
+                cfg, admin=dataclasses.replace(cfg.admin, port=port + 1))
+            admin_note = f"; admin on 127.0.0.1:{port + 1}"
+        log.warning("tailscaled not found: serving on 127.0.0.1:%d only (loopback)%s; "
+                    "start tailscaled or set gateway.host", port, admin_note)
         hosts.append("127.0.0.1")
     ssl_context = None
     if cfg.tls.mode != "off":
         from .tls import setup_tls
 
-        ssl_context = await setup_tls(rt)
+        try:
+            ssl_context = await setup_tls(rt)
+        except ClawgateError:
+            # Exit with the one-line error, not with aiohttp's "Unclosed client session".
+            if rt.monitor is not None:
+                await rt.monitor.stop()
+            if rt.localapi is not None:
+                await rt.localapi.close()
+            raise
     if sockets:
         for sock in sockets:
             srv = await loop.create_server(lambda: ClientConnection(rt, tls=ssl_context
@@ -487,7 +529,11 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     if cfg.admin.enabled:
         from .admin import start_admin
 
-        admin_runner = await start_admin(rt)
+        try:
+            admin_runner = await start_admin(rt)
+        except OSError as exc:
+            raise ClawgateError(f"cannot listen on {cfg.admin.host}:{cfg.admin.port} "
+                                f"(admin): {exc.strerror}") from None
     for addr in bound:
         log.info("listening on %s -> %s", addr, cfg.upstream.url)
     if not rt.listen_addresses:
@@ -528,7 +574,6 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
 
 
 def _with_port(cfg: Config, port: int) -> Config:
-    import dataclasses
 
     return dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, port=port))
 
@@ -562,6 +607,15 @@ async def _sweep(rt: Runtime) -> None:
                                   "reason": f"credential {grant.credential.name} expired"})
                     conn.end_session(1008, "credential expired")
                     continue
+                revoked = rt.authz.revoked
+                if grant.credential.kind == "jwt" and revoked is not None:
+                    # The revocation list is re-read by mtime: edits end live sessions too.
+                    why = revoked(grant.credential)
+                    if why is not None and not conn.closed:
+                        rt.log.write({"event": "session_ended", "conn": conn.conn_id,
+                                      "peer": conn.peer_ip, "reason": why})
+                        conn.end_session(1008, why)
+                        continue
             if conn.is_tunnel:
                 seen.add(conn.conn_id)
                 total = conn.bytes_up + conn.bytes_down

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.access.tokens import TokenFile
-from tests.netns import connect_in
+from tests.netns import open_connection_in
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,7 @@ class ClawgateProcess:
     async def admin(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         """A raw HTTP request to the admin listener (on the namespace's loopback)."""
         if self.netns:
-            reader, writer = await connect_in(self.netns, "127.0.0.1", self.admin_port)
+            reader, writer = await open_connection_in(self.netns, "127.0.0.1", self.admin_port)
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
         writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"

@@ -31,7 +31,9 @@ def parse_network(text: str) -> netaddr.IPNetwork:
         family = socket.AF_INET6 if ":" in addr_part else socket.AF_INET
         socket.inet_pton(family, addr_part)
         if prefix_part:
-            if not prefix_part.isdigit() or (len(prefix_part) > 1 and prefix_part[0] == "0"):
+            # isascii: str.isdigit() also accepts non-ASCII digits such as '٨'.
+            if not (prefix_part.isascii() and prefix_part.isdigit()) or (
+                    len(prefix_part) > 1 and prefix_part[0] == "0"):
                 raise ValueError
             bits = int(prefix_part)
             if bits > (32 if family == socket.AF_INET else 128):
@@ -72,15 +74,20 @@ class NetworkSet:
     @classmethod
     def compile(cls, networks: Iterable[netaddr.IPNetwork]) -> NetworkSet:
         nets = list(networks)
-        merged = netaddr.cidr_merge(nets)
+        # '::ffff:10.0.0.0/104' style entries also allow the IPv4 peers they map. They are
+        # added before merging: the bisect in contains() needs non-overlapping ranges, and
+        # merging first could also widen a mapped block past /96 and lose it.
+        mapped = [
+            netaddr.IPNetwork((int(net.first) & 0xFFFFFFFF, net.prefixlen - 96), version=4)
+            for net in nets
+            if net.version == 6 and int(net.first) >> 32 == 0xFFFF and net.prefixlen >= 96
+        ]
+        merged = netaddr.cidr_merge(nets + mapped)
         v4: list[tuple[int, int]] = []
         v6: list[tuple[int, int]] = []
         for net in merged:
             bucket = v4 if net.version == 4 else v6
             bucket.append((int(net.first), int(net.last)))
-            if net.version == 6 and int(net.first) >> 32 == 0xFFFF and net.prefixlen >= 96:
-                # '::ffff:10.0.0.0/104' style entries also allow the IPv4 peer they map.
-                v4.append((int(net.first) & 0xFFFFFFFF, int(net.last) & 0xFFFFFFFF))
         v4.sort()
         v6.sort()
         return cls(

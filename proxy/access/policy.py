@@ -116,19 +116,22 @@ def decide(
             why = check_identity(identity.identity, s)
             if why is not None:
                 ident_deny = Decision(False, 403, why)
-            elif (
-                s.require_token_user_match
-                and token_subject is not None
-                and not identity.identity.tagged
-                and identity.identity.login != token_subject
-            ):
-                ident_deny = Decision(False, 403, "token subject does not match the device's user")
         elif identity.kind == "unavailable":
             ident_deny = Decision(False, 503, identity.reason or "tailscale identity unavailable")
         elif identity.kind == "unknown":
             ident_deny = Decision(False, 403, identity.reason or "not a known tailnet peer")
         else:
             ident_deny = Decision(False, 403, identity.reason or "no tailnet identity")
+
+    if s.require_token_user_match and token_subject is not None:
+        # A token for alice must come from one of alice's devices, in every auth mode and
+        # whether or not identity is otherwise required: a tagged node, an unknown peer or
+        # a missing identity cannot prove that, so the token is refused (fail closed).
+        ident = identity.identity if identity.kind == "identity" else None
+        if ident is None or ident.tagged or ident.login != token_subject:
+            if identity.kind == "unavailable":
+                return Decision(False, 503, identity.reason or "tailscale identity unavailable")
+            return Decision(False, 403, "token subject does not match the device's user")
 
     has_token = token_name is not None
     mode = s.auth_mode
@@ -143,6 +146,10 @@ def decide(
             return ident_deny
         return Decision(False, 401, "token or an allowed tailnet identity required")
     # both
+    if ident_deny is not None and ident_deny.status == 503:
+        # tailscaled failed: nothing can be decided. Never a 401 for a daemon's outage
+        # (it sends users hunting for a token and counts towards their lockout).
+        return ident_deny
     if s.require_token and not has_token:
         return Decision(False, 401, "token required")
     if ident_deny is not None:

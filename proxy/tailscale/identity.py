@@ -427,7 +427,9 @@ class TailscaleMonitor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._poll_now = asyncio.Event()
         self._polled = False
+        self._connected_at = 0.0
         self._reported_state: str | None = None
+        self._warned_expiry: datetime | None = None
 
         self.backend_state: str | None = None
         self.tailscale_ips: tuple[str, ...] = ()
@@ -480,8 +482,10 @@ class TailscaleMonitor:
                 # log it loudly and go round again (flushing, so we fail towards whois).
                 log.exception("tailscale IPN bus watcher failed")
                 reason = f"internal error: {type(exc).__name__}"
-            if self.bus_connected:
-                # We were connected: reconnect fast, then back off if that fails.
+            loop_time = asyncio.get_running_loop().time()
+            if self.bus_connected and loop_time - self._connected_at >= self._backoff_max:
+                # A long-lived stream ended: reconnect fast. One that keeps dropping right
+                # after connecting (a flapping daemon) keeps backing off instead.
                 delay = self._backoff_initial
             self.bus_connected = False
             self.last_error = reason
@@ -496,6 +500,7 @@ class TailscaleMonitor:
                 if not self.bus_connected:
                     # Changes while we were away were not seen: start from empty.
                     self.bus_connected = True
+                    self._connected_at = asyncio.get_running_loop().time()
                     self.connects += 1
                     self._flush()
                     self._poll_now.set()
@@ -544,6 +549,7 @@ class TailscaleMonitor:
         self.backend_state = status.backend_state
         self.key_expiry = status.key_expiry
         self.expired = status.expired
+        self._log_key_expiry()
         self.cert_domains = status.cert_domains
         self.tun = status.tun
         self.magic_dns_suffix = status.magic_dns_suffix
@@ -552,6 +558,23 @@ class TailscaleMonitor:
         if status.tailscale_ips != self.tailscale_ips:
             self.tailscale_ips = status.tailscale_ips
             await self._call(self._on_addresses, list(status.tailscale_ips), "on_addresses")
+
+    def _log_key_expiry(self) -> None:
+        # The daemon never warns "expiring soon": say it in the log, once per expiry time.
+        expiry = self.key_expiry
+        if expiry is None or expiry == self._warned_expiry:
+            return
+        seconds = (expiry - self._now()).total_seconds()
+        if self.expired or seconds <= self._warn_days * 86400:
+            self._warned_expiry = expiry
+            when = expiry.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if self.expired or seconds <= 0:
+                log.warning("tailscale node key expired at %s: run `tailscale up` to "
+                            "re-authenticate this node", when)
+            else:
+                log.warning("tailscale node key expires in %d days (%s): re-authenticate "
+                            "or disable key expiry for this node", math.floor(seconds / 86400),
+                            when)
 
     async def _report_state(self, name: str) -> None:
         if name != self._reported_state:
@@ -601,7 +624,7 @@ class TailscaleMonitor:
             "key_expiry": expiry_iso,
             "key_expiry_days_left": days_left,
             "expired": self.expired,
-            "peers": len(self.peer_paths),
+            "peer_ips": len(self.peer_paths),
             "last_error": self.last_error,
             "warning": "; ".join(warnings) or None,
         }

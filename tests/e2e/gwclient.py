@@ -2,10 +2,10 @@
 
 It does what the real clients do on the wire: read `connect.challenge`, send
 `{"type":"req","id":…,"method":"connect","params":{…}}`, read the `res` (hello-ok or an
-error), then optionally call methods. No device key: use it for token auth and for the
-trusted-proxy identity mode, where the gateway admits a device-less *Control UI* client
-(`client.id="openclaw-control-ui"`, role operator) and grants `gateway.auth.identityScopes`.
-The real CLI always brings a device key (or none on loopback) and cannot play that part.
+error), then optionally call methods. No device key: use it for token/password auth and for
+the trusted-proxy identity mode, where an allowed user gets hello-ok without a device and the
+session scopes are its `gateway.auth.identityScopes` (a Control UI client id additionally
+needs an allowed `Origin`). Unlike the CLI it can send any headers and client identity.
 Params schema: ConnectParams in the shipped dist (see docs/openclaw-notes.md).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -121,15 +122,18 @@ class GatewayClient:
         origin: str | None = None,
         params: Mapping[str, Any] | None = None,
         timeout: float = 15.0,
+        sock: socket.socket | None = None,
         **param_kwargs: Any,
     ) -> _Connector:
-        """Open, handshake, return the client. `params` overrides `connect_params(**kw)`."""
+        """Open, handshake, return the client. `params` overrides `connect_params(**kw)`.
+        `sock`: an already connected socket (e.g. `await connect_in(ns, host, port)`)."""
         return _Connector(
             url,
             headers=dict(headers or {}),
             origin=origin,
             params=dict(params) if params is not None else connect_params(**param_kwargs),
             timeout=timeout,
+            sock=sock,
         )
 
     async def call(
@@ -168,9 +172,10 @@ class _Connector:
         origin: str | None,
         params: dict[str, Any],
         timeout: float,
+        sock: socket.socket | None = None,
     ) -> None:
         self.url, self.headers, self.origin = url, headers, origin
-        self.params, self.timeout = params, timeout
+        self.params, self.timeout, self.sock = params, timeout, sock
         self.client: GatewayClient | None = None
 
     async def _open(self) -> GatewayClient:
@@ -181,6 +186,8 @@ class _Connector:
             max_size=None,
             compression=None,  # the gateway negotiates no permessage-deflate anyway
             open_timeout=self.timeout,
+            sock=self.sock,
+            proxy=None,
         )
         try:
             async with asyncio.timeout(self.timeout):

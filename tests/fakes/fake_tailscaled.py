@@ -312,12 +312,15 @@ class FakeTailscaled:
         self.cert_mode = "ok"
         self.slow_seconds = 30.0
         self.tun = True
+        # This node's own addresses (status TailscaleIPs); tests may change them.
+        self.self_ips: list[str] = [SELF_IPV4, SELF_IPV6]
         # Up to 1.100 the daemon does not unmap ::ffff:a.b.c.d itself: the client must.
         self.unmaps_v4_mapped = False
         self.self_key_expiry: str | None = "2026-08-29T09:14:27Z"
         self.self_expired = False
         self.cert_domains: list[str] = [f"{SELF_HOST}.{TAILNET}"]
         self.whois_calls: Counter[str] = Counter()
+        self.watches_total = 0  # IPN bus streams ever opened
         self.requests: list[RecordedRequest] = []
         self.cert_calls: list[tuple[str, str, str | None]] = []
         self.session_id = secrets.token_hex(8)
@@ -364,7 +367,11 @@ class FakeTailscaled:
         app.router.add_post("/fake/drop-watchers", self._ctl_drop)
         app.router.add_post("/fake/reset-stats", self._ctl_reset)
         app.router.add_post("/fake/cert", self._ctl_cert)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        app.router.add_post("/fake/self", self._ctl_self)
+        # handler_cancellation: a watcher that hangs up leaves the bus at once, as in Go.
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True
+        )
         await runner.setup()
         site = web.UnixSite(runner, self.socket_path)
         await site.start()
@@ -478,11 +485,18 @@ class FakeTailscaled:
             while len(self._watchers) < count:
                 await asyncio.sleep(0.005)
 
+    async def wait_watch_opened(self, since: int, timeout: float = 5.0) -> None:
+        """Wait until an IPN bus stream is opened after ``watches_total`` was ``since``."""
+        async with asyncio.timeout(timeout):
+            while self.watches_total <= since:
+                await asyncio.sleep(0.005)
+
     def stats(self) -> dict[str, Any]:
         return {
             "whois_calls": dict(self.whois_calls),
             "requests": len(self.requests),
             "watchers": len(self._watchers),
+            "watches_total": self.watches_total,
             "mode": self.mode,
             "cert_mode": self.cert_mode,
             "backend_state": self.backend_state,
@@ -592,12 +606,14 @@ class FakeTailscaled:
         template = body["Peer"][next(iter(body["Peer"]))]
         body["Version"] = self.version
         body["TUN"] = self.tun
-        body["TailscaleIPs"] = [SELF_IPV4, SELF_IPV6]
+        body["TailscaleIPs"] = list(self.self_ips)
         me = body["Self"]
         me["DNSName"] = f"{SELF_HOST}.{TAILNET}."
-        me["TailscaleIPs"] = [SELF_IPV4, SELF_IPV6]
-        me["AllowedIPs"] = [f"{SELF_IPV4}/32", f"{SELF_IPV6}/128"]
-        me["PeerAPIURL"] = [f"http://{SELF_IPV4}:53417", f"http://[{SELF_IPV6}]:53417"]
+        me["TailscaleIPs"] = list(self.self_ips)
+        me["AllowedIPs"] = [f"{ip}/{128 if ':' in ip else 32}" for ip in self.self_ips]
+        me["PeerAPIURL"] = [
+            f"http://[{ip}]:53417" if ":" in ip else f"http://{ip}:53417" for ip in self.self_ips
+        ]
         me.pop("KeyExpiry", None)
         me.pop("Expired", None)
         if self.self_key_expiry is not None:
@@ -669,6 +685,7 @@ class FakeTailscaled:
         response.content_type = "application/json"
         response.enable_chunked_encoding()
         self._watchers.add(queue)
+        self.watches_total += 1
         try:
             await response.prepare(request)
             if mask & 2:
@@ -777,6 +794,14 @@ class FakeTailscaled:
         self.cert_calls.clear()
         return web.json_response({"ok": True})
 
+    async def _ctl_self(self, request: web.Request) -> web.StreamResponse:
+        """``{"ips": [...]}``: this node's own addresses; pushes a SelfChange line."""
+        spec = await request.json()
+        self.self_ips = [str(ip) for ip in spec["ips"]]
+        prefixes = [f"{ip}/{128 if ':' in ip else 32}" for ip in self.self_ips]
+        self.push_notify({"SelfChange": {"Addresses": prefixes}})
+        return web.json_response({"self_ips": self.self_ips})
+
     async def _ctl_cert(self, request: web.Request) -> web.StreamResponse:
         spec = await request.json()
         self.set_cert(spec["domain"], spec["key_pem"].encode(), spec["cert_pem"].encode())
@@ -842,6 +867,8 @@ async def _serve(args: argparse.Namespace) -> None:
     fake = FakeTailscaled(args.socket, peers=peers)
     if args.state:
         fake.backend_state = args.state
+    if args.self_ips:
+        fake.self_ips = list(args.self_ips)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -860,6 +887,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", help="JSON file: a list of /fake/peers specs or {ip: body}")
     parser.add_argument("--no-default-peers", action="store_true")
     parser.add_argument("--state", choices=BACKEND_STATES, help="initial backend state")
+    parser.add_argument(
+        "--self-ip",
+        action="append",
+        dest="self_ips",
+        help="this node's own Tailscale IP (repeatable; default 100.64.0.1 and fd7a:115c:a1e0::1)",
+    )
     args = parser.parse_args(argv)
     asyncio.run(_serve(args))
     return 0

@@ -153,7 +153,10 @@ def test_parse_time_rejects(value: object) -> None:
     ("peer", "path"),
     [
         ({"Active": True, "CurAddr": "198.51.100.23:41641", "Relay": "fra"}, "direct"),
-        ({"Active": True, "CurAddr": "", "PeerRelay": "100.64.7.7:40000", "Relay": "fra"}, "peer-relay"),
+        (
+            {"Active": True, "CurAddr": "", "PeerRelay": "100.64.7.7:40000", "Relay": "fra"},
+            "peer-relay",
+        ),
         ({"Active": True, "CurAddr": "", "PeerRelay": "", "Relay": "nyc"}, "derp:nyc"),
         ({"Active": True, "CurAddr": "", "PeerRelay": "", "Relay": ""}, "unknown"),
         # Relay alone is the home region, not a relayed path: meaningless while idle.
@@ -380,21 +383,19 @@ async def test_whois_malformed_body_is_unavailable(
         await client.whois("100.90.0.1", 1)
 
 
-async def test_slow_daemon_times_out_within_the_timeout(
-    sock: str, fake: FakeTailscaled
-) -> None:
+async def test_slow_daemon_times_out_within_the_timeout(sock: str, fake: FakeTailscaled) -> None:
     fake.mode = "slow"
     async with LocalAPIClient(sock, timeout=0.3) as api:
         for call in (lambda: api.whois(DEFAULT_ALICE_IP, 1), api.status):
             started = time.monotonic()
             with pytest.raises(LocalAPIUnavailable, match=r"^tailscaled timed out after 0\.3s$"):
                 await call()
-            assert 0.25 <= time.monotonic() - started < 1.5
+            assert 0.25 <= time.monotonic() - started < 2.5
         started = time.monotonic()
         with pytest.raises(LocalAPIUnavailable, match="timed out"):
             async with aclosing(api.watch_ipn_bus(2)) as bus:
                 await anext(bus)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 2.5
 
 
 async def test_default_timeout_is_two_seconds() -> None:
@@ -483,7 +484,9 @@ async def test_status_key_expiry_encodings(
 async def test_whois_accepts_both_key_expiry_encodings(
     client: LocalAPIClient, fake: FakeTailscaled, key_expiry: str | None
 ) -> None:
-    fake.add_peer("100.90.0.2", user_peer("100.90.0.2", "c@example.com", "c", key_expiry=key_expiry))
+    fake.add_peer(
+        "100.90.0.2", user_peer("100.90.0.2", "c@example.com", "c", key_expiry=key_expiry)
+    )
     assert (await client.whois("100.90.0.2", 1)).login == "c@example.com"
 
 
@@ -504,9 +507,11 @@ async def test_cert_pair(client: LocalAPIClient, fake: FakeTailscaled) -> None:
     cert_pem = b"-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n"
     fake.set_cert("gw.tail3f2a1.ts.net", key_pem, cert_pem)
     assert await client.cert_pair("gw.tail3f2a1.ts.net", "720h") == (key_pem, cert_pem)
-    assert fake.cert_calls[-1] == ("gw.tail3f2a1.ts.net", "pair", "720h")
     await client.cert_pair("gw.tail3f2a1.ts.net", None)
-    assert fake.cert_calls[-1] == ("gw.tail3f2a1.ts.net", "pair", None)
+    assert fake.cert_calls == [
+        ("gw.tail3f2a1.ts.net", "pair", "720h"),
+        ("gw.tail3f2a1.ts.net", "pair", None),
+    ]
 
 
 async def test_cert_denied(client: LocalAPIClient, fake: FakeTailscaled) -> None:
@@ -538,8 +543,9 @@ async def _connected(
 ) -> asyncio.Future[dict[str, Any]]:
     """Start reading ``bus`` (the request goes out on the first read) and wait until the
     fake has the watcher; returns the pending first line."""
+    since = fake.watches_total
     first = asyncio.ensure_future(anext(bus))
-    await fake.wait_watchers()
+    await fake.wait_watch_opened(since)
     return first
 
 

@@ -1,0 +1,147 @@
+"""Operator subcommands: ``clawgate status``, ``clawgate doctor`` and ``clawgate firewall``.
+
+``cli.py`` imports this module when present and calls ``register``. ``status`` reads the
+running clawgate's admin ``/connections``; ``doctor`` gathers facts and runs the pure
+checks of ``doctor.py``; ``firewall`` prints the rules of ``firewall.py``. The table
+formatting here is pure, so it is tested without a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .config import Config, load_config
+from .errors import ClawgateError
+
+__all__ = ["register", "format_sessions", "human_bytes", "human_age"]
+
+ENV_CONFIG = "CLAWGATE_CONFIG"
+
+
+def _config(args: argparse.Namespace) -> tuple[str | None, Config]:
+    path: str | None = getattr(args, "config", None) or os.environ.get(ENV_CONFIG)
+    return path, load_config(path)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{n}B"  # pragma: no cover - the loop always returns
+
+
+def human_age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _clean(value: Any) -> str:
+    # Names come from the tailnet (node names, logins): never let them drive the terminal.
+    text = "" if value is None else str(value)
+    return "".join(ch if ch.isprintable() else "?" for ch in text) or "-"
+
+
+def format_sessions(conns: Sequence[Mapping[str, Any]]) -> str:
+    """The live sessions as a table, one line per connection, like `tailscale status`."""
+    if not conns:
+        return "no live sessions"
+    header = ("ID", "PEER", "NODE", "LOGIN", "TAGS", "TOKEN", "PATH", "KIND", "IN", "OUT",
+              "AGE")
+    rows = [header]
+    for c in conns:
+        node = str(c.get("node") or "")
+        rows.append((
+            _clean(c.get("id")),
+            _clean(c.get("peer")),
+            _clean(node.split(".", 1)[0] if node else None),
+            _clean(c.get("login")),
+            _clean(",".join(c.get("tags") or []) or None),
+            _clean(c.get("token")),
+            _clean(c.get("path")),
+            "ws" if c.get("websocket") else "http",
+            human_bytes(int(c.get("bytes_in") or 0)),
+            human_bytes(int(c.get("bytes_out") or 0)),
+            human_age(float(c.get("age_seconds") or 0)),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _admin_get(cfg: Config, path: str) -> Any:
+    if not cfg.admin.enabled:
+        raise ClawgateError("the admin listener is disabled in this config (admin.enabled)")
+    host = f"[{cfg.admin.host}]" if ":" in cfg.admin.host else cfg.admin.host
+    url = f"http://{host}:{cfg.admin.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback admin
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ClawgateError(f"cannot reach the running clawgate at {url}: {reason}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, cfg = _config(args)
+    body = _admin_get(cfg, "/connections")
+    conns = body.get("connections", []) if isinstance(body, dict) else []
+    if args.json:
+        print(json.dumps(conns, indent=2))
+    else:
+        print(format_sessions(conns))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import exit_status, gather, render_json, render_text, run_checks
+
+    path: str | None = args.config or os.environ.get(ENV_CONFIG)
+    findings = run_checks(gather(path, args.gateway_config))
+    print(render_json(findings) if args.json else render_text(findings))
+    return exit_status(findings)
+
+
+def cmd_firewall(args: argparse.Namespace) -> int:
+    from .firewall import render_firewall
+
+    _, cfg = _config(args)
+    sys.stdout.write(render_firewall(cfg, "nftables" if args.nftables else "ufw"))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+             tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
+             with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+    s = with_config(sub.add_parser("status", help="live sessions of the running clawgate"))
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    d = with_config(sub.add_parser(
+        "doctor", help="check config, tailscaled, the gateway and this host; exit 1 on errors"))
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--gateway-config", metavar="PATH",
+                   help="the gateway's openclaw.json (default: "
+                        "$OPENCLAW_HOME/.openclaw/openclaw.json, else ~/.openclaw/openclaw.json)")
+    d.set_defaults(func=cmd_doctor)
+
+    f = with_config(sub.add_parser(
+        "firewall", help="print host firewall rules for this config (playbook Step 5)"))
+    kind = f.add_mutually_exclusive_group()
+    kind.add_argument("--ufw", action="store_true", help="ufw commands (the default)")
+    kind.add_argument("--nftables", action="store_true", help="an nft -f ruleset")
+    f.set_defaults(func=cmd_firewall)
