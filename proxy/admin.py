@@ -119,6 +119,8 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    rt = request.app[RT_KEY]
+    rt.metrics.log_errors = rt.log.errors  # the access log counts its own dropped lines
     data = generate_latest(request.app[REG_KEY])
     resp = web.Response(body=data)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -132,7 +134,9 @@ async def _connections(request: web.Request) -> web.Response:
 async def _reload(request: web.Request) -> web.Response:
     rt = request.app[RT_KEY]
     ok = rt.reload()
-    return web.json_response({"ok": ok, "error": rt.last_reload_error}, status=200 if ok else 409)
+    return web.json_response({"ok": ok, "error": rt.last_reload_error,
+                              "sessions_ended": rt.last_sessions_ended if ok else 0},
+                             status=200 if ok else 409)
 
 
 def build_admin_app(rt: Runtime) -> web.Application:

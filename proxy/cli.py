@@ -136,6 +136,14 @@ def _try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:
         req = urllib.request.Request(url, method="POST", data=b"")  # noqa: S310
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback admin
             body = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        # 409: the running clawgate refused the new config and says why in the body.
+        try:
+            body = json.loads(exc.read() or b"{}")
+        except ValueError:
+            body = {"error": f"HTTP {exc.code}"}
+        finally:
+            exc.close()
     except (urllib.error.URLError, OSError, ValueError, ConfigError) as exc:
         if not quiet:
             raise ClawgateError(f"cannot reach the running clawgate: {exc}") from None

@@ -460,7 +460,7 @@ def parse_config(data: object, source: str | None = None) -> Config:
     tokens = TokensConfig(
         file=t.get("file", _path, d.tokens.file),
         env=t.get("env", _env_list, d.tokens.env),
-        session_ttl=t.get("sessionTtl", _num(60, 30 * 86400), d.tokens.session_ttl),
+        session_ttl=t.get("sessionTtl", _num(2, 30 * 86400), d.tokens.session_ttl),
         cookie_name=t.get("cookieName", _header_name, d.tokens.cookie_name),
     )
     _reject_inline_secret(t, "tokens")

@@ -11,6 +11,7 @@ splice. Everything that is not a clear allow ends in a short status and a close.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from .httphead import (
     find_head_end,
     parse_request_head,
 )
-from .relay import ChunkedScanner, UpstreamConnection, close_frame
+from .relay import BoundaryCloser, ChunkedScanner, UpstreamConnection, close_frame
 
 if TYPE_CHECKING:
     from .authz import Grant
@@ -39,6 +40,10 @@ STATUS_TEXT = {
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
 
+# How long end_session waits for the gateway's current frame to end (revocation must
+# end a session within about a second).
+END_SESSION_GRACE = 1.0
+
 # States. Small ints: compared on every data_received.
 HEAD, DECIDING, BODY, AWAIT, TUNNEL, GATED, LOCAL_BODY, CLOSING = range(8)
 
@@ -51,7 +56,8 @@ class ClientConnection(asyncio.Protocol):
         "started", "bytes_up", "bytes_down", "requests", "grant", "head", "_head_timer",
         "_body_left", "_chunks", "_paused_state", "_paused_bp", "_client_eof", "_up_eof",
         "awaiting_upgrade", "_task", "close_reason", "_closed", "_t_head", "gate",
-        "counted_ip", "proto", "tls", "_unauth_counted", "_local_head", "was_tunnel",
+        "counted_ip", "proto", "tls", "unauth_counted", "_local_head", "was_tunnel",
+        "counted_identity", "_end_timer",
     )
 
     def __init__(self, rt: Runtime, *, tls: bool = False) -> None:
@@ -86,7 +92,9 @@ class ClientConnection(asyncio.Protocol):
         self._t_head = 0.0
         self.gate: Any = None
         self.counted_ip = False
-        self._unauth_counted = False
+        self.unauth_counted = False  # counted in rt.unauth_per_ip until the first allow
+        self.counted_identity: str | None = None  # the rt.per_identity key counted
+        self._end_timer: asyncio.TimerHandle | None = None
         self._local_head: RequestHead | None = None
         self.was_tunnel = False
 
@@ -237,6 +245,13 @@ class ClientConnection(asyncio.Protocol):
     def _apply(self, head: RequestHead, grant: Grant) -> None:
         rt = self.rt
         d: Decision = grant.decision
+        if d.allow:
+            over = rt.admit_identity(self, grant)
+            if over is not None:
+                # limits.perIdentity: the same grant, turned into a 429 (one log line).
+                grant = dataclasses.replace(grant, decision=Decision(False, 429, over),
+                                            retry_after=1)
+                d = grant.decision
         rt.log_decision(self, head, grant)
         if not d.allow:
             rt.metrics.decisions[("deny", d.status)] += 1
@@ -246,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
                 self.grant = grant
             self._send_denial(head, d.status, d.reason, grant.retry_after, grant)
             return
+        rt.decided(self)
         rt.metrics.decisions[("allow", 200)] += 1
         self.grant = grant
         rt.note_granted(self, grant)
@@ -352,6 +368,9 @@ class ClientConnection(asyncio.Protocol):
         head = self.head
         if not keep_alive or self._client_eof or head is None or not head.keep_alive:
             self._close("response complete, connection not reusable")
+            return
+        if self.rt.draining:
+            self._close("server shutting down")
             return
         self.state = HEAD
         self._head_timer = self.rt.loop.call_later(
@@ -566,35 +585,49 @@ class ClientConnection(asyncio.Protocol):
 
     def end_session(self, code: int, reason: str) -> None:
         """End a live session: a clean close frame when a WebSocket is open."""
-        if self._closed:
+        if self._closed or self._end_timer is not None:
             return
         self.close_reason = reason
         t = self.transport
-        if self.state in (TUNNEL, GATED) and t is not None and self.up is not None:
-            self.rt.spawn(self._close_at_boundary(code, reason), f"end-{self.conn_id}")
+        up, up_t = self.up, self.up_t
+        if self.state not in (TUNNEL, GATED) or t is None or up is None or up_t is None:
+            self._close(reason)
             return
-        self._close(reason)
+        frame = close_frame(code, reason)
+        if up.frames.at_boundary:
+            t.write(frame)
+            self._close(reason)
+            return
+        # Mid-frame: relay the gateway's bytes up to the end of the current frame, then
+        # inject the close frame there (the splice itself never looks at frames).
+        up_t.set_protocol(BoundaryCloser(self, up, frame, reason))
+        self._end_timer = self.rt.loop.call_later(END_SESSION_GRACE, self._end_overdue)
 
-    async def _close_at_boundary(self, code: int, reason: str) -> None:
-        up = self.up
-        assert up is not None
-        if self.up_t is not None:
-            self.up_t.pause_reading()
-        # Wait (briefly) for the frame being relayed to finish before injecting ours.
-        for _ in range(50):
-            if up.frames.at_boundary or self._closed:
-                break
-            if self.up_t is not None:
-                self.up_t.resume_reading()
-            await asyncio.sleep(0.02)
-            if self.up_t is not None:
-                self.up_t.pause_reading()
-        if self._closed:
-            return
-        t = self.transport
-        if t is not None and up.frames.at_boundary:
-            t.write(close_frame(code, reason[:100]))
-        self._close(reason)
+    def _end_overdue(self) -> None:
+        # The frame did not end in time (a stalled gateway or a client not reading):
+        # a close frame now would corrupt the stream, so cut the connection instead.
+        self._end_timer = None
+        if not self._closed:
+            self.close_reason = (f"{self.close_reason} (no frame boundary within "
+                                 f"{END_SESSION_GRACE:.0f}s)")
+            self._abort(self.close_reason)
+
+    def finish_end_session(self, reason: str, clean: bool = True) -> None:
+        """The close frame went out at a frame edge (or cannot): close both sides."""
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+            self._end_timer = None
+        if clean:
+            self._close(reason)
+        else:
+            self.close_reason = reason
+            self._abort(reason)
+
+    def close_if_idle(self, reason: str) -> None:
+        """Close a keep-alive connection waiting between requests (drain)."""
+        if self.state == HEAD and self.requests > 0 and not self.buf and not self._closed:
+            self.close_reason = reason
+            self._close(reason)
 
     def _abort(self, reason: str) -> None:
         self.close_reason = self.close_reason or reason
@@ -615,6 +648,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._closed = True
         self.state = CLOSING
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+            self._end_timer = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

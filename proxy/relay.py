@@ -22,6 +22,7 @@ __all__ = [
     "UpstreamConnection",
     "ChunkedScanner",
     "FrameTracker",
+    "BoundaryCloser",
     "close_frame",
     "ResponseError",
 ]
@@ -162,6 +163,80 @@ class FrameTracker:
                 ln = int.from_bytes(data[pos + 2:pos + 10], "big")
             pos += hlen + ln
         self.remaining = pos - n
+
+    def bytes_to_boundary(self, data: bytes) -> int:
+        """Feed ``data`` only up to the next frame edge: how many bytes that took.
+
+        0 when already at a boundary; -1 when all of ``data`` was fed without reaching one.
+        Not on the hot path: used only while a session is being ended.
+        """
+        used = 0
+        n = len(data)
+        while not self.at_boundary:
+            if used >= n:
+                return -1
+            if self._hdr or self.remaining == 0:
+                # Inside a frame header (at most 14 bytes): one byte at a time.
+                take = 1
+            else:
+                take = min(self.remaining, n - used)
+            self.feed(data[used:used + take])
+            used += take
+        return used
+
+
+class BoundaryCloser(asyncio.Protocol):
+    """Takes over a gateway connection whose session is being ended mid-frame.
+
+    Relays the rest of the current frame to the client, then the close frame, then
+    closes both sides; nothing after that frame edge reaches the client.
+    """
+
+    def __init__(self, client: ClientConnection, up: UpstreamConnection, frame: bytes,
+                 reason: str) -> None:
+        self.client = client
+        self.up = up
+        self.frame = frame
+        self.reason = reason
+        self.done = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        client = self.client
+        t = client.transport
+        n = self.up.frames.bytes_to_boundary(data)
+        if t is None:
+            return
+        if n < 0:
+            client.bytes_down += len(data)
+            t.write(data)
+            return
+        self.done = True
+        client.bytes_down += n + len(self.frame)
+        t.write(data[:n] + self.frame)
+        client.finish_end_session(self.reason)
+
+    def eof_received(self) -> bool | None:
+        self._lost()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.up.closed = True
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self.done:
+            # The gateway ended mid-frame: no clean close is possible any more.
+            self.done = True
+            self.client.finish_end_session(self.reason + " (gateway closed mid-frame)",
+                                           clean=False)
+
+    def pause_writing(self) -> None:
+        pass  # nothing more is forwarded to the gateway
+
+    def resume_writing(self) -> None:
+        pass
 
 
 class UpstreamConnection(asyncio.Protocol):

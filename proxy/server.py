@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -114,6 +115,11 @@ class Runtime:
         self.jwt: Any = None
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.unauth_per_ip: collections.Counter[str] = collections.Counter()
+        self.per_identity: collections.Counter[str] = collections.Counter()
+        # Each proxied connection holds two descriptors (client + gateway): refuse with a
+        # 503 before accept() itself fails with EMFILE, where nothing can be answered.
+        self.fd_connection_cap = _fd_connection_cap()
+        self.last_sessions_ended = 0
         self.failures: dict[str, collections.deque[float]] = {}
         self.lockouts: dict[str, float] = {}
         self.draining = False
@@ -180,6 +186,7 @@ class Runtime:
         self.reloads += 1
         self.last_reload_error = None
         ended = self.recheck_sessions()
+        self.last_sessions_ended = ended
         self.log.write({"event": "reload", "result": "ok", "sessions_ended": ended})
         log.info("config reloaded (%d live sessions ended)", ended)
         sd_notify("READY=1\nSTATUS=serving")
@@ -191,8 +198,8 @@ class Runtime:
         now = time.time()
         for conn in list(self.conns):
             grant = conn.grant
-            if grant is None or conn.closed:
-                continue
+            if grant is None or conn.closed or conn.close_reason:
+                continue  # close_reason set: already being ended
             why = self.session_invalid_reason(conn, grant, now)
             if why is not None:
                 ended += 1
@@ -250,6 +257,9 @@ class Runtime:
         if self.metrics.active >= lim.max_connections:
             self.metrics.refused["max_connections"] += 1
             return 503, "too many connections", None
+        if self.metrics.active >= self.fd_connection_cap:
+            self.metrics.refused["fd_limit"] += 1
+            return 503, "too many connections (file descriptor limit)", None
         ip = conn.peer_ip
         until = self.lockouts.get(ip)
         if until is not None:
@@ -261,8 +271,34 @@ class Runtime:
         if self.per_ip[ip] >= lim.per_source_ip:
             self.metrics.refused["per_ip"] += 1
             return 429, "too many connections from this address", 1
+        if self.unauth_per_ip[ip] >= lim.unauthenticated_per_ip:
+            # Connections not decided yet (slowloris, scans, floods of bad tokens).
+            self.metrics.refused["unauthenticated_per_ip"] += 1
+            return 429, "too many unauthenticated connections from this address", 1
         self.per_ip[ip] += 1
         conn.counted_ip = True
+        self.unauth_per_ip[ip] += 1
+        conn.unauth_counted = True
+        return None
+
+    def decided(self, conn: ClientConnection) -> None:
+        """The connection got its first allow: it no longer counts as unauthenticated."""
+        if conn.unauth_counted:
+            conn.unauth_counted = False
+            _decrement(self.unauth_per_ip, conn.peer_ip)
+
+    def admit_identity(self, conn: ClientConnection, grant: Grant) -> str | None:
+        """Count an allowed connection against its principal; a reason when over."""
+        key = _principal(grant)
+        if key is None or key == conn.counted_identity:
+            return None
+        if self.per_identity[key] >= self.cfg.limits.per_identity:
+            self.metrics.refused["per_identity"] += 1
+            return "too many connections for this identity"
+        if conn.counted_identity is not None:
+            _decrement(self.per_identity, conn.counted_identity)
+        self.per_identity[key] += 1
+        conn.counted_identity = key
         return None
 
     def check_lockout(self, conn: ClientConnection) -> None:
@@ -367,12 +403,11 @@ class Runtime:
         if conn.was_tunnel:
             m.tunnels -= 1
         if conn.counted_ip:
-            ip = conn.peer_ip
-            n = self.per_ip[ip] - 1
-            if n <= 0:
-                del self.per_ip[ip]
-            else:
-                self.per_ip[ip] = n
+            _decrement(self.per_ip, conn.peer_ip)
+        self.decided(conn)
+        if conn.counted_identity is not None:
+            _decrement(self.per_identity, conn.counted_identity)
+            conn.counted_identity = None
         if self.identity_cache is not None and conn.is_loopback_peer:
             from .tailscale import cache_key
 
@@ -401,6 +436,9 @@ class Runtime:
         sd_notify("STOPPING=1")
         for srv in self.servers:
             srv.close()
+        for conn in list(self.conns):
+            # Idle keep-alive connections hold nothing worth waiting for.
+            conn.close_if_idle("server shutting down")
         deadline = time.monotonic() + seconds
         while self.conns and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -411,6 +449,42 @@ class Runtime:
             await asyncio.sleep(0.02)
         for conn in list(self.conns):
             conn._abort("shutdown")  # noqa: SLF001 - last resort after the grace period
+
+
+def _decrement(counter: collections.Counter[str], key: str) -> None:
+    n = counter[key] - 1
+    if n <= 0:
+        del counter[key]
+    else:
+        counter[key] = n
+
+
+def _principal(grant: Grant) -> str | None:
+    """Whom a connection counts against for limits.perIdentity (None: nobody)."""
+    if grant.identity is not None:
+        return f"ts:{grant.identity.principal}"
+    if grant.credential is not None:
+        return f"token:{grant.credential.name}"
+    return None
+
+
+def _fd_connection_cap() -> int:
+    """Connections that fit in RLIMIT_NOFILE: two descriptors each, some kept spare."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    # Spare: listeners, the log, admin and LocalAPI connections, uvloop's own.
+    return max(1, (soft - 48 - soft // 32) // 2)
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as Go and nginx do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
 
 
 def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) -> socket.socket:
@@ -470,9 +544,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     """
     loop = asyncio.get_running_loop()
     if worker_index > 0:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, admin=dataclasses.replace(cfg.admin, enabled=False))
+    raise_nofile_limit()
     rt = Runtime(cfg, loop)
     hosts = list(cfg.gateway.hosts)
     ts_hosts: list[str] = []
@@ -601,7 +674,8 @@ async def _sweep(rt: Runtime) -> None:
             grant = conn.grant
             if grant is not None and grant.credential is not None:
                 exp = grant.credential.expires_at
-                if exp is not None and exp <= now:
+                # close_reason set: already being ended (log and close frame once only).
+                if exp is not None and exp <= now and not conn.close_reason:
                     rt.log.write({"event": "session_ended", "conn": conn.conn_id,
                                   "peer": conn.peer_ip,
                                   "reason": f"credential {grant.credential.name} expired"})
@@ -611,7 +685,8 @@ async def _sweep(rt: Runtime) -> None:
                 if grant.credential.kind == "jwt" and revoked is not None:
                     # The revocation list is re-read by mtime: edits end live sessions too.
                     why = revoked(grant.credential)
-                    if why is not None and not conn.closed:
+                    # close_reason set: a reload already ended it (one close frame only).
+                    if why is not None and not conn.closed and not conn.close_reason:
                         rt.log.write({"event": "session_ended", "conn": conn.conn_id,
                                       "peer": conn.peer_ip, "reason": why})
                         conn.end_session(1008, why)

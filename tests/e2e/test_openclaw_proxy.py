@@ -274,14 +274,15 @@ async def test_spoofed_forwarding_headers_do_not_make_a_phone_local(
 
 async def test_gateway_sees_only_the_real_address_in_x_forwarded_for(
         token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate) -> None:
-    pattern = r"^closed before connect .*fwd=(\S+) .*host=100\.64\.0\.1:18789 .*token mismatch"
+    pattern = (r"^closed before connect .*fwd=(\S+) .*host=100\.64\.0\.1:18789 "
+               r".*phase=auth_credentials_received")
     before = gw_log_count(token_gateway, pattern)
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PLAIN_PORT)
     with pytest.raises(HandshakeError) as info:
         await GatewayClient.connect(f"ws://{GW_V4}:{PLAIN_PORT}", sock=sock,
                                     headers={**bearer(plain), **SPOOFED}, client=CLI_CLIENT,
                                     token="WRONG-GATEWAY-TOKEN")
-    assert info.value.close_code == 1008
+    assert "gateway token mismatch" in str(info.value)
     lines = wait_gw_log(token_gateway, pattern, at_least=before + 1)
     # The gateway logs the raw X-Forwarded-For it received: ours alone, never appended to.
     fwd = re.search(r"fwd=(\S+) ", lines[-1])
@@ -356,5 +357,7 @@ async def test_session_survives_70s_of_gateway_pings_and_ticks(
         assert ws.close_code is None
         # websockets answers the gateway's 25 s pings itself; the session still works.
         assert isinstance(await gw.call("health"), dict)
-    closes = [r for r in plain.since(mark) if r["event"] == "close"]
-    assert all(r["duration"] >= 70 for r in closes if r["peer"] == PHONE_V4)
+    # One connection, one close line: it lasted the whole 70 s, nothing reconnected.
+    rec = plain.wait_for(lambda r: r["event"] == "close" and r["peer"] == PHONE_V4, mark)
+    assert rec["duration"] >= 70
+    assert [r["event"] for r in plain.since(mark)] == ["decision", "close"]

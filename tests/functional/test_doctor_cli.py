@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,22 @@ def test_doctor_bad_config_is_an_error_not_a_crash(tmp_path: Path) -> None:
     got = {(f["check"], f["severity"]) for f in findings(proc)}
     assert {("config", "error"), ("listen", "error"), ("secrets", "error")} <= got
     assert "hunter2" not in proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["--nftables", "--ufw"])
+def test_firewall_command(tmp_path: Path, kind: str) -> None:
+    cfg = ROOT / "config" / "clawgate.docker.json"
+    proc = subprocess.run([sys.executable, "-m", "proxy", "firewall", kind, "--config",
+                           str(cfg)], capture_output=True, text=True, cwd=str(ROOT), timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    if kind == "--ufw":
+        assert "sudo ufw allow in on tailscale0 from 100.64.0.0/10 to any port 18789" in proc.stdout
+        return
+    if shutil.which("nft") is None:
+        assert 'tcp dport 18789 drop' in proc.stdout
+        return
+    rules = tmp_path / "rules.nft"
+    rules.write_text(proc.stdout)
+    check = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

@@ -134,7 +134,7 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
                 assert not os.path.exists(sock)
             else:
                 ts.mode = failure
-                ts.slow_seconds = 10 * TIMEOUT
+                ts.slow_seconds = 30 * TIMEOUT
                 # The network map changes while the daemon is sick: the cache is flushed,
                 # so the next connection must ask.
                 ts.push_notify({"PeersChanged": [alice_body()["Node"]]})
@@ -149,7 +149,8 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
                     resp = await request(tailnet, role, token=tok)
                     took = time.monotonic() - t0
                     assert_one_line_503(resp, f"{failure}/{role}/{tok is not None}")
-                    assert took < TIMEOUT + 1.5, (role, took)  # the timeout bounds the wait
+                    # tailscale.timeout bounds the wait, not the daemon's 15 s stall.
+                    assert took < TIMEOUT + 4, (role, took)
             assert len(fake_gateway.requests) == before  # nothing reached the gateway
             recs = [r for r in cg.access_log() if r.get("event") == "decision"
                     and r.get("status") == 503]

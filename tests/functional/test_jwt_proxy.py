@@ -78,8 +78,8 @@ async def proxy(tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway,
     cfg = base_config(tmp_path, fake_gateway, tsd, {
         "keyFile": str(keys.with_name("sign.jwks.json")), "requireTailscaleUser": True})
     proc = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
-    await proc.start()
     try:
+        await proc.start()
         yield proc
     finally:
         await proc.stop()
@@ -249,8 +249,8 @@ async def test_jwks_url_rotation_and_unknown_kid_cooldown(
     cfg = base_config(tmp_path, fake_gateway, tsd,
                       {"jwksUrl": url, "jwksCooldownSeconds": 1, "jwksCacheSeconds": 300})
     proc = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
-    await proc.start()
     try:
+        await proc.start()
         t1, _ = issue_token(k1, sub=ALICE, ttl=600, iss=ISS, aud=AUD, scopes=[])
         assert (await status_of(tailnet, "phone", t1))[0] == 101
         assert jwks.fetches == 1  # the startup fetch
