@@ -226,7 +226,13 @@ class _Section:
     def finish(self) -> None:
         for name in self.data:
             if name not in self.used:
-                raise ConfigError(self.key(name), "unknown key")
+                raise ConfigError(self.key(_shown_key(name)), "unknown key")
+
+
+def _shown_key(name: str) -> str:
+    """A key as it appears in an error path: repr() when it holds a newline or other
+    unprintable character, so the error stays one line and cannot forge a second one."""
+    return name if name.isprintable() else repr(name)
 
 
 def _kind(value: object) -> str:
@@ -330,7 +336,7 @@ def _ip_literal(text: str, path: str) -> str:
         try:
             socket.inet_pton(family, text)
             return text
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a lone surrogate cannot be encoded
             continue
     raise ConfigError(path, f"{text!r} is not an IP address or 'tailscale'")
 
@@ -752,9 +758,10 @@ def _find_duplicate(data: object) -> str | None:
     while stack:
         value, path = stack.pop()
         if isinstance(value, _DuplicateKeys):
-            return f"{path}.{value.dup}" if path else value.dup
+            return f"{path}.{_shown_key(value.dup)}" if path else _shown_key(value.dup)
         if isinstance(value, dict):
-            stack.extend((v, f"{path}.{k}" if path else k) for k, v in value.items())
+            stack.extend((v, f"{path}.{_shown_key(k)}" if path else _shown_key(k))
+                         for k, v in value.items())
         elif isinstance(value, list):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
     return None

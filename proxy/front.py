@@ -121,6 +121,9 @@ class ClientConnection(asyncio.Protocol):
         if refusal is not None:
             status, reason, retry = refusal
             self._deny_and_close(status, reason, retry_after=retry, log_level="refused")
+            # Never counted as active: connection_lost must not "close" it again (each
+            # refusal would otherwise free a slot it never held, defeating the limit).
+            self._closed = True
             return
         m.active += 1
         rt.conns.add(self)

@@ -509,11 +509,21 @@ def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) ->
     return sock
 
 
+def _protocol_factory(rt: Runtime, ssl_context: Any) -> Callable[[], asyncio.Protocol]:
+    """Plain TCP listeners in both cases: with TLS, ``TlsAcceptor`` checks the network on
+    the raw connection and only then starts the handshake (a listener with ``ssl=`` would
+    complete a full handshake before ``connection_made`` could refuse the source)."""
+    if ssl_context is None:
+        return lambda: ClientConnection(rt, tls=False)
+    from .tls import TlsAcceptor
+
+    return lambda: TlsAcceptor(rt, ssl_context)
+
+
 async def start_listeners(rt: Runtime, hosts: list[str], *,
                           ssl_context: Any = None) -> list[str]:
     cfg = rt.cfg
     bound: list[str] = []
-    tls = ssl_context is not None
     for host in hosts:
         addr = f"[{host}]:{cfg.gateway.port}" if ":" in host else f"{host}:{cfg.gateway.port}"
         if addr in rt.listen_addresses:
@@ -523,9 +533,8 @@ async def start_listeners(rt: Runtime, hosts: list[str], *,
                                   freebind=True)
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {addr}: {exc.strerror}") from None
-        srv = await rt.loop.create_server(
-            lambda: ClientConnection(rt, tls=tls), sock=sock, ssl=ssl_context,
-            backlog=4096)
+        srv = await rt.loop.create_server(_protocol_factory(rt, ssl_context), sock=sock,
+                                          backlog=4096)
         rt.servers.append(srv)
         rt.listen_addresses.append(addr)
         bound.append(addr)
@@ -588,9 +597,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
             raise
     if sockets:
         for sock in sockets:
-            srv = await loop.create_server(lambda: ClientConnection(rt, tls=ssl_context
-                                                                    is not None),
-                                           sock=sock, ssl=ssl_context, backlog=4096)
+            srv = await loop.create_server(_protocol_factory(rt, ssl_context), sock=sock,
+                                           backlog=4096)
             rt.servers.append(srv)
             name = sock.getsockname()
             rt.listen_addresses.append(f"{name[0]}:{name[1]}")

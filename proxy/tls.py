@@ -46,6 +46,7 @@ __all__ = [
     "parse_go_duration",
     "redirect_location",
     "setup_tls",
+    "TlsAcceptor",
 ]
 
 log = logging.getLogger("clawgate")
@@ -211,6 +212,91 @@ def redirect_location(request_line: bytes, name: str, port: int) -> bytes | None
     if not _SAFE_TARGET.match(target) or target.startswith(b"//"):
         target = b"/"
     return f"https://{name}{_https_port_suffix(port)}".encode("ascii") + target
+
+
+class TlsAcceptor(asyncio.Protocol):
+    """The first protocol of a connection on an HTTPS listener.
+
+    The listener is plain TCP: the allowedNetworks check runs in ``connection_made`` on
+    the raw connection, so a refused source is reset before any TLS work (no ServerHello,
+    no handshake CPU). An allowed one is upgraded with ``loop.start_tls`` under the head
+    deadline, then handed to a ``ClientConnection`` exactly as if the listener did TLS.
+    """
+
+    __slots__ = ("rt", "ctx", "transport", "_held", "_eof", "_lost", "_done")
+
+    def __init__(self, rt: Runtime, ctx: ssl.SSLContext) -> None:
+        self.rt = rt
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        # What the TLS transport delivers before the ClientConnection takes over (a
+        # loop may deliver the first record before start_tls returns): replayed in order.
+        self._held: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
+        self._done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        rt = self.rt
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        if not rt.networks.contains(ip):
+            # Same as ClientConnection's refusal, only before the handshake: RST, silence.
+            rt.metrics.accepted += 1
+            rt.metrics.refused["network"] += 1
+            transport.abort()  # type: ignore[attr-defined]
+            rt.log.refused({"event": "refused", "peer": ip, "reason": "network not allowed"})
+            self._done = True
+            return
+        raw: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = raw
+        # No raw byte may reach this protocol before start_tls owns the transport.
+        raw.pause_reading()
+        rt.spawn(self._handshake(raw), "tls-handshake")
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        from .front import ClientConnection
+
+        rt = self.rt
+        try:
+            tls_t = await rt.loop.start_tls(
+                raw, self, self.ctx, server_side=True,
+                ssl_handshake_timeout=rt.cfg.limits.head_timeout)
+        except OSError as exc:
+            # Handshake failed, timed out (ConnectionAbortedError) or the peer left.
+            rt.metrics.refused["tls_handshake"] += 1
+            raw.abort()
+            log.debug("TLS handshake failed: %s", exc)
+            return
+        except BaseException:
+            raw.abort()  # cancelled (shutdown): never leave the socket open
+            raise
+        if tls_t is None:  # the transport closed under start_tls
+            raw.abort()
+            return
+        self._done = True
+        conn = ClientConnection(rt, tls=True)
+        tls_t.set_protocol(conn)
+        conn.connection_made(tls_t)
+        for data in self._held:
+            conn.data_received(data)
+        self._held = []
+        if self._eof:
+            conn.eof_received()
+        if self._lost is not None:
+            conn.connection_lost(self._lost[0])
+
+    def data_received(self, data: bytes) -> None:
+        if not self._done:
+            self._held.append(data)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done:
+            self._lost = (exc,)
 
 
 class RedirectConnection(asyncio.Protocol):

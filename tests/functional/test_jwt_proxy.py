@@ -130,7 +130,9 @@ async def test_session_ends_with_1008_at_exp(tailnet: Tailnet, proxy: ClawgatePr
     code, seen = await closed_code(conn, 8)
     lag = time.time() - (time.monotonic() - seen) - exp
     assert code == 1008
-    assert -0.05 <= lag <= 1.5, f"closed {lag:.2f}s after exp"
+    # The sweep runs once a second: closed at exp, never before, at most ~1 s after
+    # (plus scheduling slack on a loaded 2-core runner).
+    assert -0.05 <= lag <= 1.8, f"closed {lag:.2f}s after exp"
     rec = await proxy.wait_log(lambda r: r.get("event") == "session_ended")
     assert rec["reason"] == f"credential jwt:{ALICE} expired"
     # The same token is refused from now on.
@@ -174,7 +176,8 @@ async def test_revoked_file_edit_is_picked_up_without_reload(
     tmp.write_text(json.dumps({"version": 1, "jti": {jti: {}}}))
     tmp.replace(tmp_path / "revoked.json")
     code, seen = await closed_code(conn, 5)
-    assert code == 1008 and seen - start < 2.5  # mtime checked each second, sweep each second
+    # The mtime is checked at most once a second, by the once-a-second sweep: <= ~2 s.
+    assert code == 1008 and seen - start < 3.0
     assert (await status_of(tailnet, "phone", token))[0] == 401
 
 

@@ -205,6 +205,8 @@ BAD: list[tuple[dict[str, Any] | list[Any], str, str]] = [
     ({"log": {"format": "json"}}, "log.format", "unknown key"),
     ({"limits": {"headByte": 1}}, "limits.headByte", "unknown key"),
     ({"tls": {"cert": "/c"}}, "tls.cert", "unknown key"),
+    ({"a\nclawgate: forged line": 1}, "'a\\nclawgate: forged line'", "unknown key"),
+    ({"gateway": {"x\r": 1}}, "gateway.'x\\r'", "unknown key"),
     # wrong types
     ([], "(top level)", "expected an object"),
     ({"gateway": []}, "gateway", "expected an object, got a list"),
@@ -268,6 +270,8 @@ BAD: list[tuple[dict[str, Any] | list[Any], str, str]] = [
     ({"gateway": {"host": "100.64.0.256"}}, "gateway.host", "is not an IP address"),
     ({"gateway": {"host": "gateway.local"}}, "gateway.host", "is not an IP address"),
     ({"gateway": {"host": "fe80::1%eth0"}}, "gateway.host", "is not an IP address"),
+    ({"gateway": {"host": ["\udcff"]}}, "gateway.host[0]", "is not an IP address"),
+    ({"admin": {"host": "127.\udcff"}}, "admin.host", "is not an IP address"),
     ({"gateway": {"host": ["100.64.0.1", "bogus"]}}, "gateway.host[1]", "is not an IP address"),
     ({"gateway": {"host": ["100.64.0.1", "100.64.0.1"]}}, "gateway.host", "twice"),
     ({"upstream": "https://127.0.0.1:18789"}, "upstream.url", "expected http://HOST:PORT"),
@@ -383,6 +387,7 @@ def _write(tmp_path: Path, text: str | bytes) -> Path:
 FILE_ERRORS: list[tuple[str | bytes, str, str]] = [
     ('{"gateway": {"port": 1, "port": 2}}', "gateway.port", "appears twice"),
     ('{"log": {}, "log": {}}', "log", "appears twice"),
+    ('{"log": {"a\\n": 1, "a\\n": 2}}', "log.'a\\n'", "appears twice"),
     ('{"gateway": {"allowedNetworks": [{"a": 1, "a": 1}]}}',
      "gateway.allowedNetworks[0].a", "appears twice"),
     ('{"gateway": {"port": 1,}}', "", "not valid JSON"),
