@@ -30,6 +30,7 @@ class AccessLog:
         self._bucket = refused_per_second
         self._bucket_t = time.monotonic()
         self.suppressed = 0
+        self._newline = ""  # "\n" when a failed write may have left half a line
         if destination == "stdout":
             self._fh = sys.stdout
         elif destination == "stderr":
@@ -42,6 +43,10 @@ class AccessLog:
     def _open_file(self) -> None:
         try:
             fd = os.open(self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            if self.errors and _ends_mid_line(self.destination):
+                # A write that failed half way (disk full) left a torn line: end it, or
+                # the next record is glued to it and lost to JSON-lines readers too.
+                self._newline = "\n"
             self._fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
             self._own = True
         except OSError as exc:
@@ -72,9 +77,10 @@ class AccessLog:
         if "time" not in record:
             record = {"time": _now(), **record}
         try:
-            fh.write(self._dumps(record) + "\n")
+            fh.write(self._newline + self._dumps(record) + "\n")
             if not self._own:
                 fh.flush()
+            self._newline = ""
             self.lines += 1
             self._warned = False if self.errors == 0 else self._warned
         except (OSError, ValueError) as exc:
@@ -114,6 +120,20 @@ class AccessLog:
             except (OSError, ValueError):
                 pass
         self._fh = None
+
+
+def _ends_mid_line(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # write-only for us: cannot tell
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+    except OSError:  # not seekable (a FIFO, a device)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _now() -> str:

@@ -222,6 +222,14 @@ class Authorizer:
         except PeerNotFound:
             if conn.is_loopback_peer:
                 return IdentityOutcome("none", reason="local process, not a tailnet peer")
+            monitor = conn.rt.monitor
+            if monitor is not None and monitor.backend_state not in (None, "Running"):
+                # A logged-out or stopped node knows no peers: that is an outage of the
+                # identity source, not a verdict on this peer.
+                return IdentityOutcome(
+                    "unavailable",
+                    reason=f"tailscale identity unavailable: tailscale is "
+                           f"{monitor.backend_state}, not Running")
             return IdentityOutcome("unknown", reason="not a known tailnet peer")
         except LocalAPIUnavailable as exc:
             conn.rt.metrics.localapi_errors += 1

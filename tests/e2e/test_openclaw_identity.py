@@ -307,7 +307,7 @@ async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
     line = _wait_log(identity_gateway, ui + r".*pairing required", before + 1, timeout=30)[-1]
     assert f"fwd={PHONE_V4} " in line and f"host={GW_V4}:{IDENTITY_PORT} " in line
     request_id = re.search(r"requestId: ([0-9a-f-]{36})", line).group(1)  # type: ignore[union-attr]
-    await _poll(lambda: _has_text(chromium, "devices approve"), 30, "the pairing page")
+    await _poll(lambda: _has_text(chromium, "Approve this browser"), 30, "the pairing page")
     shot = await chromium.screenshot(artifact_path("control-ui-pairing.png"))
     print(f"\nscreenshot: {shot}")
 
@@ -320,9 +320,10 @@ async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
     assert "openclaw-control-ui" in line
     # Connected: the settings view shows what it loaded over that WebSocket (the gateway's
     # version and its model setup), instead of the pairing page or loading skeletons.
-    await _poll(lambda: _has_text(chromium, "Model Setup"), 30, "the connected UI")
-    text = await chromium.text()
-    assert "devices approve" not in text and "2026.9.6" in text
+    async def connected() -> bool:
+        text = await chromium.text()
+        return "Model Setup" in text and "2026.9.6" in text and "Approve this" not in text
+    await _poll(connected, 30, "the connected UI")
     shot = await chromium.screenshot(artifact_path("control-ui.png"))
     print(f"screenshot: {shot}")
     closes = [r for r in by_identity.since(mark) if r["event"] == "close"]
