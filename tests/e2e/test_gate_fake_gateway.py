@@ -1,0 +1,166 @@
+"""The gateway's token checked at the edge, seen from a gateway that records every frame.
+
+The real gateway cannot tell us which frames it received; the fake one can
+(``FakeGateway.ws_messages``). clawgate runs as a real process; a refused first frame must
+leave that list empty, a verified one arrives byte for byte. Also measures what the gate
+costs against a plain splice (connect + first frame + echo), for the benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from tests.e2e.conftest import GW_TOKEN
+from tests.fakes.fake_gateway import FakeGateway
+from tests.harness import ClawgateProcess
+from tests.netns import GW_V4, Tailnet, connect_in
+
+PORT = 18793
+
+
+def _connect_frame(token: str) -> str:
+    return json.dumps({"type": "req", "id": "c1", "method": "connect",
+                       "params": {"minProtocol": 4, "maxProtocol": 4,
+                                  "client": {"id": "cli", "version": "1", "platform": "linux",
+                                             "mode": "cli"},
+                                  "auth": {"token": token}}})
+
+
+@pytest.fixture
+async def token_file() -> AsyncIterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gate-"))
+    path = d / "gateway.token"
+    path.write_text(GW_TOKEN + "\n")
+    path.chmod(0o600)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def gated_fake(tailnet: Tailnet, fake_gateway: FakeGateway,
+                     token_file: Path) -> AsyncIterator[ClawgateProcess]:
+    fake_gateway.token = GW_TOKEN
+    d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gatefake-"))
+    cg = ClawgateProcess(d / "cg", {
+        "gateway": {"host": GW_V4, "port": PORT},
+        "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+        "gatewayToken": {"file": str(token_file), "firstFrameTimeout": 1},
+    }, netns=tailnet.ns("gw"), admin_port=18794)
+    await cg.start()
+    try:
+        yield cg
+    finally:
+        await cg.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def _open(tailnet: Tailnet) -> Any:
+    sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
+    return await connect(f"ws://{GW_V4}:{PORT}/ws/openclaw", sock=sock, proxy=None,
+                         compression=None, open_timeout=10)
+
+
+async def test_verified_first_frame_reaches_the_gateway_unchanged(
+        tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess) -> None:
+    frame = _connect_frame(GW_TOKEN)
+    async with await _open(tailnet) as ws:
+        assert json.loads(await ws.recv())["event"] == "connect.challenge"
+        await ws.send(frame)
+        assert json.loads(await ws.recv())["payload"]["type"] == "hello-ok"
+        await ws.send("after the gate")
+        assert await ws.recv() == "after the gate"
+    assert fake_gateway.ws_messages == [frame, "after the gate"]
+
+
+@pytest.mark.parametrize("first", [
+    _connect_frame("WRONG"),
+    _connect_frame(GW_TOKEN).encode(),
+    [_connect_frame(GW_TOKEN)[:20], _connect_frame(GW_TOKEN)[20:]],
+    _connect_frame(GW_TOKEN) + " " * 70_000,
+    None,  # nothing within firstFrameTimeout (1 s)
+], ids=["wrong-token", "binary", "fragmented", "oversized", "late"])
+async def test_refused_first_frame_never_reaches_the_gateway(
+        tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess,
+        first: Any) -> None:
+    ws = await _open(tailnet)
+    try:
+        assert json.loads(await ws.recv())["event"] == "connect.challenge"
+        if first is not None:
+            await ws.send(first)
+            await ws.send("and a second frame")
+        with pytest.raises(websockets.ConnectionClosedError) as info:
+            await asyncio.wait_for(ws.recv(), 10)
+    finally:
+        await ws.close()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    await fake_gateway.wait_until(lambda: fake_gateway.active_connections == 0)
+    assert fake_gateway.ws_messages == []
+    assert fake_gateway.ws_closes == []  # not even a close frame from the client
+
+
+# ------------------------------------------------------------------ the cost of the gate
+
+BENCH_N = 500
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _rate(port: int, headers: dict[str, str], n: int) -> float:
+    frame = _connect_frame(GW_TOKEN)
+    started = time.perf_counter()
+    for _ in range(n):
+        async with connect(f"ws://127.0.0.1:{port}/ws/openclaw", proxy=None,
+                           compression=None, additional_headers=headers) as ws:
+            await ws.recv()  # connect.challenge
+            await ws.send(frame)
+            await ws.recv()  # hello-ok: the frame went through and came back answered
+    return n / (time.perf_counter() - started)
+
+
+@pytest.mark.slow
+async def test_cost_of_the_gate_against_a_plain_splice(
+        fake_gateway_local: FakeGateway, token_file: Path) -> None:
+    """N connects + first frame + answer, on loopback, with and without gatewayToken."""
+    fake_gateway_local.token = GW_TOKEN
+    rates: dict[str, float] = {}
+    for name, extra in (("gate", {"gatewayToken": {"file": str(token_file)}}), ("splice", {}), ):
+        d = Path(tempfile.mkdtemp(prefix=f"clawgate-e2e-bench-{name}-"))
+        port = _free_port()
+        cg = ClawgateProcess(d, {"gateway": {"host": "127.0.0.1", "port": port},
+                                 "upstream": f"http://127.0.0.1:{fake_gateway_local.port}",
+                                 "log": {"access": "off"}, "admin": {"enabled": False},
+                                 "limits": {"perSourceIp": 100000}, **extra})
+        await cg.start()
+        try:
+            # splice: clawgate's own token in a header; gate: the gateway token in frame one.
+            headers = {"Authorization": f"Bearer {cg.tokens['phone']}"} if name == "splice" \
+                else {}
+            await _rate(port, headers, 20)  # warm up
+            rates[name] = await _rate(port, headers, BENCH_N)
+        finally:
+            await cg.stop()
+            shutil.rmtree(d, ignore_errors=True)
+    print(f"\nconnect+first frame+answer, N={BENCH_N}: splice {rates['splice']:.0f}/s, "
+          f"gate {rates['gate']:.0f}/s ({rates['gate'] / rates['splice']:.2f}x)")
+    assert len(fake_gateway_local.ws_messages) == 2 * (BENCH_N + 20)
+    # The check is one small parse and a digest compare per connection: it must not halve
+    # the connection rate.
+    assert rates["gate"] > 0.5 * rates["splice"]
