@@ -407,6 +407,12 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
     for t, why in m.get("skipped", {}).items():
         warn.append(f"**{t} skipped**: {why}")
     nz = data.get("noise", {})
+    if (nz.get("median_foreign_cpu_frac") or 0) > 0.25:
+        warn.insert(
+            0,
+            "**NOT VALID FOR DECISIONS: other work on this machine took CPU from the "
+            "measurements** (see 'Noisy machine'); re-run on a quiet machine.",
+        )
     if nz.get("median_foreign_cpu_frac") and nz["median_foreign_cpu_frac"] > 0.05:
         warn.append(
             "**Noisy machine**: other processes used a median "

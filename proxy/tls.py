@@ -20,6 +20,7 @@ import pwd
 import re
 import shutil
 import ssl
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -214,89 +215,65 @@ def redirect_location(request_line: bytes, name: str, port: int) -> bytes | None
     return f"https://{name}{_https_port_suffix(port)}".encode("ascii") + target
 
 
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's own SSL protocol (what ``create_server(ssl=)`` wraps each client in)."""
+    uv = sys.modules.get("uvloop.loop")  # loaded by the CLI when it installs uvloop
+    if uv is not None and isinstance(loop, uv.Loop):
+        return uv.SSLProtocol
+    import asyncio.sslproto
+
+    return asyncio.sslproto.SSLProtocol
+
+
 class TlsAcceptor(asyncio.Protocol):
     """The first protocol of a connection on an HTTPS listener.
 
-    The listener is plain TCP: the allowedNetworks check runs in ``connection_made`` on
-    the raw connection, so a refused source is reset before any TLS work (no ServerHello,
-    no handshake CPU). An allowed one is upgraded with ``loop.start_tls`` under the head
-    deadline, then handed to a ``ClientConnection`` exactly as if the listener did TLS.
+    The listener is plain TCP, so the allowedNetworks check runs in ``connection_made``
+    on the raw connection: a refused source is reset before any TLS work (no
+    ServerHello, no handshake CPU). An allowed one gets the loop's SSL protocol wrapped
+    around a ``ClientConnection``, exactly what ``create_server(ssl=)`` would have built,
+    with the handshake bounded by the head deadline. (``loop.start_tls`` cannot be used
+    here: it runs in a task, and uvloop starts reading right after ``connection_made``,
+    so the ClientHello could arrive before the handshake exists.)
     """
 
-    __slots__ = ("rt", "ctx", "transport", "_held", "_eof", "_lost", "_done")
+    __slots__ = ("rt", "ctx")
 
     def __init__(self, rt: Runtime, ctx: ssl.SSLContext) -> None:
         self.rt = rt
         self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
-        # What the TLS transport delivers before the ClientConnection takes over (a
-        # loop may deliver the first record before start_tls returns): replayed in order.
-        self._held: list[bytes] = []
-        self._eof = False
-        self._lost: tuple[Exception | None] | None = None
-        self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from .front import ClientConnection
+
         rt = self.rt
         peer = transport.get_extra_info("peername")
         ip = peer[0] if peer else ""
         if not rt.networks.contains(ip):
-            # Same as ClientConnection's refusal, only before the handshake: RST, silence.
+            # ClientConnection's refusal, only before the handshake: RST, nothing said.
             rt.metrics.accepted += 1
             rt.metrics.refused["network"] += 1
             transport.abort()  # type: ignore[attr-defined]
             rt.log.refused({"event": "refused", "peer": ip, "reason": "network not allowed"})
-            self._done = True
             return
-        raw: asyncio.Transport = transport  # type: ignore[assignment]
-        self.transport = raw
-        # No raw byte may reach this protocol before start_tls owns the transport.
-        raw.pause_reading()
-        rt.spawn(self._handshake(raw), "tls-handshake")
+        waiter = rt.loop.create_future()
+        ssl_protocol = _ssl_protocol_class(rt.loop)(
+            rt.loop, ClientConnection(rt, tls=True), self.ctx, waiter, server_side=True,
+            server_hostname=None, ssl_handshake_timeout=rt.cfg.limits.head_timeout)
+        # Swapped in before the transport starts reading: every byte goes to TLS.
+        transport.set_protocol(ssl_protocol)
+        ssl_protocol.connection_made(transport)
+        waiter.add_done_callback(lambda fut: self._handshake_done(transport, fut))
 
-    async def _handshake(self, raw: asyncio.Transport) -> None:
-        from .front import ClientConnection
-
-        rt = self.rt
-        try:
-            tls_t = await rt.loop.start_tls(
-                raw, self, self.ctx, server_side=True,
-                ssl_handshake_timeout=rt.cfg.limits.head_timeout)
-        except OSError as exc:
-            # Handshake failed, timed out (ConnectionAbortedError) or the peer left.
-            rt.metrics.refused["tls_handshake"] += 1
-            raw.abort()
-            log.debug("TLS handshake failed: %s", exc)
+    def _handshake_done(self, transport: asyncio.BaseTransport,
+                        fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
             return
-        except BaseException:
-            raw.abort()  # cancelled (shutdown): never leave the socket open
-            raise
-        if tls_t is None:  # the transport closed under start_tls
-            raw.abort()
-            return
-        self._done = True
-        conn = ClientConnection(rt, tls=True)
-        tls_t.set_protocol(conn)
-        conn.connection_made(tls_t)
-        for data in self._held:
-            conn.data_received(data)
-        self._held = []
-        if self._eof:
-            conn.eof_received()
-        if self._lost is not None:
-            conn.connection_lost(self._lost[0])
-
-    def data_received(self, data: bytes) -> None:
-        if not self._done:
-            self._held.append(data)
-
-    def eof_received(self) -> bool | None:
-        self._eof = True
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._done:
-            self._lost = (exc,)
+        exc = fut.exception()
+        if exc is not None:
+            # Failed, timed out (ConnectionAbortedError) or the peer left mid-handshake.
+            self.rt.metrics.refused["tls_handshake"] += 1
+            transport.abort()  # type: ignore[attr-defined]
 
 
 class RedirectConnection(asyncio.Protocol):

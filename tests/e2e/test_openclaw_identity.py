@@ -333,3 +333,48 @@ async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
 async def _has_text(browser: Chromium, needle: str) -> bool:
     return needle in await browser.text()
 
+
+
+# ------------------------------------------------------------------ config/openclaw.gateway.json
+
+GATEWAY_CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "openclaw.gateway.json"
+FILE_GW_PORT = 18989
+FILE_CG_PORT = 18798
+
+
+class FileConfigGateway(OpenClawGateway):
+    """The real gateway run with config/openclaw.gateway.json as shipped; only the port
+    (shared namespace) and the test isolation keys (log file, no mDNS/update checks) differ."""
+
+    def build_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = json.loads(GATEWAY_CONFIG_FILE.read_text())
+        base = super().build_config()
+        config["gateway"]["port"] = self.port
+        for key in ("logging", "discovery", "update", "models"):
+            config.setdefault(key, base[key])
+        return config
+
+
+@pytest.mark.slow
+async def test_shipped_gateway_config_is_accepted_and_works_behind_clawgate(
+        tailnet: Tailnet, identity_gateway: OpenClawGateway,
+        fake_tailscaled: FakeTailscaledProcess) -> None:
+    # Unknown keys are fatal to the real gateway: starting it is the schema check.
+    gw = FileConfigGateway(netns=tailnet.ns("gw"), port=FILE_GW_PORT,
+                           install=identity_gateway.install)
+    await asyncio.to_thread(gw.start)
+    cg = None
+    try:
+        cg = Clawgate(tailnet, "file-config", _identity_config(gw, fake_tailscaled),
+                      port=FILE_CG_PORT, admin_port=18799)
+        await asyncio.to_thread(cg.start)
+        async with await _connect(tailnet, "phone", FILE_CG_PORT, client=CLI_CLIENT) as c:
+            assert c.hello["auth"]["method"] == "trusted-proxy"
+            assert sorted(c.scopes) == sorted(ALICE_SCOPES)
+        with pytest.raises(HandshakeError) as info:
+            await (await _connect(tailnet, "ci", FILE_CG_PORT, client=CLI_CLIENT))
+        assert info.value.detail_code == "DEVICE_IDENTITY_REQUIRED"
+    finally:
+        if cg is not None:
+            await asyncio.to_thread(cg.stop)
+        await asyncio.to_thread(gw.stop)
