@@ -138,7 +138,8 @@ def test_cli_without_clawgate_token_is_refused_with_401(
 
 # ------------------------------------------------------------------ 2. the token at the edge
 
-GATED_PHASE_PRE_CONNECT = r"^closed before connect .*host=100\.64\.0\.1:18791 .*phase=ws_upgrade_started"
+GATED_PHASE_PRE_CONNECT = (r"^closed before connect .*host=100\.64\.0\.1:18791 "
+                           r".*phase=ws_upgrade_started")
 
 
 def test_edge_gate_cli_right_token_passes(token_gateway: OpenClawGateway, tailnet: Tailnet,
