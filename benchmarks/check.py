@@ -20,8 +20,10 @@ import json
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -194,7 +196,44 @@ def check_refused(loadgen: Path, port: int) -> None:
     ok("loadgen refused vs a server that closes at accept: 500 closes counted, 0 errors")
 
 
-def start_echo_server_thread() -> tuple[int, threading.Event]:
+def check_loadgen_tls_and_first_text(loadgen: Path, port: int, tls_port: int) -> None:
+    first = '{"type":"req","id":"1","method":"connect","params":{"auth":{"token":"t"}}}'
+    r = run_loadgen(
+        loadgen,
+        port,
+        ["conns", "--conc", "10", "--count", "200", "--duration", "20", "--first-text", first],
+    )
+    assert r["errors_total"] == 0 and r["ok_total"] == 200, r
+    ok("loadgen --first-text: 200 sessions, the connect frame echoed and verified first")
+    r = run_loadgen(loadgen, tls_port, ["conns", "--conc", "10", "--count", "200", "--tls"])
+    assert r["errors_total"] == 0 and r["ok_total"] == 200 and r["tls"] == 1, r
+    ok("loadgen --tls conns: 200 TLS sessions (handshake, upgrade, echo, close), 0 errors")
+    for size in ("100", "65536"):
+        r = run_loadgen(
+            loadgen,
+            tls_port,
+            ["throughput", "--conc", "3", "--window", "8", "--size", size, "--count", "600",
+             "--duration", "10", "--warmup", "0", "--verify", "1", "--tls"],
+        )  # fmt: skip
+        assert r["errors_total"] == 0 and r["msgs_total"] >= 600, r
+        ok(f"loadgen --tls throughput {size} B: {r['msgs_total']} messages verified")
+
+
+def self_signed(d: Path) -> ssl.SSLContext:
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=check", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def start_echo_server_thread(
+    ssl_ctx: ssl.SSLContext | None = None,
+) -> tuple[int, threading.Event]:
     """A websockets echo server in a thread; returns its port and a stop event."""
     ready = threading.Event()
     stop = threading.Event()
@@ -208,7 +247,7 @@ def start_echo_server_thread() -> tuple[int, threading.Event]:
         quiet = logging.getLogger("bench-check-server")
         quiet.setLevel(logging.CRITICAL)  # loadgen ends rtt/throughput runs with a plain close
         async with serve(
-            handler, "127.0.0.1", 0, compression=None, max_size=4 << 20, logger=quiet
+            handler, "127.0.0.1", 0, compression=None, max_size=4 << 20, logger=quiet, ssl=ssl_ctx
         ) as srv:
             holder["port"] = list(srv.sockets)[0].getsockname()[1]
             ready.set()
@@ -244,6 +283,10 @@ def main() -> int:
         print("check: loadgen.c against the websockets server", flush=True)
         wport, stop = start_echo_server_thread()
         check_loadgen(loadgen, wport)
+        with tempfile.TemporaryDirectory(prefix="bench-check-") as td:
+            tport, tstop = start_echo_server_thread(self_signed(Path(td)))
+            check_loadgen_tls_and_first_text(loadgen, wport, tport)
+            tstop.set()
         stop.set()
         print("check: loadgen.c against echo.c, and the refused mode", flush=True)
         check_loadgen_against_echo(loadgen, eport)

@@ -3,7 +3,12 @@
  * One thread, epoll (edge-triggered), non-blocking sockets. A minimal but correct
  * RFC 6455 client: HTTP/1.1 upgrade with a random Sec-WebSocket-Key, checks the
  * 101 and Sec-WebSocket-Accept, sends masked frames, parses unmasked frames from the
- * server (split across reads), close handshake. Loopback targets only.
+ * server (split across reads), close handshake. Targets: loopback (127.0.0.0/8) or the
+ * benchmark's own network namespaces (100.64.0.0/10, see harness.py); nothing else.
+ * --tls: the same over TLS (OpenSSL, no certificate verification: a self-signed
+ * benchmark certificate; every connection is a full handshake, no session resumption).
+ * --first-text STR: right after the 101, send STR as a masked text frame and expect it
+ * echoed back before the mode's own traffic (the gateway-token first-frame gate).
  *
  * Modes (one JSON object on stdout at the end; optional "tick" lines on stderr):
  *   conns       --conc N sessions in flight; each: connect, upgrade, one --size B
@@ -23,7 +28,7 @@
  * Hard bounds in every mode: --duration (<= 600 s), --count (<= 50M), per-step
  * --timeout, and an alarm() watchdog that kills the process if it ever overruns.
  *
- * build: gcc -O2 -o loadgen loadgen.c
+ * build: gcc -O2 -o loadgen loadgen.c -lssl -lcrypto
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,6 +43,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <openssl/ssl.h>
+#include <openssl/err.h>
 #include "ws_common.h"
 
 #define MAX_DURATION 600.0
@@ -50,12 +57,13 @@
 #define HIST_N 1000000        /* 1 us buckets up to 1 s; above goes to overflow */
 
 enum { M_CONNS, M_RTT, M_TPUT, M_IDLE, M_REFUSED };
-enum { C_FREE, C_CONNECTING, C_HEAD, C_OPEN, C_CLOSING, C_REFWAIT };
+enum { C_FREE, C_CONNECTING, C_HEAD, C_OPEN, C_CLOSING, C_REFWAIT, C_TLS };
 enum { CL_EOF, CL_FRAME, CL_RST };
 
 typedef struct conn {
     int fd;
-    uint8_t state, in_payload, fhlen, opcode, got_close, counted_open, need_flush;
+    uint8_t state, in_payload, fhlen, opcode, got_close, counted_open, need_flush, first_wait;
+    SSL *ssl;
     uint8_t fh[14];
     uint64_t remain, poff;
     uint64_t t_start, t_step, t_sent;
@@ -88,6 +96,11 @@ static int verify = -1;
 static int progress = 0;
 static uint32_t src_base = 0, src_count = 0;
 static int send_head_refused = 1;
+static int use_tls = 0;
+static SSL_CTX *sslctx;
+static const char *first_text;  /* --first-text: payload of the first (text) message */
+static size_t first_len;
+static uint8_t *first_frame; static size_t first_flen;
 
 /* ---- state ---- */
 static int ep;
@@ -114,13 +127,13 @@ static int active;
 static int nhand;   /* connections still connecting / waiting for the 101 */
 #define IN_WINDOW(t) ((t) >= meas_start_ns && (t) < stop_ns)
 
-#define NERR 12
+#define NERR 13
 static const char *err_names[NERR] = {"connect", "reset", "eof_early", "bad_status", "bad_accept",
-    "protocol", "timeout", "payload_mismatch", "write", "head_too_big", "accepted", "socket"};
+    "protocol", "timeout", "payload_mismatch", "write", "head_too_big", "accepted", "socket", "tls"};
 static uint64_t errs[NERR];
 static char first_err[256];
 enum { E_CONNECT, E_RESET, E_EOF, E_STATUS, E_ACCEPT, E_PROTO, E_TIMEOUT, E_PAYLOAD, E_WRITE,
-       E_HEADBIG, E_ACCEPTED, E_SOCKET };
+       E_HEADBIG, E_ACCEPTED, E_SOCKET, E_TLS };
 static uint64_t status_counts[6];   /* by first digit of a non-101 status */
 
 static uint64_t xrand(void) {
@@ -131,6 +144,36 @@ static uint64_t xrand(void) {
 static void note_err(int kind, const char *detail) {
     errs[kind]++;
     if (!first_err[0]) snprintf(first_err, sizeof(first_err), "%s: %s", err_names[kind], detail ? detail : "");
+}
+
+/* plain or TLS socket I/O with one contract: >0 bytes, 0 = EOF, -1 + errno (EAGAIN = retry
+ * on the next readiness event; OpenSSL's WANT_READ/WANT_WRITE map to EAGAIN because the fd
+ * is registered for both directions, edge-triggered) */
+static ssize_t io_send(conn *c, const void *p, size_t n) {
+    if (!c->ssl) return send(c->fd, p, n, MSG_NOSIGNAL);
+    size_t w = 0;
+    ERR_clear_error();
+    int r = SSL_write_ex(c->ssl, p, n, &w);
+    if (r > 0) return (ssize_t)w;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) { errno = EAGAIN; return -1; }
+    if (e == SSL_ERROR_SYSCALL && errno) return -1;
+    errno = EPIPE;
+    return -1;
+}
+
+static ssize_t io_recv(conn *c, void *p, size_t n) {
+    if (!c->ssl) return recv(c->fd, p, n, 0);
+    size_t rd = 0;
+    ERR_clear_error();
+    int r = SSL_read_ex(c->ssl, p, n, &rd);
+    if (r > 0) return (ssize_t)rd;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) { errno = EAGAIN; return -1; }
+    if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    if (e == SSL_ERROR_SYSCALL && errno) return -1;
+    errno = ECONNRESET;
+    return -1;
 }
 
 static void hist_add(uint64_t ns) {
@@ -162,7 +205,8 @@ static void conn_release(conn *c) {
         }
         close(c->fd);   /* also removes it from the epoll set */
     }
-    if (c->state == C_CONNECTING || c->state == C_HEAD) nhand--;
+    if (c->state == C_CONNECTING || c->state == C_HEAD || c->state == C_TLS) nhand--;
+    if (c->ssl) { SSL_free(c->ssl); c->ssl = NULL; }
     c->fd = -1;
     free(c->head); c->head = NULL; c->hlen = 0;
     free(c->wown); c->wown = NULL; c->wp = NULL; c->wleft = 0;
@@ -202,7 +246,7 @@ static void build_request(conn *c) {
 /* write whatever is pending; returns -1 if the connection failed */
 static int conn_flush(conn *c) {
     while (c->wleft > 0) {
-        ssize_t w = send(c->fd, c->wp, c->wleft, MSG_NOSIGNAL);
+        ssize_t w = io_send(c, c->wp, c->wleft);
         if (w < 0) {
             if (errno == EAGAIN || errno == EINTR) return 0;
             if (mode == M_REFUSED && (errno == ECONNRESET || errno == EPIPE)) return 0; /* read side reports */
@@ -216,7 +260,7 @@ static int conn_flush(conn *c) {
         size_t off = (size_t)(c->stream_pos % flen);
         size_t len = burst_len - off;
         if (len > c->stream_left) len = (size_t)c->stream_left;
-        ssize_t w = send(c->fd, burst + off, len, MSG_NOSIGNAL);
+        ssize_t w = io_send(c, burst + off, len);
         if (w < 0) {
             if (errno == EAGAIN || errno == EINTR) return 0;
             conn_fail(c, errno == ECONNRESET || errno == EPIPE ? E_RESET : E_WRITE, strerror(errno));
@@ -256,6 +300,12 @@ static int on_open(conn *c) {
     nhand--;
     c->state = C_OPEN;
     c->t_step = now_ns();
+    if (first_text) {
+        /* nothing else is pending: the request head was written before the 101 arrived */
+        c->first_wait = 1;
+        c->wp = first_frame; c->wleft = first_flen;
+        if (mode != M_CONNS && conn_flush(c) < 0) return -1;
+    }
     switch (mode) {
     case M_CONNS:
         c->t_sent = c->t_step;
@@ -325,10 +375,13 @@ static int handle_frames(conn *c, const uint8_t *d, size_t n) {
                 if (mode == M_CONNS && c->state == C_CLOSING) {
                     if (close_mode == CL_FRAME) { session_done(c); return -1; }
                 }
+            } else if (c->opcode <= 2 && c->first_wait) {
+                if (len != first_len || c->opcode != 1) { conn_fail(c, E_PROTO, "first message not echoed as sent"); return -1; }
             } else if (c->opcode <= 2) {
                 if (len != msg_size) { conn_fail(c, E_PROTO, "unexpected message length"); return -1; }
             }
             if (len == 0) {
+                if (c->opcode <= 2 && c->first_wait) { c->first_wait = 0; continue; }
                 if (c->opcode <= 2) { if (on_message(c) < 0) return -1; }
                 continue;
             }
@@ -336,14 +389,17 @@ static int handle_frames(conn *c, const uint8_t *d, size_t n) {
             continue;
         }
         size_t take = n < c->remain ? n : (size_t)c->remain;
-        if (verify && c->opcode <= 2 && memcmp(d, pattern + c->poff, take) != 0) {
+        if (verify && c->opcode <= 2 &&
+            memcmp(d, (c->first_wait ? (const uint8_t *)first_text : pattern) + c->poff, take) != 0) {
             conn_fail(c, E_PAYLOAD, "echoed payload differs");
             return -1;
         }
         c->poff += take; c->remain -= take; d += take; n -= take;
         if (c->remain == 0) {
             c->in_payload = 0;
-            if (c->opcode <= 2 && (c->fh[0] & 0x80)) {
+            if (c->opcode <= 2 && (c->fh[0] & 0x80) && c->first_wait) {
+                c->first_wait = 0;   /* the first message's echo: not counted */
+            } else if (c->opcode <= 2 && (c->fh[0] & 0x80)) {
                 if (on_message(c) < 0) return -1;
             }
         }
@@ -395,9 +451,12 @@ static int handle_head(conn *c, const uint8_t *d, size_t n) {
     return 0;
 }
 
+static void tls_handshake(conn *c);
+
 static void on_readable(conn *c) {
+    if (c->state == C_TLS) { tls_handshake(c); if (c->state == C_TLS || c->state == C_FREE) return; }
     for (;;) {
-        ssize_t n = recv(c->fd, rbuf, RBUF, 0);
+        ssize_t n = io_recv(c, rbuf, RBUF);
         if (n > 0) {
             int r;
             if (c->state == C_HEAD || (mode == M_REFUSED && c->state != C_REFWAIT))
@@ -429,11 +488,39 @@ static void on_readable(conn *c) {
     }
 }
 
+static void tls_handshake(conn *c) {
+    ERR_clear_error();
+    int r = SSL_connect(c->ssl);
+    if (r == 1) {
+        c->state = C_HEAD;
+        c->t_step = now_ns();
+        build_request(c);
+        conn_flush(c);
+        return;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return;
+    char buf[160];
+    unsigned long le = ERR_peek_error();
+    if (le) ERR_error_string_n(le, buf, sizeof(buf));
+    else snprintf(buf, sizeof(buf), "handshake failed (ssl error %d, %s)", e, errno ? strerror(errno) : "EOF");
+    conn_fail(c, E_TLS, buf);
+}
+
 static void on_writable(conn *c) {
+    if (c->state == C_TLS) { tls_handshake(c); if (c->state != C_HEAD) return; }
     if (c->state == C_CONNECTING) {
         int err = 0; socklen_t el = sizeof(err);
         getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
         if (err) { conn_fail(c, E_CONNECT, strerror(err)); return; }
+        if (use_tls && mode != M_REFUSED) {
+            c->ssl = SSL_new(sslctx);
+            if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) { conn_fail(c, E_TLS, "SSL_new"); return; }
+            c->state = C_TLS;
+            c->t_step = now_ns();
+            tls_handshake(c);
+            return;
+        }
         c->state = C_HEAD;   /* refused mode too: parse a head if the server answers */
         c->t_step = now_ns();
         if (mode == M_REFUSED && !send_head_refused) return;
@@ -501,6 +588,7 @@ static void check_timeouts(uint64_t t) {
             continue;
         }
         if ((int64_t)(t - c->t_step) > (int64_t)lim) conn_fail(c, E_TIMEOUT, c->state == C_CONNECTING ? "connect" :
+                                          c->state == C_TLS ? "TLS handshake" :
                                           c->state == C_HEAD ? "waiting for response head" :
                                           c->state == C_CLOSING ? "waiting for close" : "waiting");
     }
@@ -517,16 +605,22 @@ static void usage(void) {
         "  MODE: conns | rtt | throughput | idle | refused\n"
         "  --conc N --count N --duration S --warmup S --timeout S --hold S\n"
         "  --size BYTES --window W --close eof|frame|rst --verify 0|1 --progress\n"
-        "  --src-base 127.x.y.z --src-count N   (bind source addresses, loopback only)\n"
-        "  --no-head (refused: connect and wait, send nothing)\n");
+        "  --src-base A.B.C.D --src-count N   (bind source addresses; 127/8 or 100.64/10 only)\n"
+        "  --no-head (refused: connect and wait, send nothing)\n"
+        "  --tls (TLS client, no certificate verification, full handshake per connection)\n"
+        "  --first-text STR (send STR as the first text message, expect its echo)\n");
     exit(2);
 }
+
+/* network etiquette: loopback, or 100.64.0.0/10 (the CGNAT range that the harness's own
+ * network namespaces use; never routed off this machine by them) */
+static int allowed_addr(uint32_t h) { return (h >> 24) == 127 || (h >> 22) == ((100u << 2) | 1u); }
 
 static int parse_loopback(const char *s, uint32_t *out) {
     struct in_addr a;
     if (inet_pton(AF_INET, s, &a) != 1) return -1;
     uint32_t h = ntohl(a.s_addr);
-    if ((h >> 24) != 127) return -1;
+    if (!allowed_addr(h)) return -1;
     *out = h;
     return 0;
 }
@@ -558,7 +652,9 @@ int main(int argc, char **argv) {
         else if (ARG("--window")) window = atoi(v);
         else if (ARG("--verify")) verify = atoi(v);
         else if (ARG("--close")) close_mode = !strcmp(v, "frame") ? CL_FRAME : !strcmp(v, "rst") ? CL_RST : CL_EOF;
-        else if (ARG("--src-base")) { if (parse_loopback(v, &src_base) < 0) { fprintf(stderr, "--src-base must be 127/8\n"); return 2; } }
+        else if (ARG("--src-base")) { if (parse_loopback(v, &src_base) < 0) { fprintf(stderr, "--src-base must be in 127/8 or 100.64/10\n"); return 2; } }
+        else if (ARG("--first-text")) first_text = v;
+        else if (!strcmp(a, "--tls")) use_tls = 1;
         else if (ARG("--src-count")) src_count = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--progress")) progress = 1;
         else if (!strcmp(a, "--no-head")) send_head_refused = 0;
@@ -567,12 +663,25 @@ int main(int argc, char **argv) {
     }
     uint32_t th;
     if (port <= 0 || port > 65535 || parse_loopback(host_str, &th) < 0) {
-        fprintf(stderr, "loadgen: --port required and --host must be in 127.0.0.0/8 (loopback only)\n");
+        fprintf(stderr, "loadgen: --port required and --host must be in 127.0.0.0/8 or 100.64.0.0/10\n");
         return 2;
     }
-    if (src_count && (src_base + src_count - 1) >> 24 != 127) {
-        fprintf(stderr, "loadgen: source range leaves 127.0.0.0/8\n");
+    if (src_count && (!allowed_addr(src_base + src_count - 1) ||
+                      (src_base >> 24) != ((src_base + src_count - 1) >> 24))) {
+        fprintf(stderr, "loadgen: source range leaves 127.0.0.0/8 or 100.64.0.0/10\n");
         return 2;
+    }
+    if (use_tls) {
+        sslctx = SSL_CTX_new(TLS_client_method());
+        if (!sslctx) { fprintf(stderr, "loadgen: SSL_CTX_new failed\n"); return 2; }
+        SSL_CTX_set_verify(sslctx, SSL_VERIFY_NONE, NULL);   /* self-signed benchmark cert */
+        SSL_CTX_set_mode(sslctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+        SSL_CTX_set_options(sslctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+        SSL_CTX_set_session_cache_mode(sslctx, SSL_SESS_CACHE_OFF);   /* full handshakes */
+    }
+    if (first_text) {
+        first_len = strlen(first_text);
+        if (first_len == 0 || first_len > 65535) { fprintf(stderr, "loadgen: --first-text 1..65535 bytes\n"); return 2; }
     }
     /* hard bounds */
     if (duration <= 0 || duration > MAX_DURATION) duration = MAX_DURATION;
@@ -619,6 +728,16 @@ int main(int argc, char **argv) {
     close_frame[0] = 0x88; close_frame[1] = 0x82;
     memcpy(close_frame + 2, mk, 4);
     close_frame[6] = 0x03 ^ mk[0]; close_frame[7] = 0xe8 ^ mk[1];
+    if (first_text) {   /* masked FIN+text frame */
+        size_t fh = first_len < 126 ? 2 : 4;
+        first_flen = fh + 4 + first_len;
+        first_frame = malloc(first_flen);
+        first_frame[0] = 0x81;
+        if (fh == 2) first_frame[1] = 0x80 | (uint8_t)first_len;
+        else { first_frame[1] = 0x80 | 126; first_frame[2] = (uint8_t)(first_len >> 8); first_frame[3] = (uint8_t)first_len; }
+        memcpy(first_frame + fh, mk, 4);
+        for (size_t i = 0; i < first_len; i++) first_frame[fh + 4 + i] = (uint8_t)first_text[i] ^ mk[i & 3];
+    }
 
     rng ^= now_ns() ^ ((uint64_t)getpid() << 32);
     hist = calloc(HIST_N, sizeof(uint32_t));
@@ -755,8 +874,10 @@ int main(int argc, char **argv) {
     double cpu_meas = ru_secs(&ru_meas1) - ru_secs(&ru_meas0);
     uint64_t etot = 0; for (int i = 0; i < NERR; i++) etot += errs[i];
 
-    printf("{\"mode\":\"%s\",\"port\":%d,\"conc\":%d,\"size\":%zu,\"window\":%d,\"wall_s\":%.3f,\"measure_s\":%.3f,",
+    printf("{\"tls\":%d,\"first_text_len\":%zu,", use_tls, first_len);
+    printf("\"mode\":\"%s\",\"port\":%d,\"conc\":%d,\"size\":%zu,\"window\":%d,\"wall_s\":%.3f,\"measure_s\":%.3f,",
            m, port, conc, msg_size, window, wall, meas);
+    printf("\"started\":%llu,", (unsigned long long)started);
     printf("\"client_cpu_s\":%.3f,\"client_cpu_frac\":%.3f,\"client_cpu_frac_measure\":%.3f,",
            ru_secs(&ru_all), wall > 0 ? ru_secs(&ru_all) / wall : 0, meas > 0 ? cpu_meas / meas : 0);
     if (mode == M_CONNS || mode == M_REFUSED) {

@@ -14,7 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TARGET_ORDER = ["direct", "baseline", "nginx", "haproxy", "clawgate"]
+TARGET_ORDER = [
+    "direct",
+    "baseline",
+    "nginx",
+    "haproxy",
+    "clawgate",
+    "clawgate+gate",
+    "nginx-tls",
+    "haproxy-tls",
+    "clawgate-tls",
+    "clawgate-1w-2cpu",
+    "clawgate-2w-2cpu",
+]
+CORE_TARGETS = ["direct", "baseline", "nginx", "haproxy", "clawgate"]
+NOTES_DIR = Path(__file__).resolve().parent / "notes"
 
 
 def _lg(r: dict) -> dict:
@@ -149,6 +163,22 @@ METRICS: list[tuple[str, str, str, str, str, Callable[[dict], Any]]] = [
         "cold",
         lambda r: r.get("whois_per_new_peer"),
     ),
+    (
+        "whois_max_per_ip",
+        "most whois calls for any one new peer (cold test)",
+        "calls",
+        "lower",
+        "cold",
+        lambda r: r.get("whois_max_per_ip"),
+    ),
+    (
+        "sys_share_conns",
+        "share of the proxy's CPU spent in the kernel (conns test)",
+        "%",
+        "lower",
+        "conns",
+        lambda r: _per(r.get("proxy_sys_s"), r.get("proxy_cpu_s"), 100.0),
+    ),
 ]
 METRIC = {m[0]: m for m in METRICS}
 
@@ -158,6 +188,11 @@ RATIO_PAIRS = [
     ("clawgate", "baseline"),
     ("baseline", "nginx"),
     ("baseline", "haproxy"),
+    ("clawgate-tls", "nginx-tls"),
+    ("clawgate-tls", "haproxy-tls"),
+    ("clawgate+gate", "clawgate"),
+    ("clawgate+gate", "baseline"),
+    ("clawgate-2w-2cpu", "clawgate-1w-2cpu"),
 ]
 
 
@@ -266,7 +301,7 @@ def goals(med: Callable[[str, str], float | None]) -> list[dict]:
             }
         )
         rf, cn = med(s, "refused_per_s"), med(s, "conns_per_s")
-        if rf is None or cn is None:
+        if rf is None or not cn:
             out.append(
                 {
                     "goal": "refused conns/s >= 3x allowed conns/s",
@@ -287,7 +322,30 @@ def goals(med: Callable[[str, str], float | None]) -> list[dict]:
                     "detail": f"{fmt(rf)} vs {fmt(cn)} ({rf / cn:.2f}x)",
                 }
             )
+    rel("clawgate-tls", "conns_per_s", "nginx-tls", 1.0, ">=", "TLS: connections/s >= 1.0x nginx")
+    rel(
+        "clawgate-tls",
+        "conns_per_s",
+        "haproxy-tls",
+        1.0,
+        ">=",
+        "TLS: connections/s >= 1.0x HAProxy",
+    )
+    rel(
+        "clawgate-tls",
+        "msgs_64KiB_per_s",
+        "nginx-tls",
+        1.0,
+        ">=",
+        "TLS: 64 KiB msg/s >= 1.0x nginx",
+    )
+    for g in out:
+        if g["subject"] == "clawgate-tls":
+            g["subject"] = "clawgate"  # one column in the goals table
     w = med("clawgate", "whois_per_new_peer")
+    mx = med("clawgate", "whois_max_per_ip")
+    if w is not None and mx is not None:
+        w = max(w, mx)  # both must be <= 1: per peer on average and for the worst peer
     out.append(
         {
             "goal": "cold identity cache: <= 1 LocalAPI round trip per new peer",
@@ -295,9 +353,12 @@ def goals(med: Callable[[str, str], float | None]) -> list[dict]:
             "status": "N/A" if w is None else ("PASS" if w <= 1.0 else "FAIL"),
             "value": w,
             "detail": (
-                "needs --tailscale-socket (fake tailscaled with /fake/stats)"
+                "needs the netns topology (fake tailscaled with /fake/stats)"
                 if w is None
-                else f"{w:.3f} whois calls per new peer"
+                else f"{med('clawgate', 'whois_per_new_peer'):.3f} whois calls per new peer, "
+                f"at most {fmt(mx)} for any one peer; "
+                f"cold {fmt(med('clawgate', 'cold_conns_per_s'))} "
+                f"vs warm {fmt(med('clawgate', 'conns_per_s'))} conn/s"
             ),
         }
     )
@@ -388,7 +449,8 @@ def fmt(v: Any, unit: str = "") -> str:
 def render(data: dict, json_path: Path | str | None = None) -> str:
     m = data["meta"]
     S = data["summary"]
-    targets = [t for t in TARGET_ORDER if t in S or t in m.get("targets", [])]
+    targets = [t for t in CORE_TARGETS if t in S or t in m.get("targets", [])]
+    variants = [t for t in TARGET_ORDER if t not in CORE_TARGETS and t in S]
     L: list[str] = []
     L.append("# clawgate load benchmark")
     L.append("")
@@ -446,6 +508,11 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
         if p in data.get("ratios", {})
     ]
     if pairs:
+        L.append(
+            f"Topology: **{m['params'].get('topology', 'loopback')}** for every target "
+            "(see Method). Each cell is a ratio of medians; the Goals table says PASS/FAIL."
+        )
+        L.append("")
         L.append("| metric | better | " + " | ".join(pairs) + " |")
         L.append("|---|---|" + "---|" * len(pairs))
         for key, label, unit, better, _t, _f in METRICS:
@@ -474,6 +541,10 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
             continue
         L.append(f"| {label} | {unit} | " + " | ".join(fmt(c) for c in cells) + " |")
     L.append("")
+
+    # ---- variants: gate, TLS, workers, cold
+    if variants or med_of(S, "clawgate", "cold_conns_per_s") is not None:
+        L += render_variants(data, variants)
 
     # ---- goals
     L.append("## Goals")
@@ -543,6 +614,13 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
         L.append("_needs the direct target and at least one proxy_")
     L.append("")
 
+    # ---- where the time goes
+    if data.get("profile"):
+        L += render_profile(data)
+
+    # ---- figures measured by other engineers
+    L += render_notes()
+
     # ---- machine, versions, command
     mc = m["machine"]
     L.append("## Machine, versions, command")
@@ -552,6 +630,11 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
         f"- machine: {mc['cpu']}, {mc['cores']} cores, {mc['mem_gib']} GiB, kernel {mc['kernel']}; "
         f"load average at start {' '.join(mc.get('loadavg_at_start', []))}"
     )
+    if mc.get("busy_at_start"):
+        L.append(
+            "- other processes using >= 5% CPU at start: "
+            + "; ".join(f"`{x}`" for x in mc["busy_at_start"])
+        )
     L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     L.append(
         "- sysctl: "
@@ -571,6 +654,34 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
     L.append("")
     L.append("## Method")
     L.append("")
+    if p.get("topology") == "netns":
+        L.append(
+            """- Topology: two network namespaces created for the run (`cgb<pid>-srv`,
+  `cgb<pid>-cli`) joined by one veth pair. Every server (echo, nginx, HAProxy, baseline,
+  clawgate) runs in srv on 100.64.0.1 pinned to CPU 1 (`ip netns exec srv taskset -c 1`);
+  the client runs in cli as 100.101.102.103 pinned to CPU 0. The proxies reach the echo
+  backend on 127.0.0.1 inside srv. On loopback every peer would be 127.0.0.1, which clawgate
+  keys by ip:port (userspace networking), so its identity cache could never be warm there.
+- clawgate, every check on: allowedNetworks 100.64.0.0/10, a bearer token (static, hashed),
+  whois through a fake tailscaled (tests/fakes/fake_tailscaled.py on a unix socket,
+  `requireIdentity`, cacheTtl 3600 s; 100.101.102.103 is the user alice), the access log to a
+  file, the admin listener (metrics) on. The fake tailscaled is pinned to CPU 0 (it is a
+  Python stand-in for a Go daemon; its status poll of all peers would otherwise steal the
+  proxy's CPU).
+- cold: a fresh clawgate; each connection from a new source address of 100.102.0.0/16
+  (AnyIP in cli), each a distinct tailnet user in the fake; whois calls counted per address
+  from the fake's /fake/stats before and after.
+- clawgate+gate: no clawgate credential; the first frame is the gateway's
+  `{"type":"req","method":"connect","params":{"auth":{"token":...}}}` text frame, which
+  clawgate holds and checks (proxy/gate.py) before splicing; the echo sends it back and the
+  client verifies it, then does the usual 100 B echo.
+- *-tls: the same self-signed ECDSA P-256 certificate for clawgate (`tls.certFile/keyFile`),
+  nginx (`listen ... ssl`) and HAProxy (`bind ... ssl crt`); the client (OpenSSL, TLS 1.3,
+  no session resumption) does a full handshake per connection.
+- clawgate-1w-2cpu / clawgate-2w-2cpu: `workers: 1` / `workers: 2` (SO_REUSEPORT) with the
+  proxy allowed on **both CPUs** (`taskset -c 0,1`); the client stays pinned to CPU 0 and the
+  echo to CPU 1, so these compete with the client and are comparable only with each other."""
+        )
     L.append("""- Client: `benchmarks/loadgen.c` (one thread, epoll) pinned to CPU 0 with `taskset`.
   Echo backend:
   `benchmarks/echo.c` (one thread, epoll) and the proxy under test pinned together to CPU 1. Both C
@@ -640,6 +751,128 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
         )
     L.append("")
     return "\n".join(L)
+
+
+def med_of(S: dict, t: str, k: str) -> float | None:
+    return S.get(t, {}).get(k, {}).get("median")
+
+
+def render_variants(data: dict, variants: list[str]) -> list[str]:
+    S = data["summary"]
+    L = ["## Variants: gateway-token gate, TLS, workers, cold identity cache", ""]
+    L.append("| measurement | subject | reference | ratio |")
+    L.append("|---|---|---|---|")
+
+    def row(text: str, a: str, ka: str, b: str, kb: str, unit: str) -> None:
+        x, y = med_of(S, a, ka), med_of(S, b, kb)
+        if x is None or y is None:
+            return
+        r = f"{x / y:.2f}x" if y else "-"
+        L.append(f"| {text} | {a} {fmt(x)} {unit} | {b} {fmt(y)} {unit} | {r} |")
+
+    c, cps = "conns_per_s", "conn/s"
+    row("gateway token in the first frame: conn/s", "clawgate+gate", c, "clawgate", c, cps)
+    row("gateway token in the first frame: conn/s", "clawgate+gate", c, "baseline", c, cps)
+    row("gateway token in the first frame: conn/s", "clawgate+gate", c, "nginx", c, cps)
+    k = "cpu_ms_per_1k_conns"
+    row("gate: proxy CPU per 1,000 conns", "clawgate+gate", k, "clawgate", k, "ms")
+    row("gate: proxy CPU per 1,000 conns", "clawgate+gate", k, "baseline", k, "ms")
+    row("TLS conn/s", "clawgate-tls", c, "nginx-tls", c, cps)
+    row("TLS conn/s", "clawgate-tls", c, "haproxy-tls", c, cps)
+    m64 = "msgs_64KiB_per_s"
+    row("TLS 64 KiB msg/s", "clawgate-tls", m64, "nginx-tls", m64, "msg/s")
+    row("TLS 64 KiB msg/s", "clawgate-tls", m64, "haproxy-tls", m64, "msg/s")
+    row("TLS cost, conn/s (TLS / plain)", "clawgate-tls", c, "clawgate", c, cps)
+    row("TLS cost, conn/s (TLS / plain)", "nginx-tls", c, "nginx", c, cps)
+    row("TLS cost, conn/s (TLS / plain)", "haproxy-tls", c, "haproxy", c, cps)
+    row("TLS cost, 64 KiB msg/s (TLS / plain)", "clawgate-tls", m64, "clawgate", m64, "msg/s")
+    row("TLS cost, 64 KiB msg/s (TLS / plain)", "nginx-tls", m64, "nginx", m64, "msg/s")
+    row("TLS: proxy CPU per 1,000 conns", "clawgate-tls", k, "nginx-tls", k, "ms")
+    row("workers 2 vs 1 (proxy on both CPUs)", "clawgate-2w-2cpu", c, "clawgate-1w-2cpu", c, cps)
+    row("workers 1 on both CPUs vs pinned", "clawgate-1w-2cpu", c, "clawgate", c, cps)
+    row("cold identity cache vs warm", "clawgate", "cold_conns_per_s", "clawgate", c, cps)
+    L.append("")
+    if variants:
+        keys = [
+            "conns_per_s",
+            "cpu_ms_per_1k_conns",
+            "msgs_64KiB_per_s",
+            "cpu_us_per_msg_64KiB",
+        ]
+        L.append("| metric | unit | " + " | ".join(variants) + " |")
+        L.append("|---|---|" + "---|" * len(variants))
+        for key in keys:
+            _k, label, unit, _b, _t, _f = METRIC[key]
+            cells = [med_of(S, t, key) for t in variants]
+            if all(x is None for x in cells):
+                continue
+            L.append(f"| {label} | {unit} | " + " | ".join(fmt(x) for x in cells) + " |")
+        L.append("")
+    return L
+
+
+def render_profile(data: dict) -> list[str]:
+    pr = data["profile"]
+    L = ["## Where clawgate's time goes (conns load, every check on)", ""]
+    S = data["summary"]
+    sys_share = med_of(S, "clawgate", "sys_share_conns")
+    cpu_k = med_of(S, "clawgate", "cpu_ms_per_1k_conns")
+    if sys_share is not None and cpu_k is not None:
+        L.append(
+            f"- CPU per 1,000 connections {fmt(cpu_k)} ms, of which {sys_share:.0f}% in the "
+            f"kernel (sockets, TCP, epoll) and {100 - sys_share:.0f}% in user space "
+            "(Python + uvloop), from /proc utime/stime over the conns runs; nginx: "
+            f"{fmt(med_of(S, 'nginx', 'cpu_ms_per_1k_conns'))} ms "
+            f"({fmt(med_of(S, 'nginx', 'sys_share_conns'))}% kernel), baseline splice: "
+            f"{fmt(med_of(S, 'baseline', 'cpu_ms_per_1k_conns'))} ms."
+        )
+    if pr.get("pyspy_samples"):
+        L.append(
+            f"- py-spy (`record -f raw --nonblocking -r 250`, {pr['seconds']:.0f} s, "
+            f"{pr['pyspy_samples']} samples of the Python thread while not idle, "
+            f"{fmt(pr.get('pyspy_conns_per_s'))} conn/s during sampling). Shares are of "
+            "on-CPU Python samples; time inside C extensions (uvloop, httptools) is charged "
+            "to the Python function that called into it; `Runner.run` self time is uvloop's "
+            "own C loop (epoll, socket reads/writes, accept, callback dispatch)."
+        )
+        L.append("")
+        for title, key in (("self", "pyspy_self"), ("inclusive", "pyspy_inclusive")):
+            L.append(f"| {title} % | samples | function |")
+            L.append("|---|---|---|")
+            rows = [x for x in pr.get(key, []) if key == "pyspy_self" or x[2] < 95][:20]
+            for name, n, pct in rows:  # inclusive: the >= 95% entry-point frames left out
+                L.append(f"| {pct} | {n} | `{name}` |")
+            L.append("")
+    elif pr.get("pyspy_error"):
+        L.append(f"- py-spy failed: {pr['pyspy_error']}")
+    perf = pr.get("perf") or {}
+    if perf:
+        tc = perf.get("task-clock")
+        n = pr.get("perf_ok_total")
+        parts = [f"{k} {fmt(v) if isinstance(v, float) else v}" for k, v in perf.items()]
+        L.append(f"- perf stat over {pr['seconds']:.0f} s: " + ", ".join(parts))
+        cyc, ins = perf.get("cycles"), perf.get("instructions")
+        if isinstance(cyc, float) and isinstance(ins, float) and cyc:
+            L.append(f"  - IPC {ins / cyc:.2f}")
+        if isinstance(tc, float) and n:
+            L.append(f"  - task-clock per connection {tc / n * 1000:.0f} us")
+    L.append("")
+    return L
+
+
+def render_notes() -> list[str]:
+    files = sorted(p for p in NOTES_DIR.glob("*.md") if p.name.lower() != "readme.md")
+    L = ["## Figures measured by other engineers (benchmarks/notes/)", ""]
+    if not files:
+        L.append("_none yet: drop a markdown file into benchmarks/notes/_")
+        L.append("")
+        return L
+    for f in files:
+        L.append(f"### {f.stem}")
+        L.append("")
+        L.append(f.read_text(errors="replace").strip())
+        L.append("")
+    return L
 
 
 def console_summary(data: dict) -> str:

@@ -3,10 +3,13 @@
 #   benchmarks/run.sh            full run (3 repetitions, ~20 min)
 #   benchmarks/run.sh --quick    smoke test (1 repetition, short measurements, ~3 min)
 #   benchmarks/run.sh --help     all options (targets, tests, durations, --tailscale-socket ...)
-# It installs what is missing (nginx, haproxy, gcc: Debian apt, as root), builds the C load
-# client and echo backend into benchmarks/out/, checks them against python websockets,
-# then runs every target and writes benchmarks/out/results-*.json and benchmarks/RESULTS.md.
-# All traffic stays on 127.0.0.0/8; every load run is bounded in count and time.
+#   benchmarks/run.sh --topology loopback   everything on 127.0.0.1 (no namespaces)
+# It installs what is missing (nginx, haproxy, gcc, libssl-dev, openssl, iproute2: Debian apt,
+# as root), builds the C load client (with OpenSSL) and echo backend into benchmarks/out/,
+# checks them against python websockets, then runs every target and writes
+# benchmarks/out/results-*.json and benchmarks/RESULTS.md.
+# Traffic stays on loopback and inside two network namespaces the harness creates (and
+# deletes) itself; every load run is bounded in count and time, the whole run by --max-minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -28,6 +31,9 @@ command -v nginx   >/dev/null || need+=(nginx)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v gcc     >/dev/null || need+=(gcc libc6-dev)
 command -v taskset >/dev/null || need+=(util-linux)
+command -v openssl >/dev/null || need+=(openssl)
+command -v ip      >/dev/null || need+=(iproute2)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then echo "run.sh: need root to apt-get install ${need[*]}" >&2; exit 1; fi
   echo "run.sh: installing ${need[*]} from Debian" >&2
@@ -46,7 +52,8 @@ for prog in echo loadgen; do
   src=benchmarks/$prog.c
   if [ ! -x "$OUT/$prog" ] || [ "$src" -nt "$OUT/$prog" ] || [ benchmarks/ws_common.h -nt "$OUT/$prog" ]; then
     echo "run.sh: gcc -O2 $src -> benchmarks/out/$prog" >&2
-    gcc -O2 -Wall -Wextra -o "$OUT/$prog" "$src"
+    libs=(); [ "$prog" = loadgen ] && libs=(-lssl -lcrypto)
+    gcc -O2 -Wall -Wextra -o "$OUT/$prog" "$src" "${libs[@]}"
   fi
 done
 

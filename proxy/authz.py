@@ -244,7 +244,9 @@ class Authorizer:
     # ------------------------------------------------------------------ decision
 
     def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
-        if head.path in self.exempt:
+        if head.path in self.exempt and not head.websocket:
+            # Exempt means a health probe, never a gateway session: the gateway accepts
+            # a WebSocket upgrade on any path, /health included.
             return Grant(ALLOW_EXEMPT)
         conn.rt.check_lockout(conn)
         if self.jwt is not None:
@@ -392,7 +394,9 @@ class Authorizer:
 
 
 def _header_value(value: str) -> bytes:
-    if any(c in value for c in "\r\n\x00"):
+    # RFC 9110 field values: no control characters but HTAB (CR/LF/NUL would split the
+    # head; the others make the gateway's parser refuse it).
+    if any((c < " " and c != "\t") or c == "\x7f" for c in value):
         raise ValueError("control character in identity value")
     return value.encode("utf-8")
 

@@ -86,7 +86,7 @@ class ClientConnection(asyncio.Protocol):
         self._client_eof = False
         self._up_eof = False
         self.awaiting_upgrade = False
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.close_reason = ""
         self._closed = False
         self._t_head = 0.0
@@ -193,6 +193,15 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None:
             return  # refused in connection_made; never counted as active
         self._finalise("client closed" if exc is None else "client reset")
+        if self.up is not None and self.up.closed:
+            self.forget_upstream()
+
+    def forget_upstream(self) -> None:
+        """Both sides are gone: drop the client <-> upstream reference cycle, so the
+        connection's objects are freed by refcounting at once (measured: the cyclic GC
+        otherwise collected ~11 objects per connection, ~14 us of CPU per connection)."""
+        self.up = None
+        self.up_t = None
 
     # ------------------------------------------------------------------ the head
 
@@ -279,14 +288,32 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.state = DECIDING
             self._pause(True)
-            self._task = rt.spawn(self._dial_and_forward(head, out), f"dial-{self.conn_id}")
+            self._dial(head, out)
 
-    async def _dial_and_forward(self, head: RequestHead, out: bytes) -> None:
+    def _dial(self, head: RequestHead, out: bytes) -> None:
+        # The connect task itself (uvloop's create_connection is a coroutine), owned by
+        # this connection (cancelled in _finalise), and a plain timer for connectTimeout:
+        # a wrapping coroutine task with asyncio.timeout cost ~4% of the CPU per connection.
         rt = self.rt
         up = UpstreamConnection(self)
-        try:
-            transport = await rt.dial(up)
-        except (OSError, TimeoutError) as exc:
+        task = rt.dial_task(up)
+        timer = rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel)
+        self._task = task
+        task.add_done_callback(lambda t: self._dialed(t, timer, up, head, out))
+
+    def _dialed(self, task: asyncio.Task[tuple[asyncio.Transport, Any]],
+                timer: asyncio.TimerHandle, up: UpstreamConnection, head: RequestHead,
+                out: bytes) -> None:
+        timer.cancel()
+        self._task = None
+        rt = self.rt
+        if task.cancelled():
+            if self._closed:
+                return  # the client went away (_finalise cancelled the dial)
+            exc: BaseException | None = TimeoutError()  # the timer cancelled it
+        else:
+            exc = task.exception()
+        if exc is not None:
             rt.metrics.upstream_errors += 1
             if not self._closed:
                 reason = "gateway unreachable"
@@ -297,7 +324,10 @@ class ClientConnection(asyncio.Protocol):
                 self._send_simple(502, reason, close=True)
                 rt.log.write({"event": "upstream_error", "conn": self.conn_id,
                               "peer": self.peer_ip, "reason": reason})
+            if not isinstance(exc, OSError | TimeoutError):
+                raise exc  # a bug, not the network: the loop's exception handler logs it
             return
+        transport = task.result()[0]
         if self._closed:
             transport.abort()
             return
@@ -423,6 +453,8 @@ class ClientConnection(asyncio.Protocol):
             self._close("both sides closed")
 
     def upstream_lost(self) -> None:
+        if self.state == CLOSING and self.gate is not None:
+            return  # the first-frame gate refused: it closes the client side (lingering)
         self._close(self.close_reason or "gateway closed")
 
     def upstream_lost_during_exchange(self, got_any: bool) -> None:

@@ -11,11 +11,13 @@ gateway never receives a byte of the client's frames.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import TYPE_CHECKING, Any
 
 from .access.tokens import digest
+from .front import CLOSING
 from .relay import close_frame
 
 if TYPE_CHECKING:
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from .server import Runtime
 
 __all__ = ["FirstFrameGate", "make_gate_factory", "parse_client_frame"]
+
+# How long a refused client may keep sending (read and dropped) after our close frame.
+LINGER_SECONDS = 2.0
 
 
 def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
@@ -69,7 +74,7 @@ def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
 
 
 class FirstFrameGate:
-    __slots__ = ("conn", "buf", "timer", "limit", "expected", "done")
+    __slots__ = ("conn", "buf", "timer", "limit", "expected", "done", "linger")
 
     def __init__(self, conn: ClientConnection, expected_digest: bytes, limit: int,
                  timeout: float) -> None:
@@ -78,6 +83,7 @@ class FirstFrameGate:
         self.limit = limit
         self.expected = expected_digest
         self.done = False
+        self.linger: asyncio.TimerHandle | None = None
         self.timer = conn.rt.loop.call_later(timeout, self._timeout)
 
     def feed(self, data: bytes) -> None:
@@ -136,6 +142,8 @@ class FirstFrameGate:
                            "peer": conn.peer_ip, "result": "refused", "reason": reason})
         conn.rt.note_denied(conn, 401)
         conn.close_reason = reason
+        # From here on the client's bytes are read and dropped (front: CLOSING).
+        conn.state = CLOSING
         up_t = conn.up_t
         if up_t is not None:
             # The gateway never sees a byte from this client: just drop our side.
@@ -145,6 +153,14 @@ class FirstFrameGate:
             # Our close frame is only clean at a frame boundary of the gateway's stream.
             if conn.up is None or conn.up.frames.at_boundary:
                 t.write(close_frame(1008, reason[:100]))
+                if t.can_write_eof():
+                    # Lingering close: a close() while the client's frame is still in
+                    # flight answers it with a RST, which discards our close frame. Send
+                    # FIN, drain the client until it closes, give up after LINGER_SECONDS.
+                    t.write_eof()
+                    self.linger = conn.rt.loop.call_later(
+                        LINGER_SECONDS, conn.end_session, 1008, reason)
+                    return
             t.close()
 
     def _timeout(self) -> None:
@@ -154,6 +170,8 @@ class FirstFrameGate:
     def cancel(self) -> None:
         self.done = True
         self.timer.cancel()
+        if self.linger is not None:
+            self.linger.cancel()
 
 
 def make_gate_factory(rt: Runtime) -> Any:

@@ -40,7 +40,9 @@ _METHODS = frozenset(
 _PROTECTED = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"sec-websocket-key",
      b"sec-websocket-version", b"sec-websocket-protocol", b"sec-websocket-extensions",
-     b"origin", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+     b"origin", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+     # The credential the decision saw and forwarded (the gateway's own token).
+     b"authorization"}
 )
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
@@ -53,6 +55,7 @@ _SPOOF_EXACT = frozenset(
      b"x-original-forwarded-for", b"x-remote-ip", b"x-remote-addr", b"x-originating-ip"}
 )
 _SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
+_UNDERSCORE_FRAMING = frozenset({b"content_length", b"transfer_encoding"})
 
 
 class HeadTooLarge(BadRequest):
@@ -215,6 +218,9 @@ def parse_request_head(raw: bytes) -> RequestHead:
             conn_tokens.update(t.strip().lower() for t in values[i].split(b","))
         elif name == b"http2-settings":
             raise BadRequest("HTTP/2 upgrade (h2c) is not supported")
+        elif name in _UNDERSCORE_FRAMING:
+            # Servers that read '_' as '-' would frame the body by it; we would not.
+            raise BadRequest("framing header spelled with '_'")
     if chunked and content_length is not None:
         raise BadRequest("both Content-Length and Transfer-Encoding")
     if host_count > 1:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import resource
@@ -352,15 +353,15 @@ class Runtime:
     def login_page(self, head: RequestHead, reason: str) -> bytes:
         return self.authz.login_page(head.target.decode("latin-1"), "")
 
-    async def dial(self, up: UpstreamConnection) -> asyncio.Transport:
+    def dial_task(self, up: UpstreamConnection) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
+        """Start connecting to the gateway; the caller owns the task and its timeout."""
         u = self.cfg.upstream
-        async with asyncio.timeout(u.connect_timeout):
-            if u.unix_path is not None:
-                transport, _ = await self.loop.create_unix_connection(lambda: up, u.unix_path)
-            else:
-                assert u.host is not None and u.port is not None
-                transport, _ = await self.loop.create_connection(lambda: up, u.host, u.port)
-        return transport
+        if u.unix_path is not None:
+            coro = self.loop.create_unix_connection(lambda: up, u.unix_path)
+        else:
+            assert u.host is not None and u.port is not None
+            coro = self.loop.create_connection(lambda: up, u.host, u.port)
+        return self.loop.create_task(coro)
 
     # ------------------------------------------------------------------ logging
 
@@ -626,6 +627,11 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
             loop.add_signal_handler(sig, drain_now.set)
         loop.add_signal_handler(signal.SIGHUP, rt.reload)
     sweeper = rt.spawn(_sweep(rt), "sweep")
+    # Startup objects (modules, config, aiohttp apps) live as long as the process: take
+    # them out of the cyclic GC's view, so a full collection under load no longer walks
+    # them all (measured: a ~40-65 ms stall of the event loop every few seconds).
+    gc.collect()
+    gc.freeze()
     sd_notify("READY=1\nSTATUS=serving")
     if ready is not None:
         ready.set()

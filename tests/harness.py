@@ -113,7 +113,9 @@ class ClawgateProcess:
             text = self.access_path.read_text()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        # JSON lines end at "\n" only: str.splitlines() would also split inside a value
+        # holding U+2028 or U+0085 (a Tailscale display name, say), written unescaped.
+        return [json.loads(line) for line in text.split("\n") if line.strip()]
 
     async def wait_log(self, pred: Any, timeout: float = 5.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

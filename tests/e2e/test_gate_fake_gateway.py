@@ -9,6 +9,7 @@ costs against a plain splice (connect + first frame + echo), for the benchmark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -179,3 +180,40 @@ async def test_cost_of_the_gate_against_a_plain_splice(
     # The check is one small parse and a digest compare per connection: it must not halve
     # the connection rate.
     assert rates["gate"] > 0.5 * rates["splice"]
+
+
+async def test_refusal_close_frame_survives_a_client_still_sending(
+        tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess) -> None:
+    """A 1 MiB first frame is refused on its header while most of it is still in flight:
+    the close frame must still arrive (a plain close() with unread input sends a RST, which
+    throws away the close frame before the client sees it)."""
+    sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(f"GET /ws/openclaw HTTP/1.1\r\nHost: {GW_V4}:{PORT}\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        b0, b1 = await reader.readexactly(2)  # the challenge: an unmasked server frame
+        length = b1 & 0x7F
+        if length == 126:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+        assert b0 == 0x81
+        await reader.readexactly(length)
+        size = 1 << 20
+        frame = bytes((0x81, 0xFF)) + size.to_bytes(8, "big") + b"\0\0\0\0" + b"x" * size
+        writer.write(frame)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(writer.drain(), 10)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(65536):
+                    data += chunk
+    finally:
+        writer.close()
+    reason = b"first frame too large"
+    assert data == bytes((0x88, 2 + len(reason))) + (1008).to_bytes(2, "big") + reason
+    assert fake_gateway.ws_messages == []

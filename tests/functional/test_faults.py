@@ -199,10 +199,10 @@ async def test_access_log_on_a_full_device(tailnet: Tailnet, fake_gateway: FakeG
         token = cg.tokens["phone"]
         fds = cg.fd_count()
         await _serve_some(tailnet, token, 20)
-        lost = await metric(cg, "clawgate_log_errors")
-        assert lost >= 40  # a decision and a close line per request
+        # A decision and a close line per request (the last close may trail the response).
+        lost = await eventually(lambda: metric(cg, "clawgate_log_errors"), lambda n: n >= 40)
         await _serve_some(tailnet, token, 10)
-        assert await metric(cg, "clawgate_log_errors") >= lost + 20
+        await eventually(lambda: metric(cg, "clawgate_log_errors"), lambda n: n >= lost + 20)
         assert cg.fd_count() <= fds + 1  # reopening the log leaks nothing
         assert cg.stderr().count("access log /dev/full") == 1  # one warning, not a flood
 
