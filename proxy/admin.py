@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from .config import UpstreamConfig
 from .metrics import MetricsCollector
 
 if TYPE_CHECKING:
@@ -26,8 +27,8 @@ RT_KEY: web.AppKey[Runtime] = web.AppKey("rt")
 REG_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 
 
-async def upstream_reachable(rt: Runtime) -> tuple[bool, str | None]:
-    u = rt.cfg.upstream
+async def upstream_reachable(u: UpstreamConfig) -> tuple[bool, str | None]:
+    """Can a TCP (or unix) connection to the gateway be opened now? (reason when not)"""
     try:
         async with asyncio.timeout(min(u.connect_timeout, 2.0)):
             if u.unix_path is not None:
@@ -42,7 +43,7 @@ async def upstream_reachable(rt: Runtime) -> tuple[bool, str | None]:
 
 async def health_report(rt: Runtime) -> tuple[bool, dict[str, Any]]:
     problems: list[str] = []
-    up_ok, up_err = await upstream_reachable(rt)
+    up_ok, up_err = await upstream_reachable(rt.cfg.upstream)
     if not up_ok:
         problems.append(f"gateway unreachable: {up_err}")
     ts: dict[str, Any] | None = None

@@ -873,17 +873,9 @@ async def _cert_access(api: Any, cfg: Config, domains: Sequence[str]) -> str | N
 
 
 async def _upstream_facts(cfg: Config) -> tuple[bool, str | None]:
-    u = cfg.upstream
-    try:
-        async with asyncio.timeout(min(u.connect_timeout, 2.0)):
-            if u.unix_path is not None:
-                _, w = await asyncio.open_unix_connection(u.unix_path)
-            else:
-                _, w = await asyncio.open_connection(u.host, u.port)
-        w.close()
-        return True, None
-    except (OSError, TimeoutError) as exc:
-        return False, f"{u.url}: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+    from .admin import upstream_reachable
+
+    return await upstream_reachable(cfg.upstream)
 
 
 def _admin_health(cfg: Config) -> dict[str, Any] | None:

@@ -44,6 +44,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tailnet" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.netns)
+    # The real OpenClaw gateways are session-scoped and hold 127.0.0.1:18789 in the gw
+    # namespace once started: run the e2e suite after everything else (stable sort).
+    items.sort(key=lambda item: "/tests/e2e/" in str(getattr(item, "path", "")))
 
 
 @pytest.fixture(scope="session")
