@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--access-log", choices=("on", "off"), default="on")
     ap.add_argument("--pyspy", default="", help="target name: record a raw py-spy profile")
+    ap.add_argument("--pyspy-args", default="", help="extra py-spy arguments (--native)")
     a = ap.parse_args()
     for prog in ("echo", "loadgen"):
         if not (OUT / prog).exists():
@@ -157,6 +158,7 @@ def main() -> int:
             out = OUT / f"pyspy-{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
             spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "-p", str(pid),
                                     "-f", "raw", "-r", "500", "-d", str(int(a.duration)),
+                                    *a.pyspy_args.split(),
                                     "-o", str(out)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
             _loadgen(port, TESTS["conns"], a.duration + 1, hdrs)

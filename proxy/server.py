@@ -455,7 +455,7 @@ class Runtime:
 def _decrement(counter: collections.Counter[str], key: str) -> None:
     n = counter[key] - 1
     if n <= 0:
-        del counter[key]
+        counter.pop(key, None)  # dict.pop: Counter.__delitem__ is a Python-level call
     else:
         counter[key] = n
 
