@@ -2,10 +2,10 @@
 
 Drives the real ``ClientConnection`` / ``UpstreamConnection`` callbacks in the order uvloop
 calls them for the loadgen ``conns`` session (accept, upgrade head, 101, one 100 B echo
-each way, close), against in-memory transports, and reports microseconds per connection
-(min and median of several batches, thread CPU time). No syscalls, so it is far less noisy than the load
-benchmark on a busy machine: use it to see what a change to front/relay/authz/httphead/
-accesslog costs, then confirm with profile_hotpath.sh. Also times 100 B tunnel chunks.
+each way, close), against in-memory transports, and reports thread CPU microseconds per
+connection (min and median of several batches). No syscalls, so it is far less noisy than
+the load benchmark on a busy machine: use it to see what a change to front/relay/authz/
+httphead/accesslog costs, then confirm with profile_hotpath.sh. Also times tunnel frames.
 
     .venv/bin/python -m benchmarks.hotpath_replay [--root DIR] [--conns 20000]
 """

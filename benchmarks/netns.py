@@ -178,6 +178,24 @@ class Topology:
         finally:
             lsock.close()
 
+    def sysctls(self) -> dict[str, dict[str, str]]:
+        """The TCP settings that matter here, as seen inside each namespace."""
+        keys = (
+            "net/core/somaxconn",
+            "net/ipv4/tcp_tw_reuse",
+            "net/ipv4/ip_local_port_range",
+            "net/ipv4/tcp_max_syn_backlog",
+        )
+
+        def read() -> dict[str, str]:
+            out = {}
+            for k in keys:
+                with open(f"/proc/sys/{k}") as f:
+                    out[k.replace("/", ".")] = " ".join(f.read().split())
+            return out
+
+        return {"srv": _in_netns(self.srv, read), "cli": _in_netns(self.cli, read)}
+
     def close(self) -> None:
         with self._lock:
             if not self.up:

@@ -618,6 +618,12 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
     if data.get("profile"):
         L += render_profile(data)
 
+    # ---- hand-written analysis of the latest full run (kept across regenerations)
+    an = NOTES_DIR.parent / "analysis.md"
+    if an.exists() and not m.get("quick"):
+        L.append(an.read_text(errors="replace").strip())
+        L.append("")
+
     # ---- figures measured by other engineers
     L += render_notes()
 
@@ -637,10 +643,18 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
         )
     L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     L.append(
-        "- sysctl: "
+        "- sysctl (host): "
         + ", ".join(f"{k}={v}" for k, v in m["sysctl"].items())
         + f"; RLIMIT_NOFILE {m['nofile'][0]}"
     )
+    if m.get("sysctl_netns"):
+        L.append(
+            "- sysctl (benchmark namespaces, set by netns.py): "
+            + "; ".join(
+                f"{ns}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                for ns, d in m["sysctl_netns"].items()
+            )
+        )
     L.append(f"- command: `{m['command']}`")
     p = m["params"]
     L.append(
@@ -868,9 +882,13 @@ def render_notes() -> list[str]:
         L.append("")
         return L
     for f in files:
-        L.append(f"### {f.stem}")
+        L.append(f"### notes/{f.name}")
         L.append("")
-        L.append(f.read_text(errors="replace").strip())
+        for line in f.read_text(errors="replace").strip().splitlines():
+            # demote the note's headings below this section's (### -> ####, # -> ####)
+            if line.startswith("#"):
+                line = "####" + line.lstrip("#")
+            L.append(line)
         L.append("")
     return L
 

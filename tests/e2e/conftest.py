@@ -51,7 +51,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
+    """Skip, or fail where CLAWGATE_REQUIRE_E2E=1 (CI) says the e2e suite must run."""
     if os.environ.get(REQUIRE_E2E_ENV) == "1":
         pytest.fail(f"{REQUIRE_E2E_ENV}=1 but {reason}")
     pytest.skip(reason)
@@ -62,7 +63,7 @@ def openclaw_install() -> OpenClawInstall:
     try:
         return install_openclaw()
     except OpenClawUnavailable as exc:
-        _unavailable(f"real OpenClaw gateway unavailable: {exc}")
+        unavailable(f"real OpenClaw gateway unavailable: {exc}")
         raise  # unreachable: skip/fail raise
 
 

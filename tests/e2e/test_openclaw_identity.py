@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -31,6 +34,7 @@ from tests.e2e.conftest import (
     Clawgate,
     FakeTailscaledProcess,
     artifact_path,
+    unavailable,
 )
 from tests.e2e.gwclient import CLI_CLIENT, GatewayClient, HandshakeError
 from tests.e2e.openclaw import OpenClawGateway
@@ -198,7 +202,10 @@ class Chromium:
              f"--remote-debugging-port={CDP_PORT}", "--remote-debugging-address=127.0.0.1",
              "--window-size=1280,900", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.profile / "chromium.log", "wb"))  # noqa: SIM115
+            stderr=open(self.profile / "chromium.log", "wb"),  # noqa: SIM115
+            # Its own process group: stop() must reach the zygote and renderers too, or
+            # they write into the profile after it is removed.
+            start_new_session=True)
         targets = await self._targets()
         page = next(t for t in targets if t["type"] == "page")
         sock = await connect_in(self.tailnet.ns(self.ns), "127.0.0.1", CDP_PORT)
@@ -251,20 +258,23 @@ class Chromium:
     async def stop(self) -> None:
         if self.ws is not None:
             await self.ws.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # children that outlived it
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
 @pytest.fixture
 async def chromium(tailnet: Tailnet) -> AsyncIterator[Chromium]:
     if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+        unavailable("chromium is not installed (apt-get install chromium)")
     browser = Chromium(tailnet, "phone")
     try:
         yield await browser.start()
