@@ -72,7 +72,7 @@ def format_sessions(conns: Sequence[Mapping[str, Any]]) -> str:
             _clean(c.get("login")),
             _clean(",".join(c.get("tags") or []) or None),
             _clean(c.get("token")),
-            _clean(c.get("path")),
+            _clean(c.get("peer_path")),
             "ws" if c.get("websocket") else "http",
             human_bytes(int(c.get("bytes_in") or 0)),
             human_bytes(int(c.get("bytes_out") or 0)),

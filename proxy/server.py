@@ -376,7 +376,8 @@ class Runtime:
                 # Userspace networking: the peer arrived from 127.0.0.1, so look its path
                 # up by the node's own tailnet addresses.
                 path = next((paths[a] for a in ident.addresses if a in paths), "unknown")
-            fields["path"] = path
+            # "peer_path", not "path": decision lines already carry the request path.
+            fields["peer_path"] = path
         return fields
 
     def log_decision(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> None:

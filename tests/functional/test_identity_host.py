@@ -233,7 +233,8 @@ async def test_userspace_networking_identity_by_loopback_port(
                                         and r.get("login") == ALICE)
             assert rec_log["node"] == "alice-laptop.tail3f2a1.ts.net"
             # The path is alice's, found through her tailnet addresses (not 127.0.0.1).
-            assert rec_log["path"] == "direct"
+            assert rec_log["peer_path"] == "direct"
+            assert rec_log["path"] == "/headers" or rec_log["path"].startswith("/")
 
             # A local process (no whois match): never a tailnet identity.
             ts.remove_loopback(port)

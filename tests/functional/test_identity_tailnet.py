@@ -272,9 +272,9 @@ async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeG
             assert (await request(tailnet, "ci", token=token)).status == 403
             want = {
                 PHONE_V4: {"node": ALICE_NODE, "login": ALICE, "tags": [], "os": "macOS",
-                           "path": "direct"},
+                           "peer_path": "direct"},
                 CI_V4: {"node": CI_NODE, "login": None, "tags": ["tag:ci"], "os": "linux",
-                        "path": "derp:nyc"},
+                        "peer_path": "derp:nyc"},
             }
             for ip, fields in want.items():
                 for event in ("decision", "close"):
@@ -289,7 +289,7 @@ async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeG
 
             async def path_now() -> Any:
                 await request(tailnet, "phone", token=token)
-                return [r.get("path") for r in cg.access_log()
+                return [r.get("peer_path") for r in cg.access_log()
                         if r.get("event") == "decision" and r.get("peer") == PHONE_V4]
 
             await eventually(path_now, lambda paths: paths[-1] == "peer-relay")

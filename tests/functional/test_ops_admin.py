@@ -188,7 +188,7 @@ async def test_connections_and_status_show_live_sessions(tailnet: Tailnet, runni
         c = conns[0]
         assert c["peer"] == PHONE_V4 and c["token"] == "phone"
         assert c["login"] == ALICE and c["node"].startswith("alice-laptop.")
-        assert c["path"] == "direct"
+        assert c["peer_path"] == "direct"
         assert c["bytes_in"] >= 500 and c["bytes_out"] >= 500 and c["age_seconds"] >= 0
 
         table = cli_in_ns(cg, "status", "--config", str(cg.config_path))

@@ -282,10 +282,10 @@ def test_status_table() -> None:
         {"id": 7, "peer": "100.101.102.103", "port": 51234, "websocket": True, "requests": 1,
          "bytes_in": 1536, "bytes_out": 300, "age_seconds": 75.2, "token": "phone",
          "node": "alice-phone.tail3f2a1.ts.net", "login": "alice@example.com", "tags": [],
-         "os": "iOS", "path": "direct"},
+         "os": "iOS", "peer_path": "direct"},
         {"id": 9, "peer": "100.88.12.34", "port": 40000, "websocket": False, "requests": 3,
          "bytes_in": 10, "bytes_out": 5 * 1024 * 1024, "age_seconds": 4000,
-         "node": "ci.tail3f2a1.ts.net", "login": None, "tags": ["tag:ci"], "path": "derp:nyc"},
+         "node": "ci.tail3f2a1.ts.net", "login": None, "tags": ["tag:ci"], "peer_path": "derp:nyc"},
         {"id": 10, "peer": "100.1.1.1", "port": 1, "bytes_in": 0, "bytes_out": 0,
          "age_seconds": 1, "node": "evil\x1b[2Jnode"},
     ]
