@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -184,7 +185,10 @@ def main() -> int:
             "log_lines": rt.log.lines, "log_errors": rt.log.errors,
         }))
 
-    uvloop.run(run())
+    try:
+        uvloop.run(run())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
