@@ -180,6 +180,9 @@ class AccessLog:
             except (OSError, ValueError):
                 pass
         self._fh = None
+        # A line written after shutdown must not reopen the destination (with "stdout"
+        # that would create a file of that name).
+        self.enabled = False
 
 
 def _ends_mid_line(path: str) -> bool:

@@ -224,6 +224,7 @@ class ClientConnection(asyncio.Protocol):
             head = parse_request_head(raw)
         except BadRequest as exc:
             rt.metrics.refused["bad_request"] += 1
+            self.head = None  # the answer is to this malformed head, not the last request
             self._deny_and_close(exc.status, exc.reason)
             return
         self.requests += 1
@@ -608,6 +609,8 @@ class ClientConnection(asyncio.Protocol):
         lines.append("Cache-Control: no-store")
         if close:
             lines.append("Connection: close")
+        if self.head is not None and self.head.method == b"HEAD":
+            body = b""  # a response to HEAD has no body (Content-Length still says its size)
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         self.bytes_down += len(data)
         t.write(data)

@@ -321,6 +321,9 @@ def rewrite_request_head(
         out.append(b"Connection: Upgrade")
     elif not head.keep_alive:
         out.append(b"Connection: close")
+    elif head.version == (1, 0):
+        # HTTP/1.0 closes by default: pass on the client's wish to keep the connection.
+        out.append(b"Connection: keep-alive")
     out.append(b"X-Forwarded-For: " + client_ip.encode("ascii"))
     out.append(b"X-Forwarded-Proto: " + proto)
     if host_value is not None:

@@ -617,16 +617,18 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {cfg.admin.host}:{cfg.admin.port} "
                                 f"(admin): {exc.strerror}") from None
+    stop_event = stop or asyncio.Event()
+    drain_now = asyncio.Event()
+    if stop is None:
+        # Before "listening on" is said: a SIGTERM sent as soon as that line appears
+        # must drain, not kill the process with the default action.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, drain_now.set)
+        loop.add_signal_handler(signal.SIGHUP, rt.reload)
     for addr in bound:
         log.info("listening on %s -> %s", addr, cfg.upstream.url)
     if not rt.listen_addresses:
         log.warning("no tailnet address yet: waiting for tailscaled to come up")
-    stop_event = stop or asyncio.Event()
-    drain_now = asyncio.Event()
-    if stop is None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, drain_now.set)
-        loop.add_signal_handler(signal.SIGHUP, rt.reload)
     sweeper = rt.spawn(_sweep(rt), "sweep")
     # Startup objects (modules, config, aiohttp apps) live as long as the process: take
     # them out of the cyclic GC's view, so a full collection under load no longer walks

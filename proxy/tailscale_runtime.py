@@ -33,7 +33,7 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
         else:
             return []
     client = LocalAPIClient(ts.socket, timeout=ts.timeout)
-    cache = IdentityCache(client, ttl=max(ts.cache_ttl, 0.001))
+    cache = IdentityCache(client, ttl=ts.cache_ttl)
     rt.localapi = client
     rt.identity_cache = cache
     rt.identity_present = True

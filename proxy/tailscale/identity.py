@@ -272,8 +272,8 @@ class IdentityCache:
         *,
         max_entries: int = 65536,
     ) -> None:
-        if ttl <= 0 or max_entries <= 0:
-            raise ValueError("ttl and max_entries must be positive")
+        if ttl < 0 or max_entries <= 0:
+            raise ValueError("ttl must be >= 0 (0: no caching) and max_entries positive")
         self._source = source
         self._ttl = ttl
         self._clock = clock
@@ -336,6 +336,8 @@ class IdentityCache:
         return identity
 
     def _store(self, key: str, identity: Identity) -> None:
+        if self._ttl == 0:
+            return  # cacheTtl 0: every new connection asks tailscaled (single-flight only)
         now = self._clock()
         if len(self._entries) >= self._max_entries and key not in self._entries:
             self._evict(now)

@@ -45,6 +45,7 @@ from tests.util import (
     poll_until,
     read_response,
     read_to_close,
+    send_and_read_all,
 )
 
 PORT = 18789
@@ -117,6 +118,18 @@ async def test_without_or_with_a_wrong_token_401(tailnet: Tailnet, proxy: Clawga
                               build_request("GET", "/headers", headers))
         assert resp.status == 401, headers
         assert (resp.header("WWW-Authenticate") or b"").startswith(b"Bearer"), headers
+    assert fake_gateway.requests == []
+
+
+async def test_a_refused_head_request_gets_no_body(tailnet: Tailnet, proxy: ClawgateProcess,
+                                                  fake_gateway: FakeGateway) -> None:
+    """A 401 to HEAD says its length but sends no body: the client reads nothing more."""
+    raw = await send_and_read_all(tailnet.ns("phone"), GW_V4, PORT,
+                                  build_request("HEAD", "/headers", []))
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1.1 401 ")
+    assert b"Content-Length: 0" not in head
+    assert rest == b""
     assert fake_gateway.requests == []
 
 

@@ -395,9 +395,21 @@ async def test_aclose_cancels_in_flight(cache: IdentityCache, source: MemorySour
 
 def test_bad_cache_parameters(source: MemorySource) -> None:
     with pytest.raises(ValueError):
-        IdentityCache(source, ttl=0)
+        IdentityCache(source, ttl=-1)
     with pytest.raises(ValueError):
         IdentityCache(source, max_entries=0)
+
+
+async def test_ttl_zero_never_stores(source: MemorySource) -> None:
+    """cacheTtl 0 means no cache: every lookup asks the source, nothing is kept."""
+    cache = IdentityCache(source, ttl=0)
+    ip = "100.101.102.103"
+    first = await cache.lookup(ip, 1)
+    assert cache.get(ip) is None
+    assert len(cache) == 0
+    second = await cache.lookup(ip, 2)
+    assert first == second == ALICE
+    assert source.calls[ip] == 2
 
 
 # ---- IPN bus classification ---------------------------------------------------------------
