@@ -46,9 +46,12 @@ log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; no-op elsewhere."""
-    path = os.environ.get("NOTIFY_SOCKET")
+def sd_notify(message: str, path: str | None = None) -> None:
+    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; no-op elsewhere.
+
+    ``path`` defaults to $NOTIFY_SOCKET (a path, or '@name' for the abstract namespace).
+    """
+    path = path or os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
     if path.startswith("@"):
