@@ -257,6 +257,16 @@ def _decode_json(body: bytes, what: str) -> Any:
         raise LocalAPIUnavailable(f"tailscaled answered invalid JSON for {what}") from None
 
 
+_PARSE_INLINE_LIMIT = 64 * 1024
+
+
+def _parse_status(body: bytes) -> Status:
+    try:
+        return Status.from_json(_decode_json(body, "status"))
+    except ValueError as exc:
+        raise LocalAPIUnavailable(f"tailscaled answered malformed status: {exc}") from None
+
+
 class LocalAPIClient:
     """Async LocalAPI client over one unix socket; one aiohttp session, reused.
 
@@ -378,10 +388,11 @@ class LocalAPIClient:
         """Backend state, our addresses, key expiry, cert domains and (optionally) peers."""
         path_qs = "/localapi/v0/status" if peers else "/localapi/v0/status?peers=false"
         body = await self._get(path_qs, timeout=self.timeout)
-        try:
-            return Status.from_json(_decode_json(body, "status"))
-        except ValueError as exc:
-            raise LocalAPIUnavailable(f"tailscaled answered malformed status: {exc}") from None
+        if len(body) > _PARSE_INLINE_LIMIT:
+            # A large tailnet's full status is megabytes: parsing it on the event loop
+            # stalled every connection for 0.3-1 s per poll (measured with 6,000 peers).
+            return await asyncio.to_thread(_parse_status, body)
+        return _parse_status(body)
 
     async def cert_pair(self, domain: str, min_validity: str | None = None) -> tuple[bytes, bytes]:
         """(key PEM, certificate chain PEM) for one of ``Status.cert_domains``.
