@@ -570,6 +570,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     from .gate import make_gate_factory
 
     rt.gate_factory = make_gate_factory(rt)
+    _warn_if_no_credentials(rt)
     hosts = [h for h in hosts if h != HOST_TAILSCALE] + ts_hosts
     if HOST_TAILSCALE in cfg.gateway.hosts and not ts_hosts and rt.monitor is None:
         port = cfg.gateway.port
@@ -664,6 +665,17 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     return 0
+
+
+def _warn_if_no_credentials(rt: Runtime) -> None:
+    """One clear line when every request would be refused for want of a token."""
+    authz, cfg = rt.authz, rt.cfg
+    s = authz.settings
+    if (s.require_token and s.auth_mode == "both" and not len(authz.tokens)
+            and authz.jwt is None and authz.gateway_token_digest is None):
+        log.warning("requireToken is on but no token exists yet: every request will get "
+                    "401 until you create one with `clawgate token new NAME` (token file: %s)",
+                    cfg.tokens.file)
 
 
 def _with_port(cfg: Config, port: int) -> Config:

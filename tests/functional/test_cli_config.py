@@ -3,7 +3,8 @@
 A bad config is one line on stderr naming the key path and exit status 2, from both
 ``check-config`` and ``serve``; ``token new`` prints the token once and stores only its
 digest; ``token list`` and ``token revoke`` work on that file; and ``clawgate serve`` with
-the embedded defaults and no tailscaled starts on 127.0.0.1:18790 with one warning line.
+the embedded defaults and no tailscaled starts on 127.0.0.1:18790 with one warning line
+(plus one saying that no token exists yet).
 """
 
 from __future__ import annotations
@@ -190,9 +191,12 @@ async def test_serve_with_embedded_defaults(tailnet: Tailnet, home: dict[str, st
                 await asyncio.sleep(0.05)
             stderr = err_path.read_text()
             warnings = [ln for ln in stderr.splitlines() if "WARNING" in ln]
-            assert len(warnings) == 1, stderr
-            assert "tailscaled not found" in warnings[0]
-            assert "127.0.0.1:18790" in warnings[0]
+            # Exactly two lines: no tailscaled (loopback only), and no token exists yet.
+            assert len(warnings) == 2, stderr
+            (ts_line,) = [w for w in warnings if "tailscaled not found" in w]
+            assert "127.0.0.1:18790" in ts_line
+            (tok_line,) = [w for w in warnings if "no token exists yet" in w]
+            assert "clawgate token new NAME" in tok_line
             assert "listening on 127.0.0.1:18790 -> http://127.0.0.1:18789" in stderr
 
             # It enforces the defaults: a token is required; /health is exempt but the
