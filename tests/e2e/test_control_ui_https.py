@@ -131,7 +131,7 @@ class TrustingChromium(Chromium):
 
     async def start(self) -> TrustingChromium:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.home),
-               "LANG": "C.UTF-8"}
+               "LANG": "C.UTF-8", "TMPDIR": str(self.profile)}
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.tailnet.ns(self.ns), CHROMIUM, "--headless",
              "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

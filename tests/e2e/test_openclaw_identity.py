@@ -203,6 +203,9 @@ class Chromium:
              "--window-size=1280,900", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.profile / "chromium.log", "wb"),  # noqa: SIM115
+            # Chromium leaves org.chromium.Chromium.* dirs in TMPDIR: keep them in the
+            # profile, which stop() removes.
+            env={**os.environ, "TMPDIR": str(self.profile)},
             # Its own process group: stop() must reach the zygote and renderers too, or
             # they write into the profile after it is removed.
             start_new_session=True)
