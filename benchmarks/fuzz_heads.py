@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import signal
@@ -27,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.soak import _proc_fds, _proc_rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -327,17 +328,6 @@ async def _worker(port: int, rng: random.Random, stats: Stats, deadline: float,
             stats.resets += 1
         finally:
             writer.transport.abort()
-
-
-def _proc_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _proc_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def _settle(pid: int, baseline: int, timeout: float = 15.0) -> int:
