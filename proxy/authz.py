@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import html
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,11 +26,9 @@ from .access.policy import (
 )
 from .access.tokens import Credential, TokenSet, digest, extract_token
 from .errors import (
-    AccessError,
     LocalAPIUnavailable,
     PeerNotFound,
     TailscaleError,
-    TooManyRequests,
     Unauthenticated,
 )
 from .httphead import RequestHead, rewrite_request_head
@@ -196,7 +193,7 @@ class Authorizer:
         if self.gateway_token_digest is not None and hmac.compare_digest(
                 self.gateway_token_digest, d):
             # The gateway's own token: the gateway needs it, so it is forwarded.
-            return Credential("gateway-token", "gateway-token"), None, False, False
+            return Credential("gateway-token", GATEWAY_TOKEN_NAME), None, False, False
         if not self.settings.require_token and self.jwt is None:
             return None, None, False, False
         return None, "invalid token", True, False
@@ -285,7 +282,7 @@ class Authorizer:
                 and self.gateway_token_digest is not None and s.require_token):
             # The client carries only the gateway's token, inside its first frame:
             # let the upgrade through and hold that frame until it is checked.
-            cred = Credential("gateway-token", "gateway-token (first frame)")
+            cred = Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)")
             gated = True
         decision = decide(
             s,
@@ -364,7 +361,7 @@ class Authorizer:
                 name = self.tokens.verify_digest(d)
                 if name is None and self.gateway_token_digest is not None and \
                         hmac.compare_digest(self.gateway_token_digest, d):
-                    name = "gateway-token"
+                    name = GATEWAY_TOKEN_NAME
             if name is None:
                 conn.rt.note_denied(conn, 401)
                 conn.rt.log.write({"event": "login", "conn": conn.conn_id,
@@ -447,5 +444,3 @@ button{margin-top:1rem;padding:.5rem 1rem;font:inherit}.err{color:#b00}</style><
 <p><small>Create one on the gateway host with <code>clawgate token new NAME</code>.</small></p>
 </body></html>
 """
-
-_ = (time, AccessError, TooManyRequests)

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from .access.networks import NetworkSet
 from .access.policy import check_identity
-from .access.tokens import Credential, TokenEntry, TokenFile, TokenSet, digest
+from .access.tokens import TokenEntry, TokenFile, TokenSet, digest
 from .accesslog import AccessLog
-from .authz import Authorizer, Grant
+from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
 from .errors import ClawgateError, ConfigError, TokenStoreError, TooManyRequests
 from .front import ClientConnection
@@ -168,7 +168,7 @@ class Runtime:
         self.jwt = jwt
         self.authz = authz
         self.sessions.ttl = cfg.tokens.session_ttl
-        self.sessions.revoke_missing(tokens.names | {"gateway-token"})
+        self.sessions.revoke_missing(tokens.names | {GATEWAY_TOKEN_NAME})
 
     def reload(self) -> bool:
         """Re-read the config file and tokens; keep the old config on any error."""
@@ -220,7 +220,7 @@ class Runtime:
         authz = self.authz
         if cred is not None:
             if cred.kind in ("token", "session") and cred.name not in authz.tokens.names \
-                    and cred.name != "gateway-token":
+                    and cred.name != GATEWAY_TOKEN_NAME:
                 return f"token {cred.name} revoked"
             if cred.expires_at is not None and cred.expires_at <= now:
                 return f"credential {cred.name} expired"
@@ -737,5 +737,3 @@ async def _sweep(rt: Runtime) -> None:
             del rt.lockouts[ip]
         rt.sessions.expire()
 
-
-_ = Credential
