@@ -59,12 +59,22 @@ def unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def openclaw_install() -> OpenClawInstall:
+def openclaw_install() -> Iterator[OpenClawInstall]:
+    # OpenClaw creates /tmp/openclaw (outside TMPDIR) even when every log goes elsewhere:
+    # remove it after the session when it was ours and is empty.
+    tmp_logs = Path("/tmp/openclaw")
+    existed = tmp_logs.exists()
     try:
-        return install_openclaw()
+        yield install_openclaw()
     except OpenClawUnavailable as exc:
         unavailable(f"real OpenClaw gateway unavailable: {exc}")
         raise  # unreachable: skip/fail raise
+    finally:
+        if not existed:
+            try:
+                tmp_logs.rmdir()
+            except OSError:  # not there, or not empty: leave it
+                pass
 
 
 @pytest.fixture(scope="session")
