@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
+from ..access.networks import is_loopback, unmap_ip
 from ..errors import TailscaleError
 
 if TYPE_CHECKING:
@@ -197,20 +198,16 @@ class StatusSource(Protocol):
     def watch_ipn_bus(self, mask: int) -> AsyncGenerator[dict[str, Any], None]: ...
 
 
-def is_loopback(ip: str) -> bool:
-    """127.0.0.0/8 or ::1 (also as ``::ffff:127.x``): userspace-networking peers."""
-    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
-
-
 def cache_key(ip: str, port: int) -> str:
     """The cache key of a peer: its IP (unmapped), never the port, except on loopback.
 
     With ``--tun=userspace-networking`` tailnet peers arrive from ``127.0.0.1:<ephemeral>``
     and only that exact ``ip:port`` identifies them, for the life of that connection.
     """
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    if ip.startswith("127.") or ip == "::1":
+    # The same loopback rule as the front end's (proxy.access.networks): the two must
+    # agree on which peers are userspace-networking peers.
+    ip = unmap_ip(ip)
+    if is_loopback(ip):
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
     return ip
 

@@ -40,26 +40,14 @@ def _connect_frame(token: str) -> str:
 
 
 @pytest.fixture
-async def token_file() -> AsyncIterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gate-"))
-    path = d / "gateway.token"
-    path.write_text(GW_TOKEN + "\n")
-    path.chmod(0o600)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 async def gated_fake(tailnet: Tailnet, fake_gateway: FakeGateway,
-                     token_file: Path) -> AsyncIterator[ClawgateProcess]:
+                     gateway_token_file: Path) -> AsyncIterator[ClawgateProcess]:
     fake_gateway.token = GW_TOKEN
     d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gatefake-"))
     cg = ClawgateProcess(d / "cg", {
         "gateway": {"host": GW_V4, "port": PORT},
         "upstream": f"http://127.0.0.1:{fake_gateway.port}",
-        "gatewayToken": {"file": str(token_file), "firstFrameTimeout": 1},
+        "gatewayToken": {"file": str(gateway_token_file), "firstFrameTimeout": 1},
     }, netns=tailnet.ns("gw"), admin_port=18794)
     await cg.start()
     try:
@@ -138,7 +126,7 @@ async def _timed(port: int, headers: dict[str, str], n: int) -> float:
 
 @pytest.mark.slow
 async def test_cost_of_the_gate_against_a_plain_splice(
-        fake_gateway_local: FakeGateway, token_file: Path) -> None:
+        fake_gateway_local: FakeGateway, gateway_token_file: Path) -> None:
     """N connects + first frame + answer, on loopback, with and without gatewayToken.
 
     Both clawgates run at once and the rounds alternate, so load from elsewhere on the
@@ -148,7 +136,7 @@ async def test_cost_of_the_gate_against_a_plain_splice(
     dirs: list[Path] = []
     try:
         for name, extra in (("splice", {}),
-                            ("gate", {"gatewayToken": {"file": str(token_file)}})):
+                            ("gate", {"gatewayToken": {"file": str(gateway_token_file)}})):
             d = Path(tempfile.mkdtemp(prefix=f"clawgate-e2e-bench-{name}-"))
             dirs.append(d)
             port = _free_port()
