@@ -54,10 +54,11 @@ PHONE_V4 = "100.101.102.103"
 PHONE_V6 = "fd7a:115c:a1e0::6667"
 CI_V4 = "100.88.12.34"
 CI_V6 = "fd7a:115c:a1e0::c1"
-# The "internet" side: documentation prefixes (RFC 5737, RFC 3849), never routed for real.
-GW_PUBLIC_V4 = "203.0.113.1"
+# The "internet" side: 198.18.0.0/15 (RFC 2544) and 2001:db8::/32 (RFC 3849). Not
+# 203.0.113.0/24: the package registries are reached through that range here.
+GW_PUBLIC_V4 = "198.18.0.1"
 GW_PUBLIC_V6 = "2001:db8::1"
-PUBLIC_V4 = "203.0.113.7"
+PUBLIC_V4 = "198.18.0.7"
 PUBLIC_V6 = "2001:db8::7"
 
 TAILNET_V4 = "100.64.0.0/10"

@@ -42,7 +42,7 @@ ALICE_NODE = "alice-laptop.tail3f2a1.ts.net"
 CI_NODE = "ci-runner-1.tail3f2a1.ts.net"
 CAP = "example.com/cap/openclaw"
 ALICE_CAPS = {CAP: [{"role": "operator", "gateways": ["prod", "staging"]}, {"role": "viewer"}]}
-PUBLIC_NET = "203.0.113.0/24"
+PUBLIC_NET = "198.18.0.0/24"
 
 
 def alice_body(**kw: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The proxy runs as a real process in the gw namespace on 100.64.0.1:18789 (and
 fd7a:115c:a1e0::1:18789), with the fake gateway on gw's loopback. Requests come from the
-phone (100.101.102.103) and from a public host (203.0.113.7): tokens, exempt paths and
+phone (100.101.102.103) and from a public host (198.18.0.7): tokens, exempt paths and
 their normalisation, refusal by network, WebSocket relaying (text, binary, 25 MiB, ping/pong,
 close codes), upstream responses relayed as they are, keep-alive with a decision per
 request, the login cookie flow, and a fast 502 when the gateway is down.

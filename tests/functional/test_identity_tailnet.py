@@ -3,7 +3,7 @@
 clawgate runs as a real process in the gw namespace, asking a fake tailscaled (a real
 LocalAPI server on a unix socket) who each real source address is: alice's laptop
 100.101.102.103 (alice@example.com), the tagged CI server 100.88.12.34 (tag:ci), and the
-public host 203.0.113.7 (let in by allowedNetworks, unknown to tailscaled). The fake
+public host 198.18.0.7 (let in by allowedNetworks, unknown to tailscaled). The fake
 gateway records the exact head it receives, so spoofed or missing identity shows.
 """
 

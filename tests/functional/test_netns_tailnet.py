@@ -92,7 +92,7 @@ async def _accept_from(
     [
         ("phone", GW_V4, PHONE_V4),
         ("ci", GW_V4, CI_V4),
-        ("public", GW_V4, PUBLIC_V4),  # routed via 203.0.113.1, arrives at the tailnet address
+        ("public", GW_V4, PUBLIC_V4),  # routed via 198.18.0.1, arrives at the tailnet address
         ("public", GW_PUBLIC_V4, PUBLIC_V4),
         ("phone", GW_V6, PHONE_V6),
         ("ci", GW_V6, CI_V6),

@@ -1,6 +1,6 @@
 """A flood of connections from a refused source, against the live proxy.
 
-A separate process on the public host (203.0.113.7, outside allowedNetworks) opens
+A separate process on the public host (198.18.0.7, outside allowedNetworks) opens
 thousands of connections as fast as it can. Each is reset before a byte is read; the
 allowed client's latency stays normal meanwhile; and the refusal log is rate-limited: a
 handful of lines, the rest counted as ``suppressed``, so lines + suppressed account for
