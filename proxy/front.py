@@ -221,7 +221,7 @@ class ClientConnection(asyncio.Protocol):
             self._head_timer.cancel()
             self._head_timer = None
         try:
-            head = parse_request_head(raw)
+            head = parse_request_head(raw, rt.cfg.limits.head_lines)
         except BadRequest as exc:
             rt.metrics.refused["bad_request"] += 1
             self.head = None  # the answer is to this malformed head, not the last request
