@@ -244,6 +244,9 @@ class Authorizer:
         if head.path in self.exempt and not head.websocket:
             # Exempt means a health probe, never a gateway session: the gateway accepts
             # a WebSocket upgrade on any path, /health included.
+            if head.has_body():
+                # Nor a way to make clawgate scan a body for anyone (tiny chunks).
+                return Grant(Decision(False, 413, "an exempt path takes no request body"))
             return Grant(ALLOW_EXEMPT)
         conn.rt.check_lockout(conn)
         if self.jwt is not None:
