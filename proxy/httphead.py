@@ -234,6 +234,8 @@ def parse_request_head(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> Reque
             raise BadRequest("framing header spelled with '_'")
     if chunked and content_length is not None:
         raise BadRequest("both Content-Length and Transfer-Encoding")
+    if names.count(b"authorization") > 1:  # C speed; parsers differ on which one counts
+        raise BadRequest("more than one Authorization")
     if host_count > 1:
         raise BadRequest("more than one Host")
     if host_count == 0 and proto == b"HTTP/1.1":

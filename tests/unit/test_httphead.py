@@ -315,6 +315,8 @@ def test_websocket_detection() -> None:
     head(request_line=b"GET /"),
     head("X: a"),  # HTTP/1.1 without Host
     head("Host: a", "Host: b"),
+    head("Host: a", "Authorization: Bearer x", "authorization: Bearer y"),
+    head("Host: a", "Authorization: Bearer x", "AUTHORIZATION: Bearer x"),
 ])
 def test_smuggling_shapes_are_bad_requests(raw: bytes) -> None:
     with pytest.raises(BadRequest) as ei:
