@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .access.networks import is_loopback
-from .access.policy import Decision
+from .access.policy import ALLOW_EXEMPT, Decision
 from .errors import AccessError, BadRequest
 from .httphead import (
     RequestHead,
@@ -278,7 +278,11 @@ class ClientConnection(asyncio.Protocol):
                 self.grant = grant
             self._send_denial(head, d.status, d.reason, grant.retry_after, grant)
             return
-        rt.decided(self)
+        if d is not ALLOW_EXEMPT and not grant.gated:
+            # A credential (or identity) was verified. An exempt request shows none, and a
+            # gated upgrade only once its first frame is checked (gate_passed): until then
+            # the connection counts against limits.unauthenticatedPerIp.
+            rt.decided(self)
         rt.metrics.decisions[("allow", 200)] += 1
         self.grant = grant
         rt.note_granted(self, grant)
@@ -412,8 +416,11 @@ class ClientConnection(asyncio.Protocol):
             self._close("server shutting down")
             return
         self.state = HEAD
+        # Keep-alive allowance for a connection that showed a credential; one that has not
+        # (exempt requests only) gets headTimeout, like a new connection.
+        wait = self.rt.cfg.limits.head_timeout
         self._head_timer = self.rt.loop.call_later(
-            self.rt.cfg.limits.head_timeout * 6, self._head_timeout)
+            wait if self.unauth_counted else wait * 6, self._head_timeout)
         if self.buf:
             pending, self.buf = self.buf, b""
             self.data_received(pending)
@@ -440,6 +447,7 @@ class ClientConnection(asyncio.Protocol):
         """The first-frame gate verified the client: release what it held and splice."""
         self.gate = None
         self.state = TUNNEL
+        self.rt.decided(self)  # the gateway token was verified: no longer unauthenticated
         if released:
             self.bytes_up += len(released)
             self.up_t.write(released)  # type: ignore[union-attr]
