@@ -72,6 +72,7 @@ server.on('upgrade', (req, socket) => {
                'Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n');
   socket.write(Buffer.concat([hdr, payload]));
   socket.on('data', () => {});
+  socket.on('end', () => socket.end());  // the client went: close our side too
   socket.on('error', () => {});
 });
 
