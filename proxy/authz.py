@@ -155,18 +155,22 @@ class Authorizer:
 
     def credential(self, head: RequestHead) -> tuple[Credential | None, str | None, bool, bool]:
         """(credential, error, drop_authorization, strip_cookie)."""
-        cookie = head.header(b"cookie")
-        if cookie is not None and self.cookie_name in cookie:
-            sid = _cookie_value(cookie, self.cookie_name)
+        # The cookie may sit in any Cookie line (raw check first: C speed, usually absent).
+        has_cookie = self.cookie_name in head.raw
+        if has_cookie:
+            sid = _session_id(head, self.cookie_name)
             if sid is not None:
                 s = self.sessions.get(sid)
                 if s is not None and (s.token_name in self.tokens.names
                                       or s.token_name == GATEWAY_TOKEN_NAME):
+                    # A clawgate token beside the cookie is clawgate's too: dropped.
+                    auth = head.header(b"authorization")
                     return (Credential("session", s.token_name, expires_at=s.expires),
-                            None, False, True)
+                            None, auth is not None and not self._kept_beside_session(auth),
+                            True)
         auth = head.header(b"authorization")
         if auth is None:
-            return None, None, False, cookie is not None and self.cookie_name in cookie
+            return None, None, False, has_cookie
         try:
             auth_text = auth.decode("latin-1")
         except UnicodeError:  # pragma: no cover - latin-1 decodes every byte
@@ -197,6 +201,21 @@ class Authorizer:
         if not self.settings.require_token and self.jwt is None:
             return None, None, False, False
         return None, "invalid token", True, False
+
+    def _kept_beside_session(self, auth: bytes) -> bool:
+        """Whether an Authorization next to a valid session cookie goes to the gateway:
+        only the gateway's own token, or one clawgate does not know while it requires none."""
+        token, _ = extract_token(auth.decode("latin-1"))
+        foreign = not self.settings.require_token and self.jwt is None
+        if token is None:
+            return foreign
+        d = digest(token)
+        if self.gateway_token_digest is not None and hmac.compare_digest(
+                self.gateway_token_digest, d):
+            return True
+        if self.tokens.verify_digest(d) is not None:
+            return False
+        return foreign
 
     # ------------------------------------------------------------------ identity
 
@@ -244,6 +263,9 @@ class Authorizer:
         if head.path in self.exempt and not head.websocket:
             # Exempt means a health probe, never a gateway session: the gateway accepts
             # a WebSocket upgrade on any path, /health included.
+            if head.has_body():
+                # Nor a way to make clawgate scan a body for anyone (tiny chunks).
+                return Grant(Decision(False, 413, "an exempt path takes no request body"))
             return Grant(ALLOW_EXEMPT)
         conn.rt.check_lockout(conn)
         if self.jwt is not None:
@@ -332,7 +354,8 @@ class Authorizer:
             identity_headers=self.identity_norm,
             add=add,
             drop_authorization=grant.drop_authorization,
-            session_cookie=self.cookie_name if grant.strip_session_cookie else None,
+            # clawgate's cookie is never the gateway's business, valid or not, in any line.
+            session_cookie=self.cookie_name,
         )
 
     # ------------------------------------------------------------------ login
@@ -396,6 +419,16 @@ def _header_value(value: str) -> bytes:
     if any((c < " " and c != "\t") or c == "\x7f" for c in value):
         raise ValueError("control character in identity value")
     return value.encode("utf-8")
+
+
+def _session_id(head: RequestHead, name: bytes) -> str | None:
+    """The first ``name`` cookie in any Cookie line (HTTP/2 front ends split them)."""
+    for n, v in zip(head.names, head.values, strict=True):
+        if n == b"cookie" and name in v:
+            sid = _cookie_value(v, name)
+            if sid is not None:
+                return sid
+    return None
 
 
 def _cookie_value(cookie: bytes, name: bytes) -> str | None:
