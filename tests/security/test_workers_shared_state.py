@@ -9,7 +9,9 @@ holds each one) must behave exactly as one process does.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
@@ -22,6 +24,7 @@ from tests.functional.hardening_support import (
     ws_open,
 )
 from tests.functional.test_workers import _children
+from tests.harness import ClawgateProcess
 from tests.netns import Tailnet
 from tests.security.session_support import (
     login,
@@ -41,22 +44,31 @@ def _config(port: int) -> dict[str, object]:
                               "failedAuthLockout": 300}, workers=2)
 
 
-async def test_cookie_logout_and_lockout_are_shared_by_the_workers(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def two_workers(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+                      ) -> AsyncIterator[tuple[ClawgateProcess, set[int]]]:
     async with running(tailnet, tmp_path / "cg", _config(fake_gateway.port)) as cg:
         await poll_until(lambda: cg.stderr().count("listening on") >= 2, timeout=15)
         workers = set(_children(cg.pid))
         assert len(workers) == 2, workers
-        token = cg.tokens["phone"]
+        yield cg, workers
 
-        # A fresh cookie works on every connection, whichever worker takes it.
-        cookie = await login_cookie(tailnet, "phone", token)
+
+async def test_a_fresh_cookie_works_on_every_worker(
+        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    async with two_workers(tailnet, fake_gateway, tmp_path) as (cg, _):
+        cookie = await login_cookie(tailnet, "phone", cg.tokens["phone"])
         statuses = [(await with_cookie(tailnet, "phone", cookie)).status for _ in range(40)]
         assert statuses == [200] * 40
         ids = [r["conn"] for r in cg.access_log() if r.get("event") == "decision"]
         assert len(ids) == 40 and len(set(ids)) < len(ids), "one worker served everything"
 
-        # Logout in one worker ends the session's WebSockets in both, within 1 s.
+
+async def test_logout_ends_the_sessions_websockets_in_every_worker(
+        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    async with two_workers(tailnet, fake_gateway, tmp_path) as (cg, workers):
+        token = cg.tokens["phone"]
+        cookie = await login_cookie(tailnet, "phone", token)
         held = [await ws_with_cookie(tailnet, "phone", cookie) for _ in range(10)]
         kept = await ws_open(tailnet, "phone", token)
         for ws in (*held, kept):
@@ -73,12 +85,17 @@ async def test_cookie_logout_and_lockout_are_shared_by_the_workers(
         # (Fewer than COUNT: each 401 is a failed authentication of the phone.)
         statuses = [(await with_cookie(tailnet, "phone", cookie)).status for _ in range(6)]
         assert statuses == [401] * 6
+        await kept.close()
 
-        # Exactly COUNT failed logins across both workers, then the address is locked
-        # out (429), whichever worker answers, even with the right token.
+
+async def test_failed_logins_across_workers_lock_out_at_exactly_the_count(
+        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    async with two_workers(tailnet, fake_gateway, tmp_path) as (cg, _):
+        token = cg.tokens["phone"]
         for i in range(COUNT):
             resp = await login(tailnet, "ci", "wrong-token")
             assert resp.status == 401, (i, resp.raw)
+        # Locked out (429) whichever worker answers, even with the right token.
         for _ in range(8):
             resp = await get(tailnet, "ci", "/echo", token)
             assert resp.status == 429, resp.raw
@@ -87,4 +104,6 @@ async def test_cookie_logout_and_lockout_are_shared_by_the_workers(
         locks = [r for r in cg.access_log() if r.get("event") == "lockout"]
         assert len(locks) == 1 and locks[0]["peer"] == "100.88.12.34"
         assert (await get(tailnet, "phone", "/echo", token)).status == 200
-        await kept.close()
+        ids = [r["conn"] for r in cg.access_log()
+               if r.get("event") == "local" and r.get("status") == 401]
+        assert len(ids) == COUNT  # (all of them in one worker: 2 in 2**COUNT runs)
