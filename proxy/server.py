@@ -285,7 +285,7 @@ class Runtime:
             self.metrics.refused["fd_limit"] += 1
             return 503, "too many connections (file descriptor limit)", None
         ip = conn.peer_ip
-        if not conn.is_loopback_peer:
+        if self.lockouts and not conn.is_loopback_peer:
             # At accept only the address is known: its own lockout (peers without an
             # identity). A node's lockout is checked once whois has named it.
             left = self.lockouts.locked(lockout_key(ip, None, False))
@@ -327,7 +327,10 @@ class Runtime:
 
     def lockout_left(self, conn: ClientConnection, identity: Any) -> float:
         """Seconds left of the lockout of this peer (its node when known), else 0."""
-        return self.lockouts.locked(lockout_key(conn.peer_ip, identity, conn.is_loopback_peer))
+        lockouts = self.lockouts
+        if not lockouts:  # nobody locked out: every request pays just this
+            return 0.0
+        return lockouts.locked(lockout_key(conn.peer_ip, identity, conn.is_loopback_peer))
 
     def check_lockout(self, conn: ClientConnection, identity: Any) -> None:
         left = self.lockout_left(conn, identity)
@@ -620,7 +623,12 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
 
         state_dir = os.environ.get(STATE_DIR_ENV)
         if state_dir:  # started by run_workers (a lone `--worker-index` keeps its own)
-            shared = SharedState(state_dir, cfg.tokens.session_ttl)
+            import sqlite3
+
+            try:
+                shared = SharedState(state_dir, cfg.tokens.session_ttl)
+            except (OSError, sqlite3.Error) as exc:
+                raise ClawgateError(f"cannot open the shared session store: {exc}") from None
     rt = Runtime(cfg, loop, shared)
     hosts = list(cfg.gateway.hosts)
     ts_hosts: list[str] = []

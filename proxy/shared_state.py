@@ -238,6 +238,7 @@ class SharedLockoutTable:
         self._until: dict[str, float] = {}
 
     def __len__(self) -> int:
+        self.state.sync()
         return len(self._until)
 
     def reload(self) -> None:

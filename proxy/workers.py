@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,9 @@ import time
 from types import FrameType
 
 from .config import Config
+from .errors import ClawgateError
 from .server import sd_notify
+from .sessions import StoreUnavailable
 
 __all__ = ["run_workers"]
 
@@ -51,8 +54,14 @@ def run_workers(cfg: Config, config_path: str | None) -> int:
     from .shared_state import STATE_DIR_ENV, create_state
 
     state_dir = os.path.join(tmp, "state")
-    os.mkdir(state_dir, 0o700)
-    create_state(state_dir)
+    try:
+        os.mkdir(state_dir, 0o700)
+        os.chmod(state_dir, 0o700)  # whatever the umask
+        create_state(state_dir)
+    except (OSError, StoreUnavailable, sqlite3.Error) as exc:
+        inbox.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ClawgateError(f"cannot create the workers' shared session store: {exc}") from None
     env = {**os.environ, "NOTIFY_SOCKET": inbox_path, STATE_DIR_ENV: state_dir}
     procs = [subprocess.Popen([*argv, "--worker-index", str(i)], env=env)  # noqa: S603
              for i in range(cfg.workers)]

@@ -62,6 +62,12 @@ async def test_a_fresh_cookie_works_on_every_worker(
         assert statuses == [200] * 40
         ids = [r["conn"] for r in cg.access_log() if r.get("event") == "decision"]
         assert len(ids) == 40 and len(set(ids)) < len(ids), "one worker served everything"
+        # The sessions survive a reload of every worker.
+        cg.reload()
+        await poll_until(lambda: len([r for r in cg.access_log() if r.get("event") == "reload"
+                                      and r.get("result") == "ok"]) >= 2, timeout=10)
+        statuses = [(await with_cookie(tailnet, "phone", cookie)).status for _ in range(20)]
+        assert statuses == [200] * 20
 
 
 async def test_logout_ends_the_sessions_websockets_in_every_worker(
