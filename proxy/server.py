@@ -45,6 +45,7 @@ from .sessions import (
 
 if TYPE_CHECKING:
     from .relay import UpstreamConnection
+    from .shared_state import SharedState
 
 __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_notify"]
 
@@ -112,7 +113,7 @@ class Runtime:
     """Shared state of one proxy process."""
 
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop,
-                 shared: Any = None) -> None:
+                 shared: SharedState | None = None) -> None:
         self.loop = loop
         self.metrics = Metrics()
         self.conns: set[ClientConnection] = set()
@@ -353,8 +354,9 @@ class Runtime:
                 rec.update(self.identity_fields(identity, conn.peer_ip))
             self.log.write(rec)
 
-    def end_logged_out(self, key: bytes) -> int:
-        """End this worker's live connections of a login session that is gone."""
+    def end_logged_out(self, key: bytes | None = None) -> int:
+        """End this worker's live connections of login session ``key``, and of any
+        other session no longer in the store (another worker logged it out)."""
         ended = 0
         now = time.time()
         for conn in list(self.conns):
@@ -403,7 +405,7 @@ class Runtime:
                                    body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         authz = self.authz
         outcome = await authz.identity_async(conn)
-        return self.authz.login_endpoint(conn, head, body, outcome.identity)
+        return authz.login_endpoint(conn, head, body, outcome.identity)
 
     def login_page(self, head: RequestHead, reason: str) -> bytes:
         return self.authz.login_page(head.target.decode("latin-1"), "")
@@ -813,11 +815,12 @@ async def _sweep(rt: Runtime) -> None:
 
 async def _watch_shared(rt: Runtime) -> None:
     """workers > 1: another worker logged a session out (or dropped it): end ours."""
+    assert rt.shared is not None
     seen = rt.shared.epoch()
     while True:
         await asyncio.sleep(0.25)
         epoch = rt.shared.epoch()
         if epoch != seen:
             seen = epoch
-            rt.end_logged_out(b"")
+            rt.end_logged_out()
 
