@@ -57,6 +57,3 @@ def pids_holding(ns: str, port: int = PORT) -> list[int]:
                           f"( sport = :{port} )"], capture_output=True, text=True,
                          check=True, timeout=10).stdout
     return [int(m) for m in re.findall(r"pid=(\d+)", out)]
-
-
-_ = GW_V4
