@@ -32,7 +32,7 @@ from .errors import (
     Unauthenticated,
 )
 from .httphead import RequestHead, rewrite_request_head
-from .sessions import SessionStore
+from .sessions import SessionStoreLike, StoreUnavailable, session_key
 
 if TYPE_CHECKING:
     from .config import Config
@@ -114,7 +114,7 @@ class Authorizer:
         self,
         cfg: Config,
         tokens: TokenSet,
-        sessions: SessionStore,
+        sessions: SessionStoreLike,
         *,
         identity: IdentityCacheLike | None,
         identity_present: bool,
@@ -160,12 +160,14 @@ class Authorizer:
         if has_cookie:
             sid = _session_id(head, self.cookie_name)
             if sid is not None:
-                s = self.sessions.get(sid)
-                if s is not None and (s.token_name in self.tokens.names
-                                      or s.token_name == GATEWAY_TOKEN_NAME):
+                key = session_key(sid)
+                s = self.sessions.get(key)
+                # Valid only while the very secret that opened it is configured.
+                if s is not None and self.bound_name(s.binding) == s.token_name:
                     # A clawgate token beside the cookie is clawgate's too: dropped.
                     auth = head.header(b"authorization")
-                    return (Credential("session", s.token_name, expires_at=s.expires),
+                    return (Credential("session", s.token_name, expires_at=s.expires,
+                                       binding=s.binding, session=key),
                             None, auth is not None and not self._kept_beside_session(auth),
                             True)
         auth = head.header(b"authorization")
@@ -193,11 +195,12 @@ class Authorizer:
         d = digest(token)
         name = self.tokens.verify_digest(d)
         if name is not None:
-            return Credential("token", name), None, True, False
+            return Credential("token", name, binding=d), None, True, False
         if self.gateway_token_digest is not None and hmac.compare_digest(
                 self.gateway_token_digest, d):
             # The gateway's own token: the gateway needs it, so it is forwarded.
-            return Credential("gateway-token", GATEWAY_TOKEN_NAME), None, False, False
+            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d),
+                    None, False, False)
         if not self.settings.require_token and self.jwt is None:
             return None, None, False, False
         return None, "invalid token", True, False
@@ -216,6 +219,17 @@ class Authorizer:
         if self.tokens.verify_digest(d) is not None:
             return False
         return foreign
+
+    def bound_name(self, binding: bytes) -> str | None:
+        """The name of the configured secret whose digest is ``binding``, else None.
+
+        Constant time over every configured secret (static tokens, the gateway's token).
+        """
+        name = self.tokens.verify_digest(binding)
+        gw = self.gateway_token_digest
+        if gw is not None and hmac.compare_digest(gw, binding) and name is None:
+            name = GATEWAY_TOKEN_NAME
+        return name
 
     # ------------------------------------------------------------------ identity
 
@@ -267,7 +281,6 @@ class Authorizer:
                 # Nor a way to make clawgate scan a body for anyone (tiny chunks).
                 return Grant(Decision(False, 413, "an exempt path takes no request body"))
             return Grant(ALLOW_EXEMPT)
-        conn.rt.check_lockout(conn)
         if self.jwt is not None:
             token = self._bearer_jwt(head)
             if token is not None and self.jwt.needs_keys(token):
@@ -275,15 +288,17 @@ class Authorizer:
         outcome = self.identity_sync(conn)
         if outcome is None:
             return None
+        # After whois: a lockout is the node's when the peer has a known identity.
+        conn.rt.check_lockout(conn, outcome.identity)
         return self._finish(conn, head, outcome)
 
     async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
-        conn.rt.check_lockout(conn)
         if self.jwt is not None:
             token = self._bearer_jwt(head)
             if token is not None:
                 await self.jwt.prepare(token)
         outcome = await self.identity_async(conn)
+        conn.rt.check_lockout(conn, outcome.identity)
         return self._finish(conn, head, outcome)
 
     def _bearer_jwt(self, head: RequestHead) -> str | None:
@@ -360,8 +375,10 @@ class Authorizer:
 
     # ------------------------------------------------------------------ login
 
-    def login_endpoint(self, conn: ClientConnection, head: RequestHead,
-                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def login_endpoint(self, conn: ClientConnection, head: RequestHead, body: bytes,
+                       identity: Any = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """clawgate's own pages; ``identity``: the peer's, looked up before a login POST
+        (failed logins count against the node, not against 127.0.0.1)."""
         path = head.path
         html_type = ("Content-Type", "text/html; charset=utf-8")
         if path == b"/__clawgate/login" and head.method in (b"GET", b"HEAD"):
@@ -378,19 +395,24 @@ class Authorizer:
                 return 400, [("Content-Type", "text/plain")], b"malformed form\n"
             token = (form.get("token") or [""])[0].strip()
             nxt = _safe_next((form.get("next") or ["/"])[0])
+            left = conn.rt.lockout_left(conn, identity)
+            if left > 0:
+                return 429, [("Retry-After", str(int(left) + 1)),
+                             ("Content-Type", "text/plain")], \
+                    b"too many failed authentications\n"
             name: str | None = None
+            d = digest(token)
             if token:
-                d = digest(token)
-                name = self.tokens.verify_digest(d)
-                if name is None and self.gateway_token_digest is not None and \
-                        hmac.compare_digest(self.gateway_token_digest, d):
-                    name = GATEWAY_TOKEN_NAME
+                name = self.bound_name(d)
             if name is None:
-                conn.rt.note_denied(conn, 401)
+                conn.rt.note_denied(conn, 401, identity)
                 conn.rt.log.write({"event": "login", "conn": conn.conn_id,
                                    "peer": conn.peer_ip, "result": "invalid token"})
                 return 401, [html_type], self.login_page(nxt, "That token is not valid.")
-            sid, sess = self.sessions.create(name)
+            try:
+                sid, _key, sess = self.sessions.create(name, d)
+            except StoreUnavailable:
+                return 503, [("Content-Type", "text/plain")], b"session store unavailable\n"
             secure = "; Secure" if conn.tls else ""
             set_cookie = (f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
                           f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}")
@@ -402,7 +424,14 @@ class Authorizer:
             if raw_cookie is not None:
                 old_sid = _cookie_value(raw_cookie, self.cookie_name)
                 if old_sid is not None:
-                    self.sessions.delete(old_sid)
+                    key = session_key(old_sid)
+                    try:
+                        self.sessions.delete(key)
+                    except StoreUnavailable:
+                        return 503, [("Content-Type", "text/plain")], \
+                            b"session store unavailable\n"
+                    # Its live WebSockets end too (other workers: within 0.25 s).
+                    conn.rt.end_logged_out(key)
             expire = f"{self.cfg.tokens.cookie_name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
             return 303, [("Set-Cookie", expire), ("Location", "/__clawgate/login")], b""
         return 404, [("Content-Type", "text/plain")], b"not found\n"

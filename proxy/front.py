@@ -557,7 +557,22 @@ class ClientConnection(asyncio.Protocol):
         self._local_respond(head, body)
 
     def _local_respond(self, head: RequestHead, body: bytes) -> None:
-        status, headers, payload = self.rt.local_endpoint(self, head, body)
+        if self.rt.local_needs_identity(head):
+            # A login POST: whois first, so failures count against the peer's node.
+            self.state = DECIDING
+            self._pause(True)
+            self._task = self.rt.spawn(self._local_async(head, body), f"local-{self.conn_id}")
+            return
+        self._local_send(head, self.rt.local_endpoint(self, head, body))
+
+    async def _local_async(self, head: RequestHead, body: bytes) -> None:
+        answer = await self.rt.local_endpoint_async(self, head, body)
+        if not self._closed:
+            self._local_send(head, answer)
+
+    def _local_send(self, head: RequestHead,
+                    answer: tuple[int, list[tuple[str, str]], bytes]) -> None:
+        status, headers, payload = answer
         self.rt.log.write({"event": "local", "conn": self.conn_id, "peer": self.peer_ip,
                            "method": head.method.decode("latin-1"),
                            "path": head.path.decode("latin-1"), "status": status})
