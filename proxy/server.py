@@ -44,6 +44,11 @@ __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_not
 
 log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
+# The gateway's token is a shared secret the tailnet can guess at (first-frame gate, login
+# form): shorter than this is refused at load and on reload.
+MIN_GATEWAY_TOKEN_BYTES = 32
+# A worker's end of its control channel to the parent (workers > 1): the fd number.
+CONTROL_FD_ENV = "CLAWGATE_CONTROL_FD"
 
 
 def sd_notify(message: str, path: str | None = None) -> None:
@@ -99,7 +104,22 @@ def build_authorizer_inputs(cfg: Config) -> tuple[TokenSet, bytes | None]:
             raise ConfigError("tokens.env", f"environment variable {var} is not set")
         entries.append(TokenEntry(f"env:{var}", digest(value.strip())))
     gw = read_secret(cfg.gateway_token.file, cfg.gateway_token.env, "gatewayToken")
+    if gw is not None and len(gw) < MIN_GATEWAY_TOKEN_BYTES:
+        key = "gatewayToken.file" if cfg.gateway_token.file else "gatewayToken.env"
+        raise ConfigError(key, f"the gateway token is {len(gw)} bytes; at least "
+                               f"{MIN_GATEWAY_TOKEN_BYTES} bytes are needed (e.g. "
+                               "`openssl rand -hex 32`)")
     return TokenSet(entries), gw
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated config and what is derived from it, ready to be swapped in."""
+
+    cfg: Config
+    tokens: TokenSet
+    jwt: Any
+    authz: Authorizer
 
 
 class Runtime:
@@ -139,6 +159,9 @@ class Runtime:
         self.reload_callbacks: list[Callable[[], object]] = []
         self.listen_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.tls_status: Callable[[], dict[str, Any]] | None = None
+        # With workers > 1: the channel to the parent (proxy.workers.WorkerControl), through
+        # which the admin's /-/reload reaches every worker.
+        self.worker_control: Any = None
         self.cfg = cfg
         self.networks: NetworkSet = cfg.gateway.allowed_networks
         self.authz: Authorizer = None  # type: ignore[assignment]  # set by apply_config
@@ -147,6 +170,10 @@ class Runtime:
 
     def apply_config(self, cfg: Config) -> None:
         """Build everything derived from ``cfg`` and swap it in; raises on a bad config."""
+        self._swap(self._build(cfg))
+
+    def _build(self, cfg: Config) -> Prepared:
+        """Everything derived from ``cfg``, not yet in force; raises on a bad config."""
         tokens, gw_token = build_authorizer_inputs(cfg)
         jwt = None
         if cfg.jwt.enabled:
@@ -162,17 +189,36 @@ class Runtime:
             gateway_token=gw_token,
             revoked=getattr(jwt, "revoked_reason", None),
         )
+        return Prepared(cfg, tokens, jwt, authz)
+
+    def _swap(self, new: Prepared) -> None:
         # One assignment each, nothing awaited in between: connections see old or new.
+        cfg = new.cfg
         self.cfg = cfg
         self.networks = cfg.gateway.allowed_networks
-        self.jwt = jwt
-        self.authz = authz
+        self.jwt = new.jwt
+        self.authz = new.authz
         self.sessions.ttl = cfg.tokens.session_ttl
-        self.sessions.revoke_missing(tokens.names | {GATEWAY_TOKEN_NAME})
+        self.sessions.revoke_missing(new.tokens.names | {GATEWAY_TOKEN_NAME})
 
     def reload(self) -> bool:
         """Re-read the config file and tokens; keep the old config on any error."""
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        prepared = self.prepare_reload()
+        if prepared is None:
+            sd_notify("READY=1\nSTATUS=reload refused: " + str(self.last_reload_error)[:200])
+            return False
+        self.commit_reload(prepared)
+        sd_notify("READY=1\nSTATUS=serving")
+        return True
+
+    def prepare_reload(self) -> Prepared | None:
+        """Phase one of a reload: read and validate everything, change nothing.
+
+        None when refused (``last_reload_error`` says why). With ``workers > 1`` the
+        parent asks every worker to prepare, and only when all could does it tell them
+        to commit: a config one worker refuses is applied by none.
+        """
         for callback in self.reload_callbacks:
             callback()  # e.g. re-fetch the TLS certificate, even if the config is refused
         try:
@@ -180,21 +226,26 @@ class Runtime:
             if (cfg.gateway.hosts, cfg.gateway.port) != (self.cfg.gateway.hosts,
                                                          self.cfg.gateway.port):
                 log.warning("gateway.host/port changed: restart clawgate to move listeners")
-            self.apply_config(cfg)
+            return self._build(cfg)
         except ClawgateError as exc:
-            self.last_reload_error = str(exc)
-            log.error("reload refused, keeping the running config: %s", exc)
-            self.log.write({"event": "reload", "result": "refused", "error": str(exc)})
-            sd_notify("READY=1\nSTATUS=reload refused: " + str(exc)[:200])
-            return False
+            self.reload_refused(str(exc))
+            return None
+
+    def reload_refused(self, error: str) -> None:
+        self.last_reload_error = error
+        log.error("reload refused, keeping the running config: %s", error)
+        self.log.write({"event": "reload", "result": "refused", "error": error})
+
+    def commit_reload(self, prepared: Prepared) -> int:
+        """Phase two: put a prepared config in force; returns the live sessions ended."""
+        self._swap(prepared)
         self.reloads += 1
         self.last_reload_error = None
         ended = self.recheck_sessions()
         self.last_sessions_ended = ended
         self.log.write({"event": "reload", "result": "ok", "sessions_ended": ended})
         log.info("config reloaded (%d live sessions ended)", ended)
-        sd_notify("READY=1\nSTATUS=serving")
-        return True
+        return ended
 
     def recheck_sessions(self) -> int:
         """End live sessions the current config would refuse. Returns how many."""
@@ -621,6 +672,11 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {cfg.admin.host}:{cfg.admin.port} "
                                 f"(admin): {exc.strerror}") from None
+    control_fd = os.environ.pop(CONTROL_FD_ENV, None)
+    if control_fd is not None:
+        from .workers import WorkerControl
+
+        rt.worker_control = await WorkerControl.attach(rt, worker_index, int(control_fd))
     stop_event = stop or asyncio.Event()
     drain_now = asyncio.Event()
     if stop is None:
@@ -652,6 +708,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
                  rt.cfg.limits.drain_seconds)
         await rt.drain(rt.cfg.limits.drain_seconds)
         sweeper.cancel()
+        if rt.worker_control is not None:
+            rt.worker_control.close()
         if rt.monitor is not None:
             await rt.monitor.stop()
         if rt.localapi is not None:
