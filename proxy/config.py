@@ -139,6 +139,13 @@ class TailscaleConfig:
     def has_allow_lists(self) -> bool:
         return bool(self.allow_users or self.allow_tags or self.allow_nodes)
 
+    @property
+    def identity_needed(self) -> bool:
+        """The written policy cannot be decided without a tailnet identity: clawgate sets
+        up the identity source even with no tailscaled found (then 503 until it is)."""
+        return (self.require_identity is True or self.auth_mode != "both"
+                or self.has_allow_lists or self.require_capability is not None)
+
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
@@ -537,6 +544,17 @@ def parse_config(data: object, source: str | None = None) -> Config:
             "tailscale.requireIdentity",
             f"false contradicts authMode {tailscale.auth_mode!r}, which relies on identity",
         )
+    if tailscale.require_identity is False:
+        # An allow list nobody checks would admit everyone it was written to keep out.
+        for key, value in (("allowUsers", tailscale.allow_users),
+                           ("allowTags", tailscale.allow_tags),
+                           ("allowNodes", tailscale.allow_nodes),
+                           ("requireCapability", tailscale.require_capability)):
+            if value:
+                raise ConfigError(
+                    "tailscale.requireIdentity",
+                    f"false contradicts tailscale.{key}, which can only be checked "
+                    "against a tailnet identity (remove one of them)")
 
     a = _Section(top.get("admin", lambda v, p: v, {}), "admin")
     admin = AdminConfig(

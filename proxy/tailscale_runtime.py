@@ -26,10 +26,12 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
     ts = rt.cfg.tailscale
     path = find_socket(ts.socket)
     if path is None and ts.socket is None:
-        if ts.require_identity:
-            # Identity was asked for explicitly: fail closed (503) until tailscaled appears.
-            log.warning("tailscale.requireIdentity is true but no tailscaled socket was "
-                        "found: every request will get 503 until it appears")
+        if ts.identity_needed:
+            # Identity was asked for (requireIdentity, an allow list, requireCapability or
+            # authMode either/identity): fail closed (503) until tailscaled appears.
+            log.warning("the config needs tailnet identity (tailscale.requireIdentity, "
+                        "allow lists, requireCapability or authMode) but no tailscaled "
+                        "socket was found: requests get 503 until it appears")
         else:
             return []
     client = LocalAPIClient(ts.socket, timeout=ts.timeout)
