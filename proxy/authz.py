@@ -250,6 +250,7 @@ class Authorizer:
     # ------------------------------------------------------------------ decision
 
     def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
+        conn.rt.check_host(conn, head)  # before anything else, exempt paths included
         if head.path in self.exempt and not head.websocket:
             # Exempt means a health probe, never a gateway session: the gateway accepts
             # a WebSocket upgrade on any path, /health included.

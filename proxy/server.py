@@ -25,13 +25,20 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from .access.hosts import HostNames
 from .access.networks import NetworkSet
 from .access.policy import check_identity
 from .access.tokens import TokenEntry, TokenFile, TokenSet, digest
 from .accesslog import AccessLog
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
-from .errors import ClawgateError, ConfigError, TokenStoreError, TooManyRequests
+from .errors import (
+    ClawgateError,
+    ConfigError,
+    MisdirectedRequest,
+    TokenStoreError,
+    TooManyRequests,
+)
 from .front import ClientConnection
 from .httphead import RequestHead
 from .metrics import Metrics
@@ -159,9 +166,12 @@ class Runtime:
         self.reload_callbacks: list[Callable[[], object]] = []
         self.listen_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.tls_status: Callable[[], dict[str, Any]] | None = None
+        self.tls_names: Callable[[], tuple[str, ...]] | None = None
         # With workers > 1: the channel to the parent (proxy.workers.WorkerControl), through
         # which the admin's /-/reload reaches every worker.
         self.worker_control: Any = None
+        self._host_names = HostNames(frozenset())
+        self._host_key: tuple[Any, ...] = ()
         self.cfg = cfg
         self.networks: NetworkSet = cfg.gateway.allowed_networks
         self.authz: Authorizer = None  # type: ignore[assignment]  # set by apply_config
@@ -385,6 +395,44 @@ class Runtime:
 
     # ------------------------------------------------------------------ per request
 
+    def host_names(self) -> HostNames:
+        """clawgate's own names, rebuilt when the config, the listeners or tailscaled's
+        view of this node (addresses, MagicDNS name, certificate names) change."""
+        m = self.monitor
+        tls = self.tls_names() if self.tls_names is not None else ()
+        key = (self.cfg, len(self.listen_addresses), tls,
+               *((m.tailscale_ips, m.self_dns_name, m.cert_domains) if m is not None else ()))
+        if key != self._host_key:
+            cfg = self.cfg
+            exact = [h for h in cfg.gateway.hosts
+                     if h not in (HOST_TAILSCALE, "0.0.0.0", "::")]  # noqa: S104
+            exact += [a.rsplit(":", 1)[0].strip("[]") for a in self.listen_addresses]
+            exact += cfg.gateway.allowed_hosts
+            magic: list[str] = [socket.gethostname(), *tls]
+            if cfg.tls.domain:
+                magic.append(cfg.tls.domain)
+            if m is not None:
+                exact += m.tailscale_ips
+                magic += [*m.cert_domains, *([m.self_dns_name] if m.self_dns_name else [])]
+            self._host_names = HostNames.build(exact=exact, with_short=magic)
+            self._host_key = key
+        return self._host_names
+
+    def check_host(self, conn: ClientConnection, head: RequestHead) -> None:
+        """DNS rebinding: refuse (421) a Host that does not name clawgate. Every request,
+        exempt paths and clawgate's own pages included: one rule, nothing to reason about."""
+        names = self.host_names()
+        value = head.header(b"host")
+        why = names.refusal(value)
+        if why is None:
+            return
+        t = conn.transport
+        local = t.get_extra_info("sockname") if t is not None else None
+        if local and names.refusal(value, str(local[0])) is None:
+            return
+        self.metrics.refused["host"] += 1
+        raise MisdirectedRequest(why)
+
     def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
         return self.authz.authorize_sync(conn, head)
 
@@ -402,6 +450,11 @@ class Runtime:
 
     def local_endpoint(self, conn: ClientConnection, head: RequestHead,
                        body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        try:
+            self.check_host(conn, head)
+        except MisdirectedRequest as exc:
+            return 421, [("Content-Type", "text/plain; charset=utf-8")], \
+                f"{exc.reason}\n".encode()
         return self.authz.login_endpoint(conn, head, body)
 
     def login_page(self, head: RequestHead, reason: str) -> bytes:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 __all__ = ["split_host", "normalise_name", "HostNames", "LOOPBACK_NAMES",
            "admin_host_allowed", "is_loopback_name"]
 
 _LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_UNSEEN = object()
+_SEEN_MAX = 1024
 
 
 def normalise_name(text: str) -> str | None:
@@ -108,24 +109,41 @@ def admin_host_allowed(value: str | None, port: int) -> bool:
     return is_loopback_name(name) and got_port in (None, port)
 
 
-@dataclass(frozen=True, slots=True)
 class HostNames:
-    """The names and addresses clawgate answers to (canonical forms)."""
+    """The names and addresses clawgate answers to (canonical forms).
 
-    names: frozenset[str]
+    ``refusal`` remembers its answer per raw Host value (bounded): the Host of every
+    request is checked, and a client sends the same few values again and again.
+    """
+
+    __slots__ = ("names", "wildcards", "_seen")
+
+    def __init__(self, names: frozenset[str], wildcards: frozenset[str] = frozenset()) -> None:
+        self.names = names
+        self.wildcards = wildcards  # "*.example.com" (a certificate's name) as "example.com"
+        self._seen: dict[bytes, str | None] = {}
 
     @classmethod
-    def build(cls, *groups: Iterable[str]) -> HostNames:
+    def build(cls, exact: Iterable[str] = (), with_short: Iterable[str] = ()) -> HostNames:
+        """``exact``: names and IPs as given; ``with_short``: MagicDNS and certificate
+        names, also served by their first label (MagicDNS search domains resolve it)."""
         out: set[str] = set()
-        for group in groups:
-            for item in group:
-                name = normalise_name(item)
-                if name is None:
-                    continue
+        wild: set[str] = set()
+        for item in with_short:
+            if item.startswith("*.") and (parent := normalise_name(item[2:])) is not None \
+                    and "." in parent and not _is_ip(parent):
+                wild.add(parent)
+        for item in exact:
+            name = normalise_name(item)
+            if name is not None:
+                out.add(name)
+        for item in with_short:
+            name = normalise_name(item)
+            if name is not None:
                 out.add(name)
                 if not _is_ip(name) and "." in name:
-                    out.add(name.split(".", 1)[0])  # the short name (MagicDNS search)
-        return cls(frozenset(out) | LOOPBACK_NAMES)
+                    out.add(name.split(".", 1)[0])
+        return cls(frozenset(out) | LOOPBACK_NAMES, frozenset(wild))
 
     def refusal(self, value: bytes | None, local_ip: str = "") -> str | None:
         """None when ``value`` (the Host header) names clawgate, else a short reason.
@@ -136,6 +154,18 @@ class HostNames:
         """
         if value is None:
             return None
+        if not local_ip:
+            seen = self._seen.get(value, _UNSEEN)
+            if seen is not _UNSEEN:
+                return seen  # type: ignore[return-value]
+            why = self._refusal(value, "")
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
+            self._seen[value] = why
+            return why
+        return self._refusal(value, local_ip)
+
+    def _refusal(self, value: bytes, local_ip: str) -> str | None:
         try:
             text = value.decode("ascii").strip()
         except UnicodeError:
@@ -145,6 +175,9 @@ class HostNames:
             return "malformed Host"
         name = parsed[0]
         if name in self.names or is_loopback_name(name):
+            return None
+        if self.wildcards and "." in name and name.split(".", 1)[1] in self.wildcards \
+                and not _is_ip(name):
             return None
         if local_ip and _is_ip(name) and name == _canonical_ip(local_ip):
             return None
