@@ -55,6 +55,10 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
     addresses: list[str] = []
     try:
         status = await client.status(peers=False)
+        # This node's names, for the Host check of the very first requests (the monitor's
+        # first poll runs after the listeners are up).
+        monitor.self_dns_name = status.self_dns_name
+        monitor.cert_domains = status.cert_domains
         if status.running:
             addresses = list(status.tailscale_ips)
         else:

@@ -41,10 +41,11 @@ def normalise_name(text: str) -> str | None:
     name = text.lower()
     if name.endswith("."):
         name = name[:-1]
-    try:
-        return str(ipaddress.IPv4Address(name))
-    except ValueError:
-        pass
+    if _looks_v4(name):
+        try:
+            return str(ipaddress.IPv4Address(name))
+        except ValueError:
+            return None
     labels = name.split(".")
     if not all(_LABEL_RE.match(label) for label in labels):
         return None
@@ -92,6 +93,8 @@ def is_loopback_name(name: str) -> bool:
     """``localhost``, ``127.0.0.0/8`` or ``::1`` (a canonical name from split_host)."""
     if name == "localhost":
         return True
+    if not _is_ip(name):
+        return False
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
@@ -185,7 +188,15 @@ class HostNames:
                "gateway.allowedHosts"
 
 
+def _looks_v4(name: str) -> bool:
+    return name.replace(".", "").isdigit() and name.isascii()
+
+
 def _is_ip(name: str) -> bool:
+    # A canonical name from normalise_name: cheap shape tests first (exceptions are slow,
+    # and a client can send a new Host on every request).
+    if ":" not in name and not _looks_v4(name):
+        return False
     try:
         ipaddress.ip_address(name)
         return True
