@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from .server import CONTROL_FD_ENV, sd_notify
 if TYPE_CHECKING:
     from .server import Prepared, Runtime
 
-__all__ = ["run_workers", "WorkerControl", "RELOAD_PHASE_SECONDS"]
+__all__ = ["run_workers", "WorkerControl", "ReloadCoordinator", "RELOAD_PHASE_SECONDS"]
 
 log = logging.getLogger("clawgate")
 
@@ -155,7 +156,8 @@ class WorkerControl:
 @dataclass
 class _Worker:
     index: int
-    proc: subprocess.Popen[bytes]
+    pid: int
+    alive: Callable[[], bool]
     sock: socket.socket | None
     buf: bytes = b""
 
@@ -171,10 +173,143 @@ class _Reload:
     deadline: float
     phase: str = "prepare"
     answers: dict[int, dict[str, Any]] = field(default_factory=dict)
-    prepared: dict[int, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None  # the first worker's own refusal
 
     def missing(self) -> list[_Worker]:
         return [w for w in self.workers if w.index not in self.answers]
+
+
+class ReloadCoordinator:
+    """The parent's side of reloads: one two-phase reload at a time over every worker.
+
+    Driven by the parent's select loop: ``read`` when a control socket is readable,
+    ``ask`` for SIGHUP, ``tick`` after each round. ``notify`` tells systemd (SIGHUP only).
+    """
+
+    def __init__(self, workers: list[_Worker], notify: Callable[[str], None],
+                 phase_seconds: float = RELOAD_PHASE_SECONDS) -> None:
+        self.workers = workers
+        self.notify = notify
+        self.phase_seconds = phase_seconds
+        self.queued: list[tuple[int, int] | None] = []
+        self.current: _Reload | None = None
+        self._gens = itertools.count(1)
+
+    def ask(self, waiter: tuple[int, int] | None = None) -> None:
+        self.queued.append(waiter)
+
+    def tick(self, now: float) -> None:
+        # A request that arrives during a reload gets a fresh one after it (the running
+        # one may have read the files before the caller changed them).
+        if self.current is None and self.queued:
+            self.current = self._start(self.queued, now)
+            self.queued = []
+        if self.current is not None and self._advance(self.current, now):
+            self.current = None
+
+    def read(self, w: _Worker) -> None:
+        assert w.sock is not None
+        try:
+            data = w.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            w.sock.close()
+            w.sock = None
+            return
+        w.buf += data
+        while b"\n" in w.buf:
+            line, w.buf = w.buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                self._on_message(w, msg)
+        if len(w.buf) > _MAX_LINE:
+            w.buf = b""
+
+    def _on_message(self, w: _Worker, msg: dict[str, Any]) -> None:
+        op, cur = msg.get("op"), self.current
+        if op == "reload-all" and isinstance(msg.get("req"), int):
+            self.ask((w.index, msg["req"]))
+        elif op in ("prepared", "committed") and cur is not None \
+                and msg.get("gen") == cur.gen \
+                and cur.phase == ("prepare" if op == "prepared" else "commit"):
+            cur.answers[w.index] = msg
+
+    def _start(self, waiters: list[tuple[int, int] | None], now: float) -> _Reload:
+        live = [w for w in self.workers if w.sock is not None and w.alive()]
+        r = _Reload(next(self._gens), live, waiters, now + self.phase_seconds)
+        if None in waiters:
+            self.notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        for w in live:
+            if w.sock is None or not _send(w.sock, {"op": "prepare", "gen": r.gen}):
+                r.answers[w.index] = {"ok": False, "error": "worker exited"}
+        return r
+
+    def _advance(self, r: _Reload, now: float) -> bool:
+        """Move the reload on when everyone answered (or time is up); True when done."""
+        for w in r.missing():
+            if w.sock is None or not w.alive():
+                r.answers[w.index] = {"ok": False, "error": "worker exited"}
+        if r.missing() and now < r.deadline:
+            return False
+        for w in r.missing():
+            r.answers[w.index] = {"ok": False, "error": f"no answer within "
+                                  f"{self.phase_seconds:g}s"}
+        if r.phase == "prepare":
+            if r.answers and all(a.get("ok") for a in r.answers.values()):
+                r.answers = {}
+                r.phase = "commit"
+                r.deadline = now + self.phase_seconds
+                for w in r.workers:
+                    if w.sock is None or not _send(w.sock, {"op": "commit", "gen": r.gen}):
+                        r.answers[w.index] = {"ok": False, "error": "worker exited"}
+                return False
+            error = next((str(a.get("error")) for a in r.answers.values()
+                          if not a.get("ok")), "no worker is running")
+            r.error = error
+            for w in r.workers:
+                if w.sock is not None and r.answers.get(w.index, {}).get("ok"):
+                    _send(w.sock, {"op": "abort", "gen": r.gen, "error": error})
+                    # Valid there, but not applied: no worker reports success.
+                    r.answers[w.index] = {"ok": False, "error": "not applied: another "
+                                          f"worker refused ({error})"}
+        self._finish(r)
+        return True
+
+    def _finish(self, r: _Reload) -> None:
+        results: list[dict[str, Any]] = []
+        for w in r.workers:
+            a = r.answers.get(w.index, {})
+            results.append({"worker": w.index, "pid": w.pid, "ok": bool(a.get("ok")),
+                            "error": None if a.get("ok") else a.get("error"),
+                            "sessions_ended": int(a.get("sessions_ended") or 0)})
+        ok = bool(results) and all(x["ok"] for x in results)
+        error = None if ok else r.error or next(
+            (x["error"] for x in results if not x["ok"]), "no worker is running")
+        body = {"op": "reload-result", "ok": ok, "error": error,
+                "stage": r.phase if not ok else "done", "workers": results,
+                "sessions_ended": sum(x["sessions_ended"] for x in results)}
+        if ok:
+            log.info("reload applied by all %d workers", len(results))
+        else:
+            log.error("reload refused (%s): every worker keeps the running config"
+                      if r.phase == "prepare" else "reload incomplete (%s)", error)
+        for waiter in r.waiters:
+            if waiter is None:
+                self.notify("READY=1\nSTATUS=" + (
+                    "serving" if ok else f"reload refused: {error}"[:200]))
+                continue
+            idx, req = waiter
+            sock = self.workers[idx].sock
+            if sock is not None:
+                _send(sock, {**body, "req": req})
+
+
+def _alive(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
+    return lambda: proc.poll() is None
 
 
 def _outer(path: str | None, message: str) -> None:
@@ -195,20 +330,19 @@ def run_workers(cfg: Config, config_path: str | None) -> int:
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     inbox.bind(inbox_path)
     workers: list[_Worker] = []
+    procs: list[subprocess.Popen[bytes]] = []
     for i in range(cfg.workers):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {**os.environ, "NOTIFY_SOCKET": inbox_path, CONTROL_FD_ENV: str(theirs.fileno())}
         proc = subprocess.Popen([*argv, "--worker-index", str(i)], env=env,  # noqa: S603
                                 pass_fds=(theirs.fileno(),))
         theirs.close()
-        workers.append(_Worker(i, proc, mine))
-    procs = [w.proc for w in workers]
+        procs.append(proc)
+        workers.append(_Worker(i, proc.pid, _alive(proc), mine))
     log.info("started %d workers: %s", len(procs), ", ".join(str(p.pid) for p in procs))
     waiting_ready = len(procs)
     reload_asked = False
-    queued: list[tuple[int, int] | None] = []
-    current: _Reload | None = None
-    gens = itertools.count(1)
+    reloads = ReloadCoordinator(workers, lambda msg: _outer(outer_notify, msg))
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal reload_asked
@@ -220,102 +354,6 @@ def run_workers(cfg: Config, config_path: str | None) -> int:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
-
-    def start_reload(waiters: list[tuple[int, int] | None]) -> _Reload:
-        live = [w for w in workers if w.sock is not None and w.proc.poll() is None]
-        r = _Reload(next(gens), live, waiters, time.monotonic() + RELOAD_PHASE_SECONDS)
-        if None in waiters:
-            _outer(outer_notify, f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
-        for w in live:
-            if w.sock is None or not _send(w.sock, {"op": "prepare", "gen": r.gen}):
-                r.answers[w.index] = {"ok": False, "error": "worker exited"}
-        return r
-
-    def advance(r: _Reload, now: float) -> bool:
-        """Move the reload on when everyone answered (or time is up); True when done."""
-        for w in r.missing():
-            if w.sock is None or w.proc.poll() is not None:
-                r.answers[w.index] = {"ok": False, "error": "worker exited"}
-        if r.missing() and now < r.deadline:
-            return False
-        for w in r.missing():
-            r.answers[w.index] = {"ok": False, "error": f"no answer within "
-                                  f"{RELOAD_PHASE_SECONDS:.0f}s"}
-        if r.phase == "prepare":
-            if all(a.get("ok") for a in r.answers.values()) and r.answers:
-                r.prepared, r.answers = r.answers, {}
-                r.phase = "commit"
-                r.deadline = now + RELOAD_PHASE_SECONDS
-                for w in r.workers:
-                    if w.sock is None or not _send(w.sock, {"op": "commit", "gen": r.gen}):
-                        r.answers[w.index] = {"ok": False, "error": "worker exited"}
-                return False
-            error = next((str(a.get("error")) for a in r.answers.values()
-                          if not a.get("ok")), "no worker is running")
-            for w in r.workers:
-                if w.sock is not None and r.answers.get(w.index, {}).get("ok"):
-                    _send(w.sock, {"op": "abort", "gen": r.gen, "error": error})
-        finish(r)
-        return True
-
-    def finish(r: _Reload) -> None:
-        results: list[dict[str, Any]] = []
-        for w in r.workers:
-            a = r.answers.get(w.index, {})
-            results.append({"worker": w.index, "pid": w.proc.pid, "ok": bool(a.get("ok")),
-                            "error": None if a.get("ok") else a.get("error"),
-                            "sessions_ended": int(a.get("sessions_ended") or 0)})
-        ok = bool(results) and all(x["ok"] for x in results)
-        error = None if ok else next((x["error"] for x in results if not x["ok"]),
-                                     "no worker is running")
-        body = {"op": "reload-result", "ok": ok, "error": error,
-                "stage": r.phase if not ok else "done", "workers": results,
-                "sessions_ended": sum(x["sessions_ended"] for x in results)}
-        if ok:
-            log.info("reload applied by all %d workers", len(results))
-        else:
-            log.error("reload refused (%s): every worker keeps the running config"
-                      if r.phase == "prepare" else "reload incomplete (%s)", error)
-        for waiter in r.waiters:
-            if waiter is None:
-                _outer(outer_notify, "READY=1\nSTATUS=" + (
-                    "serving" if ok else f"reload refused: {error}"[:200]))
-                continue
-            idx, req = waiter
-            sock = workers[idx].sock
-            if sock is not None:
-                _send(sock, {**body, "req": req})
-
-    def on_message(w: _Worker, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        if op == "reload-all" and isinstance(msg.get("req"), int):
-            queued.append((w.index, msg["req"]))
-        elif op in ("prepared", "committed") and current is not None \
-                and msg.get("gen") == current.gen \
-                and current.phase == ("prepare" if op == "prepared" else "commit"):
-            current.answers[w.index] = msg
-
-    def read_control(w: _Worker) -> None:
-        assert w.sock is not None
-        try:
-            data = w.sock.recv(65536)
-        except OSError:
-            data = b""
-        if not data:
-            w.sock.close()
-            w.sock = None
-            return
-        w.buf += data
-        while b"\n" in w.buf:
-            line, w.buf = w.buf.split(b"\n", 1)
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict):
-                on_message(w, msg)
-        if len(w.buf) > _MAX_LINE:
-            w.buf = b""
 
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
@@ -332,17 +370,11 @@ def run_workers(cfg: Config, config_path: str | None) -> int:
                         _outer(outer_notify, "READY=1\nSTATUS=serving")
             for w in workers:
                 if w.sock is not None and w.sock in ready:
-                    read_control(w)
+                    reloads.read(w)
             if reload_asked:
                 reload_asked = False
-                queued.append(None)
-            # A request that arrives during a reload gets a fresh one after it (the
-            # running one may have read the files before the caller changed them).
-            if current is None and queued:
-                current = start_reload(queued)
-                queued = []
-            if current is not None and advance(current, time.monotonic()):
-                current = None
+                reloads.ask(None)
+            reloads.tick(time.monotonic())
             for p in procs:
                 rc = p.poll()
                 if rc not in (None, 0) and status == 0:
