@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.functional.identity_support import fake_tailscaled
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.security.node_support import node_echo
+from tests.support import (
     HOST,
     IDENTITY_HEADER,
     PORT,
+    fake_tailscaled,
     identity_config,
     running,
     status_of,
 )
-from tests.security.node_support import node_echo
 from tests.util import open_in, read_response, read_to_close
 
 SPOOFED = [
