@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from pytest_aiohttp import AiohttpClient
 
 from proxy.access.tokens import TokenFile
 from proxy.admin import admin_refusal, build_admin_app
-from proxy.config import load_config
+from proxy.config import Config, load_config
 from proxy.server import Runtime
 from tests.fakes.fake_gateway import FakeGateway
 
@@ -43,12 +43,21 @@ def write_config(path: Path, upstream_port: int, **extra: Any) -> None:
     path.write_text(json.dumps(cfg))
 
 
-@pytest.fixture
-async def runtime(tmp_path: Path, fake_gateway_local: FakeGateway) -> AsyncIterator[Runtime]:
+def config_at(tmp_path: Path, upstream_port: int) -> Config:
+    """A token file and a config file in tmp_path (set-up before the loop runs)."""
     TokenFile(tmp_path / "tokens.json").add("phone")
-    path = tmp_path / "clawgate.json"
-    write_config(path, fake_gateway_local.port)
-    cfg = load_config(path)
+    write_config(tmp_path / "clawgate.json", upstream_port)
+    return load_config(tmp_path / "clawgate.json")
+
+
+@pytest.fixture
+def config(tmp_path: Path, fake_gateway_local: FakeGateway) -> Config:
+    return config_at(tmp_path, fake_gateway_local.port)
+
+
+@pytest.fixture
+async def runtime(config: Config) -> AsyncIterator[Runtime]:
+    cfg = config
     rt = Runtime(cfg, asyncio.get_running_loop())
     rt.apply_config(cfg)
     rt.listen_addresses = ["127.0.0.1:18789"]  # what serve() records once it listens
@@ -74,27 +83,34 @@ async def test_health_ok_while_the_gateway_answers(client: Client) -> None:
     assert (await client.get("/healthz")).status == 200
 
 
-async def test_health_503_names_the_unreachable_gateway(tmp_path: Path,
-                                                        aiohttp_client: AiohttpClient) -> None:
-    with socket.socket() as s:  # a port nobody listens on (bound, never listening)
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port nobody listens on (bound, never listening, for the test's length)."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-        TokenFile(tmp_path / "tokens.json").add("phone")
-        write_config(tmp_path / "clawgate.json", dead)
-        cfg = load_config(tmp_path / "clawgate.json")
-        rt = Runtime(cfg, asyncio.get_running_loop())
-        rt.apply_config(cfg)
-        try:
-            client = await aiohttp_client(build_admin_app(rt))
-            resp = await client.get("/health")
-            body = await resp.json()
-        finally:
-            rt.log.close()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def dead_config(tmp_path: Path, dead_port: int) -> Config:
+    return config_at(tmp_path, dead_port)
+
+
+async def test_health_503_names_the_unreachable_gateway(dead_config: Config, dead_port: int,
+                                                        aiohttp_client: AiohttpClient) -> None:
+    rt = Runtime(dead_config, asyncio.get_running_loop())
+    rt.apply_config(dead_config)
+    try:
+        client = await aiohttp_client(build_admin_app(rt))
+        resp = await client.get("/health")
+        body = await resp.json()
+    finally:
+        rt.log.close()
     assert resp.status == 503
     assert body["status"] == "degraded"
     assert body["upstream"]["reachable"] is False
     problems = " ".join(body["problems"])
-    assert f"gateway unreachable: http://127.0.0.1:{dead}" in problems, problems
+    assert f"gateway unreachable: http://127.0.0.1:{dead_port}" in problems, problems
     assert "not listening yet" in problems, problems
 
 
