@@ -161,7 +161,7 @@ async def test_health_ok_then_degraded_by_tailscale(serving: Running) -> None:
     assert body["upstream"]["reachable"] is True
     assert f"{GW_V4}:{PORT}" in body["clawgate"]["listening"]
     t = body["tailscale"]
-    assert t["state"] == "Running" and t["serving"] is True
+    assert t["state"] == "Running" and t["running"] is True
     assert t["key_expiry"] and 58 <= t["key_expiry_days_left"] <= 60
     ts.set_backend_state("NeedsLogin")
 
@@ -220,6 +220,6 @@ async def test_status_without_a_running_clawgate(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "proxy", "status", "--config", str(cfg)],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=30)
     assert proc.returncode == 1
-    assert "cannot reach the serving clawgate" in proc.stderr
+    assert "cannot reach the running clawgate" in proc.stderr
     assert "Traceback" not in proc.stderr
 
