@@ -148,6 +148,17 @@ class RealTailnet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def ns(self, name: str) -> str:
+        """The network namespace of node `name` (as tests.netns.Tailnet.ns)."""
+        return self.nodes[name].ns
+
+    def v4(self, name: str) -> str:
+        """Node `name`'s tailnet IPv4 address, as assigned by the control server."""
+        return str(self.ctl.node(name)["v4"])
+
+    def v6(self, name: str) -> str:
+        return str(self.ctl.node(name)["v6"])
+
     def start(self, hub: str, timeout: float = 60.0) -> RealTailnet:
         """Build, register every node, and bring each one's path to `hub` up."""
         ts, tsd = install_tailscale()
