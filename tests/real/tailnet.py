@@ -52,6 +52,7 @@ class Node:
     dir: Path
     tailscale_bin: str
     tailscaled_bin: str
+    ca_file: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +62,7 @@ class Node:
     def start(self) -> None:
         """Start tailscaled (again, after stop(): same state dir, same node key)."""
         (self.dir / "sock").mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
@@ -68,7 +70,11 @@ class Node:
                  f"--statedir={self.dir / 'state'}", f"--socket={self.socket_path}",
                  "--tun=tailscale0", "--port=41641", "--no-logs-no-support"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"})
+                env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true",
+                     # Log config here, not in /var/lib/tailscale of the host.
+                     "TS_LOGS_DIR": str(self.dir / "logs"),
+                     # The control server's HTTPS fallback listener is signed by its own CA.
+                     "SSL_CERT_FILE": self.ca_file})
         finally:
             log.close()
         deadline = time.monotonic() + 15
@@ -170,6 +176,7 @@ class RealTailnet:
                           if spec.startswith("tag:") else self.ctl.create_auth_key(user=spec))
         for node in self.nodes.values():
             node.tailscale_bin, node.tailscaled_bin = ts, tsd
+            node.ca_file = self.ctl.ca_file
             node.start()
         # `tailscale up` for all nodes at once: each waits for its own registration.
         ups = {name: subprocess.Popen(
