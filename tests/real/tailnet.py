@@ -14,6 +14,7 @@ removes what a killed test process left behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -63,6 +64,8 @@ class Node:
         """Start tailscaled (again, after stop(): same state dir, same node key)."""
         (self.dir / "sock").mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # left by a SIGKILLed daemon
+            os.unlink(self.socket_path)
         log = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
@@ -236,10 +239,13 @@ class RealTailnet:
         and tailscaled refreshes that status only every minute unless an IPN bus watcher asks
         for engine updates (mask 1, what the GUIs do): hold one open on each node meanwhile.
         """
-        watchers = [self.nodes[name].watch_engine() for name in self.nodes]
+        registered = {n["name"] for n in self.ctl.nodes()}
+        live = {name: n for name, n in self.nodes.items()
+                if name in registered and n.proc is not None}
+        watchers = [node.watch_engine() for node in live.values()]
         try:
             hub_ip = self.ctl.node(hub)["v4"]
-            for name, node in self.nodes.items():
+            for name, node in live.items():
                 if name == hub:
                     continue
                 node.cli("ping", "--tsmp", "--c=10", "--timeout=3s", hub_ip,
@@ -247,7 +253,7 @@ class RealTailnet:
                 self.nodes[hub].cli("ping", "--tsmp", "--c=10", "--timeout=3s",
                                     self.ctl.node(name)["v4"], timeout=timeout, check=False)
             deadline = time.monotonic() + timeout
-            for name, node in self.nodes.items():
+            for name, node in live.items():
                 while node.status().get("BackendState") != "Running":
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{name} not Running: {node.status()}\n{node.log()}")

@@ -8,7 +8,9 @@ server node's LocalAPI at its default socket path. clawgate runs on the server n
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -212,3 +214,46 @@ async def test_key_expiry_warning_from_the_control_server(real_tailnet: RealTail
             await cg.stop()
     finally:
         tn.ctl.set_key_expiry("server", None)
+
+
+# --- tailscaled killed and restarted under a running clawgate -----------------------------------
+
+async def test_tailscaled_killed_503_then_restarted_served_again(
+        real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path) -> None:
+    tn = real_tailnet
+    server = tn.nodes["server"]
+    # With kernel TUN no tailnet packet arrives while tailscaled is dead (the TUN goes with
+    # it), so clawgate also listens on the server's underlay address: a peer there needs a
+    # whois too, which is what shows the outage (503) and the recovery (403, not a peer).
+    cfg = server_config(server_gateway.port)
+    cfg["gateway"] = {"host": ["tailscale", server.underlay], "port": PORT,
+                      "allowedNetworks": ["100.64.0.0/10", "fd7a:115c:a1e0::/48",
+                                          "198.18.1.0/24"]}
+    cg = await start_server_clawgate(tn, tmp_path / "cg", cfg)
+    try:
+        pid = cg.pid
+        assert (await _get(tn, "phone")).status == 200
+        underlay = await request(tn, "phone", host=server.underlay, port=PORT)  # type: ignore[arg-type]
+        assert underlay.status == 403, underlay  # a real whois: not a tailnet peer
+
+        server.stop(signal.SIGKILL)
+        down = await eventually(
+            lambda: request(tn, "phone", host=server.underlay, port=PORT),  # type: ignore[arg-type]
+            lambda r: r.status == 503, timeout=10, interval=0.2)
+        assert b"tailscale identity unavailable" in down.body, down
+        status, body = await cg.admin("GET", "/health")
+        assert status == 503, body
+
+        server.start()  # same state dir: same node key, same addresses
+        await asyncio.to_thread(tn.connect_all, "server", 60)
+        back = await eventually(lambda: _get(tn, "phone"), lambda r: r.status == 200,
+                                timeout=20, interval=0.5)
+        assert back.status == 200 and _forwarded_user(server_gateway) == ALICE
+        again = await request(tn, "phone", host=server.underlay, port=PORT)  # type: ignore[arg-type]
+        assert again.status == 403, again
+        assert cg.pid == pid and cg.proc is not None and cg.proc.poll() is None
+    finally:
+        await cg.stop()
+        if server.proc is None:
+            server.start()
+            await asyncio.to_thread(tn.connect_all, "server", 60)
