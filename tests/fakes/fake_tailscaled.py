@@ -53,7 +53,10 @@ __all__ = [
 
 SAMPLES = Path(__file__).with_name("tailscale")
 VERSION = "1.102.3-t3e1a8c5f2-g7d24b61a0"
-CAPVER = "131"
+# tailcfg.CurrentCapabilityVersion of each release (the Tailscale-Cap header): 1.96.4 sends
+# 133 (seen from the real daemon in tests/real), 1.102.x 142 (tailcfg.go at v1.102.3).
+CAPVER_BY_RELEASE = {"1.96": "133", "1.102": "142"}
+CAPVER = CAPVER_BY_RELEASE["1.102"]
 TAILNET = "tail3f2a1.ts.net"
 SELF_IPV4 = "100.64.0.1"
 SELF_IPV6 = "fd7a:115c:a1e0::1"
@@ -507,7 +510,8 @@ class FakeTailscaled:
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Tailscale-Version"] = self.version
-        response.headers["Tailscale-Cap"] = CAPVER
+        release = ".".join(self.version.split(".")[:2])
+        response.headers["Tailscale-Cap"] = CAPVER_BY_RELEASE.get(release, CAPVER)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -721,8 +725,13 @@ class FakeTailscaled:
         if min_validity is not None and not _DURATION.match(min_validity):
             return _error(400, "invalid validity")
         pair = self._certs.get(domain)
-        if pair is None:
-            return _error(500, f"invalid domain {domain!r}; must be one of {self.cert_domains!r}")
+        if not self.cert_domains:
+            # What the real daemon says when the netmap has no CertDomains (HTTPS off).
+            return _error(500, "your Tailscale account does not support getting TLS certs")
+        if pair is None or domain not in self.cert_domains:
+            # Go's %q of the domain and of the []string, as the real daemon formats it.
+            wanted = "[" + " ".join(json.dumps(d) for d in self.cert_domains) + "]"
+            return _error(500, f"invalid domain {json.dumps(domain)}; must be one of {wanted}")
         key, chain = pair
         if kind == "pair":
             data = key + chain
