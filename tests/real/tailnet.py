@@ -233,7 +233,7 @@ class RealTailnet:
             self.nodes[name] = Node(name, ns, addr, self.dir / name, "", "")
 
     def connect_all(self, hub: str, timeout: float = 30.0) -> None:
-        """Make every node reach `hub` over WireGuard (a TSMP ping each way), then Running.
+        """Make every node reach `hub` over WireGuard (a TSMP ping to it), then Running.
 
         With no DERP map a node stays "Starting" until its engine status shows a live peer,
         and tailscaled refreshes that status only every minute unless an IPN bus watcher asks
@@ -245,13 +245,20 @@ class RealTailnet:
         watchers = [node.watch_engine() for node in live.values()]
         try:
             hub_ip = self.ctl.node(hub)["v4"]
-            for name, node in live.items():
-                if name == hub:
-                    continue
-                node.cli("ping", "--tsmp", "--c=10", "--timeout=3s", hub_ip,
-                         timeout=timeout, check=False)
-                self.nodes[hub].cli("ping", "--tsmp", "--c=10", "--timeout=3s",
-                                    self.ctl.node(name)["v4"], timeout=timeout, check=False)
+            # All at once: each first ping waits out one WireGuard handshake retry (5 s).
+            pings = [subprocess.Popen(
+                ["ip", "netns", "exec", node.ns, node.tailscale_bin,
+                 f"--socket={node.socket_path}", "ping", "--tsmp", "--c=10", "--timeout=3s",
+                 hub_ip], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for name, node in live.items() if name != hub]
+            try:
+                for p in pings:
+                    p.wait(timeout)
+            finally:
+                for p in pings:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
             deadline = time.monotonic() + timeout
             for name, node in live.items():
                 while node.status().get("BackendState") != "Running":

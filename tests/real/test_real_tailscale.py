@@ -77,6 +77,55 @@ async def _async(fn: Any) -> Any:
     return fn()
 
 
+def _kernel_addrs(tn: RealTailnet) -> set[str]:
+    """The tailnet addresses on the server's tailscale0, as the kernel has them."""
+    out = subprocess.run(["ip", "-n", tn.ns("server"), "-j", "addr", "show"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    return {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])
+            if a["local"].startswith(("100.", "fd7a:"))}
+
+
+async def _bring_up(tn: RealTailnet) -> None:
+    """`tailscale up` on the server (it returns once Running: make a peer path live)."""
+    server = tn.nodes["server"]
+    up = subprocess.Popen(["ip", "netns", "exec", server.ns, server.tailscale_bin,
+                           f"--socket={server.socket_path}", "up", f"--login-server={tn.ctl.url}",
+                           "--hostname=server", "--accept-dns=false", "--netfilter-mode=off"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.to_thread(tn.connect_all, "server", 60)
+        await asyncio.to_thread(up.wait, 30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+async def test_binds_the_addresses_when_they_appear(real_tailnet: RealTailnet,
+                                                  server_gateway: FakeGateway,
+                                                  tmp_path: Path) -> None:
+    tn = real_tailnet
+    server = tn.nodes["server"]
+    server.cli("down")  # tailscaled runs, the node is Stopped: no tailnet address
+    try:
+        assert server.status()["BackendState"] == "Stopped"
+        assert _kernel_addrs(tn) == set()  # the daemon took them off tailscale0
+        cg = await start_server_clawgate(tn, tmp_path / "cg", server_config(server_gateway.port),
+                                         wait_for="waiting for tailscaled to come up")
+        try:
+            assert "is Stopped, not Running: will listen once it is up" in cg.stderr()
+            await _bring_up(tn)
+            err = await cg.wait_stderr("(tailnet address appeared)", timeout=20)
+            assert f"listening on {tn.v4('server')}:{PORT} (tailnet address appeared)" in err
+            assert f"listening on [{tn.v6('server')}]:{PORT} (tailnet address appeared)" in err
+            assert (await _get(tn, "phone")).status == 200
+        finally:
+            await cg.stop()
+    finally:
+        if server.status().get("BackendState") != "Running":
+            await _bring_up(tn)
+
+
 # --- whois of real peers -------------------------------------------------------------------
 
 def test_real_whois_user_tagged_node_os_capmap(real_tailnet: RealTailnet) -> None:
