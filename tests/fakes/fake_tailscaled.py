@@ -61,6 +61,7 @@ TAILNET = "tail3f2a1.ts.net"
 SELF_IPV4 = "100.64.0.1"
 SELF_IPV6 = "fd7a:115c:a1e0::1"
 SELF_HOST = "web01"
+SELF_USER_ID = 8314716520451093  # Self.UserID of the status sample (alice@example.com)
 DEFAULT_ALICE_IP = "100.101.102.103"
 DEFAULT_CI_IP = "100.88.12.34"
 LOCALAPI_HOST = "local-tailscaled.sock"
@@ -588,6 +589,9 @@ class FakeTailscaled:
                 body = self._loopback.get(port or 0)
                 if body is None:
                     await asyncio.sleep(0.01)  # the daemon retries its proxymap (~180 ms)
+            elif ip in self.self_ips:
+                # The real daemon answers for its own addresses too: this node, its owner.
+                body = self._self_whois()
             else:
                 stable = self._by_ip.get(ip)
                 body = self._nodes.get(stable) if stable else None
@@ -596,6 +600,16 @@ class FakeTailscaled:
         # json.MarshalIndent(res, "", "\t"): no trailing newline.
         data = json.dumps(body, indent="\t", ensure_ascii=False).encode()
         return await _send(request, data, "application/json")
+
+    def _self_whois(self) -> dict[str, Any]:
+        """whois of one of this node's own addresses (SELF_HOST, owned by alice in the
+        status sample), as the real 1.96.4 answers it (tests/real/test_fake_vs_real.py)."""
+        v4 = next((ip for ip in self.self_ips if ":" not in ip), self.self_ips[0])
+        v6 = next((ip for ip in self.self_ips if ":" in ip), None)
+        body = user_peer(v4, "alice@example.com", SELF_HOST, ipv6=v6, os_name="linux",
+                         key_expiry=self.self_key_expiry)
+        body["Node"]["User"] = body["UserProfile"]["ID"] = SELF_USER_ID
+        return body
 
     def _status_body(self, peers: bool) -> dict[str, Any]:
         if self.backend_state != "Running":

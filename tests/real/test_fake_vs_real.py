@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.fake_tailscaled import DEFAULT_ALICE_IP, FakeTailscaled
+from tests.fakes.fake_tailscaled import (
+    DEFAULT_ALICE_IP,
+    SELF_HOST,
+    SELF_IPV4,
+    TAILNET,
+    FakeTailscaled,
+)
 from tests.real.tailnet import RealTailnet
 
 pytestmark = pytest.mark.netns
@@ -117,6 +123,17 @@ async def test_fake_tailscaled_matches_the_real_daemon(real_tailnet: RealTailnet
                         "ComputedName", "ComputedNameWithHost", "MachineAuthorized"):
                 assert key in whois_real["Node"] and key in whois_fake["Node"], key
             assert set(whois_real["UserProfile"]) <= set(whois_fake["UserProfile"])
+
+            # whois of the node's own address: the node itself (and its owner), not a 404.
+            real_self = await asyncio.to_thread(
+                _raw, real_sock, f"/localapi/v0/whois?addr={tn.v4('server')}:1")
+            fake_self = await asyncio.to_thread(
+                _raw, fake.socket_path, f"/localapi/v0/whois?addr={SELF_IPV4}:1")
+            assert real_self[0] == fake_self[0] == 200
+            rn, fn = json.loads(real_self[2]), json.loads(fake_self[2])
+            assert rn["Node"]["Name"] == "server.tail-test.ts.net."
+            assert fn["Node"]["Name"] == f"{SELF_HOST}.{TAILNET}."
+            assert fn["Node"]["User"] == fn["UserProfile"]["ID"]
 
             # IPN bus, mask 2: one chunked JSON line first, same keys, NetMap null.
             real, fk = await both("/localapi/v0/watch-ipn-bus?mask=2", read_for=1.5)
