@@ -4,12 +4,13 @@ The gateway (trusted-proxy mode: the user is X-Forwarded-User, alice@example.com
 identityScopes operator.read + operator.write) listens on the server node's 127.0.0.1:18889;
 clawgate, on the same node with "host": "tailscale" and the real tailscaled at its default
 socket, is the only way in. The phone (alice's, a real tailscaled) runs the real OpenClaw CLI
-and a gateway client through WireGuard; bob (another real user) is refused by the gateway.
+and a gateway client through WireGuard; the tagged ci node is refused by the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -50,8 +51,16 @@ def real_gateway(real_tailnet: RealTailnet) -> Iterator[OpenClawGateway]:
                             identity_scopes={ALICE: list(ALICE_SCOPES)}, password=GW_PASSWORD)
     gw = OpenClawGateway(auth="trusted-proxy", trusted_proxy=auth, netns=real_tailnet.ns("server"),
                          port=GW_PORT, install=install)
-    with gw:
-        yield gw
+    # OpenClaw creates /tmp/openclaw even when its logs go elsewhere: remove it if ours.
+    tmp_logs = Path("/tmp/openclaw")  # noqa: S108 - the path OpenClaw itself uses
+    existed = tmp_logs.exists()
+    try:
+        with gw:
+            yield gw
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):  # not there, or not empty: leave it
+                tmp_logs.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,7 @@ def test_real_cli_from_the_phone_over_the_tailnet(real_tailnet: RealTailnet,
         == ("allow", tn.v4("phone"), ALICE, True)
 
 
-async def test_alice_gets_her_scopes_and_bob_is_refused(
+async def test_alice_gets_her_scopes_and_ci_is_refused(
         real_tailnet: RealTailnet, real_gateway: OpenClawGateway,
         clawgate_for_gateway: ServerClawgate) -> None:
     tn = real_tailnet
