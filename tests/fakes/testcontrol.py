@@ -28,19 +28,22 @@ Python API (all methods thread-safe; ``ControlServer`` runs its own event loop i
     ctl.remove_node("bob")                      # deleted from the tailnet
     ctl.set_key_expiry("server", datetime)      # None: the key never expires
     ctl.add_grant(src="phone", dst="server", cap="example.com/cap/x", values=[{...}])
+    ctl.set_endpoints("sidecar", ["172.17.0.2:41641"])  # None: automatic again
     ctl.stop()
 
 CLI, for a separate process (prints one JSON line {"url", "ca_file", "authkeys"} when
 listening)::
 
     python -m tests.fakes.testcontrol --listen 198.18.1.1:8080 [--netns NS] \\
+        [--https-port 443 (0: none)] [--endpoint-port 41641] \\
         [--authkey alice@example.com] [--authkey tag:ci] ...
 
 and the same API over plain HTTP on the listener, for that process' clients:
 ``POST /test/authkey {"user"|"tags"}`` -> ``{"key"}``; ``GET /test/nodes``;
 ``POST /test/tags {"node", "tags"}``; ``POST /test/remove {"node"}``;
 ``POST /test/expiry {"node", "expiry"}`` (RFC 3339 or null);
-``POST /test/grant {"src", "dst", "cap", "values"}``.
+``POST /test/grant {"src", "dst", "cap", "values"}``;
+``POST /test/endpoints {"node", "endpoints"}`` (a list of "ip:port", or null).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -253,6 +257,7 @@ class _Node:
     cap: int
     disco_key: str = ""
     endpoints: list[str] = field(default_factory=list)
+    fixed_endpoints: list[str] | None = None
     key_expiry: str | None = None
 
     @property
@@ -692,6 +697,17 @@ class ControlServer:
             self._notify()
         self._call(change)
 
+    def set_endpoints(self, name: str, endpoints: list[str] | None) -> None:
+        """Offer peers these "ip:port" endpoints for node `name` (None: back to automatic:
+        what it reports, else <source IP of its control connection>:endpoint_port)."""
+        def change() -> None:
+            n = self._by_name(name)
+            n.fixed_endpoints = list(endpoints) if endpoints is not None else None
+            if endpoints is not None:
+                n.endpoints = list(endpoints)
+            self._notify()
+        self._call(change)
+
     def add_grant(self, src: str, dst: str, cap: str, values: list[Any] | None = None) -> None:
         """A grant: node `src` (hostname, or "*") gets app capability `cap` on node `dst`."""
         def add() -> None:
@@ -758,6 +774,8 @@ class ControlServer:
             # peers the address it reached us from, on its fixed WireGuard port.
             eps = [f"[{remote_ip}]:{self.endpoint_port}" if ":" in remote_ip
                    else f"{remote_ip}:{self.endpoint_port}"]
+        if node.fixed_endpoints is not None:
+            eps = node.fixed_endpoints
         if eps != node.endpoints:
             node.endpoints, changed = eps, True
         disco = str(req.get("DiscoKey") or "")
@@ -862,6 +880,8 @@ class ControlServer:
                 exp = req.get("expiry")
                 self.set_key_expiry(req["node"], None if exp is None else
                                     datetime.fromisoformat(exp.replace("Z", "+00:00")))
+            elif path == "/test/endpoints":
+                self.set_endpoints(req["node"], req.get("endpoints"))
             elif path == "/test/grant":
                 self.add_grant(req["src"], req["dst"], req["cap"], req.get("values"))
             else:
@@ -895,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", required=True, help="ADDR:PORT (PORT 0: any)")
     ap.add_argument("--netns", help="listen inside this network namespace")
     ap.add_argument("--domain", default="tail-test.ts.net")
+    ap.add_argument("--endpoint-port", type=int, default=41641,
+                    help="WireGuard port offered to peers with a node's source IP")
     ap.add_argument("--https-port", type=int, default=443,
                     help="also serve TLS here (0: not at all); its CA is printed as ca_file")
     ap.add_argument("--authkey", action="append", default=[],
@@ -904,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="testcontrol: %(message)s", stream=sys.stderr)
     host, _, port = args.listen.rpartition(":")
-    ctl = ControlServer(args.domain)
+    ctl = ControlServer(args.domain, endpoint_port=args.endpoint_port)
     ctl.start(host.strip("[]"), int(port), netns=args.netns,
               https_port=args.https_port or None)
     keys = {}
@@ -914,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             keys[spec] = ctl.create_auth_key(user=spec)
     print(json.dumps({"url": ctl.url, "ca_file": ctl.ca_file, "authkeys": keys}), flush=True)
+    # SIGTERM stops it cleanly too (the temp dir with its CA goes).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
