@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ def test_cli_prints_url_and_keys_and_serves_the_test_api() -> None:
         assert keys["publicKey"].startswith("mkey:") and len(keys["publicKey"]) == 5 + 64
         new = _http(info["url"] + "/test/authkey", {"tags": ["tag:prod"]})
         assert new["key"].startswith("tskey-auth-")
+        assert _http(info["url"] + "/test/nodes") == []
+        try:  # no such node: 400 with the reason, the server keeps running
+            _http(info["url"] + "/test/endpoints", {"node": "nope", "endpoints": ["1.2.3.4:5"]})
+            raise AssertionError("expected HTTP 400")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400 and b"nope" in exc.read()
         assert _http(info["url"] + "/test/nodes") == []
     finally:
         proc.terminate()
