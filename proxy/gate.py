@@ -12,6 +12,7 @@ gateway never receives a byte of the client's frames.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 from typing import TYPE_CHECKING, Any
@@ -74,14 +75,12 @@ def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
 
 
 class FirstFrameGate:
-    __slots__ = ("conn", "buf", "timer", "limit", "expected", "done", "linger")
+    __slots__ = ("conn", "buf", "timer", "limit", "done", "linger")
 
-    def __init__(self, conn: ClientConnection, expected_digest: bytes, limit: int,
-                 timeout: float) -> None:
+    def __init__(self, conn: ClientConnection, limit: int, timeout: float) -> None:
         self.conn = conn
         self.buf = b""
         self.limit = limit
-        self.expected = expected_digest
         self.done = False
         self.linger: asyncio.TimerHandle | None = None
         self.timer = conn.rt.loop.call_later(timeout, self._timeout)
@@ -128,8 +127,16 @@ class FirstFrameGate:
                     break
         if secret is None:
             return "connect request carries no gateway token"
-        if not hmac.compare_digest(digest(secret), self.expected):
+        # The token in force now (a reload may have rotated or removed it meanwhile).
+        expected = self.conn.rt.authz.gateway_token_digest
+        presented = digest(secret)
+        if expected is None or not hmac.compare_digest(presented, expected):
             return "gateway token mismatch"
+        # Bind the tunnel to this secret: a reload that rotates it ends the tunnel (1008).
+        grant = self.conn.grant
+        if grant is not None and grant.credential is not None:
+            self.conn.grant = dataclasses.replace(
+                grant, credential=dataclasses.replace(grant.credential, binding=presented))
         return None
 
     def _refuse(self, reason: str) -> None:
@@ -175,11 +182,10 @@ class FirstFrameGate:
 
 
 def make_gate_factory(rt: Runtime) -> Any:
-    def factory(conn: ClientConnection) -> FirstFrameGate | None:
-        d = rt.authz.gateway_token_digest
-        if d is None:
-            return None
+    def factory(conn: ClientConnection) -> FirstFrameGate:
+        # Always a gate for a gated grant: should a reload have removed the gateway token
+        # since the decision, the gate refuses (fail closed), it never splices unchecked.
         g = rt.cfg.gateway_token
-        return FirstFrameGate(conn, d, g.max_first_frame, g.first_frame_timeout)
+        return FirstFrameGate(conn, g.max_first_frame, g.first_frame_timeout)
 
     return factory
