@@ -508,8 +508,8 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tls_server: asyncio.Server | None = None
-        self._tmp = tempfile.mkdtemp(prefix="testcontrol-")
-        self.ca_file = os.path.join(self._tmp, "ca.pem")
+        self._tmp = ""  # made by start() when it serves TLS, removed by stop()
+        self.ca_file = ""
         self._changed: asyncio.Event | None = None
         self.url = ""
 
@@ -526,6 +526,9 @@ class ControlServer:
         """
         sock = _listen(host, port, netns)
         tls_sock = _listen(host, https_port, netns) if https_port is not None else None
+        if tls_sock is not None:
+            self._tmp = tempfile.mkdtemp(prefix="testcontrol-")
+            self.ca_file = os.path.join(self._tmp, "ca.pem")
         ssl_ctx = self._tls_context(host) if tls_sock is not None else None
         port = sock.getsockname()[1]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -569,7 +572,8 @@ class ControlServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         self._loop = self._thread = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _tls_context(self, host: str) -> ssl.SSLContext:
         """A CA (written to ca_file) and a leaf for host (an IP or a name) signed by it."""
