@@ -224,7 +224,8 @@ class Dockerd:
     system daemon; no default bridge, no iptables rules, no ip_forward change (the root
     namespace's firewall and routes stay as they were, registry access included).
     User-defined networks come from 198.19.0.0/16 (RFC 2544, never a private range).
-    The data root is kept across runs: the imported base image is the cache."""
+    Data and exec roots are per run and removed by stop(); the base image is imported
+    from the cached rootfs tarball (a few seconds)."""
 
     def __init__(self, state: Path, run_dir: Path) -> None:
         self.state = state
@@ -290,9 +291,8 @@ class Dockerd:
         return json.loads(self.docker("inspect", ref).stdout)[0]
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+        """Stop the daemon (by its PID) and remove its data and exec roots."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -301,3 +301,15 @@ class Dockerd:
                 self.proc.wait(10)
         self.proc = None
 
+        # dockerd leaves exec-root/netns/default (an nsfs bind mount) behind, and a killed
+        # one its overlay mounts: unmount what lies under our roots, then delete them.
+        for root in (self.run_dir, self.state):
+            umount_under(root)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def umount_under(path: Path) -> None:
+    prefix = str(path.resolve()) + "/"
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        run(["umount", "-l", point], check=False)
