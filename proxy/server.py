@@ -44,6 +44,7 @@ __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_not
 
 log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
+IPV6_FREEBIND = 78  # linux/in6.h: the same for IPv6 (15 at IPPROTO_IPV6 is no option at all)
 
 
 def sd_notify(message: str, path: str | None = None) -> None:
@@ -502,9 +503,10 @@ def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) ->
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind and sys.platform.startswith("linux"):
-            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+            level, opt = ((socket.IPPROTO_IPV6, IPV6_FREEBIND) if family == socket.AF_INET6
+                          else (socket.IPPROTO_IP, IP_FREEBIND))
             with contextlib.suppress(OSError):
-                sock.setsockopt(level, IP_FREEBIND, 1)
+                sock.setsockopt(level, opt, 1)
         sock.bind((host, port))
         sock.listen(4096)
         sock.setblocking(False)

@@ -17,7 +17,9 @@ Python API (all methods thread-safe; ``ControlServer`` runs its own event loop i
 
     ctl = ControlServer()                       # domain "tail-test.ts.net"; peers are
                                                 # offered <node's source IP>:41641
-    ctl.start("198.18.1.1", 8080, netns="ns")   # netns None: this process' namespace
+    ctl.start("198.18.1.1", 8080, netns="ns")   # netns None: this process' namespace;
+                                                # also TLS on :443 (https_port=None: not)
+    ctl.ca_file                                 # its CA: tailscaled's SSL_CERT_FILE
     ctl.url                                     # "http://198.18.1.1:8080" (--login-server)
     key = ctl.create_auth_key(user="alice@example.com")   # or tags=["tag:ci"]
     ctl.wait_nodes(2, timeout=30)               # -> list of node dicts (name, addresses, ...)
@@ -26,18 +28,22 @@ Python API (all methods thread-safe; ``ControlServer`` runs its own event loop i
     ctl.remove_node("bob")                      # deleted from the tailnet
     ctl.set_key_expiry("server", datetime)      # None: the key never expires
     ctl.add_grant(src="phone", dst="server", cap="example.com/cap/x", values=[{...}])
+    ctl.set_endpoints("sidecar", ["172.17.0.2:41641"])  # None: automatic again
     ctl.stop()
 
-CLI, for a separate process (prints one JSON line {"url", "authkeys"} when listening)::
+CLI, for a separate process (prints one JSON line {"url", "ca_file", "authkeys"} when
+listening)::
 
     python -m tests.fakes.testcontrol --listen 198.18.1.1:8080 [--netns NS] \\
+        [--https-port 443 (0: none)] [--endpoint-port 41641] \\
         [--authkey alice@example.com] [--authkey tag:ci] ...
 
 and the same API over plain HTTP on the listener, for that process' clients:
 ``POST /test/authkey {"user"|"tags"}`` -> ``{"key"}``; ``GET /test/nodes``;
 ``POST /test/tags {"node", "tags"}``; ``POST /test/remove {"node"}``;
 ``POST /test/expiry {"node", "expiry"}`` (RFC 3339 or null);
-``POST /test/grant {"src", "dst", "cap", "values"}``.
+``POST /test/grant {"src", "dst", "cap", "values"}``;
+``POST /test/endpoints {"node", "endpoints"}`` (a list of "ip:port", or null).
 """
 
 from __future__ import annotations
@@ -50,15 +56,20 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import secrets
+import shutil
+import signal
 import socket
+import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import h2.config
@@ -66,9 +77,18 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import zstandard
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["ControlServer", "NoiseError", "main"]
 
@@ -237,6 +257,7 @@ class _Node:
     cap: int
     disco_key: str = ""
     endpoints: list[str] = field(default_factory=list)
+    fixed_endpoints: list[str] | None = None
     key_expiry: str | None = None
 
     @property
@@ -399,8 +420,8 @@ class _H2Session:
                 await self.send(sid, b"not found\n", end=True)
         except (ConnectionError, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
-        except (ValueError, KeyError) as exc:
-            log.warning("bad control request %s: %r", path, exc)
+        except Exception as exc:  # a bug here must show in the test's log, not vanish
+            log.exception("control request %s failed: %r", path, exc)
             try:
                 self.respond(sid, 400, "text/plain")
                 await self.send(sid, str(exc).encode(), end=True)
@@ -456,6 +477,18 @@ class _H2Session:
 # --- the server ---------------------------------------------------------------------------------
 
 
+def _listen(host: str, port: int, netns: str | None) -> socket.socket:
+    if netns is not None:
+        from tests.netns import listen_in
+        return listen_in(netns, host, port)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
 class ControlServer:
     """The control server: state, the asyncio listener, and the test API (see module doc)."""
 
@@ -474,21 +507,26 @@ class ControlServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
+        self._tmp = tempfile.mkdtemp(prefix="testcontrol-")
+        self.ca_file = os.path.join(self._tmp, "ca.pem")
         self._changed: asyncio.Event | None = None
         self.url = ""
 
     # lifecycle -----------------------------------------------------------------------------
-    def start(self, host: str, port: int = 0, *, netns: str | None = None) -> str:
-        """Listen on host:port (inside netns when given) from a thread of its own; the URL."""
-        if netns is not None:
-            from tests.netns import listen_in
-            sock = listen_in(netns, host, port)
-        else:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sock.setblocking(False)
+    def start(self, host: str, port: int = 0, *, netns: str | None = None,
+              https_port: int | None = 443) -> str:
+        """Listen on host:port (inside netns when given) from a thread of its own; the URL.
+
+        With https_port, also TLS on host:https_port, with a certificate for host from a CA
+        of this server's (its PEM at `ca_file`: give it to tailscaled as SSL_CERT_FILE).
+        tailscaled falls back to HTTPS on 443 whenever a control connection dropped less
+        than 2 minutes after it was dialed (controlhttp's forceNoise443), and then keeps
+        dialing 443 only: without this listener such a node never reconnects.
+        """
+        sock = _listen(host, port, netns)
+        tls_sock = _listen(host, https_port, netns) if https_port is not None else None
+        ssl_ctx = self._tls_context(host) if tls_sock is not None else None
         port = sock.getsockname()[1]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         ready = threading.Event()
@@ -501,6 +539,9 @@ class ControlServer:
             async def serve() -> None:
                 self._changed = asyncio.Event()
                 self._server = await asyncio.start_server(self._http1, sock=sock)
+                if tls_sock is not None:
+                    self._tls_server = await asyncio.start_server(
+                        self._http1, sock=tls_sock, ssl=ssl_ctx)
                 ready.set()
             loop.run_until_complete(serve())
             loop.run_forever()
@@ -519,14 +560,54 @@ class ControlServer:
             return
 
         async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
+            for srv in (self._server, self._tls_server):
+                if srv is not None:
+                    srv.close()
             for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
                 task.cancel()
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         self._loop = self._thread = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _tls_context(self, host: str) -> ssl.SSLContext:
+        """A CA (written to ca_file) and a leaf for host (an IP or a name) signed by it."""
+        now = datetime.now(UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "testcontrol CA")])
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - timedelta(hours=1))
+              .not_valid_after(now + timedelta(days=30))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        try:
+            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            san = x509.DNSName(host)
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+                .issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(hours=1))
+                .not_valid_after(now + timedelta(days=30))
+                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        with open(self.ca_file, "wb") as f:
+            f.write(ca.public_bytes(Encoding.PEM))
+        cert_path, key_path = os.path.join(self._tmp, "leaf.pem"), os.path.join(self._tmp, "k")
+        with open(cert_path, "wb") as f:
+            f.write(leaf.public_bytes(Encoding.PEM) + ca.public_bytes(Encoding.PEM))
+        with open(os.open(key_path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert_path, key_path)
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
 
     def _call(self, fn: Callable[[], _T]) -> _T:
         """Run fn on the server's loop (state is only touched there)."""
@@ -616,6 +697,17 @@ class ControlServer:
             self._notify()
         self._call(change)
 
+    def set_endpoints(self, name: str, endpoints: list[str] | None) -> None:
+        """Offer peers these "ip:port" endpoints for node `name` (None: back to automatic:
+        what it reports, else <source IP of its control connection>:endpoint_port)."""
+        def change() -> None:
+            n = self._by_name(name)
+            n.fixed_endpoints = list(endpoints) if endpoints is not None else None
+            if endpoints is not None:
+                n.endpoints = list(endpoints)
+            self._notify()
+        self._call(change)
+
     def add_grant(self, src: str, dst: str, cap: str, values: list[Any] | None = None) -> None:
         """A grant: node `src` (hostname, or "*") gets app capability `cap` on node `dst`."""
         def add() -> None:
@@ -682,6 +774,8 @@ class ControlServer:
             # peers the address it reached us from, on its fixed WireGuard port.
             eps = [f"[{remote_ip}]:{self.endpoint_port}" if ":" in remote_ip
                    else f"{remote_ip}:{self.endpoint_port}"]
+        if node.fixed_endpoints is not None:
+            eps = node.fixed_endpoints
         if eps != node.endpoints:
             node.endpoints, changed = eps, True
         disco = str(req.get("DiscoKey") or "")
@@ -722,8 +816,11 @@ class ControlServer:
         peers = [p.to_tailcfg(self.domain, p.user) for p in
                  sorted(self._nodes.values(), key=lambda p: p.id) if p is not node]
         users = {u.id: u for u in [*self._users.values(), self._tagged]}
+        self_node = node.to_tailcfg(self.domain, node.user)
+        # No DERP map here: keep tailscaled from probing the internet for a captive portal.
+        self_node["CapMap"] = {"disable-captive-portal-detection": None}
         return {
-            "Node": node.to_tailcfg(self.domain, node.user),
+            "Node": self_node,
             "Peers": peers,
             "Domain": self.domain,
             "CollectServices": True,
@@ -783,6 +880,8 @@ class ControlServer:
                 exp = req.get("expiry")
                 self.set_key_expiry(req["node"], None if exp is None else
                                     datetime.fromisoformat(exp.replace("Z", "+00:00")))
+            elif path == "/test/endpoints":
+                self.set_endpoints(req["node"], req.get("endpoints"))
             elif path == "/test/grant":
                 self.add_grant(req["src"], req["dst"], req["cap"], req.get("values"))
             else:
@@ -816,6 +915,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", required=True, help="ADDR:PORT (PORT 0: any)")
     ap.add_argument("--netns", help="listen inside this network namespace")
     ap.add_argument("--domain", default="tail-test.ts.net")
+    ap.add_argument("--endpoint-port", type=int, default=41641,
+                    help="WireGuard port offered to peers with a node's source IP")
+    ap.add_argument("--https-port", type=int, default=443,
+                    help="also serve TLS here (0: not at all); its CA is printed as ca_file")
     ap.add_argument("--authkey", action="append", default=[],
                     help="make an auth key for a login name or for tag:a,tag:b (repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -823,15 +926,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="testcontrol: %(message)s", stream=sys.stderr)
     host, _, port = args.listen.rpartition(":")
-    ctl = ControlServer(args.domain)
-    ctl.start(host.strip("[]"), int(port), netns=args.netns)
+    ctl = ControlServer(args.domain, endpoint_port=args.endpoint_port)
+    ctl.start(host.strip("[]"), int(port), netns=args.netns,
+              https_port=args.https_port or None)
     keys = {}
     for spec in args.authkey:
         if spec.startswith("tag:"):
             keys[spec] = ctl.create_auth_key(tags=spec.split(","))
         else:
             keys[spec] = ctl.create_auth_key(user=spec)
-    print(json.dumps({"url": ctl.url, "authkeys": keys}), flush=True)
+    print(json.dumps({"url": ctl.url, "ca_file": ctl.ca_file, "authkeys": keys}), flush=True)
+    # SIGTERM stops it cleanly too (the temp dir with its CA goes).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)

@@ -1,4 +1,4 @@
-"""Fixtures for tests/real: one tailnet of real tailscaled nodes for the whole session.
+"""Fixtures for tests/real: one tailnet of real tailscaled nodes shared by all its tests.
 
 Nodes: server (tag:server, runs clawgate), phone and laptop (alice@example.com), ci (tag:ci),
 bob (bob@example.com). The control server grants phone the capability CAP on server. Every
@@ -32,9 +32,10 @@ ADMIN_PORT = 18790
 NODES = {"server": "tag:server", "phone": ALICE, "laptop": ALICE, "ci": "tag:ci", "bob": BOB}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def real_tailnet() -> Iterator[RealTailnet]:
-    """The session's real tailnet, every node Running with a live path to `server`."""
+    """tests/real's real tailnet, every node Running with a live path to `server`; torn
+    down (daemons, namespaces) once the package's last test is done, not at session end."""
     require_netns()
     cleanup_stale()
     tn = RealTailnet(NODES)

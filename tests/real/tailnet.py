@@ -14,6 +14,7 @@ removes what a killed test process left behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -52,6 +53,7 @@ class Node:
     dir: Path
     tailscale_bin: str
     tailscaled_bin: str
+    ca_file: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +63,9 @@ class Node:
     def start(self) -> None:
         """Start tailscaled (again, after stop(): same state dir, same node key)."""
         (self.dir / "sock").mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # left by a SIGKILLed daemon
+            os.unlink(self.socket_path)
         log = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
@@ -68,7 +73,11 @@ class Node:
                  f"--statedir={self.dir / 'state'}", f"--socket={self.socket_path}",
                  "--tun=tailscale0", "--port=41641", "--no-logs-no-support"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true"})
+                env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true",
+                     # Log config here, not in /var/lib/tailscale of the host.
+                     "TS_LOGS_DIR": str(self.dir / "logs"),
+                     # The control server's HTTPS fallback listener is signed by its own CA.
+                     "SSL_CERT_FILE": self.ca_file})
         finally:
             log.close()
         deadline = time.monotonic() + 15
@@ -170,6 +179,7 @@ class RealTailnet:
                           if spec.startswith("tag:") else self.ctl.create_auth_key(user=spec))
         for node in self.nodes.values():
             node.tailscale_bin, node.tailscaled_bin = ts, tsd
+            node.ca_file = self.ctl.ca_file
             node.start()
         # `tailscale up` for all nodes at once: each waits for its own registration.
         ups = {name: subprocess.Popen(
@@ -223,24 +233,34 @@ class RealTailnet:
             self.nodes[name] = Node(name, ns, addr, self.dir / name, "", "")
 
     def connect_all(self, hub: str, timeout: float = 30.0) -> None:
-        """Make every node reach `hub` over WireGuard (a TSMP ping each way), then Running.
+        """Make every node reach `hub` over WireGuard (a TSMP ping to it), then Running.
 
         With no DERP map a node stays "Starting" until its engine status shows a live peer,
         and tailscaled refreshes that status only every minute unless an IPN bus watcher asks
         for engine updates (mask 1, what the GUIs do): hold one open on each node meanwhile.
         """
-        watchers = [self.nodes[name].watch_engine() for name in self.nodes]
+        registered = {n["name"] for n in self.ctl.nodes()}
+        live = {name: n for name, n in self.nodes.items()
+                if name in registered and n.proc is not None}
+        watchers = [node.watch_engine() for node in live.values()]
         try:
             hub_ip = self.ctl.node(hub)["v4"]
-            for name, node in self.nodes.items():
-                if name == hub:
-                    continue
-                node.cli("ping", "--tsmp", "--c=10", "--timeout=3s", hub_ip,
-                         timeout=timeout, check=False)
-                self.nodes[hub].cli("ping", "--tsmp", "--c=10", "--timeout=3s",
-                                    self.ctl.node(name)["v4"], timeout=timeout, check=False)
+            # All at once: each first ping waits out one WireGuard handshake retry (5 s).
+            pings = [subprocess.Popen(
+                ["ip", "netns", "exec", node.ns, node.tailscale_bin,
+                 f"--socket={node.socket_path}", "ping", "--tsmp", "--c=10", "--timeout=3s",
+                 hub_ip], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for name, node in live.items() if name != hub]
+            try:
+                for p in pings:
+                    p.wait(timeout)
+            finally:
+                for p in pings:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
             deadline = time.monotonic() + timeout
-            for name, node in self.nodes.items():
+            for name, node in live.items():
                 while node.status().get("BackendState") != "Running":
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{name} not Running: {node.status()}\n{node.log()}")

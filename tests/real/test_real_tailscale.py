@@ -8,7 +8,9 @@ server node's LocalAPI at its default socket path. clawgate runs on the server n
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,6 +75,55 @@ async def test_binds_the_real_tailnet_addresses(real_tailnet: RealTailnet,
 
 async def _async(fn: Any) -> Any:
     return fn()
+
+
+def _kernel_addrs(tn: RealTailnet) -> set[str]:
+    """The tailnet addresses on the server's tailscale0, as the kernel has them."""
+    out = subprocess.run(["ip", "-n", tn.ns("server"), "-j", "addr", "show"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    return {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])
+            if a["local"].startswith(("100.", "fd7a:"))}
+
+
+async def _bring_up(tn: RealTailnet) -> None:
+    """`tailscale up` on the server (it returns once Running: make a peer path live)."""
+    server = tn.nodes["server"]
+    up = subprocess.Popen(["ip", "netns", "exec", server.ns, server.tailscale_bin,
+                           f"--socket={server.socket_path}", "up", f"--login-server={tn.ctl.url}",
+                           "--hostname=server", "--accept-dns=false", "--netfilter-mode=off"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.to_thread(tn.connect_all, "server", 60)
+        await asyncio.to_thread(up.wait, 30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+async def test_binds_the_addresses_when_they_appear(real_tailnet: RealTailnet,
+                                                  server_gateway: FakeGateway,
+                                                  tmp_path: Path) -> None:
+    tn = real_tailnet
+    server = tn.nodes["server"]
+    server.cli("down")  # tailscaled runs, the node is Stopped: no tailnet address
+    try:
+        assert server.status()["BackendState"] == "Stopped"
+        assert _kernel_addrs(tn) == set()  # the daemon took them off tailscale0
+        cg = await start_server_clawgate(tn, tmp_path / "cg", server_config(server_gateway.port),
+                                         wait_for="waiting for tailscaled to come up")
+        try:
+            assert "is Stopped, not Running: will listen once it is up" in cg.stderr()
+            await _bring_up(tn)
+            err = await cg.wait_stderr("(tailnet address appeared)", timeout=20)
+            assert f"listening on {tn.v4('server')}:{PORT} (tailnet address appeared)" in err
+            assert f"listening on [{tn.v6('server')}]:{PORT} (tailnet address appeared)" in err
+            assert (await _get(tn, "phone")).status == 200
+        finally:
+            await cg.stop()
+    finally:
+        if server.status().get("BackendState") != "Running":
+            await _bring_up(tn)
 
 
 # --- whois of real peers -------------------------------------------------------------------
@@ -212,3 +263,46 @@ async def test_key_expiry_warning_from_the_control_server(real_tailnet: RealTail
             await cg.stop()
     finally:
         tn.ctl.set_key_expiry("server", None)
+
+
+# --- tailscaled killed and restarted under a running clawgate -----------------------------------
+
+async def test_tailscaled_killed_503_then_restarted_served_again(
+        real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path) -> None:
+    tn = real_tailnet
+    server = tn.nodes["server"]
+    # With kernel TUN no tailnet packet arrives while tailscaled is dead (the TUN goes with
+    # it), so clawgate also listens on the server's underlay address: a peer there needs a
+    # whois too, which is what shows the outage (503) and the recovery (403, not a peer).
+    cfg = server_config(server_gateway.port)
+    cfg["gateway"] = {"host": ["tailscale", server.underlay], "port": PORT,
+                      "allowedNetworks": ["100.64.0.0/10", "fd7a:115c:a1e0::/48",
+                                          "198.18.1.0/24"]}
+    cg = await start_server_clawgate(tn, tmp_path / "cg", cfg)
+    try:
+        pid = cg.pid
+        assert (await _get(tn, "phone")).status == 200
+        underlay = await request(tn, "phone", host=server.underlay, port=PORT)  # type: ignore[arg-type]
+        assert underlay.status == 403, underlay  # a real whois: not a tailnet peer
+
+        server.stop(signal.SIGKILL)
+        down = await eventually(
+            lambda: request(tn, "phone", host=server.underlay, port=PORT),  # type: ignore[arg-type]
+            lambda r: r.status == 503, timeout=10, interval=0.2)
+        assert b"tailscale identity unavailable" in down.body, down
+        status, body = await cg.admin("GET", "/health")
+        assert status == 503, body
+
+        server.start()  # same state dir: same node key, same addresses
+        await asyncio.to_thread(tn.connect_all, "server", 60)
+        back = await eventually(lambda: _get(tn, "phone"), lambda r: r.status == 200,
+                                timeout=20, interval=0.5)
+        assert back.status == 200 and _forwarded_user(server_gateway) == ALICE
+        again = await request(tn, "phone", host=server.underlay, port=PORT)  # type: ignore[arg-type]
+        assert again.status == 403, again
+        assert cg.pid == pid and cg.proc is not None and cg.proc.poll() is None
+    finally:
+        await cg.stop()
+        if server.proc is None:
+            server.start()
+            await asyncio.to_thread(tn.connect_all, "server", 60)
