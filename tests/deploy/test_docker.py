@@ -185,7 +185,7 @@ def watch_engine(path: str) -> socket.socket:
     return sock
 
 
-def override(ctl_url: str, gw_record: Path) -> dict[str, Any]:
+def override(ctl_url: str, ca_file: str, gw_record: Path) -> dict[str, Any]:
     return {
         "services": {
             "tailscale": {
@@ -193,7 +193,10 @@ def override(ctl_url: str, gw_record: Path) -> dict[str, Any]:
                 "environment": [f"TS_EXTRA_ARGS=--advertise-tags=tag:openclaw "
                                 f"--login-server={ctl_url}",
                                 # No log uploads to log.tailscale.com (nothing leaves here).
-                                "TS_NO_LOGS_NO_SUPPORT=true"],
+                                "TS_NO_LOGS_NO_SUPPORT=true",
+                                # The control server's HTTPS fallback (port 443) uses its CA.
+                                "SSL_CERT_FILE=/etc/testcontrol-ca.pem"],
+                "volumes": [f"{ca_file}:/etc/testcontrol-ca.pem:ro"],
             },
             "clawgate": {
                 "image": CLAWGATE_REF,
@@ -260,7 +263,9 @@ def stack(engine: Dockerd, images: None,
         ctl.start(PHONE_UNDERLAY, 0, netns=phone_ns)
         server_key = ctl.create_auth_key(tags=["tag:openclaw"])
         alice_key = ctl.create_auth_key(user="alice@example.com")
-        (work / "override.yml").write_text(yaml.safe_dump(override(ctl.url, record)))
+        (work / "override.yml").write_text(yaml.safe_dump(override(ctl.url, ctl.ca_file,
+                                                                   record)))
+        phone.ca_file = ctl.ca_file
         compose = Compose(engine, work, {"TAILSCALE_AUTHKEY": server_key})
         compose("up", "-d")
         phone.start()
@@ -275,26 +280,12 @@ def stack(engine: Dockerd, images: None,
             raise AssertionError(f"{exc}\n--- sidecar:\n{compose.logs('tailscale')[-4000:]}"
                                  f"\n--- phone:\n{phone.log()}") from None
         server = next(n for n in ctl.nodes() if n["name"] != "phone")
-        sock_dir = engine.inspect(f"{PROJECT}_tailscale-socket")["Mountpoint"]
-        sidecar_sock = os.path.join(sock_dir, "tailscaled.sock")
-        ts_cid = compose.container("tailscale")
-        # No DERP map: a TSMP ping each way with engine watchers open makes both Running.
-        watchers = [watch_engine(phone.socket_path), watch_engine(sidecar_sock)]
-        try:
-            phone.cli("ping", "--tsmp", "--c=10", "--timeout=3s", server["v4"], timeout=60,
-                      check=False)
-            engine.docker("exec", ts_cid, "tailscale",
-                          "--socket=/var/run/tailscale/tailscaled.sock", "ping", "--tsmp",
-                          "--c=10", "--timeout=3s", ctl.node("phone")["v4"], check=False)
-            compose.wait("phone Running",
-                         lambda: phone.status().get("BackendState") == "Running")
-            compose.wait("clawgate listening on the sidecar's tailnet address",
-                         lambda: f"listening on {server['v4']}:18789" in compose.logs("clawgate"))
-        finally:
-            for w in watchers:
-                w.close()
-        yield {"compose": compose, "ctl": ctl, "phone": phone, "server": server,
-               "token": token, "record": record / "requests.jsonl"}
+        st: dict[str, Any] = {"compose": compose, "ctl": ctl, "phone": phone, "server": server,
+                              "token": token, "record": record / "requests.jsonl"}
+        link_up(st)
+        compose.wait("clawgate listening on the sidecar's tailnet address",
+                     lambda: f"listening on {server['v4']}:18789" in compose.logs("clawgate"))
+        yield st
     finally:
         for p in ups:
             if p.poll() is None:
@@ -310,6 +301,43 @@ def stack(engine: Dockerd, images: None,
         _ip("link", "del", veth, check=False)
 
 
+def link_up(st: dict[str, Any]) -> None:
+    """No DERP map: a TSMP ping each way, with engine watchers open, makes both Running."""
+    compose: Compose = st["compose"]
+    phone: Node = st["phone"]
+    sock_dir = compose.engine.inspect(f"{PROJECT}_tailscale-socket")["Mountpoint"]
+    sidecar_sock = os.path.join(sock_dir, "tailscaled.sock")
+    compose.wait("the sidecar's socket", lambda: os.path.exists(sidecar_sock))
+    watchers = [watch_engine(phone.socket_path), watch_engine(sidecar_sock)]
+    try:
+        phone.cli("ping", "--tsmp", "--c=10", "--timeout=3s", st["server"]["v4"], timeout=60,
+                  check=False)
+        compose.engine.docker("exec", compose.container("tailscale"), "tailscale",
+                              "--socket=/var/run/tailscale/tailscaled.sock", "ping", "--tsmp",
+                              "--c=10", "--timeout=3s", st["ctl"].node("phone")["v4"],
+                              check=False, timeout=60)
+        compose.wait("phone Running", lambda: phone.status().get("BackendState") == "Running")
+        def sidecar_running() -> bool:
+            out = compose.engine.docker("exec", compose.container("tailscale"), "tailscale",
+                                        "--socket=/var/run/tailscale/tailscaled.sock",
+                                        "status", "--json", check=False).stdout
+            return '"BackendState": "Running"' in out
+
+        compose.wait("sidecar Running", sidecar_running)
+    finally:
+        for w in watchers:
+            w.close()
+
+
+async def ws_echo(st: dict[str, Any], text: str) -> str:
+    sock = await connect_in(st["phone"].ns, st["server"]["v4"], 18789, timeout=5)
+    async with connect(f"ws://{st['server']['v4']}:18789/ws", sock=sock, proxy=None,
+                       open_timeout=10,
+                       additional_headers={"Authorization": f"Bearer {st['token']}"}) as ws:
+        await ws.send(text)
+        return str(await ws.recv())
+
+
 async def test_compose_sidecar_admits_by_identity(stack: dict[str, Any]) -> None:
     compose: Compose = stack["compose"]
     server_v4 = stack["server"]["v4"]
@@ -323,11 +351,7 @@ async def test_compose_sidecar_admits_by_identity(stack: dict[str, Any]) -> None
     assert refused.value.response.status_code == 401
 
     # With the phone's token: through, and clawgate knows the peer from the real whois.
-    sock = await connect_in(phone.ns, server_v4, 18789, timeout=10)
-    async with connect(f"ws://{server_v4}:18789/ws", sock=sock, proxy=None, open_timeout=10,
-                       additional_headers={"Authorization": f"Bearer {stack['token']}"}) as ws:
-        await ws.send("over the tailnet")
-        assert await ws.recv() == "over the tailnet"
+    assert await ws_echo(stack, "over the tailnet") == "over the tailnet"
 
     def decision() -> dict[str, Any] | None:
         for line in compose.logs("clawgate").splitlines():
@@ -356,7 +380,7 @@ def phone_v4(stack: dict[str, Any]) -> str:
     return str(stack["ctl"].node("phone")["v4"])
 
 
-def test_healthcheck_unhealthy_when_sidecar_stops(stack: dict[str, Any]) -> None:
+async def test_healthcheck_unhealthy_when_sidecar_stops(stack: dict[str, Any]) -> None:
     compose: Compose = stack["compose"]
     compose.wait("clawgate healthy", lambda: compose.health("clawgate") == "healthy")
     compose("stop", "--timeout", "5", "tailscale")
@@ -378,3 +402,25 @@ def test_healthcheck_unhealthy_when_sidecar_stops(stack: dict[str, Any]) -> None
         "try: u.urlopen('http://127.0.0.1:18790/health', timeout=4)\n"
         "except e.HTTPError as x: print(x.code, x.read().decode())\n").stdout
     assert body.startswith("503 ") and "tailscale" in body, body
+
+    # The sidecar back (same state volume, same node). clawgate is still in the sidecar's
+    # old network namespace: tailscaled Running again through the socket volume, but no
+    # tailnet address where clawgate listens. Seen: that was "healthy" and unreachable.
+    compose("start", "tailscale")
+    link_up(stack)
+    with pytest.raises(OSError):
+        await ws_echo(stack, "stale namespace")
+    compose.wait("clawgate unhealthy in the stale namespace",
+                 lambda: compose.health("clawgate") == "unhealthy", timeout=40)
+    body = compose.engine.docker(
+        "exec", compose.container("clawgate"), "python", "-c",
+        "import urllib.request as u, urllib.error as e\n"
+        "try: u.urlopen('http://127.0.0.1:18790/health', timeout=4)\n"
+        "except e.HTTPError as x: print(x.code, x.read().decode())\n").stdout
+    assert "on no interface" in body, body
+    # What docs/operations.md says to do: restart what shares the sidecar's namespace
+    # (clawgate, and the gateway, or clawgate's upstream stays in the old one).
+    compose("restart", "--timeout", "5", "openclaw", "clawgate")
+    compose.wait("clawgate healthy after its restart",
+                 lambda: compose.health("clawgate") == "healthy", timeout=60)
+    assert await ws_echo(stack, "after the restart") == "after the restart"
