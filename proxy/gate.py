@@ -2,22 +2,32 @@
 
 Some clients (the Control UI, the mobile apps) carry only the gateway's own token, inside
 the ``connect`` request that is their first frame. In that mode clawgate forwards the
-upgrade, then holds the client's bytes until that frame is complete, checks
-``params.auth.token`` (or ``params.auth.password``) against the gateway token in constant
-time, and only then releases the held bytes and becomes a plain splice. Anything else (a
-wrong token, a fragmented, binary, oversized or late frame) ends with close 1008, and the
-gateway never receives a byte of the client's frames.
+upgrade, then holds the client's bytes until that frame is complete, checks its
+credentials and only then releases the held bytes and becomes a plain splice: the shared
+secret (``params.auth.token`` or ``.password``) in constant time, and a paired device's
+``deviceToken`` or a setup code's ``bootstrapToken`` against the gateway's own pairing
+store (``proxy.gateway_store``; the decision is ``proxy.access.connect_auth``). Anything
+else (a wrong, revoked or foreign token, a fragmented, binary, oversized or late frame)
+ends with close 1008, and the gateway never receives a byte of the client's frames.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
+import time
 from typing import TYPE_CHECKING, Any
 
-from .access.tokens import digest
+from .access.connect_auth import (
+    ConnectAuth,
+    StoreSnapshot,
+    StoreUnavailable,
+    Verdict,
+    decide,
+    needs_store,
+    parse_connect,
+)
 from .front import CLOSING
+from .gateway_store import GatewayStore
 from .relay import close_frame
 
 if TYPE_CHECKING:
@@ -74,15 +84,20 @@ def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
 
 
 class FirstFrameGate:
-    __slots__ = ("conn", "buf", "timer", "limit", "expected", "done", "linger")
+    __slots__ = ("conn", "buf", "timer", "limit", "expected", "done", "linger", "store",
+                 "generations", "waiting")
 
     def __init__(self, conn: ClientConnection, expected_digest: bytes, limit: int,
-                 timeout: float) -> None:
+                 timeout: float, store: GatewayStore | None = None,
+                 generations: frozenset[str] = frozenset()) -> None:
         self.conn = conn
         self.buf = b""
         self.limit = limit
         self.expected = expected_digest
+        self.store = store
+        self.generations = generations
         self.done = False
+        self.waiting = False  # the pairing store is being re-read for this frame
         self.linger: asyncio.TimerHandle | None = None
         self.timer = conn.rt.loop.call_later(timeout, self._timeout)
 
@@ -90,6 +105,11 @@ class FirstFrameGate:
         if self.done:
             return
         self.buf += data
+        if self.waiting:
+            # Held with the first frame; bounded while the store is read (milliseconds).
+            if len(self.buf) > 2 * self.limit + 14:
+                self._refuse("first frame too large")
+            return
         status, payload, end = parse_client_frame(self.buf, self.limit)
         if status == "more":
             if len(self.buf) > self.limit + 14:
@@ -98,39 +118,43 @@ class FirstFrameGate:
         if status != "ok" or payload is None:
             self._refuse(status)
             return
-        why = self._check(payload)
-        if why is not None:
-            self._refuse(why)
+        auth = parse_connect(payload)
+        if isinstance(auth, str):
+            self._refuse(auth)
+            return
+        snap: StoreSnapshot | StoreUnavailable | None = None
+        if self.store is not None and needs_store(auth, self.expected):
+            snap = self.store.current()
+            if snap is None:
+                self.waiting = True
+                self.conn.rt.spawn(self._decide_after_read(auth), "gate-store-read")
+                return
+        self._finish(decide(auth, self.expected, snap, now_ms=int(time.time() * 1000),
+                            generations=self.generations))
+
+    async def _decide_after_read(self, auth: ConnectAuth) -> None:
+        assert self.store is not None
+        snap = await self.store.refresh()
+        if self.done:
+            return  # timed out, refused or closed meanwhile
+        self.waiting = False
+        self._finish(decide(auth, self.expected, snap, now_ms=int(time.time() * 1000),
+                            generations=self.generations))
+
+    def _finish(self, verdict: Verdict) -> None:
+        if not verdict.admit:
+            self._refuse(verdict.reason)
             return
         self.done = True
         self.timer.cancel()
         held, self.buf = self.buf, b""
-        self.conn.rt.log.write({"event": "gateway_token", "conn": self.conn.conn_id,
-                                "peer": self.conn.peer_ip, "result": "ok"})
+        rec: dict[str, Any] = {"event": "gateway_token", "conn": self.conn.conn_id,
+                               "peer": self.conn.peer_ip, "result": "ok",
+                               "method": verdict.method}
+        if verdict.device_id is not None:
+            rec["device"] = verdict.device_id
+        self.conn.rt.log.write(rec)
         self.conn.gate_passed(held)
-
-    def _check(self, payload: bytes) -> str | None:
-        try:
-            msg: Any = json.loads(payload)
-        except (UnicodeError, ValueError):
-            return "first frame is not JSON"
-        if not isinstance(msg, dict) or msg.get("type") != "req" or msg.get("method") != \
-                "connect":
-            return "first frame must be the connect request"
-        params = msg.get("params")
-        auth = params.get("auth") if isinstance(params, dict) else None
-        secret = None
-        if isinstance(auth, dict):
-            for key in ("token", "password"):
-                value = auth.get(key)
-                if isinstance(value, str) and value:
-                    secret = value
-                    break
-        if secret is None:
-            return "connect request carries no gateway token"
-        if not hmac.compare_digest(digest(secret), self.expected):
-            return "gateway token mismatch"
-        return None
 
     def _refuse(self, reason: str) -> None:
         self.done = True
@@ -175,11 +199,20 @@ class FirstFrameGate:
 
 
 def make_gate_factory(rt: Runtime) -> Any:
+    stores: dict[str, GatewayStore] = {}  # one per state dir: a reload keeps its cache
+
     def factory(conn: ClientConnection) -> FirstFrameGate | None:
         d = rt.authz.gateway_token_digest
         if d is None:
             return None
         g = rt.cfg.gateway_token
-        return FirstFrameGate(conn, d, g.max_first_frame, g.first_frame_timeout)
+        store = None
+        if g.state_dir is not None:
+            store = stores.get(g.state_dir)
+            if store is None:
+                stores.clear()
+                store = stores[g.state_dir] = GatewayStore(g.state_dir)
+        return FirstFrameGate(conn, d, g.max_first_frame, g.first_frame_timeout, store,
+                              rt.authz.gateway_generations)
 
     return factory
