@@ -31,15 +31,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import GW_TOKEN, Clawgate
+from tests.e2e import test_control_ui_https as ui_https
+from tests.e2e.conftest import ALICE, GW_TOKEN, Clawgate, FakeTailscaledProcess, artifact_path
 from tests.e2e.gwclient import CLI_CLIENT
 from tests.e2e.openclaw import OpenClawGateway, OpenClawInstall
+from tests.e2e.test_control_ui_https import TrustingChromium, _navigate, _poll
 from tests.netns import GW_V4, PHONE_V4, Tailnet, connect_in
+from tests.tlsutil import DOMAIN
 
 GATED_PORT = 18797
 OTHER_GW_PORT = 18996  # a second, unrelated gateway (its device tokens are foreign here)
 OTHER_TOKEN = "e2e-other-gateway-token-3c81f"
 OTHER_GATED_PORT = 18799
+UI_PORT = 18747  # clawgate over HTTPS for the Control UI, the gate on, identity "either"
+UI_ORIGIN = f"https://{DOMAIN}:{UI_PORT}"
+
+# The HTTPS Control UI module's fixtures (test CA, tailscaled serving its certificate, a
+# Chromium that trusts it), instantiated for this module.
+test_ca = ui_https.test_ca
+https_tailscaled = ui_https.https_tailscaled
+browser = ui_https.browser
 PRE_CONNECT = (rf"^closed before connect .*host=100\.64\.0\.1:{GATED_PORT} "
                r".*phase=ws_upgrade_started")
 
@@ -82,8 +93,10 @@ def other_gated(tailnet: Tailnet, other_gateway: OpenClawGateway) -> Iterator[Cl
 @pytest.fixture(scope="module")
 def other_gateway(tailnet: Tailnet, openclaw_install: OpenClawInstall
                   ) -> Iterator[OpenClawGateway]:
+    # Also the Control UI's gateway (section 4): it lists the UI's https origin.
     gw = OpenClawGateway(auth="token", token=OTHER_TOKEN, netns=tailnet.ns("gw"),
-                         port=OTHER_GW_PORT, install=openclaw_install)
+                         port=OTHER_GW_PORT, install=openclaw_install,
+                         extra_config={"gateway.controlUi.allowedOrigins": [UI_ORIGIN]})
     with gw:
         yield gw
 
@@ -375,6 +388,89 @@ def test_setup_code_pairing_through_the_gate(
     (dev,) = [d for d in paired if d["deviceId"] == node_id]
     assert "node" in (dev.get("roles") or [dev.get("role")])
     assert gw_count(gw, r"^unauthorized ") == before_unauth
+
+
+# ------------------------------------------------------------------ 4. the Control UI
+
+
+@pytest.fixture(scope="module")
+def ui_gated(tailnet: Tailnet, other_gateway: OpenClawGateway, other_gated: Clawgate,
+             https_tailscaled: FakeTailscaledProcess) -> Iterator[Clawgate]:
+    """HTTPS (the UI needs a secure context for its device key), pages let in by alice's
+    identity, the WebSocket by the gate: no clawgate token or login anywhere."""
+    cg = Clawgate(tailnet, "gate-devices-ui", {
+        "upstream": f"http://127.0.0.1:{other_gateway.port}",
+        "gatewayToken": {"file": str(other_gateway.home.parent / "other.token"),
+                         "stateDir": str(state_dir(other_gateway))},
+        "tailscale": {"socket": str(https_tailscaled.socket), "authMode": "either",
+                      "allowUsers": [ALICE]},
+        "tls": {"mode": "tailscale", "domain": DOMAIN},
+    }, port=UI_PORT, admin_port=18748).start()
+    try:
+        yield cg
+    finally:
+        cg.stop()
+
+
+async def _storage(b: TrustingChromium) -> dict[str, Any]:
+    return dict(await b.js(
+        "({local: Object.fromEntries(Object.entries(localStorage)),"
+        " session: Object.fromEntries(Object.entries(sessionStorage))})"))
+
+
+@pytest.mark.slow
+async def test_control_ui_reconnects_on_reload_with_its_device_token(
+        tailnet: Tailnet, other_gateway: OpenClawGateway, ui_gated: Clawgate,
+        browser: TrustingChromium) -> None:
+    gw, cg = other_gateway, ui_gated
+    await browser.call("Page.enable")
+    mark = cg.mark()
+    connected_rx = r"^webchat connected .*openclaw-control-ui"
+    pairing_rx = (r"^closed before connect .*origin=" + re.escape(UI_ORIGIN)
+                  + r" .*pairing required")
+    before = gw_count(gw, pairing_rx)
+    # The gateway's token by URL fragment (never sent to a server): the gate admits it.
+    await _navigate(browser, f"{UI_ORIGIN}/#token={OTHER_TOKEN}")
+    wait_gw(gw, pairing_rx, before + 1, timeout=45)
+    line = [m for m in gw.log_messages() if re.search(pairing_rx, m)][-1]
+    request_id = re.search(r"requestId: ([0-9a-f-]{36})", line).group(1)  # type: ignore[union-attr]
+    assert f"fwd={PHONE_V4} " in line
+    ok = gw_count(gw, connected_rx)
+    admin(gw, tailnet, "devices", "approve", request_id)
+    wait_gw(gw, connected_rx, ok + 1, timeout=45)
+    first = [r for r in cg.since(mark) if r["event"] == "gateway_token"]
+    assert first and all(r["result"] == "ok" and r["method"] == "gateway-token"
+                         for r in first), first
+    async def ui_connected() -> bool:
+        text = await browser.text()
+        return "Model Setup" in text and "Approve this" not in text
+    await _poll(ui_connected, 30, "the connected UI")
+
+    # The UI keeps the gateway's token for this browser session only (sessionStorage) and
+    # the device token it was issued in localStorage.
+    store = await _storage(browser)
+    session_key = f"openclaw.control.token.v1:wss://{DOMAIN}:{UI_PORT}"
+    assert store["session"].get(session_key) == OTHER_TOKEN, store["session"]
+    device_auth = json.loads(store["local"][f"openclaw.device.auth.v1:wss://{DOMAIN}:{UI_PORT}"])
+    device_id = device_auth["deviceId"]
+    assert device_auth["tokens"]["operator"]["token"]
+
+    # A new browser session (the tab closed and opened again): no gateway token any more,
+    # only the device token. The reload reconnects through the gate with it.
+    await browser.js(f"sessionStorage.removeItem({json.dumps(session_key)}); true")
+    mark = cg.mark()
+    ok = gw_count(gw, connected_rx)
+    unauthorized = gw_count(gw, r"^unauthorized ")
+    await browser.call("Page.reload", ignoreCache=True)
+    wait_gw(gw, connected_rx, ok + 1, timeout=45)
+    await _poll(ui_connected, 30, "the UI connected again after the reload")
+    gates = [r for r in cg.since(mark) if r["event"] == "gateway_token"]
+    assert gates and all((r["result"], r["method"], r["device"], r["peer"]) == (
+        "ok", "device-token", device_id, PHONE_V4) for r in gates), gates
+    assert gw_count(gw, r"^unauthorized ") == unauthorized
+    assert session_key not in (await _storage(browser))["session"]
+    shot = await browser.screenshot(artifact_path("control-ui-gate-device-token.png"))
+    print(f"\nscreenshot: {shot}")
 
 
 # ------------------------------------------------------------------ 3. revoked (last)
