@@ -14,6 +14,8 @@ ends with close 1008, and the gateway never receives a byte of the client's fram
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +29,7 @@ from .access.connect_auth import (
     parse_connect,
 )
 from .front import CLOSING
-from .gateway_store import GatewayStore
+from .gateway_store import DB_RELATIVE, GatewayStore, store_version
 from .relay import close_frame
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from .server import Runtime
 
 __all__ = ["FirstFrameGate", "make_gate_factory", "parse_client_frame"]
+
+log = logging.getLogger("clawgate")
 
 # How long a refused client may keep sending (read and dropped) after our close frame.
 LINGER_SECONDS = 2.0
@@ -200,6 +204,15 @@ class FirstFrameGate:
 
 def make_gate_factory(rt: Runtime) -> Any:
     stores: dict[str, GatewayStore] = {}  # one per state dir: a reload keeps its cache
+    g = rt.cfg.gateway_token
+    if rt.authz.gateway_token_digest is not None and g.state_dir is not None:
+        # Say it at startup, not only when the first paired device is refused.
+        try:
+            store_version(os.path.join(g.state_dir, DB_RELATIVE))
+        except OSError as exc:
+            log.warning("gatewayToken.stateDir %s: the gateway's pairing store cannot be read "
+                        "(%s): paired devices and setup codes will be refused at the edge",
+                        g.state_dir, exc.strerror or exc)
 
     def factory(conn: ClientConnection) -> FirstFrameGate | None:
         d = rt.authz.gateway_token_digest

@@ -29,7 +29,7 @@ from .access.connect_auth import (
 )
 from .access.tokens import digest
 
-__all__ = ["GatewayStore", "default_state_dir", "read_snapshot", "store_version"]
+__all__ = ["DB_RELATIVE", "GatewayStore", "default_state_dir", "read_snapshot", "store_version"]
 
 log = logging.getLogger("clawgate")
 
