@@ -33,7 +33,7 @@ from .errors import (
     Unauthenticated,
 )
 from .httphead import RequestHead, rewrite_request_head
-from .sessions import SessionStore
+from .sessions import SessionStoreLike, StoreUnavailable, session_key
 
 if TYPE_CHECKING:
     from .config import Config
@@ -115,7 +115,7 @@ class Authorizer:
         self,
         cfg: Config,
         tokens: TokenSet,
-        sessions: SessionStore,
+        sessions: SessionStoreLike,
         *,
         identity: IdentityCacheLike | None,
         identity_present: bool,
@@ -160,18 +160,24 @@ class Authorizer:
 
     def credential(self, head: RequestHead) -> tuple[Credential | None, str | None, bool, bool]:
         """(credential, error, drop_authorization, strip_cookie)."""
-        cookie = head.header(b"cookie")
-        if cookie is not None and self.cookie_name in cookie:
-            sid = _cookie_value(cookie, self.cookie_name)
+        # The cookie may sit in any Cookie line (raw check first: C speed, usually absent).
+        has_cookie = self.cookie_name in head.raw
+        if has_cookie:
+            sid = _session_id(head, self.cookie_name)
             if sid is not None:
-                s = self.sessions.get(sid)
-                if s is not None and (s.token_name in self.tokens.names
-                                      or s.token_name == GATEWAY_TOKEN_NAME):
-                    return (Credential("session", s.token_name, expires_at=s.expires),
-                            None, False, True)
+                key = session_key(sid)
+                s = self.sessions.get(key)
+                # Valid only while the very secret that opened it is configured.
+                if s is not None and self.bound_name(s.binding) == s.token_name:
+                    # A clawgate token beside the cookie is clawgate's too: dropped.
+                    auth = head.header(b"authorization")
+                    return (Credential("session", s.token_name, expires_at=s.expires,
+                                       binding=s.binding, session=key),
+                            None, auth is not None and not self._kept_beside_session(auth),
+                            True)
         auth = head.header(b"authorization")
         if auth is None:
-            return None, None, False, cookie is not None and self.cookie_name in cookie
+            return None, None, False, has_cookie
         try:
             auth_text = auth.decode("latin-1")
         except UnicodeError:  # pragma: no cover - latin-1 decodes every byte
@@ -194,14 +200,41 @@ class Authorizer:
         d = digest(token)
         name = self.tokens.verify_digest(d)
         if name is not None:
-            return Credential("token", name), None, True, False
+            return Credential("token", name, binding=d), None, True, False
         if self.gateway_token_digest is not None and hmac.compare_digest(
                 self.gateway_token_digest, d):
             # The gateway's own token: the gateway needs it, so it is forwarded.
-            return Credential("gateway-token", GATEWAY_TOKEN_NAME), None, False, False
+            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d),
+                    None, False, False)
         if not self.settings.require_token and self.jwt is None:
             return None, None, False, False
         return None, "invalid token", True, False
+
+    def _kept_beside_session(self, auth: bytes) -> bool:
+        """Whether an Authorization next to a valid session cookie goes to the gateway:
+        only the gateway's own token, or one clawgate does not know while it requires none."""
+        token, _ = extract_token(auth.decode("latin-1"))
+        foreign = not self.settings.require_token and self.jwt is None
+        if token is None:
+            return foreign
+        d = digest(token)
+        if self.gateway_token_digest is not None and hmac.compare_digest(
+                self.gateway_token_digest, d):
+            return True
+        if self.tokens.verify_digest(d) is not None:
+            return False
+        return foreign
+
+    def bound_name(self, binding: bytes) -> str | None:
+        """The name of the configured secret whose digest is ``binding``, else None.
+
+        Constant time over every configured secret (static tokens, the gateway's token).
+        """
+        name = self.tokens.verify_digest(binding)
+        gw = self.gateway_token_digest
+        if gw is not None and hmac.compare_digest(gw, binding) and name is None:
+            name = GATEWAY_TOKEN_NAME
+        return name
 
     # ------------------------------------------------------------------ identity
 
@@ -249,8 +282,10 @@ class Authorizer:
         if head.path in self.exempt and not head.websocket:
             # Exempt means a health probe, never a gateway session: the gateway accepts
             # a WebSocket upgrade on any path, /health included.
+            if head.has_body():
+                # Nor a way to make clawgate scan a body for anyone (tiny chunks).
+                return Grant(Decision(False, 413, "an exempt path takes no request body"))
             return Grant(ALLOW_EXEMPT)
-        conn.rt.check_lockout(conn)
         if self.jwt is not None:
             token = self._bearer_jwt(head)
             if token is not None and self.jwt.needs_keys(token):
@@ -258,15 +293,17 @@ class Authorizer:
         outcome = self.identity_sync(conn)
         if outcome is None:
             return None
+        # After whois: a lockout is the node's when the peer has a known identity.
+        conn.rt.check_lockout(conn, outcome.identity)
         return self._finish(conn, head, outcome)
 
     async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
-        conn.rt.check_lockout(conn)
         if self.jwt is not None:
             token = self._bearer_jwt(head)
             if token is not None:
                 await self.jwt.prepare(token)
         outcome = await self.identity_async(conn)
+        conn.rt.check_lockout(conn, outcome.identity)
         return self._finish(conn, head, outcome)
 
     def _bearer_jwt(self, head: RequestHead) -> str | None:
@@ -337,13 +374,16 @@ class Authorizer:
             identity_headers=self.identity_norm,
             add=add,
             drop_authorization=grant.drop_authorization,
-            session_cookie=self.cookie_name if grant.strip_session_cookie else None,
+            # clawgate's cookie is never the gateway's business, valid or not, in any line.
+            session_cookie=self.cookie_name,
         )
 
     # ------------------------------------------------------------------ login
 
-    def login_endpoint(self, conn: ClientConnection, head: RequestHead,
-                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def login_endpoint(self, conn: ClientConnection, head: RequestHead, body: bytes,
+                       identity: Any = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """clawgate's own pages; ``identity``: the peer's, looked up before a login POST
+        (failed logins count against the node, not against 127.0.0.1)."""
         path = head.path
         html_type = ("Content-Type", "text/html; charset=utf-8")
         if path == b"/__clawgate/login" and head.method in (b"GET", b"HEAD"):
@@ -360,19 +400,24 @@ class Authorizer:
                 return 400, [("Content-Type", "text/plain")], b"malformed form\n"
             token = (form.get("token") or [""])[0].strip()
             nxt = _safe_next((form.get("next") or ["/"])[0])
+            left = conn.rt.lockout_left(conn, identity)
+            if left > 0:
+                return 429, [("Retry-After", str(int(left) + 1)),
+                             ("Content-Type", "text/plain")], \
+                    b"too many failed authentications\n"
             name: str | None = None
+            d = digest(token)
             if token:
-                d = digest(token)
-                name = self.tokens.verify_digest(d)
-                if name is None and self.gateway_token_digest is not None and \
-                        hmac.compare_digest(self.gateway_token_digest, d):
-                    name = GATEWAY_TOKEN_NAME
+                name = self.bound_name(d)
             if name is None:
-                conn.rt.note_denied(conn, 401)
+                conn.rt.note_denied(conn, 401, identity)
                 conn.rt.log.write({"event": "login", "conn": conn.conn_id,
                                    "peer": conn.peer_ip, "result": "invalid token"})
                 return 401, [html_type], self.login_page(nxt, "That token is not valid.")
-            sid, sess = self.sessions.create(name)
+            try:
+                sid, _key, sess = self.sessions.create(name, d)
+            except StoreUnavailable:
+                return 503, [("Content-Type", "text/plain")], b"session store unavailable\n"
             secure = "; Secure" if conn.tls else ""
             set_cookie = (f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
                           f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}")
@@ -384,7 +429,14 @@ class Authorizer:
             if raw_cookie is not None:
                 old_sid = _cookie_value(raw_cookie, self.cookie_name)
                 if old_sid is not None:
-                    self.sessions.delete(old_sid)
+                    key = session_key(old_sid)
+                    try:
+                        self.sessions.delete(key)
+                    except StoreUnavailable:
+                        return 503, [("Content-Type", "text/plain")], \
+                            b"session store unavailable\n"
+                    # Its live WebSockets end too (other workers: within 0.25 s).
+                    conn.rt.end_logged_out(key)
             expire = f"{self.cfg.tokens.cookie_name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
             return 303, [("Set-Cookie", expire), ("Location", "/__clawgate/login")], b""
         return 404, [("Content-Type", "text/plain")], b"not found\n"
@@ -401,6 +453,16 @@ def _header_value(value: str) -> bytes:
     if any((c < " " and c != "\t") or c == "\x7f" for c in value):
         raise ValueError("control character in identity value")
     return value.encode("utf-8")
+
+
+def _session_id(head: RequestHead, name: bytes) -> str | None:
+    """The first ``name`` cookie in any Cookie line (HTTP/2 front ends split them)."""
+    for n, v in zip(head.names, head.values, strict=True):
+        if n == b"cookie" and name in v:
+            sid = _cookie_value(v, name)
+            if sid is not None:
+                return sid
+    return None
 
 
 def _cookie_value(cookie: bytes, name: bytes) -> str | None:

@@ -164,6 +164,7 @@ class LimitsConfig:
     per_identity: int = 512
     unauthenticated_per_ip: int = 32
     head_bytes: int = 16384
+    head_lines: int = 100  # header lines in a head; more gets 431 (see httphead)
     head_timeout: float = 10.0
     idle_timeout: float = 3600.0
     failed_auth_count: int = 10
@@ -583,6 +584,7 @@ def parse_config(data: object, source: str | None = None) -> Config:
             "unauthenticatedPerIp", _int(1, 1_000_000), dl.unauthenticated_per_ip
         ),
         head_bytes=lm.get("headBytes", _int(1024, 1 << 20), dl.head_bytes),
+        head_lines=lm.get("headLines", _int(8, 100_000), dl.head_lines),
         head_timeout=lm.get("headTimeout", _num(0.1, 300), dl.head_timeout),
         idle_timeout=lm.get("idleTimeout", _num(1, 7 * 86400), dl.idle_timeout),
         failed_auth_count=lm.get("failedAuthCount", _int(1, 100000), dl.failed_auth_count),

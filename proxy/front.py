@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .access.networks import is_loopback
-from .access.policy import Decision
+from .access.policy import ALLOW_EXEMPT, Decision
 from .errors import AccessError, BadRequest
 from .httphead import (
     RequestHead,
@@ -43,6 +43,10 @@ STATUS_TEXT = {
 # How long end_session waits for the gateway's current frame to end (revocation must
 # end a session within about a second).
 END_SESSION_GRACE = 1.0
+# How long a client refused in the middle of its body may go on sending (read and dropped)
+# after the answer: closing at once, with its bytes unread, resets the connection and the
+# client never sees the status and reason.
+LINGER_SECONDS = 2.0
 
 # States. Small ints: compared on every data_received.
 HEAD, DECIDING, BODY, AWAIT, TUNNEL, GATED, LOCAL_BODY, CLOSING = range(8)
@@ -221,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
             self._head_timer.cancel()
             self._head_timer = None
         try:
-            head = parse_request_head(raw)
+            head = parse_request_head(raw, rt.cfg.limits.head_lines)
         except BadRequest as exc:
             rt.metrics.refused["bad_request"] += 1
             self.head = None  # the answer is to this malformed head, not the last request
@@ -274,7 +278,11 @@ class ClientConnection(asyncio.Protocol):
                 self.grant = grant
             self._send_denial(head, d.status, d.reason, grant.retry_after, grant)
             return
-        rt.decided(self)
+        if d is not ALLOW_EXEMPT and not grant.gated:
+            # A credential (or identity) was verified. An exempt request shows none, and a
+            # gated upgrade only once its first frame is checked (gate_passed): until then
+            # the connection counts against limits.unauthenticatedPerIp.
+            rt.decided(self)
         rt.metrics.decisions[("allow", 200)] += 1
         self.grant = grant
         rt.note_granted(self, grant)
@@ -343,7 +351,8 @@ class ClientConnection(asyncio.Protocol):
         if self.requests == 1:
             self.rt.metrics.observe_handshake(time.monotonic() - self.started)
         if head.chunked:
-            self._chunks = ChunkedScanner()
+            self._chunks = ChunkedScanner(request=True,
+                                          identity_headers=self.rt.authz.identity_norm)
             self.state = BODY
         elif head.content_length:
             self._body_left = head.content_length
@@ -364,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 end = self._chunks.feed(data)
             except ValueError as exc:
-                self._send_simple(400, f"bad chunked body: {exc}", close=True)
+                self._send_simple(400, f"bad chunked body: {exc}", close=True, linger=True)
                 return
             if end < 0:
                 self.bytes_up += len(data)
@@ -407,8 +416,11 @@ class ClientConnection(asyncio.Protocol):
             self._close("server shutting down")
             return
         self.state = HEAD
+        # Keep-alive allowance for a connection that showed a credential; one that has not
+        # (exempt requests only) gets headTimeout, like a new connection.
+        wait = self.rt.cfg.limits.head_timeout
         self._head_timer = self.rt.loop.call_later(
-            self.rt.cfg.limits.head_timeout * 6, self._head_timeout)
+            wait if self.unauth_counted else wait * 6, self._head_timeout)
         if self.buf:
             pending, self.buf = self.buf, b""
             self.data_received(pending)
@@ -435,6 +447,7 @@ class ClientConnection(asyncio.Protocol):
         """The first-frame gate verified the client: release what it held and splice."""
         self.gate = None
         self.state = TUNNEL
+        self.rt.decided(self)  # the gateway token was verified: no longer unauthenticated
         if released:
             self.bytes_up += len(released)
             self.up_t.write(released)  # type: ignore[union-attr]
@@ -459,8 +472,8 @@ class ClientConnection(asyncio.Protocol):
         self._close(self.close_reason or "gateway closed")
 
     def upstream_lost_during_exchange(self, got_any: bool) -> None:
-        if self._closed:
-            return
+        if self._closed or (self.state == CLOSING and self._end_timer is not None):
+            return  # gone, or lingering after a refusal (our own close of the gateway side)
         if self.state == HEAD and not got_any:
             # Idle keep-alive connection closed by the gateway: dial again next time.
             self.up = None
@@ -544,7 +557,22 @@ class ClientConnection(asyncio.Protocol):
         self._local_respond(head, body)
 
     def _local_respond(self, head: RequestHead, body: bytes) -> None:
-        status, headers, payload = self.rt.local_endpoint(self, head, body)
+        if self.rt.local_needs_identity(head):
+            # A login POST: whois first, so failures count against the peer's node.
+            self.state = DECIDING
+            self._pause(True)
+            self._task = self.rt.spawn(self._local_async(head, body), f"local-{self.conn_id}")
+            return
+        self._local_send(head, self.rt.local_endpoint(self, head, body))
+
+    async def _local_async(self, head: RequestHead, body: bytes) -> None:
+        answer = await self.rt.local_endpoint_async(self, head, body)
+        if not self._closed:
+            self._local_send(head, answer)
+
+    def _local_send(self, head: RequestHead,
+                    answer: tuple[int, list[tuple[str, str]], bytes]) -> None:
+        status, headers, payload = answer
         self.rt.log.write({"event": "local", "conn": self.conn_id, "peer": self.peer_ip,
                            "method": head.method.decode("latin-1"),
                            "path": head.path.decode("latin-1"), "status": status})
@@ -576,7 +604,8 @@ class ClientConnection(asyncio.Protocol):
         if body is None:
             body = (reason + "\n").encode("utf-8", "replace")
             headers.append(("Content-Type", "text/plain; charset=utf-8"))
-        self._send(status, headers, body, close=True)
+        # A body may be on its way: linger, so the client reads the answer.
+        self._send(status, headers, body, close=True, linger=head.has_body())
 
     def _deny_and_close(self, status: int, reason: str, retry_after: int | None = None,
                         log_level: str = "deny") -> None:
@@ -594,12 +623,13 @@ class ClientConnection(asyncio.Protocol):
             headers.append(("Retry-After", str(retry_after)))
         self._send(status, headers, (reason + "\n").encode(), close=True)
 
-    def _send_simple(self, status: int, reason: str, close: bool) -> None:
+    def _send_simple(self, status: int, reason: str, close: bool,
+                     linger: bool = False) -> None:
         self._send(status, [("Content-Type", "text/plain; charset=utf-8")],
-                   (reason + "\n").encode(), close=close)
+                   (reason + "\n").encode(), close=close, linger=linger)
 
     def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
-              close: bool) -> None:
+              close: bool, linger: bool = False) -> None:
         t = self.transport
         if t is None or self._closed:
             return
@@ -617,6 +647,17 @@ class ClientConnection(asyncio.Protocol):
         if close:
             self.close_reason = self.close_reason or f"{status} sent"
             self.state = CLOSING
+            if linger and t.can_write_eof() and self._end_timer is None:
+                # FIN after the answer; the client's bytes are read and dropped (CLOSING)
+                # until it closes, or LINGER_SECONDS pass.
+                t.write_eof()
+                if self.up_t is not None and not self.up_t.is_closing():
+                    self.up_t.close()
+                self._paused_state = self._paused_bp = False
+                self._apply_pause()  # keep reading (and dropping) what still comes
+                self._end_timer = self.rt.loop.call_later(
+                    LINGER_SECONDS, self._close, self.close_reason)
+                return
             self._close(self.close_reason)
 
     # ------------------------------------------------------------------ ending

@@ -14,6 +14,7 @@ ends with close 1008, and the gateway never receives a byte of the client's fram
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -23,7 +24,6 @@ from .access.connect_auth import (
     ConnectAuth,
     StoreSnapshot,
     StoreUnavailable,
-    Verdict,
     decide,
     needs_store,
     parse_connect,
@@ -88,18 +88,14 @@ def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
 
 
 class FirstFrameGate:
-    __slots__ = ("conn", "buf", "timer", "limit", "expected", "done", "linger", "store",
-                 "generations", "waiting")
+    __slots__ = ("conn", "buf", "timer", "limit", "done", "linger", "store", "waiting")
 
-    def __init__(self, conn: ClientConnection, expected_digest: bytes, limit: int,
-                 timeout: float, store: GatewayStore | None = None,
-                 generations: frozenset[str] = frozenset()) -> None:
+    def __init__(self, conn: ClientConnection, limit: int, timeout: float,
+                 store: GatewayStore | None = None) -> None:
         self.conn = conn
         self.buf = b""
         self.limit = limit
-        self.expected = expected_digest
         self.store = store
-        self.generations = generations
         self.done = False
         self.waiting = False  # the pairing store is being re-read for this frame
         self.linger: asyncio.TimerHandle | None = None
@@ -127,14 +123,14 @@ class FirstFrameGate:
             self._refuse(auth)
             return
         snap: StoreSnapshot | StoreUnavailable | None = None
-        if self.store is not None and needs_store(auth, self.expected):
+        # The token in force now (a reload may have rotated or removed it meanwhile).
+        if self.store is not None and needs_store(auth, self.conn.rt.authz.gateway_token_digest):
             snap = self.store.current()
             if snap is None:
                 self.waiting = True
                 self.conn.rt.spawn(self._decide_after_read(auth), "gate-store-read")
                 return
-        self._finish(decide(auth, self.expected, snap, now_ms=int(time.time() * 1000),
-                            generations=self.generations))
+        self._decide(auth, snap)
 
     async def _decide_after_read(self, auth: ConnectAuth) -> None:
         assert self.store is not None
@@ -142,13 +138,25 @@ class FirstFrameGate:
         if self.done:
             return  # timed out, refused or closed meanwhile
         self.waiting = False
-        self._finish(decide(auth, self.expected, snap, now_ms=int(time.time() * 1000),
-                            generations=self.generations))
+        self._decide(auth, snap)
 
-    def _finish(self, verdict: Verdict) -> None:
+    def _decide(self, auth: ConnectAuth, snap: StoreSnapshot | StoreUnavailable | None) -> None:
+        authz = self.conn.rt.authz
+        verdict = decide(auth, authz.gateway_token_digest, snap,
+                         now_ms=int(time.time() * 1000), generations=authz.gateway_generations)
         if not verdict.admit:
             self._refuse(verdict.reason)
             return
+        grant = self.conn.grant
+        if grant is not None and grant.credential is not None:
+            if verdict.binding is not None:
+                # Bind the tunnel to this secret: a reload that rotates it ends it (1008).
+                cred = dataclasses.replace(grant.credential, binding=verdict.binding)
+            else:
+                # A device's own token: logs name the device; not tied to the gateway token.
+                cred = dataclasses.replace(
+                    grant.credential, name=f"{verdict.method} {(verdict.device_id or '')[:16]}")
+            self.conn.grant = dataclasses.replace(grant, credential=cred)
         self.done = True
         self.timer.cancel()
         held, self.buf = self.buf, b""
@@ -214,10 +222,9 @@ def make_gate_factory(rt: Runtime) -> Any:
                         "(%s): paired devices and setup codes will be refused at the edge",
                         g.state_dir, exc.strerror or exc)
 
-    def factory(conn: ClientConnection) -> FirstFrameGate | None:
-        d = rt.authz.gateway_token_digest
-        if d is None:
-            return None
+    def factory(conn: ClientConnection) -> FirstFrameGate:
+        # Always a gate for a gated grant: should a reload have removed the gateway token
+        # since the decision, the gate refuses (fail closed), it never splices unchecked.
         g = rt.cfg.gateway_token
         store = None
         if g.state_dir is not None:
@@ -225,7 +232,6 @@ def make_gate_factory(rt: Runtime) -> Any:
             if store is None:
                 stores.clear()
                 store = stores[g.state_dir] = GatewayStore(g.state_dir)
-        return FirstFrameGate(conn, d, g.max_first_frame, g.first_frame_timeout, store,
-                              rt.authz.gateway_generations)
+        return FirstFrameGate(conn, g.max_first_frame, g.first_frame_timeout, store)
 
     return factory

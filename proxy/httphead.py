@@ -4,7 +4,9 @@ Pure functions over bytes, no I/O. httptools (llhttp, as used by uvicorn) parses
 checks run first on the raw lines for the shapes that differ between parsers (bare CR or
 LF, obs-fold, NUL, duplicate or conflicting framing headers). The rewrite keeps every
 surviving header line byte for byte, removes hop-by-hop, Connection-listed, forwarding and
-identity headers sent by the client, and only then adds the headers clawgate vouches for.
+identity headers sent by the client, and puts the headers clawgate vouches for first, right
+after the request line: a gateway whose parser keeps only the first N header lines (Node's
+``maxHeadersCount``) must never lose them to a flood of client lines.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import httptools
 from .errors import BadRequest
 
 __all__ = [
+    "DEFAULT_HEAD_LINES",
     "RequestHead",
     "ResponseHead",
     "HeadTooLarge",
@@ -56,6 +59,8 @@ _SPOOF_EXACT = frozenset(
 )
 _SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
 _UNDERSCORE_FRAMING = frozenset({b"content_length", b"transfer_encoding"})
+# limits.headLines: far above a browser's ~20 lines, far below Node's 1,000-line cut.
+DEFAULT_HEAD_LINES = 100
 
 
 class HeadTooLarge(BadRequest):
@@ -97,6 +102,7 @@ class RequestHead:
     chunked: bool
     websocket: bool
     keep_alive: bool
+    host: bytes | None = None  # the Host value (at most one Host line is accepted)
 
     @property
     def path(self) -> bytes:
@@ -135,13 +141,15 @@ class _Collector:
         self.done = True
 
 
-def _strict_lines(raw: bytes) -> list[bytes]:
+def _strict_lines(raw: bytes, max_lines: int) -> list[bytes]:
     """Split a head (ending in CRLF CRLF) into lines; reject parser-differential shapes."""
     if b"\x00" in raw:
         raise BadRequest("NUL byte in request head")
     body = raw[:-4]
     # Whole-buffer counts (C speed): every CR and every LF must be part of a CRLF.
     crlf = body.count(_CRLF)
+    if crlf > max_lines:  # one CRLF per header line (the request line ends in the first)
+        raise HeadTooLarge(f"too many header lines (limit {max_lines})")
     if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
         raise BadRequest("bare CR or LF in request head")
     if b"\r\n\r\n" in body:
@@ -151,12 +159,13 @@ def _strict_lines(raw: bytes) -> list[bytes]:
     return body.split(_CRLF)
 
 
-def parse_request_head(raw: bytes) -> RequestHead:
+def parse_request_head(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> RequestHead:
     """Parse and validate a complete head (``raw`` ends with CRLF CRLF).
 
-    Raises BadRequest (400) for anything malformed or smuggling-shaped.
+    Raises BadRequest (400) for anything malformed or smuggling-shaped, HeadTooLarge (431)
+    for more than ``max_lines`` header lines.
     """
-    lines = _strict_lines(raw)
+    lines = _strict_lines(raw, max_lines)
     request_line = lines[0]
     parts = request_line.split(b" ")
     if len(parts) != 3:
@@ -192,6 +201,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
     content_length: int | None = None
     chunked = False
     host_count = 0
+    host: bytes | None = None
     upgrade: bytes | None = None
     conn_tokens: set[bytes] = set()
     for i, name in enumerate(names):
@@ -210,6 +220,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
             chunked = True
         elif name == b"host":
             host_count += 1
+            host = values[i]
         elif name == b"upgrade":
             if upgrade is not None:
                 raise BadRequest("more than one Upgrade")
@@ -223,6 +234,8 @@ def parse_request_head(raw: bytes) -> RequestHead:
             raise BadRequest("framing header spelled with '_'")
     if chunked and content_length is not None:
         raise BadRequest("both Content-Length and Transfer-Encoding")
+    if names.count(b"authorization") > 1:  # C speed; parsers differ on which one counts
+        raise BadRequest("more than one Authorization")
     if host_count > 1:
         raise BadRequest("more than one Host")
     if host_count == 0 and proto == b"HTTP/1.1":
@@ -258,6 +271,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
         chunked=chunked,
         websocket=websocket,
         keep_alive=keep_alive,
+        host=host,
     )
 
 
@@ -282,40 +296,23 @@ def rewrite_request_head(
 ) -> bytes:
     """The head to send upstream.
 
-    Drops hop-by-hop headers, every header named in Connection (except the protected
+    First, right after the request line, what clawgate vouches for: X-Forwarded-For
+    (``client_ip``, replaced, never appended), X-Forwarded-Proto, X-Forwarded-Host, ``add``
+    and the connection's own Upgrade/Connection lines. Then the client's lines, byte for
+    byte, less hop-by-hop headers, every header named in Connection (except the protected
     end-to-end ones), all client-sent forwarding and identity headers (any case, '_' for
-    '-'), and the proxy's own credential; then sets X-Forwarded-For to ``client_ip``
-    (replaced, never appended), X-Forwarded-Proto, X-Forwarded-Host and ``add``.
-    ``identity_headers`` holds normalised names (lower case, '-').
+    '-'), the proxy's own credential (every Authorization line with ``drop_authorization``)
+    and the ``session_cookie`` pair in every Cookie line. ``identity_headers`` holds
+    normalised names (lower case, '-').
     """
-    named: set[bytes] = set()
-    for n, v in zip(head.names, head.values, strict=True):
-        if n == b"connection":
-            for tok in v.split(b","):
-                t = normalise_header_name(tok.strip())
-                if t and t not in _PROTECTED:
-                    named.add(t)
-    out: list[bytes] = [head.request_line]
-    host_value: bytes | None = None
-    for line, n, v in zip(head.lines, head.names, head.values, strict=True):
-        norm = normalise_header_name(n)
-        if norm == b"host":
-            host_value = v
-            out.append(line)
-            continue
-        if norm in _HOP_BY_HOP or norm in named:
-            continue
-        if is_spoofable_header(norm, identity_headers):
-            continue
-        if drop_authorization and norm == b"authorization":
-            continue
-        if session_cookie is not None and norm == b"cookie":
-            stripped = strip_cookie(v, session_cookie)
-            if stripped != v.strip():
-                if stripped:
-                    out.append(b"Cookie: " + stripped)
-                continue
-        out.append(line)
+    out: list[bytes] = [head.request_line, b"X-Forwarded-For: " + client_ip.encode("ascii"),
+                        b"X-Forwarded-Proto: " + proto]
+    if head.host is not None:
+        out.append(b"X-Forwarded-Host: " + head.host)
+    for name, value in add:
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise ValueError("control character in an injected header value")
+        out.append(name + b": " + value)
     if head.websocket:
         out.append(b"Upgrade: websocket")
         out.append(b"Connection: Upgrade")
@@ -324,14 +321,28 @@ def rewrite_request_head(
     elif head.version == (1, 0):
         # HTTP/1.0 closes by default: pass on the client's wish to keep the connection.
         out.append(b"Connection: keep-alive")
-    out.append(b"X-Forwarded-For: " + client_ip.encode("ascii"))
-    out.append(b"X-Forwarded-Proto: " + proto)
-    if host_value is not None:
-        out.append(b"X-Forwarded-Host: " + host_value)
-    for name, value in add:
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
-            raise ValueError("control character in an injected header value")
-        out.append(name + b": " + value)
+    named: set[bytes] = set()
+    for n, v in zip(head.names, head.values, strict=True):
+        if n == b"connection":
+            for tok in v.split(b","):
+                t = normalise_header_name(tok.strip())
+                if t and t not in _PROTECTED:
+                    named.add(t)
+    for line, n, v in zip(head.lines, head.names, head.values, strict=True):
+        norm = normalise_header_name(n)
+        if norm in _HOP_BY_HOP or norm in named:
+            continue
+        if is_spoofable_header(norm, identity_headers):
+            continue
+        if drop_authorization and norm == b"authorization":
+            continue
+        if session_cookie is not None and norm == b"cookie" and session_cookie in v:
+            stripped = strip_cookie(v, session_cookie)
+            if stripped != v.strip():
+                if stripped:
+                    out.append(b"Cookie: " + stripped)
+                continue
+        out.append(line)
     out.append(b"")
     out.append(b"")
     return _CRLF.join(out)

@@ -15,6 +15,8 @@ import asyncio
 import struct
 from typing import TYPE_CHECKING
 
+from .httphead import is_spoofable_header, normalise_header_name
+
 if TYPE_CHECKING:
     from .front import ClientConnection
 
@@ -43,22 +45,47 @@ def close_frame(code: int, reason: str = "") -> bytes:
     return bytes((0x88, len(payload))) + payload
 
 
+# A request body may hold this many chunks, plus one per 4 KiB of chunk data: scanning
+# costs a few Python steps per chunk, so a body of 1-byte chunks (8 MB of them stalled the
+# event loop for ~2 s) is cut off after ~1,024 steps; a body cut into pieces of a few KiB,
+# or a short stream of small writes, is never near it.
+REQUEST_FREE_CHUNKS = 1024
+_CHUNK_BYTES_SHIFT = 12  # one more chunk allowed per 4 KiB
+# Fields that never belong in a request trailer: framing, routing, credentials, and the
+# spoof catalogue (checked with httphead.is_spoofable_header).
+_TRAILER_FORBIDDEN = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"trailer", b"te", b"connection",
+     b"upgrade", b"keep-alive", b"authorization", b"proxy-authorization", b"cookie",
+     b"expect", b"content-type", b"content-encoding"}
+)
+
+
 class ChunkedScanner:
     """Finds the end of a chunked body without copying or decoding it.
 
     ``feed(data)`` returns the offset in ``data`` just past the end of the message, or -1
-    when more is needed. Raises ValueError on malformed framing.
+    when more is needed. Raises ValueError on malformed framing. With ``request=True`` (a
+    client's body) the number of chunks is bounded (see REQUEST_FREE_CHUNKS) and trailer
+    fields from the spoof catalogue (forwarding, identity) or framing/credential fields
+    are refused: a gateway would read them as ``req.trailers``.
     """
 
-    __slots__ = ("_state", "_remaining", "_line", "_trailer")
+    __slots__ = ("_state", "_remaining", "_line", "_request", "_steps", "_free", "_data",
+                 "_identity")
 
     _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
 
-    def __init__(self) -> None:
+    def __init__(self, request: bool = False,
+                 identity_headers: frozenset[bytes] = frozenset()) -> None:
         self._state = self._SIZE
         self._remaining = 0
         self._line = b""
-        self._trailer = False
+        self._request = request
+        self._steps = 0
+        # Responses (the gateway's streams, e.g. server-sent events) are not bounded.
+        self._free = REQUEST_FREE_CHUNKS if request else 1 << 62
+        self._data = 0
+        self._identity = identity_headers
 
     def feed(self, data: bytes) -> int:
         pos = 0
@@ -88,7 +115,13 @@ class ChunkedScanner:
                 if line:
                     raise ValueError("missing CRLF after chunk data")
                 self._state = self._SIZE
-            elif st == self._SIZE:
+                continue
+            if line:  # a chunk-size line or a trailer field: one more step
+                self._steps += 1
+                if self._steps > self._free and self._steps > REQUEST_FREE_CHUNKS + (
+                        self._data >> _CHUNK_BYTES_SHIFT):
+                    raise ValueError("too many chunks (use fewer, larger chunks)")
+            if st == self._SIZE:
                 size_text = line.split(b";", 1)[0]
                 if not size_text or len(size_text) > 16 or size_text.strip(
                         b"0123456789abcdefABCDEF"):
@@ -98,14 +131,27 @@ class ChunkedScanner:
                     self._state = self._TRAILER
                 else:
                     self._remaining = size
+                    self._data += size
                     self._state = self._DATA
             else:  # trailer section: lines until an empty one
                 if not line:
                     self._state = self._SIZE
+                    self._steps = self._data = 0
                     return pos
                 if line[0] in (0x20, 0x09) or b":" not in line:
                     raise ValueError("malformed trailer")
+                if self._request:
+                    self._check_trailer(line)
         return -1
+
+    def _check_trailer(self, line: bytes) -> None:
+        name = line.split(b":", 1)[0]
+        if not name or name != name.strip():
+            raise ValueError("malformed trailer")
+        norm = normalise_header_name(name)
+        if norm in _TRAILER_FORBIDDEN or is_spoofable_header(norm, self._identity):
+            raise ValueError("trailer field not allowed (forwarding, identity, framing "
+                             "or credential header)")
 
 
 class FrameTracker:

@@ -35,10 +35,17 @@ from .errors import ClawgateError, ConfigError, TokenStoreError, TooManyRequests
 from .front import ClientConnection
 from .httphead import RequestHead
 from .metrics import Metrics
-from .sessions import SessionStore
+from .sessions import (
+    LockoutTable,
+    LockoutTableLike,
+    SessionStore,
+    SessionStoreLike,
+    lockout_key,
+)
 
 if TYPE_CHECKING:
     from .relay import UpstreamConnection
+    from .shared_state import SharedState
 
 __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_notify"]
 
@@ -105,13 +112,20 @@ def build_authorizer_inputs(cfg: Config) -> tuple[TokenSet, bytes | None]:
 class Runtime:
     """Shared state of one proxy process."""
 
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop,
+                 shared: SharedState | None = None) -> None:
         self.loop = loop
         self.metrics = Metrics()
         self.conns: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.log = AccessLog(cfg.log.access, cfg.log.refused_per_second)
-        self.sessions = SessionStore(cfg.tokens.session_ttl)
+        # Login sessions and lockouts: in this process, or (workers > 1) the parent's
+        # store shared by every worker (proxy.shared_state.SharedState).
+        self.shared = shared
+        self.sessions: SessionStoreLike = (
+            shared.sessions if shared is not None else SessionStore(cfg.tokens.session_ttl))
+        self.lockouts: LockoutTableLike = (
+            shared.lockouts if shared is not None else LockoutTable())
         self.identity_cache: Any = None
         self.monitor: Any = None
         self.localapi: Any = None
@@ -124,8 +138,6 @@ class Runtime:
         # 503 before accept() itself fails with EMFILE, where nothing can be answered.
         self.fd_connection_cap = _fd_connection_cap()
         self.last_sessions_ended = 0
-        self.failures: dict[str, collections.deque[float]] = {}
-        self.lockouts: dict[str, float] = {}
         self.draining = False
         self.started = time.time()
         self.reloads = 0
@@ -168,7 +180,9 @@ class Runtime:
         self.jwt = jwt
         self.authz = authz
         self.sessions.ttl = cfg.tokens.session_ttl
-        self.sessions.revoke_missing(tokens.names | {GATEWAY_TOKEN_NAME})
+        # A session lives only while the secret that opened it is configured (not just
+        # a token of that name: revoked and re-created, or a rotated gateway token).
+        self.sessions.revoke_unbound(lambda s: authz.bound_name(s.binding) == s.token_name)
 
     def reload(self) -> bool:
         """Re-read the config file and tokens; keep the old config on any error."""
@@ -219,9 +233,16 @@ class Runtime:
         cred = grant.credential
         authz = self.authz
         if cred is not None:
-            if cred.kind in ("token", "session") and cred.name not in authz.tokens.names \
-                    and cred.name != GATEWAY_TOKEN_NAME:
-                return f"token {cred.name} revoked"
+            if cred.binding is not None:
+                # Static token, gateway token (Bearer or verified first frame), login
+                # session: the very secret that was verified must still be configured.
+                if authz.bound_name(cred.binding) != _bound_as(cred):
+                    return f"token {_bound_as(cred)} revoked"
+            elif cred.kind in ("token", "session"):
+                return f"token {cred.name} revoked"  # never granted without a binding
+            if cred.kind == "session" and cred.session is not None and \
+                    self.sessions.get(cred.session) is None:
+                return "logged out"
             if cred.expires_at is not None and cred.expires_at <= now:
                 return f"credential {cred.name} expired"
             if authz.revoked is not None and cred.kind == "jwt":
@@ -265,13 +286,13 @@ class Runtime:
             self.metrics.refused["fd_limit"] += 1
             return 503, "too many connections (file descriptor limit)", None
         ip = conn.peer_ip
-        until = self.lockouts.get(ip)
-        if until is not None:
-            left = until - time.monotonic()
+        if self.lockouts and not conn.is_loopback_peer:
+            # At accept only the address is known: its own lockout (peers without an
+            # identity). A node's lockout is checked once whois has named it.
+            left = self.lockouts.locked(lockout_key(ip, None, False))
             if left > 0:
                 self.metrics.refused["locked_out"] += 1
                 return 429, "too many failed authentications", int(left) + 1
-            del self.lockouts[ip]
         if self.per_ip[ip] >= lim.per_source_ip:
             self.metrics.refused["per_ip"] += 1
             return 429, "too many connections from this address", 1
@@ -305,29 +326,52 @@ class Runtime:
         conn.counted_identity = key
         return None
 
-    def check_lockout(self, conn: ClientConnection) -> None:
-        until = self.lockouts.get(conn.peer_ip)
-        if until is not None:
-            left = until - time.monotonic()
-            if left > 0:
-                raise TooManyRequests("too many failed authentications", int(left) + 1)
+    def lockout_left(self, conn: ClientConnection, identity: Any) -> float:
+        """Seconds left of the lockout of this peer (its node when known), else 0."""
+        lockouts = self.lockouts
+        if not lockouts:  # nobody locked out: every request pays just this
+            return 0.0
+        return lockouts.locked(lockout_key(conn.peer_ip, identity, conn.is_loopback_peer))
 
-    def note_denied(self, conn: ClientConnection, status: int) -> None:
+    def check_lockout(self, conn: ClientConnection, identity: Any) -> None:
+        left = self.lockout_left(conn, identity)
+        if left > 0:
+            self.metrics.refused["locked_out"] += 1
+            raise TooManyRequests("too many failed authentications", int(left) + 1)
+
+    def note_denied(self, conn: ClientConnection, status: int, identity: Any = None) -> None:
         if status != 401:
             return
+        if identity is None and conn.grant is not None:
+            identity = conn.grant.identity  # the denied (or gated) request's peer
         lim = self.cfg.limits
-        now = time.monotonic()
-        q = self.failures.setdefault(conn.peer_ip, collections.deque())
-        q.append(now)
-        while q and q[0] < now - lim.failed_auth_window:
-            q.popleft()
-        if len(q) >= lim.failed_auth_count and lim.failed_auth_lockout > 0:
-            self.lockouts[conn.peer_ip] = now + lim.failed_auth_lockout
-            q.clear()
-            self.log.write({"event": "lockout", "peer": conn.peer_ip,
-                            "seconds": lim.failed_auth_lockout})
-        if len(self.failures) > 100000:
-            self.failures.clear()
+        key = lockout_key(conn.peer_ip, identity, conn.is_loopback_peer)
+        if self.lockouts.fail(key, count=lim.failed_auth_count, window=lim.failed_auth_window,
+                              lockout=lim.failed_auth_lockout):
+            rec: dict[str, Any] = {"event": "lockout", "peer": conn.peer_ip, "key": key,
+                                   "seconds": lim.failed_auth_lockout}
+            if identity is not None:
+                rec.update(self.identity_fields(identity, conn.peer_ip))
+            self.log.write(rec)
+
+    def end_logged_out(self, key: bytes | None = None) -> int:
+        """End this worker's live connections of login session ``key``, and of any
+        other session no longer in the store (another worker logged it out)."""
+        ended = 0
+        now = time.time()
+        for conn in list(self.conns):
+            grant = conn.grant
+            cred = grant.credential if grant is not None else None
+            if cred is None or cred.session is None or conn.closed or conn.close_reason:
+                continue
+            if cred.expires_at is not None and cred.expires_at <= now:
+                continue  # expired, not logged out: the sweep ends it and says so
+            if cred.session == key or self.sessions.get(cred.session) is None:
+                ended += 1
+                self.log.write({"event": "session_ended", "conn": conn.conn_id,
+                                "peer": conn.peer_ip, "reason": "logged out"})
+                conn.end_session(1008, "logged out")
+        return ended
 
     def note_granted(self, conn: ClientConnection, grant: Grant) -> None:
         pass
@@ -352,6 +396,16 @@ class Runtime:
     def local_endpoint(self, conn: ClientConnection, head: RequestHead,
                        body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         return self.authz.login_endpoint(conn, head, body)
+
+    def local_needs_identity(self, head: RequestHead) -> bool:
+        """A login POST counts failures against the peer's node: whois it first."""
+        return head.method == b"POST" and self.authz.identity is not None
+
+    async def local_endpoint_async(self, conn: ClientConnection, head: RequestHead,
+                                   body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        authz = self.authz
+        outcome = await authz.identity_async(conn)
+        return authz.login_endpoint(conn, head, body, outcome.identity)
 
     def login_page(self, head: RequestHead, reason: str) -> bytes:
         return self.authz.login_page(head.target.decode("latin-1"), "")
@@ -464,6 +518,11 @@ def _decrement(counter: collections.Counter[str], key: str) -> None:
         counter[key] = n
 
 
+def _bound_as(cred: Any) -> str:
+    """The configured name the credential's secret must still carry."""
+    return GATEWAY_TOKEN_NAME if cred.kind == "gateway-token" else str(cred.name)
+
+
 def _principal(grant: Grant) -> str | None:
     """Whom a connection counts against for limits.perIdentity (None: nobody)."""
     if grant.identity is not None:
@@ -560,7 +619,19 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     if worker_index > 0:
         cfg = dataclasses.replace(cfg, admin=dataclasses.replace(cfg.admin, enabled=False))
     raise_nofile_limit()
-    rt = Runtime(cfg, loop)
+    shared = None
+    if cfg.workers > 1:
+        from .shared_state import STATE_DIR_ENV, SharedState
+
+        state_dir = os.environ.get(STATE_DIR_ENV)
+        if state_dir:  # started by run_workers (a lone `--worker-index` keeps its own)
+            import sqlite3
+
+            try:
+                shared = SharedState(state_dir, cfg.tokens.session_ttl)
+            except (OSError, sqlite3.Error) as exc:
+                raise ClawgateError(f"cannot open the shared session store: {exc}") from None
+    rt = Runtime(cfg, loop, shared)
     hosts = list(cfg.gateway.hosts)
     ts_hosts: list[str] = []
     from .tailscale_runtime import attach_tailscale
@@ -634,6 +705,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     if not rt.listen_addresses:
         log.warning("no tailnet address yet: waiting for tailscaled to come up")
     sweeper = rt.spawn(_sweep(rt), "sweep")
+    watcher = rt.spawn(_watch_shared(rt), "watch-shared") if shared is not None else None
     # Startup objects (modules, config, aiohttp apps) live as long as the process: take
     # them out of the cyclic GC's view, so a full collection under load no longer walks
     # them all (measured: a ~40-65 ms stall of the event loop every few seconds).
@@ -652,6 +724,10 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
                  rt.cfg.limits.drain_seconds)
         await rt.drain(rt.cfg.limits.drain_seconds)
         sweeper.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        if shared is not None:
+            shared.close()
         if rt.monitor is not None:
             await rt.monitor.stop()
         if rt.localapi is not None:
@@ -733,7 +809,18 @@ async def _sweep(rt: Runtime) -> None:
                     conn.end_session(1001, "idle timeout")
         for k in [k for k in last_bytes if k not in seen]:
             del last_bytes[k]
-        for ip in [ip for ip, t in rt.lockouts.items() if t < mono]:
-            del rt.lockouts[ip]
+        rt.lockouts.expire()
         rt.sessions.expire()
+
+
+async def _watch_shared(rt: Runtime) -> None:
+    """workers > 1: another worker logged a session out (or dropped it): end ours."""
+    assert rt.shared is not None
+    seen = rt.shared.epoch()
+    while True:
+        await asyncio.sleep(0.25)
+        epoch = rt.shared.epoch()
+        if epoch != seen:
+            seen = epoch
+            rt.end_logged_out()
 

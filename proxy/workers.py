@@ -1,7 +1,8 @@
 """``workers: N``: N independent processes accepting on one port with SO_REUSEPORT.
 
-Workers share nothing but the config file: each has its own event loop, identity cache
-and counters (only worker 0 serves the admin listener). The parent only supervises:
+Workers share the config file and the store of login sessions and lockout counters the
+parent creates for them (``shared_state``); each has its own event loop, identity cache
+and connection counters (only worker 0 serves the admin listener). The parent only supervises:
 it forwards SIGHUP (reload) and SIGTERM/SIGINT (drain) and exits with the first non-zero
 worker status, or 0.
 """
@@ -14,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,9 @@ import time
 from types import FrameType
 
 from .config import Config
+from .errors import ClawgateError
 from .server import sd_notify
+from .sessions import StoreUnavailable
 
 __all__ = ["run_workers"]
 
@@ -45,7 +49,20 @@ def run_workers(cfg: Config, config_path: str | None) -> int:
     inbox_path = os.path.join(tmp, "notify.sock")
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     inbox.bind(inbox_path)
-    env = {**os.environ, "NOTIFY_SOCKET": inbox_path}
+    # Login sessions and lockout counters are one for all workers: a store in this
+    # private (0700) directory, created before any worker starts, removed with it.
+    from .shared_state import STATE_DIR_ENV, create_state
+
+    state_dir = os.path.join(tmp, "state")
+    try:
+        os.mkdir(state_dir, 0o700)
+        os.chmod(state_dir, 0o700)  # whatever the umask
+        create_state(state_dir)
+    except (OSError, StoreUnavailable, sqlite3.Error) as exc:
+        inbox.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ClawgateError(f"cannot create the workers' shared session store: {exc}") from None
+    env = {**os.environ, "NOTIFY_SOCKET": inbox_path, STATE_DIR_ENV: state_dir}
     procs = [subprocess.Popen([*argv, "--worker-index", str(i)], env=env)  # noqa: S603
              for i in range(cfg.workers)]
     log.info("started %d workers: %s", len(procs), ", ".join(str(p.pid) for p in procs))

@@ -113,6 +113,7 @@ class Verdict:
     reason: str  # refusal reason (sent in the close frame), or the admitted method
     method: str | None = None  # "gateway-token", "device-token", "bootstrap-token"
     device_id: str | None = None
+    binding: bytes | None = None  # gateway-token: the digest of the secret that matched
 
 
 def _text(value: Any) -> str | None:
@@ -202,12 +203,16 @@ def shared_generations(secret: bytes) -> frozenset[str]:
     return frozenset(out)
 
 
-def _shared_ok(auth: ConnectAuth, gateway_digest: bytes) -> bool | None:
-    """True/False for the shared secret (the first of token, password), None if absent."""
+def _shared(auth: ConnectAuth, gateway_digest: bytes | None) -> tuple[bool | None, bytes]:
+    """(True/False for the shared secret, i.e. the first of token and password, or None if
+    there is none; its digest). No gateway token configured: nothing matches."""
     secret = auth.token or auth.password
     if secret is None:
-        return None
-    return hmac.compare_digest(digest(secret), gateway_digest)
+        return None, b""
+    presented = digest(secret)
+    if gateway_digest is None:
+        return False, presented
+    return hmac.compare_digest(presented, gateway_digest), presented
 
 
 def _check_device_token(auth: ConnectAuth, candidate: str, snap: StoreSnapshot,
@@ -257,23 +262,27 @@ def _check_bootstrap(auth: ConnectAuth, token: str, snap: StoreSnapshot,
     return None
 
 
-def needs_store(auth: ConnectAuth, gateway_digest: bytes) -> bool:
+def needs_store(auth: ConnectAuth, gateway_digest: bytes | None) -> bool:
     """Whether deciding needs the pairing store (the shared secret alone does not admit)."""
-    return not _shared_ok(auth, gateway_digest) and auth.has_device and bool(
+    return not _shared(auth, gateway_digest)[0] and auth.has_device and bool(
         auth.device_token or auth.bootstrap_token or auth.token)
 
 
-def decide(auth: ConnectAuth, gateway_digest: bytes,
+def decide(auth: ConnectAuth, gateway_digest: bytes | None,
            store: StoreSnapshot | StoreUnavailable | None, *, now_ms: int,
            generations: frozenset[str] = frozenset()) -> Verdict:
     """Admit the first frame iff the gateway would accept one of its credentials.
 
+    ``gateway_digest``: the gateway token in force now; None (a reload removed it while the
+    frame was in flight): the gate is off, nothing is admitted (fail closed).
     ``store`` None: device and bootstrap tokens are not verified at this edge (refused).
     ``generations``: ``shared_generations(gateway secret)``.
     """
-    shared = _shared_ok(auth, gateway_digest)
+    if gateway_digest is None:
+        return Verdict(False, "gateway token mismatch")
+    shared, presented = _shared(auth, gateway_digest)
     if shared:
-        return Verdict(True, "gateway token", "gateway-token")
+        return Verdict(True, "gateway token", "gateway-token", binding=presented)
     pairing = auth.device_token is not None or auth.bootstrap_token is not None
     if not auth.has_device:
         # The gateway ignores device and bootstrap tokens without params.device.

@@ -65,6 +65,10 @@ class Credential:
     expires_at: float | None = None  # wall clock (time.time()) seconds
     jti: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
+    # Static tokens, the gateway's token and login sessions: the digest of the secret
+    # that was verified, so a reload can tell whether that very secret is still in force.
+    binding: bytes | None = None
+    session: bytes | None = None  # a login session: the digest of its id
 
 
 @dataclass(frozen=True, slots=True)

@@ -264,7 +264,7 @@ async def test_every_limit_is_configurable_and_validated(tmp_path: Path) -> None
     import json
 
     good = {"maxConnections": 7, "perSourceIp": 6, "perIdentity": 5,
-            "unauthenticatedPerIp": 4, "headBytes": 4096, "headTimeout": 2.5,
+            "unauthenticatedPerIp": 4, "headBytes": 4096, "headLines": 50, "headTimeout": 2.5,
             "idleTimeout": 60, "failedAuthCount": 3, "failedAuthWindow": 10,
             "failedAuthLockout": 30, "drainSeconds": 1.5, "highWater": 65536}
     path = tmp_path / "c.json"

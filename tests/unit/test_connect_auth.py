@@ -23,6 +23,7 @@ from proxy.access.connect_auth import (
     DeviceTokenRecord,
     StoreSnapshot,
     StoreUnavailable,
+    Verdict,
     decide,
     device_id_from_public_key,
     needs_store,
@@ -187,7 +188,20 @@ def test_decision_table(first: bytes, store: Any, expected: str) -> None:
     got = f"admit:{v.method}" if v.admit else v.reason
     assert got == expected
     if v.admit and v.method != "gateway-token":
-        assert v.device_id == DEV
+        assert v.device_id == DEV and v.binding is None
+    if v.admit and v.method == "gateway-token":
+        assert v.binding == GW_D  # the tunnel is bound to the secret that matched
+
+
+@pytest.mark.parametrize("first", [frame({"token": GW}, device=None),
+                                   frame({"deviceToken": DEV_TOKEN}),
+                                   frame({"bootstrapToken": BOOT})])
+def test_gateway_token_removed_meanwhile_admits_nothing(first: bytes) -> None:
+    # A reload removed gatewayToken while this first frame was in flight: the gate is off.
+    auth = parse_connect(first)
+    assert isinstance(auth, ConnectAuth)
+    assert decide(auth, None, STORE, now_ms=NOW, generations=GENS) == Verdict(
+        False, "gateway token mismatch")
 
 
 @pytest.mark.parametrize(("payload", "reason"), [

@@ -175,8 +175,10 @@ def test_other_headers_pass_byte_for_byte() -> None:
     out = rewrite(raw)
     lines = out_lines(out)
     assert lines[0] == b"GET /chat?x=1 HTTP/1.1"
-    # Same lines, same order, same bytes; clawgate's own headers come after them.
-    assert lines[1:1 + len(PRESERVED)] == PRESERVED
+    # Same lines, same order, same bytes, after clawgate's own (which come first: a
+    # gateway keeping only the first N lines must not lose them).
+    assert lines[-len(PRESERVED):] == PRESERVED
+    assert lines[1].startswith(b"X-Forwarded-For: ")
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
@@ -313,6 +315,8 @@ def test_websocket_detection() -> None:
     head(request_line=b"GET /"),
     head("X: a"),  # HTTP/1.1 without Host
     head("Host: a", "Host: b"),
+    head("Host: a", "Authorization: Bearer x", "authorization: Bearer y"),
+    head("Host: a", "Authorization: Bearer x", "AUTHORIZATION: Bearer x"),
 ])
 def test_smuggling_shapes_are_bad_requests(raw: bytes) -> None:
     with pytest.raises(BadRequest) as ei:
@@ -322,6 +326,31 @@ def test_smuggling_shapes_are_bad_requests(raw: bytes) -> None:
 
 def test_head_too_large_is_431() -> None:
     assert HeadTooLarge("x").status == 431
+
+
+@pytest.mark.parametrize(("extra", "limit", "ok"), [
+    (98, 100, True), (99, 100, True), (100, 100, False), (1030, 100, False),
+    (1030, 5000, True), (7, 8, True), (8, 8, False),
+])
+def test_more_header_lines_than_the_limit_is_431(extra: int, limit: int, ok: bool) -> None:
+    # Host plus ``extra`` lines of ``a:``: the flood that once pushed clawgate's own
+    # headers past the 1,000 lines a Node gateway keeps.
+    raw = head("Host: h", *["a:"] * extra)
+    if ok:
+        assert len(parse_request_head(raw, limit).lines) == extra + 1
+        return
+    with pytest.raises(HeadTooLarge) as ei:
+        parse_request_head(raw, limit)
+    assert ei.value.status == 431 and "too many header lines" in ei.value.reason
+
+
+def test_clawgate_headers_come_right_after_the_request_line() -> None:
+    out = rewrite(head("Host: h", *["a:"] * 50, "Cookie: x=1"),
+                  add=[(b"X-Forwarded-User", b"alice@example.com")])
+    lines = out_lines(out)
+    assert lines[1:5] == [b"X-Forwarded-For: " + PEER.encode(), b"X-Forwarded-Proto: http",
+                          b"X-Forwarded-Host: h", b"X-Forwarded-User: alice@example.com"]
+    assert lines[5] == b"Host: h"
 
 
 @pytest.mark.parametrize(("buf", "start", "end"), [

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.relay import ChunkedScanner, FrameTracker, close_frame
+from proxy.relay import REQUEST_FREE_CHUNKS, ChunkedScanner, FrameTracker, close_frame
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -114,6 +114,59 @@ def test_malformed_chunked_raises(data: bytes, bytewise: bool) -> None:
     with pytest.raises(ValueError):
         for piece in pieces:
             assert sc.feed(piece) == -1
+
+
+def tiny_chunks(n: int, size: int = 1) -> bytes:
+    return (b"%x\r\n" % size + b"x" * size + b"\r\n") * n
+
+
+@pytest.mark.parametrize(("body", "ok"), [
+    (tiny_chunks(REQUEST_FREE_CHUNKS - 1) + b"0\r\n\r\n", True),
+    (tiny_chunks(REQUEST_FREE_CHUNKS) + b"0\r\n\r\n", False),  # the last-chunk is one too
+    (tiny_chunks(3000, 4096) + b"0\r\n\r\n", True),  # one more allowed per 4 KiB
+    (tiny_chunks(1000, 4096) + tiny_chunks(1000) + b"0\r\n\r\n", True),
+    (tiny_chunks(1000, 4096) + tiny_chunks(1100) + b"0\r\n\r\n", False),
+    (tiny_chunks(1) + b"0\r\n" + b"X-A: 1\r\n" * 1100 + b"\r\n", False),  # trailer lines count
+])
+def test_request_scanner_bounds_the_number_of_chunks(body: bytes, ok: bool) -> None:
+    sc = ChunkedScanner(request=True)
+    if ok:
+        assert sc.feed(body) == len(body)
+        return
+    with pytest.raises(ValueError, match="too many chunks"):
+        sc.feed(body)
+    # The gateway's own responses (e.g. a stream of small events) are not bounded.
+    assert ChunkedScanner().feed(body) == len(body)
+
+
+def test_request_scanner_budget_is_per_message() -> None:
+    sc = ChunkedScanner(request=True)
+    one = tiny_chunks(REQUEST_FREE_CHUNKS - 1) + b"0\r\n\r\n"
+    for _ in range(3):
+        assert sc.feed(one) == len(one)
+
+
+BAD_TRAILERS = [b"X-Forwarded-User: a", b"x_forwarded_for: 1", b"Forwarded: for=x",
+                b"X-Real-IP: 1", b"Tailscale-User-Login: a", b"X-Auth-Request-User: a",
+                b"x_auth_request_user: a", b"Authorization: Bearer x", b"Cookie: a=1",
+                b"Host: h", b"Content-Length: 1", b"Transfer-Encoding: chunked",
+                b"X-Forwarded-User : a", b": a"]
+
+
+@pytest.mark.parametrize("trailer", BAD_TRAILERS)
+def test_request_trailers_refuse_the_spoof_catalogue(trailer: bytes) -> None:
+    body = b"1\r\nx\r\n0\r\nX-Checksum: abc\r\n" + trailer + b"\r\n\r\n"
+    sc = ChunkedScanner(request=True, identity_headers=frozenset({b"x-auth-request-user"}))
+    with pytest.raises(ValueError):
+        sc.feed(body)
+    # Only request trailers are filtered (the gateway's own response trailers are its own).
+    if trailer.split(b":")[0].strip():
+        assert ChunkedScanner().feed(body) == len(body)
+
+
+def test_ordinary_request_trailers_pass() -> None:
+    body = b"1\r\nx\r\n0\r\nX-Checksum: abc\r\nServer-Timing: db;dur=5\r\n\r\n"
+    assert ChunkedScanner(request=True).feed(body) == len(body)
 
 
 @given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=8))
