@@ -2,26 +2,35 @@
 
 An aiohttp application; nothing here is on the connection hot path. /health answers 503
 when clawgate is degraded (tailscaled not Running or unreachable while identity is in
-use, node key expired, the gateway unreachable) and says why.
+use, node key expired, the gateway unreachable) and says why. Every request must name a
+loopback literal (or localhost) in Host and carry no Origin, and POST /-/reload takes a
+JSON body: a browser page (DNS rebinding, a cross-origin form) can neither read nor
+trigger anything here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from .access.hosts import admin_host_allowed
 from .config import UpstreamConfig
+from .errors import ClawgateError
 from .metrics import MetricsCollector
 
 if TYPE_CHECKING:
     from .server import Runtime
 
-__all__ = ["start_admin", "build_admin_app", "health_report", "connections_report"]
+__all__ = ["start_admin", "build_admin_app", "health_report", "connections_report",
+           "admin_refusal"]
 
 RT_KEY: web.AppKey[Runtime] = web.AppKey("rt")
 REG_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
@@ -134,14 +143,64 @@ async def _connections(request: web.Request) -> web.Response:
 
 async def _reload(request: web.Request) -> web.Response:
     rt = request.app[RT_KEY]
+    if rt.worker_control is not None:
+        # workers > 1: the parent reloads every worker (two phases) and answers when all
+        # have; this worker's own result is in the list.
+        try:
+            result = await rt.worker_control.reload_all()
+        except ClawgateError as exc:
+            return web.json_response({"ok": False, "error": str(exc), "workers": []},
+                                     status=503)
+        body = {k: result.get(k) for k in ("ok", "error", "sessions_ended", "workers")}
+        return web.json_response(body, status=200 if body["ok"] else 409)
     ok = rt.reload()
-    return web.json_response({"ok": ok, "error": rt.last_reload_error,
-                              "sessions_ended": rt.last_sessions_ended if ok else 0},
+    ended = rt.last_sessions_ended if ok else 0
+    return web.json_response({"ok": ok, "error": rt.last_reload_error, "sessions_ended": ended,
+                              "workers": [{"worker": 0, "pid": os.getpid(), "ok": ok,
+                                           "error": rt.last_reload_error,
+                                           "sessions_ended": ended}]},
                              status=200 if ok else 409)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def admin_refusal(method: str, host: str | None, origin: str | None,
+                  content_type: str | None, port: int) -> tuple[int, str] | None:
+    """The admin's request rule (pure): (status, reason) to refuse, or None."""
+    if not admin_host_allowed(host, port):
+        return 421, "the admin API answers only a loopback Host (127.0.0.1, [::1], localhost)"
+    if origin is not None:
+        return 403, "cross-origin requests are refused"
+    if method == "POST":
+        mime = (content_type or "").split(";", 1)[0].strip().lower()
+        if mime != "application/json":
+            return 415, "POST needs a JSON body (Content-Type: application/json)"
+    return None
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if sockname else -1
+    refusal = admin_refusal(request.method, request.headers.get("Host"),
+                            request.headers.get("Origin"),
+                            request.headers.get("Content-Type"), port)
+    if refusal is None and request.method == "POST":
+        try:
+            body = json.loads(await request.read() or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            refusal = 400, "POST needs a JSON object as its body"
+    if refusal is not None:
+        status, reason = refusal
+        return web.json_response({"ok": False, "error": reason}, status=status)
+    return await handler(request)
+
+
 def build_admin_app(rt: Runtime) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_guard], client_max_size=65536)
     app[RT_KEY] = rt
     registry = CollectorRegistry(auto_describe=True)
 

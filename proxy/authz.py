@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .config import Config
     from .front import ClientConnection
 
-__all__ = ["Grant", "Authorizer", "JwtVerifierLike", "IdentityCacheLike", "q_encode"]
+__all__ = ["Grant", "Authorizer", "policy_settings", "JwtVerifierLike", "IdentityCacheLike",
+           "q_encode"]
 
 _NONE = IdentityOutcome("none")
 # The name logs and sessions use for the gateway's own token (never the token itself).
@@ -108,6 +109,26 @@ def q_encode(value: str) -> str:
     return " ".join(f"=?utf-8?q?{w}?=" for w in words)
 
 
+def policy_settings(cfg: Config, identity_present: bool) -> PolicySettings:
+    """The decision's settings for a config; ``identity_present``: an identity source
+    (tailscaled's LocalAPI) is set up. Pure: the combination audit tests it."""
+    ts = cfg.tailscale
+    require_identity = ts.require_identity
+    if require_identity is None:
+        # Tailscaled present, or a policy that names identities: required (fail closed).
+        require_identity = identity_present or ts.identity_needed
+    return PolicySettings(
+        require_token=cfg.gateway.require_token,
+        require_identity=require_identity,
+        auth_mode=ts.auth_mode,
+        allow_users=ts.allow_users,
+        allow_tags=ts.allow_tags,
+        allow_nodes=ts.allow_nodes,
+        require_capability=ts.require_capability,
+        require_token_user_match=cfg.jwt.require_tailscale_user,
+    )
+
+
 class Authorizer:
     """Per-config authorization state. Rebuilt on reload; holds no connection state."""
 
@@ -135,19 +156,7 @@ class Authorizer:
                                     else frozenset[str]())
         self.revoked = revoked
         ts = cfg.tailscale
-        require_identity = ts.require_identity
-        if require_identity is None:
-            require_identity = identity_present or ts.auth_mode != "both"
-        self.settings = PolicySettings(
-            require_token=cfg.gateway.require_token,
-            require_identity=require_identity,
-            auth_mode=ts.auth_mode,
-            allow_users=ts.allow_users,
-            allow_tags=ts.allow_tags,
-            allow_nodes=ts.allow_nodes,
-            require_capability=ts.require_capability,
-            require_token_user_match=cfg.jwt.require_tailscale_user,
-        )
+        self.settings = policy_settings(cfg, identity_present)
         self.exempt = frozenset(p.encode() for p in cfg.gateway.exempt_paths)
         self.cookie_name = cfg.tokens.cookie_name.encode()
         norm = ts.identity_header.lower().replace("_", "-").encode()
@@ -279,6 +288,7 @@ class Authorizer:
     # ------------------------------------------------------------------ decision
 
     def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
+        conn.rt.check_host(conn, head)  # before anything else, exempt paths included
         if head.path in self.exempt and not head.websocket:
             # Exempt means a health probe, never a gateway session: the gateway accepts
             # a WebSocket upgrade on any path, /health included.

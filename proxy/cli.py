@@ -131,10 +131,18 @@ def _admin_url(args: argparse.Namespace, path: str) -> str:
 
 
 def _try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:
+    """POST /-/reload and report each worker's answer; raise when any refused.
+
+    ``quiet``: a clawgate that is not running is not an error (``token revoke``).
+    """
     try:
         url = _admin_url(args, "/-/reload")
-        req = urllib.request.Request(url, method="POST", data=b"")  # noqa: S310
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback admin
+        # A JSON body: the admin refuses anything a cross-origin form could send.
+        req = urllib.request.Request(  # noqa: S310 - loopback admin
+            url, method="POST", data=b"{}", headers={"Content-Type": "application/json"})
+        # Longer than the parent's two reload phases (proxy.workers): it answers once every
+        # worker has, or says which did not.
+        with urllib.request.urlopen(req, timeout=35) as resp:  # noqa: S310 - loopback admin
             body = json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         # 409: the running clawgate refused the new config and says why in the body.
@@ -148,11 +156,36 @@ def _try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:
         if not quiet:
             raise ClawgateError(f"cannot reach the running clawgate: {exc}") from None
         return False
+    if not isinstance(body, dict):
+        body = {"error": "unexpected answer from the admin listener"}
+    workers = body.get("workers")
+    lines = [_worker_line(w) for w in (workers if isinstance(workers, list) else [])
+             if isinstance(w, dict)]
     if not body.get("ok"):
+        for line in lines:
+            print(line, file=sys.stderr)
+        if len(lines) > 1:
+            raise ClawgateError(f"reload refused: {body.get('error')} (every worker keeps "
+                                "the running config)")
         raise ClawgateError(f"reload refused: {body.get('error')}")
-    if not quiet:
+    if quiet:
+        print(f"applied by the running clawgate ({len(lines)} worker"
+              f"{'s' if len(lines) != 1 else ''}):", file=sys.stderr)
+        for line in lines:
+            print(line, file=sys.stderr)
+    else:
         print(f"reloaded; {body.get('sessions_ended', 0)} sessions ended")
+        if len(lines) > 1:
+            for line in lines:
+                print(line)
     return True
+
+
+def _worker_line(w: dict[str, object]) -> str:
+    who = f"  worker {w.get('worker')} (pid {w.get('pid')})"
+    if w.get("ok"):
+        return f"{who}: reloaded, {w.get('sessions_ended', 0)} sessions ended"
+    return f"{who}: refused: {w.get('error')}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

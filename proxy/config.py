@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .access.hosts import normalise_name
 from .access.networks import NetworkSet, parse_network
 from .errors import ConfigError
 
@@ -68,6 +69,8 @@ class GatewayConfig:
     )
     allowed_networks_set: bool = False  # whether the user wrote allowedNetworks
     exempt_paths: frozenset[str] = frozenset({"/health", "/healthz"})
+    # Host values served besides clawgate's own names and addresses (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,13 @@ class TailscaleConfig:
     @property
     def has_allow_lists(self) -> bool:
         return bool(self.allow_users or self.allow_tags or self.allow_nodes)
+
+    @property
+    def identity_needed(self) -> bool:
+        """The written policy cannot be decided without a tailnet identity: clawgate sets
+        up the identity source even with no tailscaled found (then 503 until it is)."""
+        return (self.require_identity is True or self.auth_mode != "both"
+                or self.has_allow_lists or self.require_capability is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +412,17 @@ def _exempt_paths(value: Any, path: str) -> frozenset[str]:
     return frozenset(items)
 
 
+def _allowed_hosts(value: Any, path: str) -> tuple[str, ...]:
+    out = []
+    for i, item in enumerate(_str_list(value, path)):
+        name = normalise_name(item)
+        if name is None:
+            raise ConfigError(f"{path}[{i}]", f"{item!r} is not a host name or IP address "
+                                              "(no scheme, no port; IPv6 in brackets)")
+        out.append(name)
+    return tuple(out)
+
+
 def _header_name(value: Any, path: str) -> str:
     text = _str(value, path)
     if not _HEADER_NAME_RE.match(text):
@@ -452,6 +473,7 @@ def parse_config(data: object, source: str | None = None) -> Config:
     allowed_set = "allowedNetworks" in g.data
     allowed = g.get("allowedNetworks", _networks, d.gateway.allowed_networks)
     exempt = g.get("exemptPaths", _exempt_paths, d.gateway.exempt_paths)
+    allowed_hosts = g.get("allowedHosts", _allowed_hosts, d.gateway.allowed_hosts)
     g.finish()
     if allowed_set and not allowed:
         raise ConfigError("gateway.allowedNetworks", "is empty: nobody could connect")
@@ -462,7 +484,8 @@ def parse_config(data: object, source: str | None = None) -> Config:
             f"{wildcard[0]!r} listens on every interface: set gateway.allowedNetworks "
             "to say who may connect (e.g. [\"100.64.0.0/10\"])",
         )
-    gateway = GatewayConfig(hosts, port, require_token, allowed, allowed_set, exempt)
+    gateway = GatewayConfig(hosts, port, require_token, allowed, allowed_set, exempt,
+                            allowed_hosts)
 
     upstream = top.get("upstream", _upstream, d.upstream)
     for h in hosts:
@@ -557,6 +580,17 @@ def parse_config(data: object, source: str | None = None) -> Config:
             "tailscale.requireIdentity",
             f"false contradicts authMode {tailscale.auth_mode!r}, which relies on identity",
         )
+    if tailscale.require_identity is False:
+        # An allow list nobody checks would admit everyone it was written to keep out.
+        for key, value in (("allowUsers", tailscale.allow_users),
+                           ("allowTags", tailscale.allow_tags),
+                           ("allowNodes", tailscale.allow_nodes),
+                           ("requireCapability", tailscale.require_capability)):
+            if value:
+                raise ConfigError(
+                    "tailscale.requireIdentity",
+                    f"false contradicts tailscale.{key}, which can only be checked "
+                    "against a tailnet identity (remove one of them)")
 
     a = _Section(top.get("admin", lambda v, p: v, {}), "admin")
     admin = AdminConfig(

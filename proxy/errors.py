@@ -11,6 +11,7 @@ callers only ever catch these. Each access error maps to exactly one HTTP status
     │   ├── BadRequest              400  malformed or smuggling-shaped head
     │   ├── Unauthenticated         401  no/invalid credential (WWW-Authenticate: Bearer)
     │   ├── Forbidden               403  known, but policy says no
+    │   ├── MisdirectedRequest      421  Host names something else (DNS rebinding)
     │   ├── TooManyRequests         429  source locked out (Retry-After)
     │   ├── BadGateway              502  the gateway is down or broke the exchange
     │   └── ServiceUnavailable      503  an access dependency failed: fail closed
@@ -33,6 +34,7 @@ __all__ = [
     "IdentityUnavailable",
     "LocalAPIDenied",
     "LocalAPIUnavailable",
+    "MisdirectedRequest",
     "PeerNotFound",
     "ServiceUnavailable",
     "TailscaleError",
@@ -79,6 +81,10 @@ class Unauthenticated(AccessError):
 
 class Forbidden(AccessError):
     status = 403
+
+
+class MisdirectedRequest(AccessError):
+    status = 421
 
 
 class TooManyRequests(AccessError):

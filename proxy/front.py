@@ -35,7 +35,8 @@ __all__ = ["ClientConnection", "STATUS_TEXT"]
 STATUS_TEXT = {
     200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
+    411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }

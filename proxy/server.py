@@ -25,13 +25,20 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from .access.hosts import HostNames
 from .access.networks import NetworkSet
 from .access.policy import check_identity
 from .access.tokens import TokenEntry, TokenFile, TokenSet, digest
 from .accesslog import AccessLog
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
-from .errors import ClawgateError, ConfigError, TokenStoreError, TooManyRequests
+from .errors import (
+    ClawgateError,
+    ConfigError,
+    MisdirectedRequest,
+    TokenStoreError,
+    TooManyRequests,
+)
 from .front import ClientConnection
 from .httphead import RequestHead
 from .metrics import Metrics
@@ -51,6 +58,11 @@ __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_not
 
 log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
+# The gateway's token is a shared secret the tailnet can guess at (first-frame gate, login
+# form): shorter than this is refused at load and on reload.
+MIN_GATEWAY_TOKEN_BYTES = 32
+# A worker's end of its control channel to the parent (workers > 1): the fd number.
+CONTROL_FD_ENV = "CLAWGATE_CONTROL_FD"
 
 
 def sd_notify(message: str, path: str | None = None) -> None:
@@ -106,7 +118,22 @@ def build_authorizer_inputs(cfg: Config) -> tuple[TokenSet, bytes | None]:
             raise ConfigError("tokens.env", f"environment variable {var} is not set")
         entries.append(TokenEntry(f"env:{var}", digest(value.strip())))
     gw = read_secret(cfg.gateway_token.file, cfg.gateway_token.env, "gatewayToken")
+    if gw is not None and len(gw) < MIN_GATEWAY_TOKEN_BYTES:
+        key = "gatewayToken.file" if cfg.gateway_token.file else "gatewayToken.env"
+        raise ConfigError(key, f"the gateway token is {len(gw)} bytes; at least "
+                               f"{MIN_GATEWAY_TOKEN_BYTES} bytes are needed (e.g. "
+                               "`openssl rand -hex 32`)")
     return TokenSet(entries), gw
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated config and what is derived from it, ready to be swapped in."""
+
+    cfg: Config
+    tokens: TokenSet
+    jwt: Any
+    authz: Authorizer
 
 
 class Runtime:
@@ -151,6 +178,12 @@ class Runtime:
         self.reload_callbacks: list[Callable[[], object]] = []
         self.listen_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.tls_status: Callable[[], dict[str, Any]] | None = None
+        self.tls_names: Callable[[], tuple[str, ...]] | None = None
+        # With workers > 1: the channel to the parent (proxy.workers.WorkerControl), through
+        # which the admin's /-/reload reaches every worker.
+        self.worker_control: Any = None
+        self._host_names = HostNames(frozenset())
+        self._host_key: tuple[Any, ...] = ()
         self.cfg = cfg
         self.networks: NetworkSet = cfg.gateway.allowed_networks
         self.authz: Authorizer = None  # type: ignore[assignment]  # set by apply_config
@@ -159,6 +192,10 @@ class Runtime:
 
     def apply_config(self, cfg: Config) -> None:
         """Build everything derived from ``cfg`` and swap it in; raises on a bad config."""
+        self._swap(self._build(cfg))
+
+    def _build(self, cfg: Config) -> Prepared:
+        """Everything derived from ``cfg``, not yet in force; raises on a bad config."""
         tokens, gw_token = build_authorizer_inputs(cfg)
         jwt = None
         if cfg.jwt.enabled:
@@ -174,19 +211,39 @@ class Runtime:
             gateway_token=gw_token,
             revoked=getattr(jwt, "revoked_reason", None),
         )
+        return Prepared(cfg, tokens, jwt, authz)
+
+    def _swap(self, new: Prepared) -> None:
         # One assignment each, nothing awaited in between: connections see old or new.
+        cfg = new.cfg
         self.cfg = cfg
         self.networks = cfg.gateway.allowed_networks
-        self.jwt = jwt
-        self.authz = authz
+        self.jwt = new.jwt
+        self.authz = new.authz
         self.sessions.ttl = cfg.tokens.session_ttl
         # A session lives only while the secret that opened it is configured (not just
         # a token of that name: revoked and re-created, or a rotated gateway token).
+        authz = new.authz
         self.sessions.revoke_unbound(lambda s: authz.bound_name(s.binding) == s.token_name)
 
     def reload(self) -> bool:
         """Re-read the config file and tokens; keep the old config on any error."""
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        prepared = self.prepare_reload()
+        if prepared is None:
+            sd_notify("READY=1\nSTATUS=reload refused: " + str(self.last_reload_error)[:200])
+            return False
+        self.commit_reload(prepared)
+        sd_notify("READY=1\nSTATUS=serving")
+        return True
+
+    def prepare_reload(self) -> Prepared | None:
+        """Phase one of a reload: read and validate everything, change nothing.
+
+        None when refused (``last_reload_error`` says why). With ``workers > 1`` the
+        parent asks every worker to prepare, and only when all could does it tell them
+        to commit: a config one worker refuses is applied by none.
+        """
         for callback in self.reload_callbacks:
             callback()  # e.g. re-fetch the TLS certificate, even if the config is refused
         try:
@@ -194,21 +251,26 @@ class Runtime:
             if (cfg.gateway.hosts, cfg.gateway.port) != (self.cfg.gateway.hosts,
                                                          self.cfg.gateway.port):
                 log.warning("gateway.host/port changed: restart clawgate to move listeners")
-            self.apply_config(cfg)
+            return self._build(cfg)
         except ClawgateError as exc:
-            self.last_reload_error = str(exc)
-            log.error("reload refused, keeping the running config: %s", exc)
-            self.log.write({"event": "reload", "result": "refused", "error": str(exc)})
-            sd_notify("READY=1\nSTATUS=reload refused: " + str(exc)[:200])
-            return False
+            self.reload_refused(str(exc))
+            return None
+
+    def reload_refused(self, error: str) -> None:
+        self.last_reload_error = error
+        log.error("reload refused, keeping the running config: %s", error)
+        self.log.write({"event": "reload", "result": "refused", "error": error})
+
+    def commit_reload(self, prepared: Prepared) -> int:
+        """Phase two: put a prepared config in force; returns the live sessions ended."""
+        self._swap(prepared)
         self.reloads += 1
         self.last_reload_error = None
         ended = self.recheck_sessions()
         self.last_sessions_ended = ended
         self.log.write({"event": "reload", "result": "ok", "sessions_ended": ended})
         log.info("config reloaded (%d live sessions ended)", ended)
-        sd_notify("READY=1\nSTATUS=serving")
-        return True
+        return ended
 
     def recheck_sessions(self) -> int:
         """End live sessions the current config would refuse. Returns how many."""
@@ -378,6 +440,44 @@ class Runtime:
 
     # ------------------------------------------------------------------ per request
 
+    def host_names(self) -> HostNames:
+        """clawgate's own names, rebuilt when the config, the listeners or tailscaled's
+        view of this node (addresses, MagicDNS name, certificate names) change."""
+        m = self.monitor
+        tls = self.tls_names() if self.tls_names is not None else ()
+        key = (self.cfg, len(self.listen_addresses), tls,
+               *((m.tailscale_ips, m.self_dns_name, m.cert_domains) if m is not None else ()))
+        if key != self._host_key:
+            cfg = self.cfg
+            exact = [h for h in cfg.gateway.hosts
+                     if h not in (HOST_TAILSCALE, "0.0.0.0", "::")]  # noqa: S104
+            exact += [a.rsplit(":", 1)[0].strip("[]") for a in self.listen_addresses]
+            exact += cfg.gateway.allowed_hosts
+            magic: list[str] = [socket.gethostname(), *tls]
+            if cfg.tls.domain:
+                magic.append(cfg.tls.domain)
+            if m is not None:
+                exact += m.tailscale_ips
+                magic += [*m.cert_domains, *([m.self_dns_name] if m.self_dns_name else [])]
+            self._host_names = HostNames.build(exact=exact, with_short=magic)
+            self._host_key = key
+        return self._host_names
+
+    def check_host(self, conn: ClientConnection, head: RequestHead) -> None:
+        """DNS rebinding: refuse (421) a Host that does not name clawgate. Every request,
+        exempt paths and clawgate's own pages included: one rule, nothing to reason about."""
+        names = self.host_names()
+        value = head.header(b"host")
+        why = names.refusal(value)
+        if why is None:
+            return
+        t = conn.transport
+        local = t.get_extra_info("sockname") if t is not None else None
+        if local and names.refusal(value, str(local[0])) is None:
+            return
+        self.metrics.refused["host"] += 1
+        raise MisdirectedRequest(why)
+
     def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
         return self.authz.authorize_sync(conn, head)
 
@@ -395,6 +495,11 @@ class Runtime:
 
     def local_endpoint(self, conn: ClientConnection, head: RequestHead,
                        body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        try:
+            self.check_host(conn, head)
+        except MisdirectedRequest as exc:
+            return 421, [("Content-Type", "text/plain; charset=utf-8")], \
+                f"{exc.reason}\n".encode()
         return self.authz.login_endpoint(conn, head, body)
 
     def local_needs_identity(self, head: RequestHead) -> bool:
@@ -692,6 +797,11 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {cfg.admin.host}:{cfg.admin.port} "
                                 f"(admin): {exc.strerror}") from None
+    control_fd = os.environ.pop(CONTROL_FD_ENV, None)
+    if control_fd is not None:
+        from .workers import WorkerControl
+
+        rt.worker_control = await WorkerControl.attach(rt, worker_index, int(control_fd))
     stop_event = stop or asyncio.Event()
     drain_now = asyncio.Event()
     if stop is None:
@@ -728,6 +838,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
             watcher.cancel()
         if shared is not None:
             shared.close()
+        if rt.worker_control is not None:
+            rt.worker_control.close()
         if rt.monitor is not None:
             await rt.monitor.stop()
         if rt.localapi is not None:

@@ -26,10 +26,12 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
     ts = rt.cfg.tailscale
     path = find_socket(ts.socket)
     if path is None and ts.socket is None:
-        if ts.require_identity:
-            # Identity was asked for explicitly: fail closed (503) until tailscaled appears.
-            log.warning("tailscale.requireIdentity is true but no tailscaled socket was "
-                        "found: every request will get 503 until it appears")
+        if ts.identity_needed:
+            # Identity was asked for (requireIdentity, an allow list, requireCapability or
+            # authMode either/identity): fail closed (503) until tailscaled appears.
+            log.warning("the config needs tailnet identity (tailscale.requireIdentity, "
+                        "allow lists, requireCapability or authMode) but no tailscaled "
+                        "socket was found: requests get 503 until it appears")
         else:
             return []
     client = LocalAPIClient(ts.socket, timeout=ts.timeout)
@@ -53,6 +55,10 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
     addresses: list[str] = []
     try:
         status = await client.status(peers=False)
+        # This node's names, for the Host check of the very first requests (the monitor's
+        # first poll runs after the listeners are up).
+        monitor.self_dns_name = status.self_dns_name
+        monitor.cert_domains = status.cert_domains
         if status.running:
             addresses = list(status.tailscale_ips)
         else:

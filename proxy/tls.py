@@ -568,6 +568,8 @@ async def setup_tls(rt: Runtime) -> ssl.SSLContext:
     mgr = TlsManager(rt, ctx)
     await mgr.initial()
     rt.tls_status = mgr.status
+    # The certificate's names are clawgate's names (Host check): they follow renewals.
+    rt.tls_names = lambda: mgr.current.names if mgr.current is not None else ()
     rt.reload_callbacks.append(mgr.on_reload)
     if rt.cfg.tls.redirect_port is not None:
         rt.listen_hooks.append(mgr.listen_redirect)

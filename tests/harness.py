@@ -141,8 +141,11 @@ class ClawgateProcess:
             reader, writer = await open_connection_in(self.netns, "127.0.0.1", self.admin_port)
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
+        if method == "POST" and not body:
+            body = b"{}"  # the admin takes POSTs with a JSON body only
+        ctype = "Content-Type: application/json\r\n" if method == "POST" else ""
         writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                     f"{ctype}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         head, _, payload = data.partition(b"\r\n\r\n")

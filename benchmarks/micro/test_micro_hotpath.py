@@ -100,3 +100,21 @@ def test_header_rewrite(benchmark):  # type: ignore[no-untyped-def]
                     add=[(b"X-Forwarded-User", b"alice@example.com")],
                     drop_authorization=True, session_cookie=b"clawgate_session")
     assert b"Authorization" not in out
+
+
+def test_host_check_cached(benchmark):  # type: ignore[no-untyped-def]
+    """The DNS-rebinding Host check of every request (the answer is cached per value)."""
+    from proxy.access.hosts import HostNames
+
+    names = HostNames.build(exact=["100.64.0.1", "fd7a:115c:a1e0::1"],
+                            with_short=["web01.tail3f2a1.ts.net."])
+    host = parse_request_head(HEAD).header(b"host")
+    assert benchmark(names.refusal, host) is None
+
+
+def test_host_check_uncached(benchmark):  # type: ignore[no-untyped-def]
+    """A client that sends a new Host on every request pays the full parse."""
+    from proxy.access.hosts import HostNames
+
+    names = HostNames.build(exact=["100.64.0.1"], with_short=["web01.tail3f2a1.ts.net."])
+    assert benchmark(names._refusal, b"web01.tail3f2a1.ts.net:18789", "") is None  # noqa: SLF001

@@ -435,6 +435,7 @@ class TailscaleMonitor:
         self.key_expiry: datetime | None = None
         self.expired = False
         self.cert_domains: tuple[str, ...] = ()
+        self.self_dns_name: str | None = None
         self.tun: bool | None = None
         self.magic_dns_suffix = ""
         self.peer_paths: dict[str, str] = {}
@@ -550,6 +551,7 @@ class TailscaleMonitor:
         self.expired = status.expired
         self._log_key_expiry()
         self.cert_domains = status.cert_domains
+        self.self_dns_name = status.self_dns_name
         self.tun = status.tun
         self.magic_dns_suffix = status.magic_dns_suffix
         self.peer_paths = dict(status.peer_paths)

@@ -33,7 +33,7 @@ from tests.harness import ClawgateProcess
 from tests.netns import GW_V4, Tailnet
 
 REQUIRE_E2E_ENV = "CLAWGATE_REQUIRE_E2E"
-GW_TOKEN = "e2e-gateway-token-5d1f0c2a9b7e"
+GW_TOKEN = "e2e-gateway-token-5d1f0c2a9b7e-8c41aa"
 GW_PASSWORD = "e2e-local-admin-password-77c3"
 TOKEN_GW_PORT = 18789
 IDENTITY_GW_PORT = 18889

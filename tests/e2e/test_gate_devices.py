@@ -41,7 +41,7 @@ from tests.tlsutil import DOMAIN
 
 GATED_PORT = 18797
 OTHER_GW_PORT = 18996  # a second, unrelated gateway (its device tokens are foreign here)
-OTHER_TOKEN = "e2e-other-gateway-token-3c81f"
+OTHER_TOKEN = "e2e-other-gateway-token-3c81f-0a6d9b24e7"
 OTHER_GATED_PORT = 18799
 UI_PORT = 18747  # clawgate over HTTPS for the Control UI, the gate on, identity "either"
 UI_ORIGIN = f"https://{DOMAIN}:{UI_PORT}"

@@ -161,7 +161,9 @@ async def request(tailnet: Tailnet, role: str, host: str = GW_V4, port: int = PO
         sock = await connect_in(tailnet.ns(role), host, port)
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
-        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        # An IPv6 literal is bracketed in Host (RFC 9110 uri-host); clawgate refuses a bare one.
+        shown = f"[{host}]" if ":" in host else host
+        lines = [f"GET {path} HTTP/1.1", f"Host: {shown}:{port}", "Connection: close"]
         if token is not None:
             lines.append(f"Authorization: Bearer {token}")
         lines += [f"{k}: {v}" for k, v in headers]

@@ -201,9 +201,11 @@ async def test_serve_with_embedded_defaults(tailnet: Tailnet, home: dict[str, st
 
             # It enforces the defaults: a token is required; /health is exempt but the
             # gateway (nothing on 18789 here) is down, so a fast 502.
-            r = await exchange(ns, "127.0.0.1", 18790, build_request("GET", "/x"))
+            r = await exchange(ns, "127.0.0.1", 18790,
+                               build_request("GET", "/x", host="127.0.0.1:18790"))
             assert r.status == 401
-            r = await exchange(ns, "127.0.0.1", 18790, build_request("GET", "/health"))
+            r = await exchange(ns, "127.0.0.1", 18790,
+                               build_request("GET", "/health", host="127.0.0.1:18790"))
             assert r.status == 502
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -192,7 +192,8 @@ async def test_all_interfaces_with_allowed_networks(tailnet: Tailnet,
                             build_request("GET", "/headers", [bearer(p)]))
         assert ok.status == 200
         local = await exchange(tailnet.ns("gw"), "127.0.0.1", PORT,
-                               build_request("GET", "/headers", [bearer(p)]))
+                               build_request("GET", "/headers", [bearer(p)],
+                                             host=f"127.0.0.1:{PORT}"))
         assert local.status == 200
         assert [r.header("X-Forwarded-For") for r in fake_gateway.requests] == [
             PHONE_V4, "127.0.0.1"]

@@ -107,7 +107,7 @@ async def test_connection_cannot_remove_the_gateway_token(
         tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
     """The gateway's own token is decided on and forwarded; listing it must not drop it."""
     secret = tmp_path / "gw.token"
-    secret.write_text("gateway-secret-0123456789abcdef\n")
+    secret.write_text("gateway-secret-0123456789abcdef-0123\n")
     secret.chmod(0o600)
     cfg = plain_config(fake_gateway)
     cfg["gatewayToken"] = {"file": str(secret)}
@@ -116,8 +116,8 @@ async def test_connection_cannot_remove_the_gateway_token(
             fake_gateway.clear()
             status, _ = await _one(tailnet, _req([
                 "GET /headers HTTP/1.1", f"Host: {HOST}", f"Connection: {listed}",
-                "Authorization: Bearer gateway-secret-0123456789abcdef"]))
+                "Authorization: Bearer gateway-secret-0123456789abcdef-0123"]))
             assert status == 200
             (rec,) = fake_gateway.requests
             assert rec.header_all("Authorization") == [
-                "Bearer gateway-secret-0123456789abcdef"], listed
+                "Bearer gateway-secret-0123456789abcdef-0123"], listed

@@ -104,8 +104,11 @@ async def test_identity_values_are_refused_not_injected(
 HOSTS: list[tuple[bytes, int]] = [
     (b"a\rb", 400), (b"a\nb", 400), (b"a\x00b", 400), (b"a\x01b", 400), (b"a\x7fb", 400),
     (b"a\x0bb", 400), (b"a\x0cb", 400), (b"a\x1bb", 400),
-    (b"gw.example:18789", 200), (b"\xff\xfe", 200), (b"a\tb", 200), (b"a b", 200),
-    (b"   padded   ", 200), (b"", 200), (b"[::1]:1", 200), (b"x" * 2000, 200),
+    # Host must name clawgate (DNS rebinding, issue 12 item 4): anything else is 421.
+    (b"gw.example:18789", 421), (b"\xff\xfe", 421), (b"a\tb", 421), (b"a b", 421),
+    (b"   padded   ", 421), (b"", 421), (b"x" * 2000, 421),
+    (b"[::1]:1", 200), (b"100.64.0.1:18789", 200), (b"   100.64.0.1:18789   ", 200),
+    (b"100.64.0.1\t", 200), (b"LOCALHOST", 200),
 ]
 
 

@@ -120,6 +120,9 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
     ({"gateway": {"exemptPaths": ["/health", "/status/live"]}}, "gateway.exempt_paths",
      frozenset({"/health", "/status/live"})),
     ({"gateway": {"exemptPaths": []}}, "gateway.exempt_paths", frozenset()),
+    ({"gateway": {"allowedHosts": ["OpenClaw.Example.com.", "[FD7A::1]", "fd7a::2",
+                                   "198.18.0.1"]}},
+     "gateway.allowed_hosts", ("openclaw.example.com", "fd7a::1", "fd7a::2", "198.18.0.1")),
     ({"upstream": "http://127.0.0.1:18780"}, "upstream.port", 18780),
     ({"upstream": "http://[::1]:18789"}, "upstream.host", "::1"),
     ({"upstream": "ws://localhost"}, "upstream.port", 80),
@@ -343,6 +346,14 @@ BAD: list[tuple[dict[str, Any] | list[Any], str, str]] = [
      "admin.port", "is the port clawgate listens on"),
     # cross-key rules and the rest
     ({"gateway": {"exemptPaths": ["health"]}}, "gateway.exemptPaths[0]", "plain absolute path"),
+    ({"gateway": {"allowedHosts": ["a.example", "a.example:443"]}}, "gateway.allowedHosts[1]",
+     "not a host name"),
+    ({"gateway": {"allowedHosts": ["https://a.example"]}}, "gateway.allowedHosts[0]",
+     "not a host name"),
+    ({"gateway": {"allowedHosts": ["*.example"]}}, "gateway.allowedHosts[0]", "not a host name"),
+    ({"gateway": {"allowedHosts": "a.example"}}, "gateway.allowedHosts", "expected a list"),
+    ({"tailscale": {"requireIdentity": False, "allowUsers": ["a@b"]}},
+     "tailscale.requireIdentity", "contradicts tailscale.allowUsers"),
     ({"gateway": {"exemptPaths": ["/a/../health"]}}, "gateway.exemptPaths[0]", "normalised"),
     ({"gateway": {"exemptPaths": ["//health"]}}, "gateway.exemptPaths[0]", "plain absolute"),
     ({"gateway": {"exemptPaths": ["/health%2F"]}}, "gateway.exemptPaths[0]", "plain absolute"),
@@ -446,7 +457,8 @@ def test_config_file_records_its_source(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- fuzz
 
 _SECTIONS = {
-    "gateway": ["host", "port", "requireToken", "allowedNetworks", "exemptPaths"],
+    "gateway": ["host", "port", "requireToken", "allowedNetworks", "exemptPaths",
+                "allowedHosts"],
     "upstream": ["url", "connectTimeout"],
     "tokens": ["file", "env", "sessionTtl", "cookieName", "token"],
     "gatewayToken": ["file", "env", "firstFrameTimeout", "maxFirstFrame", "stateDir", "value"],
