@@ -58,6 +58,7 @@ __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_not
 
 log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
+IPV6_FREEBIND = 78  # linux/in6.h: the same for IPv6 (15 at IPPROTO_IPV6 is no option at all)
 # The gateway's token is a shared secret the tailnet can guess at (first-frame gate, login
 # form): shorter than this is refused at load and on reload.
 MIN_GATEWAY_TOKEN_BYTES = 32
@@ -666,9 +667,10 @@ def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) ->
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind and sys.platform.startswith("linux"):
-            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+            level, opt = ((socket.IPPROTO_IPV6, IPV6_FREEBIND) if family == socket.AF_INET6
+                          else (socket.IPPROTO_IP, IP_FREEBIND))
             with contextlib.suppress(OSError):
-                sock.setsockopt(level, IP_FREEBIND, 1)
+                sock.setsockopt(level, opt, 1)
         sock.bind((host, port))
         sock.listen(4096)
         sock.setblocking(False)
@@ -872,13 +874,16 @@ def _with_port(cfg: Config, port: int) -> Config:
 
 
 async def _bind_new(rt: Runtime, addrs: list[str], ssl_context: Any) -> None:
-    try:
-        bound = await start_listeners(rt, addrs, ssl_context=ssl_context)
-    except ClawgateError as exc:
-        log.error("%s", exc)
-        return
-    for addr in bound:
-        log.info("listening on %s (tailnet address appeared)", addr)
+    # One address at a time: one that cannot be bound (IPv6 off in a container, say) must
+    # not keep the others unbound or unlogged.
+    for host in addrs:
+        try:
+            bound = await start_listeners(rt, [host], ssl_context=ssl_context)
+        except ClawgateError as exc:
+            log.error("%s", exc)
+            continue
+        for addr in bound:
+            log.info("listening on %s (tailnet address appeared)", addr)
 
 
 async def _sweep(rt: Runtime) -> None:

@@ -102,15 +102,18 @@ async def fake_gateway_local() -> AsyncIterator[FakeGateway]:
 # running event loop stalls every connection of the process. In an in-process async test such
 # a call raises blockbuster.BlockingError and fails the test. Only proxy/ frames are scanned:
 # the tests' own set-up may block. Tests that drive clawgate as a subprocess (the tailnet ones,
-# e2e) are not in-process: the detector stays off there.
+# e2e, real, deploy) are not in-process: the detector stays off there.
+
+
+IN_PROCESS_DIRS = ("/tests/unit/", "/tests/functional/", "/tests/security/")
 
 
 def _in_process_async(item: pytest.Item) -> bool:
     fn = getattr(item, "function", None)
     if fn is None or not inspect.iscoroutinefunction(fn):
         return False
-    if "/tests/e2e/" in str(getattr(item, "path", "")):
-        return False
+    if not any(d in str(getattr(item, "path", "")) for d in IN_PROCESS_DIRS):
+        return False  # e2e, real, deploy: clawgate and the gateway run as processes
     return "tailnet" not in getattr(item, "fixturenames", ())
 
 
