@@ -114,7 +114,7 @@ def plain_config(upstream: Upstream, **limits: Any) -> dict[str, Any]:
     }
 
 
-def clawgate_config(gw: FakeGateway, socket_path: str | None, *, host: Any = GW_V4,
+def clawgate_config(gw: Upstream, socket_path: str | None, *, host: Any = GW_V4,
                     tailscale: dict[str, Any] | None = None,
                     gateway: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def clawgate_config(gw: FakeGateway, socket_path: str | None, *, host: Any = GW_
     return cfg
 
 
-def identity_config(gw: FakeGateway, socket_path: str, **tailscale: Any) -> dict[str, Any]:
+def identity_config(gw: Upstream, socket_path: str, **tailscale: Any) -> dict[str, Any]:
     """Token and identity, all identity headers on (clawgate sets every one of them)."""
     ts = {"identityHeader": IDENTITY_HEADER, "sendTailscaleHeaders": True, "timeout": 5,
           **tailscale}

@@ -42,7 +42,7 @@ OWN = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", IDENTITY_HEAD
 
 
 def node_config(node: NodeEcho, socket_path: str, **limits: Any) -> dict[str, Any]:
-    cfg = identity_config(node, socket_path)  # type: ignore[arg-type]  # only .port is read
+    cfg = identity_config(node, socket_path)
     cfg["limits"].update(limits)
     return cfg
 

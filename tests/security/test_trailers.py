@@ -46,7 +46,7 @@ def chunked(trailers: list[str], token: str) -> bytes:
 async def test_no_spoofed_trailer_reaches_node(tailnet: Tailnet, tmp_path: Path) -> None:
     async with node_echo(tailnet) as node, fake_tailscaled() as ts, running(
             tailnet, tmp_path / "cg",
-            identity_config(node, ts.socket_path)) as cg:  # type: ignore[arg-type]
+            identity_config(node, ts.socket_path)) as cg:
         token = cg.tokens["phone"]
         got = {}
         for line in SPOOFED:
