@@ -1,7 +1,7 @@
 """Who is asking, and may they: credentials, Tailscale identity, policy, and the headers
 the gateway is told.
 
-This module gathers the inputs of the pure decision (``access.policy.decide``): the
+This module gathers the inputs of the pure decision (``core.policy.decide``): the
 credential (static token, JWT, login session, or the gateway's own token), and the peer's
 Tailscale identity through the cache. It never lets an unexpected path through: every
 failure becomes a deny with a reason. It also builds what the gateway receives (the
@@ -17,21 +17,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, quote
 
-from .access.policy import (
+from .access.tokens import Credential, TokenSet, digest, extract_token
+from .core.http1 import RequestHead, rewrite_request_head
+from .core.policy import (
     ALLOW_EXEMPT,
     Decision,
     IdentityOutcome,
     PolicySettings,
     decide,
 )
-from .access.tokens import Credential, TokenSet, digest, extract_token
 from .errors import (
     LocalAPIUnavailable,
     PeerNotFound,
     TailscaleError,
     Unauthenticated,
 )
-from .httphead import RequestHead, rewrite_request_head
 from .sessions import SessionStoreLike, StoreUnavailable, session_key
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from . import __version__
 from .access.tokens import TokenFile
 from .config import Config, default_token_file, load_config
+from .core.networks import hostport
 from .errors import ClawgateError, ConfigError, TokenStoreError
 
 __all__ = ["main"]
@@ -124,10 +125,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 def _admin_url(args: argparse.Namespace, path: str) -> str:
     cfg = _load(args)
-    host = cfg.admin.host
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{cfg.admin.port}{path}"
+    return f"http://{hostport(cfg.admin.host, cfg.admin.port)}{path}"
 
 
 def _try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:

@@ -16,15 +16,17 @@ import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
-from .access.networks import is_loopback
-from .access.policy import ALLOW_EXEMPT, Decision
-from .errors import AccessError, BadRequest
-from .httphead import (
+from .core.http1 import (
+    ChunkedScanner,
     RequestHead,
     find_head_end,
     parse_request_head,
 )
-from .relay import BoundaryCloser, ChunkedScanner, UpstreamConnection, close_frame
+from .core.networks import is_loopback
+from .core.policy import ALLOW_EXEMPT, Decision
+from .core.wsframe import close_frame
+from .errors import AccessError, BadRequest
+from .relay import BoundaryCloser, UpstreamConnection
 
 if TYPE_CHECKING:
     from .authz import Grant

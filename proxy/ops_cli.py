@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .config import Config, load_config
+from .core.networks import hostport
 from .errors import ClawgateError
 
 __all__ = ["register", "format_sessions", "human_bytes", "human_age"]
@@ -86,8 +87,7 @@ def format_sessions(conns: Sequence[Mapping[str, Any]]) -> str:
 def _admin_get(cfg: Config, path: str) -> Any:
     if not cfg.admin.enabled:
         raise ClawgateError("the admin listener is disabled in this config (admin.enabled)")
-    host = f"[{cfg.admin.host}]" if ":" in cfg.admin.host else cfg.admin.host
-    url = f"http://{host}:{cfg.admin.port}{path}"
+    url = f"http://{hostport(cfg.admin.host, cfg.admin.port)}{path}"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback admin
             return json.loads(resp.read())

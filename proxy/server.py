@@ -12,26 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import gc
 import logging
 import os
-import resource
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .access.hosts import HostNames
-from .access.networks import NetworkSet
-from .access.policy import check_identity
 from .access.tokens import TokenEntry, TokenFile, TokenSet, digest
 from .accesslog import AccessLog
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
+from .core.http1 import RequestHead
+from .core.networks import NetworkSet, hostport
+from .core.policy import check_identity
 from .errors import (
     ClawgateError,
     ConfigError,
@@ -40,7 +38,6 @@ from .errors import (
     TooManyRequests,
 )
 from .front import ClientConnection
-from .httphead import RequestHead
 from .metrics import Metrics
 from .sessions import (
     LockoutTable,
@@ -49,38 +46,24 @@ from .sessions import (
     SessionStoreLike,
     lockout_key,
 )
+from .system import (
+    CONTROL_FD_ENV,
+    fd_connection_cap,
+    listen_socket,
+    raise_nofile_limit,
+    sd_notify,
+)
 
 if TYPE_CHECKING:
     from .relay import UpstreamConnection
     from .shared_state import SharedState
 
-__all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_notify"]
+__all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret"]
 
 log = logging.getLogger("clawgate")
-IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
 # The gateway's token is a shared secret the tailnet can guess at (first-frame gate, login
 # form): shorter than this is refused at load and on reload.
 MIN_GATEWAY_TOKEN_BYTES = 32
-# A worker's end of its control channel to the parent (workers > 1): the fd number.
-CONTROL_FD_ENV = "CLAWGATE_CONTROL_FD"
-
-
-def sd_notify(message: str, path: str | None = None) -> None:
-    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; no-op elsewhere.
-
-    ``path`` defaults to $NOTIFY_SOCKET (a path, or '@name' for the abstract namespace).
-    """
-    path = path or os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed: %s", exc)
 
 
 def read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
@@ -163,7 +146,7 @@ class Runtime:
         self.per_identity: collections.Counter[str] = collections.Counter()
         # Each proxied connection holds two descriptors (client + gateway): refuse with a
         # 503 before accept() itself fails with EMFILE, where nothing can be answered.
-        self.fd_connection_cap = _fd_connection_cap()
+        self.fd_connection_cap = fd_connection_cap()
         self.last_sessions_ended = 0
         self.draining = False
         self.started = time.time()
@@ -637,47 +620,6 @@ def _principal(grant: Grant) -> str | None:
     return None
 
 
-def _fd_connection_cap() -> int:
-    """Connections that fit in RLIMIT_NOFILE: two descriptors each, some kept spare."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 30
-    # Spare: listeners, the log, admin and LocalAPI connections, uvloop's own.
-    return max(1, (soft - 48 - soft // 32) // 2)
-
-
-def raise_nofile_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (as Go and nginx do)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and hard != resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
-
-
-def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if freebind and sys.platform.startswith("linux"):
-            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-            with contextlib.suppress(OSError):
-                sock.setsockopt(level, IP_FREEBIND, 1)
-        sock.bind((host, port))
-        sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _protocol_factory(rt: Runtime, ssl_context: Any) -> Callable[[], asyncio.Protocol]:
     """Plain TCP listeners in both cases: with TLS, ``TlsAcceptor`` checks the network on
     the raw connection and only then starts the handshake (a listener with ``ssl=`` would
@@ -694,11 +636,11 @@ async def start_listeners(rt: Runtime, hosts: list[str], *,
     cfg = rt.cfg
     bound: list[str] = []
     for host in hosts:
-        addr = f"[{host}]:{cfg.gateway.port}" if ":" in host else f"{host}:{cfg.gateway.port}"
+        addr = hostport(host, cfg.gateway.port)
         if addr in rt.listen_addresses:
             continue
         try:
-            sock = _listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1,
+            sock = listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1,
                                   freebind=True)
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {addr}: {exc.strerror}") from None

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .errors import ClawgateError
-from .server import CONTROL_FD_ENV, sd_notify
 from .sessions import StoreUnavailable
+from .system import CONTROL_FD_ENV, sd_notify
 
 if TYPE_CHECKING:
     from .server import Prepared, Runtime

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from ..access.networks import is_loopback, unmap_ip
+from ..core.networks import hostport, is_loopback, unmap_ip
 from ..errors import TailscaleError
 
 if TYPE_CHECKING:
@@ -204,11 +204,11 @@ def cache_key(ip: str, port: int) -> str:
     With ``--tun=userspace-networking`` tailnet peers arrive from ``127.0.0.1:<ephemeral>``
     and only that exact ``ip:port`` identifies them, for the life of that connection.
     """
-    # The same loopback rule as the front end's (proxy.access.networks): the two must
+    # The same loopback rule as the front end's (proxy.core.networks): the two must
     # agree on which peers are userspace-networking peers.
     ip = unmap_ip(ip)
     if is_loopback(ip):
-        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return hostport(ip, port)
     return ip
 
 

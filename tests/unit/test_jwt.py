@@ -34,9 +34,9 @@ from proxy.access.jwt import (
     public_jwk,
 )
 from proxy.access.jwt_cli import issue_token, parse_ttl
-from proxy.access.policy import IdentityOutcome, PolicySettings, decide
 from proxy.access.tokens import Credential
 from proxy.config import JwtConfig
+from proxy.core.policy import IdentityOutcome, PolicySettings, decide
 from proxy.errors import ClawgateError, ConfigError, Unauthenticated
 
 ISS = "https://idp.example.com"

@@ -277,7 +277,7 @@ def test_session_valid_only_while_its_secret_is_configured(
 
 
 def _grant(cred: Credential) -> Grant:
-    from proxy.access.policy import Decision
+    from proxy.core.policy import Decision
 
     return Grant(Decision(True, 200, "ok"), credential=cred)
 
