@@ -82,9 +82,10 @@ def main() -> int:
         sys.path.insert(0, a.root)
     import uvloop
 
-    from proxy.access.tokens import TokenEntry, TokenFile, digest, new_token
     from proxy.config import load_config
+    from proxy.core.tokens import TokenEntry, digest, new_token
     from proxy.front import ClientConnection
+    from proxy.keystore import TokenFile
     from proxy.server import Runtime
 
     tmp = tempfile.mkdtemp(prefix="clawgate-replay-")

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, quote
 
-from .access.tokens import Credential, TokenSet, digest, extract_token
 from .core.http1 import RequestHead, rewrite_request_head
 from .core.policy import (
     ALLOW_EXEMPT,
@@ -25,6 +24,14 @@ from .core.policy import (
     IdentityOutcome,
     PolicySettings,
     decide,
+)
+from .core.tokens import (
+    Credential,
+    TokenSet,
+    cookie_value,
+    digest,
+    extract_token,
+    session_cookie,
 )
 from .errors import (
     LocalAPIUnavailable,
@@ -167,7 +174,7 @@ class Authorizer:
         # The cookie may sit in any Cookie line (raw check first: C speed, usually absent).
         has_cookie = self.cookie_name in head.raw
         if has_cookie:
-            sid = _session_id(head, self.cookie_name)
+            sid = session_cookie(head, self.cookie_name)
             if sid is not None:
                 key = session_key(sid)
                 s = self.sessions.get(key)
@@ -432,7 +439,7 @@ class Authorizer:
         if path == b"/__clawgate/logout":
             raw_cookie = head.header(b"cookie")
             if raw_cookie is not None:
-                old_sid = _cookie_value(raw_cookie, self.cookie_name)
+                old_sid = cookie_value(raw_cookie, self.cookie_name)
                 if old_sid is not None:
                     key = session_key(old_sid)
                     try:
@@ -458,27 +465,6 @@ def _header_value(value: str) -> bytes:
     if any((c < " " and c != "\t") or c == "\x7f" for c in value):
         raise ValueError("control character in identity value")
     return value.encode("utf-8")
-
-
-def _session_id(head: RequestHead, name: bytes) -> str | None:
-    """The first ``name`` cookie in any Cookie line (HTTP/2 front ends split them)."""
-    for n, v in zip(head.names, head.values, strict=True):
-        if n == b"cookie" and name in v:
-            sid = _cookie_value(v, name)
-            if sid is not None:
-                return sid
-    return None
-
-
-def _cookie_value(cookie: bytes, name: bytes) -> str | None:
-    for part in cookie.split(b";"):
-        k, sep, v = part.strip().partition(b"=")
-        if sep and k == name:
-            try:
-                return v.decode("ascii")
-            except UnicodeError:
-                return None
-    return None
 
 
 def _query_param(target: bytes, name: str) -> str | None:

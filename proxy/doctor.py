@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from .access.tokens import TokenFile
 from .config import HOST_TAILSCALE, TAILNET_NETWORKS, Config, load_config
 from .core.networks import hostport
 from .errors import ConfigError, TailscaleError, TokenStoreError
+from .keystore import TokenFile
 
 __all__ = [
     "Facts",

@@ -17,7 +17,7 @@ import hmac
 import json
 from typing import TYPE_CHECKING, Any
 
-from .access.tokens import digest
+from .core.tokens import digest
 from .core.wsframe import close_frame, parse_client_frame
 from .front import CLOSING
 

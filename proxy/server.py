@@ -23,13 +23,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .access.hosts import HostNames
-from .access.tokens import TokenEntry, TokenFile, TokenSet, digest
 from .accesslog import AccessLog
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
 from .core.http1 import RequestHead
 from .core.networks import NetworkSet, hostport
 from .core.policy import check_identity
+from .core.tokens import TokenEntry, TokenSet, digest
 from .errors import (
     ClawgateError,
     ConfigError,
@@ -38,6 +38,7 @@ from .errors import (
     TooManyRequests,
 )
 from .front import ClientConnection
+from .keystore import TokenFile
 from .metrics import Metrics
 from .sessions import (
     LockoutTable,

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ..config import JwtConfig
+from ..core.tokens import Credential
 from ..errors import ConfigError, Unauthenticated
-from .tokens import Credential
 
 __all__ = [
     "JwtVerifier",

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from proxy.access.tokens import Credential, TokenEntry, TokenSet, digest
 from proxy.authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from proxy.config import parse_config
+from proxy.core.tokens import Credential, TokenEntry, TokenSet, digest
 from proxy.sessions import (
     LOCAL_LOCKOUT_KEY,
     LockoutTable,

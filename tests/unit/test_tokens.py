@@ -24,16 +24,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.access.tokens import (
+from proxy.core.tokens import (
     TOKEN_NAME_RE,
     TokenEntry,
-    TokenFile,
     TokenSet,
     digest,
     extract_token,
     new_token,
 )
 from proxy.errors import TokenStoreError
+from proxy.keystore import TokenFile
 
 _URLSAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 
