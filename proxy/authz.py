@@ -27,10 +27,12 @@ from .core.policy import (
 )
 from .core.tokens import (
     Credential,
+    Presented,
     TokenSet,
     cookie_value,
     digest,
-    extract_token,
+    looks_like_jwt,
+    read_authorization,
     session_cookie,
 )
 from .errors import (
@@ -169,8 +171,14 @@ class Authorizer:
 
     # ------------------------------------------------------------------ credentials
 
-    def credential(self, head: RequestHead) -> tuple[Credential | None, str | None, bool, bool]:
-        """(credential, error, drop_authorization, strip_cookie)."""
+    def credential(self, head: RequestHead, presented: Presented | None = None,
+                   ) -> tuple[Credential | None, str | None, bool, bool]:
+        """(credential, error, drop_authorization, strip_cookie).
+
+        ``presented``: the Authorization header as read_authorization parsed it (the caller
+        parsed it already to see whether it carries a JWT): parsed once per request.
+        """
+        auth, token, err = read_authorization(head) if presented is None else presented
         # The cookie may sit in any Cookie line (raw check first: C speed, usually absent).
         has_cookie = self.cookie_name in head.raw
         if has_cookie:
@@ -181,24 +189,17 @@ class Authorizer:
                 # Valid only while the very secret that opened it is configured.
                 if s is not None and self.bound_name(s.binding) == s.token_name:
                     # A clawgate token beside the cookie is clawgate's too: dropped.
-                    auth = head.header(b"authorization")
                     return (Credential("session", s.token_name, expires_at=s.expires,
                                        binding=s.binding, session=key),
-                            None, auth is not None and not self._kept_beside_session(auth),
+                            None, auth is not None and not self._kept_beside_session(token),
                             True)
-        auth = head.header(b"authorization")
         if auth is None:
             return None, None, False, has_cookie
-        try:
-            auth_text = auth.decode("latin-1")
-        except UnicodeError:  # pragma: no cover - latin-1 decodes every byte
-            return None, "malformed authorization header", True, False
-        token, err = extract_token(auth_text)
         if token is None:
             if not self.settings.require_token and self.jwt is None:
                 return None, None, False, False  # not ours: leave it for the gateway
             return None, err or "malformed credential", True, False
-        if self.jwt is not None and token.count(".") == 2 and token.startswith("eyJ"):
+        if self.jwt is not None and looks_like_jwt(token):
             try:
                 cred = self.jwt.verify(token)
             except Unauthenticated as exc:
@@ -221,10 +222,9 @@ class Authorizer:
             return None, None, False, False
         return None, "invalid token", True, False
 
-    def _kept_beside_session(self, auth: bytes) -> bool:
+    def _kept_beside_session(self, token: str | None) -> bool:
         """Whether an Authorization next to a valid session cookie goes to the gateway:
         only the gateway's own token, or one clawgate does not know while it requires none."""
-        token, _ = extract_token(auth.decode("latin-1"))
         foreign = not self.settings.require_token and self.jwt is None
         if token is None:
             return foreign
@@ -298,38 +298,31 @@ class Authorizer:
                 # Nor a way to make clawgate scan a body for anyone (tiny chunks).
                 return Grant(Decision(False, 413, "an exempt path takes no request body"))
             return Grant(ALLOW_EXEMPT)
+        presented = read_authorization(head)
         if self.jwt is not None:
-            token = self._bearer_jwt(head)
-            if token is not None and self.jwt.needs_keys(token):
+            token = presented[1]
+            if token is not None and looks_like_jwt(token) and self.jwt.needs_keys(token):
                 return None  # the async path awaits the JWKS fetch, then decides
         outcome = self.identity_sync(conn)
         if outcome is None:
             return None
         # After whois: a lockout is the node's when the peer has a known identity.
         conn.rt.check_lockout(conn, outcome.identity)
-        return self._finish(conn, head, outcome)
+        return self._finish(conn, head, outcome, presented)
 
     async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
+        presented = read_authorization(head)
         if self.jwt is not None:
-            token = self._bearer_jwt(head)
-            if token is not None:
+            token = presented[1]
+            if token is not None and looks_like_jwt(token):
                 await self.jwt.prepare(token)
         outcome = await self.identity_async(conn)
         conn.rt.check_lockout(conn, outcome.identity)
-        return self._finish(conn, head, outcome)
-
-    def _bearer_jwt(self, head: RequestHead) -> str | None:
-        auth = head.header(b"authorization")
-        if auth is None:
-            return None
-        token, _ = extract_token(auth.decode("latin-1"))
-        if token is not None and token.count(".") == 2 and token.startswith("eyJ"):
-            return token
-        return None
+        return self._finish(conn, head, outcome, presented)
 
     def _finish(self, conn: ClientConnection, head: RequestHead,
-                outcome: IdentityOutcome) -> Grant:
-        cred, err, drop_auth, strip_cookie = self.credential(head)
+                outcome: IdentityOutcome, presented: Presented) -> Grant:
+        cred, err, drop_auth, strip_cookie = self.credential(head, presented)
         gated = False
         s = self.settings
         if (cred is None and err is None and head.websocket
@@ -391,6 +384,12 @@ class Authorizer:
         )
 
     # ------------------------------------------------------------------ login
+
+    async def login_endpoint_async(self, conn: ClientConnection, head: RequestHead,
+                                   body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A login POST: the peer's identity first (whois), then the page."""
+        outcome = await self.identity_async(conn)
+        return self.login_endpoint(conn, head, body, outcome.identity)
 
     def login_endpoint(self, conn: ClientConnection, head: RequestHead, body: bytes,
                        identity: Any = None) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -240,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
             self._local(head)
             return
         try:
-            grant = rt.authorize_sync(self, head)
+            grant = rt.authz.authorize_sync(self, head)
         except AccessError as exc:
             self._deny(head, exc.status, exc.reason, getattr(exc, "retry_after", None))
             return
@@ -254,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _decide_async(self, head: RequestHead) -> None:
         try:
-            grant = await self.rt.authorize(self, head)
+            grant = await self.rt.authz.authorize(self, head)
         except AccessError as exc:
             if not self._closed:
                 self._deny(head, exc.status, exc.reason, getattr(exc, "retry_after", None))
@@ -288,9 +288,8 @@ class ClientConnection(asyncio.Protocol):
             rt.decided(self)
         rt.metrics.decisions[("allow", 200)] += 1
         self.grant = grant
-        rt.note_granted(self, grant)
         try:
-            out = rt.rewrite(self, head, grant)
+            out = rt.authz.rewrite(self, head, grant)
         except ValueError:
             self._deny(head, 403, "identity value not representable in a header")
             return
@@ -569,7 +568,7 @@ class ClientConnection(asyncio.Protocol):
         self._local_send(head, self.rt.local_endpoint(self, head, body))
 
     async def _local_async(self, head: RequestHead, body: bytes) -> None:
-        answer = await self.rt.local_endpoint_async(self, head, body)
+        answer = await self.rt.authz.login_endpoint_async(self, head, body)
         if not self._closed:
             self._local_send(head, answer)
 
@@ -600,7 +599,7 @@ class ClientConnection(asyncio.Protocol):
         if status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="clawgate"'))
             if not head.websocket and b"text/html" in (head.header(b"accept") or b""):
-                body = self.rt.login_page(head, reason)
+                body = self.rt.authz.login_page(head.target.decode("latin-1"), "")
                 headers.append(("Content-Type", "text/html; charset=utf-8"))
         if retry_after is not None:
             headers.append(("Retry-After", str(retry_after)))

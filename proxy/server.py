@@ -54,6 +54,7 @@ from .system import (
     raise_nofile_limit,
     sd_notify,
 )
+from .tasks import spawn
 
 if TYPE_CHECKING:
     from .relay import UpstreamConnection
@@ -307,17 +308,8 @@ class Runtime:
     # ------------------------------------------------------------------ tasks
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Every background task goes through here: referenced, named, errors logged."""
-        task = self.loop.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+        """A background task of this process: held in rt.tasks, a failure logged."""
+        return spawn(coro, name, self.tasks, loop=self.loop, on_error=_log_task_error)
 
     # ------------------------------------------------------------------ admission
 
@@ -419,9 +411,6 @@ class Runtime:
                 conn.end_session(1008, "logged out")
         return ended
 
-    def note_granted(self, conn: ClientConnection, grant: Grant) -> None:
-        pass
-
     # ------------------------------------------------------------------ per request
 
     def host_names(self) -> HostNames:
@@ -462,15 +451,6 @@ class Runtime:
         self.metrics.refused["host"] += 1
         raise MisdirectedRequest(why)
 
-    def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
-        return self.authz.authorize_sync(conn, head)
-
-    async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
-        return await self.authz.authorize(conn, head)
-
-    def rewrite(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> bytes:
-        return self.authz.rewrite(conn, head, grant)
-
     def make_gate(self, conn: ClientConnection) -> Any:
         grant = conn.grant
         if grant is None or not grant.gated or self.gate_factory is None:
@@ -490,15 +470,6 @@ class Runtime:
         """A login POST counts failures against the peer's node: whois it first."""
         return head.method == b"POST" and self.authz.identity is not None
 
-    async def local_endpoint_async(self, conn: ClientConnection, head: RequestHead,
-                                   body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        authz = self.authz
-        outcome = await authz.identity_async(conn)
-        return authz.login_endpoint(conn, head, body, outcome.identity)
-
-    def login_page(self, head: RequestHead, reason: str) -> bytes:
-        return self.authz.login_page(head.target.decode("latin-1"), "")
-
     def dial_task(self, up: UpstreamConnection) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
         """Start connecting to the gateway; the caller owns the task and its timeout."""
         u = self.cfg.upstream
@@ -507,7 +478,8 @@ class Runtime:
         else:
             assert u.host is not None and u.port is not None
             coro = self.loop.create_connection(lambda: up, u.host, u.port)
-        return self.loop.create_task(coro)
+        # Owned by the connection (it cancels it on close); a failure is its to handle.
+        return spawn(coro, "dial", self.tasks, loop=self.loop)
 
     # ------------------------------------------------------------------ logging
 
@@ -597,6 +569,10 @@ class Runtime:
             await asyncio.sleep(0.02)
         for conn in list(self.conns):
             conn._abort("shutdown")  # noqa: SLF001 - last resort after the grace period
+
+
+def _log_task_error(task: asyncio.Task[Any], exc: BaseException) -> None:
+    log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
 
 def _decrement(counter: collections.Counter[str], key: str) -> None:

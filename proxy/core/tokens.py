@@ -34,6 +34,9 @@ __all__ = [
     "DIGEST_PREFIX",
     "session_cookie",
     "cookie_value",
+    "Presented",
+    "read_authorization",
+    "looks_like_jwt",
 ]
 
 TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -150,3 +153,22 @@ def cookie_value(cookie: bytes, name: bytes) -> str | None:
             except UnicodeError:
                 return None
     return None
+
+
+# (raw Authorization value or None, the token in it or None, why it is malformed or None)
+Presented = tuple[bytes | None, str | None, str | None]
+
+
+def read_authorization(head: RequestHead) -> Presented:
+    """The request's Authorization header, read once: its raw value and extract_token's
+    answer. A malformed header gives (raw, None, reason)."""
+    auth = head.header(b"authorization")
+    if auth is None:
+        return None, None, None
+    token, err = extract_token(auth.decode("latin-1"))  # latin-1 decodes every byte
+    return auth, token, err
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Three dot-separated parts starting with a base64url JSON object: verify as a JWT."""
+    return token.count(".") == 2 and token.startswith("eyJ")
