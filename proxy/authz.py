@@ -25,6 +25,7 @@ from .core.policy import (
     PolicySettings,
     decide,
 )
+from .core.sessions import SessionStoreLike, StoreUnavailable, session_key
 from .core.tokens import (
     Credential,
     Presented,
@@ -41,7 +42,6 @@ from .errors import (
     TailscaleError,
     Unauthenticated,
 )
-from .sessions import SessionStoreLike, StoreUnavailable, session_key
 
 if TYPE_CHECKING:
     from .config import Config

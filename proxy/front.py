@@ -99,8 +99,8 @@ class ClientConnection(asyncio.Protocol):
         self._t_head = 0.0
         self.gate: Any = None
         self.counted_ip = False
-        self.unauth_counted = False  # counted in rt.unauth_per_ip until the first allow
-        self.counted_identity: str | None = None  # the rt.per_identity key counted
+        self.unauth_counted = False  # counted in rt.admission.unauth_per_ip until the first allow
+        self.counted_identity: str | None = None  # the rt.admission.per_identity key counted
         self._end_timer: asyncio.TimerHandle | None = None
         self._local_head: RequestHead | None = None
         self.was_tunnel = False

@@ -11,7 +11,6 @@ server, and handles SIGHUP (reload) and SIGTERM (drain).
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import gc
 import logging
@@ -26,9 +25,17 @@ from .access.hosts import HostNames
 from .accesslog import AccessLog
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
+from .core.admission import LOCKED_OUT, OVER_IDENTITY, Admission
 from .core.http1 import RequestHead
 from .core.networks import NetworkSet, hostport
 from .core.policy import check_identity
+from .core.sessions import (
+    LockoutTable,
+    LockoutTableLike,
+    SessionStore,
+    SessionStoreLike,
+    lockout_key,
+)
 from .core.tokens import TokenEntry, TokenSet, digest
 from .errors import (
     ClawgateError,
@@ -40,13 +47,6 @@ from .errors import (
 from .front import ClientConnection
 from .keystore import TokenFile
 from .metrics import Metrics
-from .sessions import (
-    LockoutTable,
-    LockoutTableLike,
-    SessionStore,
-    SessionStoreLike,
-    lockout_key,
-)
 from .system import (
     CONTROL_FD_ENV,
     fd_connection_cap,
@@ -143,9 +143,7 @@ class Runtime:
         self.localapi: Any = None
         self.identity_present = False
         self.jwt: Any = None
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.unauth_per_ip: collections.Counter[str] = collections.Counter()
-        self.per_identity: collections.Counter[str] = collections.Counter()
+        self.admission = Admission()
         # Each proxied connection holds two descriptors (client + gateway): refuse with a
         # 503 before accept() itself fails with EMFILE, where nothing can be answered.
         self.fd_connection_cap = fd_connection_cap()
@@ -314,33 +312,16 @@ class Runtime:
     # ------------------------------------------------------------------ admission
 
     def admit(self, conn: ClientConnection) -> tuple[int, str, int | None] | None:
-        lim = self.cfg.limits
-        if self.draining:
-            return 503, "server shutting down", None
-        if self.metrics.active >= lim.max_connections:
-            self.metrics.refused["max_connections"] += 1
-            return 503, "too many connections", None
-        if self.metrics.active >= self.fd_connection_cap:
-            self.metrics.refused["fd_limit"] += 1
-            return 503, "too many connections (file descriptor limit)", None
-        ip = conn.peer_ip
-        if self.lockouts and not conn.is_loopback_peer:
-            # At accept only the address is known: its own lockout (peers without an
-            # identity). A node's lockout is checked once whois has named it.
-            left = self.lockouts.locked(lockout_key(ip, None, False))
-            if left > 0:
-                self.metrics.refused["locked_out"] += 1
-                return 429, "too many failed authentications", int(left) + 1
-        if self.per_ip[ip] >= lim.per_source_ip:
-            self.metrics.refused["per_ip"] += 1
-            return 429, "too many connections from this address", 1
-        if self.unauth_per_ip[ip] >= lim.unauthenticated_per_ip:
-            # Connections not decided yet (slowloris, scans, floods of bad tokens).
-            self.metrics.refused["unauthenticated_per_ip"] += 1
-            return 429, "too many unauthenticated connections from this address", 1
-        self.per_ip[ip] += 1
+        refusal = self.admission.admit(
+            conn.peer_ip, self.cfg.limits, active=self.metrics.active,
+            fd_cap=self.fd_connection_cap, draining=self.draining, lockouts=self.lockouts,
+            loopback=conn.is_loopback_peer)
+        if refusal is not None:
+            key, status, reason, retry = refusal
+            if key:
+                self.metrics.refused[key] += 1
+            return status, reason, retry
         conn.counted_ip = True
-        self.unauth_per_ip[ip] += 1
         conn.unauth_counted = True
         return None
 
@@ -348,19 +329,17 @@ class Runtime:
         """The connection got its first allow: it no longer counts as unauthenticated."""
         if conn.unauth_counted:
             conn.unauth_counted = False
-            _decrement(self.unauth_per_ip, conn.peer_ip)
+            self.admission.decided(conn.peer_ip)
 
     def admit_identity(self, conn: ClientConnection, grant: Grant) -> str | None:
         """Count an allowed connection against its principal; a reason when over."""
         key = _principal(grant)
-        if key is None or key == conn.counted_identity:
+        if key is None:
             return None
-        if self.per_identity[key] >= self.cfg.limits.per_identity:
+        if not self.admission.admit_identity(key, conn.counted_identity,
+                                             self.cfg.limits.per_identity):
             self.metrics.refused["per_identity"] += 1
-            return "too many connections for this identity"
-        if conn.counted_identity is not None:
-            _decrement(self.per_identity, conn.counted_identity)
-        self.per_identity[key] += 1
+            return OVER_IDENTITY
         conn.counted_identity = key
         return None
 
@@ -375,7 +354,7 @@ class Runtime:
         left = self.lockout_left(conn, identity)
         if left > 0:
             self.metrics.refused["locked_out"] += 1
-            raise TooManyRequests("too many failed authentications", int(left) + 1)
+            raise TooManyRequests(LOCKED_OUT, int(left) + 1)
 
     def note_denied(self, conn: ClientConnection, status: int, identity: Any = None) -> None:
         if status != 401:
@@ -522,12 +501,10 @@ class Runtime:
         m.bytes_down += conn.bytes_down
         if conn.was_tunnel:
             m.tunnels -= 1
-        if conn.counted_ip:
-            _decrement(self.per_ip, conn.peer_ip)
+        self.admission.release(conn.peer_ip if conn.counted_ip else None,
+                               conn.counted_identity)
         self.decided(conn)
-        if conn.counted_identity is not None:
-            _decrement(self.per_identity, conn.counted_identity)
-            conn.counted_identity = None
+        conn.counted_identity = None
         if self.identity_cache is not None and conn.is_loopback_peer:
             from .tailscale import cache_key
 
@@ -573,14 +550,6 @@ class Runtime:
 
 def _log_task_error(task: asyncio.Task[Any], exc: BaseException) -> None:
     log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
-
-
-def _decrement(counter: collections.Counter[str], key: str) -> None:
-    n = counter[key] - 1
-    if n <= 0:
-        counter.pop(key, None)  # dict.pop: Counter.__delitem__ is a Python-level call
-    else:
-        counter[key] = n
 
 
 def _bound_as(cred: Any) -> str:

@@ -38,8 +38,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .core.sessions import StoreUnavailable
 from .errors import ClawgateError
-from .sessions import StoreUnavailable
 from .system import CONTROL_FD_ENV, sd_notify
 
 if TYPE_CHECKING:

@@ -17,9 +17,9 @@ import proxy.core.tokens as core_tokens
 from proxy.authz import Authorizer
 from proxy.config import parse_config
 from proxy.core.http1 import parse_request_head
+from proxy.core.sessions import SessionStore
 from proxy.core.tokens import Credential, TokenEntry, TokenSet, digest
 from proxy.errors import Unauthenticated
-from proxy.sessions import SessionStore
 
 
 class Verifier:
