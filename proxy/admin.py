@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -50,8 +51,21 @@ async def upstream_reachable(u: UpstreamConfig) -> tuple[bool, str | None]:
         return False, f"{u.url}: {getattr(exc, 'strerror', None) or type(exc).__name__}"
 
 
+def _is_local(ip: str) -> bool:
+    """Is ip assigned to an interface of this network namespace? (bind without FREEBIND:
+    no netlink, which RestrictAddressFamilies= in the systemd unit does not allow)"""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
 async def health_report(rt: Runtime) -> tuple[bool, dict[str, Any]]:
     problems: list[str] = []
+    problems_warn: list[str] = []
     up_ok, up_err = await upstream_reachable(rt.cfg.upstream)
     if not up_ok:
         problems.append(f"gateway unreachable: {up_err}")
@@ -65,11 +79,23 @@ async def health_report(rt: Runtime) -> tuple[bool, dict[str, Any]]:
             problems.append(ts.get("warning") or "tailscale not running")
         elif ts.get("expired"):
             problems.append("node key expired")
+        elif ts.get("tun") and rt.cfg.listens_on_tailscale:
+            missing = [ip for ip in ts.get("tailscale_ips") or () if not _is_local(ip)]
+            if missing and len(missing) == len(ts["tailscale_ips"]):
+                # Running with a TUN, yet no address of it here: a stale network namespace
+                # (Docker: the sidecar restarted, clawgate still in its old namespace).
+                problems.append(f"tailnet addresses {', '.join(missing)} are on no interface "
+                                "of this network namespace (tailscaled's namespace was "
+                                "replaced? restart clawgate)")
+            elif missing:
+                problems_warn.append(f"tailnet address {', '.join(missing)} is on no interface "
+                                     "here: not reachable on it")
     if not rt.listen_addresses:
         problems.append("not listening yet (waiting for tailnet addresses)")
     warnings = []
     if ts is not None and ts.get("warning") and ts.get("running"):
         warnings.append(ts["warning"])
+    warnings.extend(problems_warn)
     if rt.last_reload_error:
         warnings.append(f"last reload refused: {rt.last_reload_error}")
     tls_info = getattr(rt, "tls_status", None)

@@ -760,13 +760,16 @@ def _with_port(cfg: Config, port: int) -> Config:
 
 
 async def _bind_new(rt: Runtime, addrs: list[str], ssl_context: Any) -> None:
-    try:
-        bound = await start_listeners(rt, addrs, ssl_context=ssl_context)
-    except ClawgateError as exc:
-        log.error("%s", exc)
-        return
-    for addr in bound:
-        log.info("listening on %s (tailnet address appeared)", addr)
+    # One address at a time: one that cannot be bound (IPv6 off in a container, say) must
+    # not keep the others unbound or unlogged.
+    for host in addrs:
+        try:
+            bound = await start_listeners(rt, [host], ssl_context=ssl_context)
+        except ClawgateError as exc:
+            log.error("%s", exc)
+            continue
+        for addr in bound:
+            log.info("listening on %s (tailnet address appeared)", addr)
 
 
 async def _sweep(rt: Runtime) -> None:

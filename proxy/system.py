@@ -13,11 +13,12 @@ import resource
 import socket
 import sys
 
-__all__ = ["CONTROL_FD_ENV", "IP_FREEBIND", "fd_connection_cap", "listen_socket",
+__all__ = ["CONTROL_FD_ENV", "IP_FREEBIND", "IPV6_FREEBIND", "fd_connection_cap", "listen_socket",
            "raise_nofile_limit", "sd_notify"]
 
 log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
+IPV6_FREEBIND = 78  # linux/in6.h: the same for IPv6 (15 at IPPROTO_IPV6 is no option at all)
 # A worker's end of its control channel to the parent (workers > 1): the fd number.
 CONTROL_FD_ENV = "CLAWGATE_CONTROL_FD"
 
@@ -69,9 +70,10 @@ def listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) -> 
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind and sys.platform.startswith("linux"):
-            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+            level, opt = ((socket.IPPROTO_IPV6, IPV6_FREEBIND) if family == socket.AF_INET6
+                          else (socket.IPPROTO_IP, IP_FREEBIND))
             with contextlib.suppress(OSError):
-                sock.setsockopt(level, IP_FREEBIND, 1)
+                sock.setsockopt(level, opt, 1)
         sock.bind((host, port))
         sock.listen(4096)
         sock.setblocking(False)

@@ -53,11 +53,15 @@ __all__ = [
 
 SAMPLES = Path(__file__).with_name("tailscale")
 VERSION = "1.102.3-t3e1a8c5f2-g7d24b61a0"
-CAPVER = "131"
+# tailcfg.CurrentCapabilityVersion of each release (the Tailscale-Cap header): 1.96.4 sends
+# 133 (seen from the real daemon in tests/real), 1.102.x 142 (tailcfg.go at v1.102.3).
+CAPVER_BY_RELEASE = {"1.96": "133", "1.102": "142"}
+CAPVER = CAPVER_BY_RELEASE["1.102"]
 TAILNET = "tail3f2a1.ts.net"
 SELF_IPV4 = "100.64.0.1"
 SELF_IPV6 = "fd7a:115c:a1e0::1"
 SELF_HOST = "web01"
+SELF_USER_ID = 8314716520451093  # Self.UserID of the status sample (alice@example.com)
 DEFAULT_ALICE_IP = "100.101.102.103"
 DEFAULT_CI_IP = "100.88.12.34"
 LOCALAPI_HOST = "local-tailscaled.sock"
@@ -507,7 +511,8 @@ class FakeTailscaled:
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Tailscale-Version"] = self.version
-        response.headers["Tailscale-Cap"] = CAPVER
+        release = ".".join(self.version.split(".")[:2])
+        response.headers["Tailscale-Cap"] = CAPVER_BY_RELEASE.get(release, CAPVER)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -584,6 +589,9 @@ class FakeTailscaled:
                 body = self._loopback.get(port or 0)
                 if body is None:
                     await asyncio.sleep(0.01)  # the daemon retries its proxymap (~180 ms)
+            elif ip in self.self_ips:
+                # The real daemon answers for its own addresses too: this node, its owner.
+                body = self._self_whois()
             else:
                 stable = self._by_ip.get(ip)
                 body = self._nodes.get(stable) if stable else None
@@ -592,6 +600,16 @@ class FakeTailscaled:
         # json.MarshalIndent(res, "", "\t"): no trailing newline.
         data = json.dumps(body, indent="\t", ensure_ascii=False).encode()
         return await _send(request, data, "application/json")
+
+    def _self_whois(self) -> dict[str, Any]:
+        """whois of one of this node's own addresses (SELF_HOST, owned by alice in the
+        status sample), as the real 1.96.4 answers it (tests/real/test_fake_vs_real.py)."""
+        v4 = next((ip for ip in self.self_ips if ":" not in ip), self.self_ips[0])
+        v6 = next((ip for ip in self.self_ips if ":" in ip), None)
+        body = user_peer(v4, "alice@example.com", SELF_HOST, ipv6=v6, os_name="linux",
+                         key_expiry=self.self_key_expiry)
+        body["Node"]["User"] = body["UserProfile"]["ID"] = SELF_USER_ID
+        return body
 
     def _status_body(self, peers: bool) -> dict[str, Any]:
         if self.backend_state != "Running":
@@ -721,8 +739,13 @@ class FakeTailscaled:
         if min_validity is not None and not _DURATION.match(min_validity):
             return _error(400, "invalid validity")
         pair = self._certs.get(domain)
-        if pair is None:
-            return _error(500, f"invalid domain {domain!r}; must be one of {self.cert_domains!r}")
+        if not self.cert_domains:
+            # What the real daemon says when the netmap has no CertDomains (HTTPS off).
+            return _error(500, "your Tailscale account does not support getting TLS certs")
+        if pair is None or domain not in self.cert_domains:
+            # Go's %q of the domain and of the []string, as the real daemon formats it.
+            wanted = "[" + " ".join(json.dumps(d) for d in self.cert_domains) + "]"
+            return _error(500, f"invalid domain {json.dumps(domain)}; must be one of {wanted}")
         key, chain = pair
         if kind == "pair":
             data = key + chain

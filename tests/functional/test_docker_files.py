@@ -1,4 +1,5 @@
-"""The Docker files, checked without a Docker engine (none runs on our CI machines).
+"""The Docker files, checked without a Docker engine (tests/deploy/test_docker.py builds
+and runs them on a real one).
 
 config/compose.yml is parsed and its key properties asserted (the sidecar's shared network
 namespace, persisted Tailscale state, the tailscaled socket shared through a volume, no
@@ -169,7 +170,7 @@ BROKEN = [
     ("cmd", lambda t: t.replace('"/etc/clawgate/clawgate.json"]', '"/config.json"]')),
     ("expose", lambda t: t.replace("EXPOSE 18789", "EXPOSE 8080")),
     ("copy-missing", lambda t: t.replace("COPY proxy ./proxy", "COPY proxyy ./proxy")),
-    ("base", lambda t: t.replace("FROM python:3.11-slim\n", "FROM ubuntu:24.04\n")),
+    ("base", lambda t: t.replace("ARG BASE=python:3.11-slim\n", "ARG BASE=ubuntu:24.04\n")),
 ]
 
 
@@ -183,14 +184,6 @@ def test_check_docker_image_catches(tmp_path: Path, mutate: Any) -> None:
     proc = run_check("--dockerfile", str(path))
     assert proc.returncode == 1, proc.stdout
     assert "FAIL" in proc.stdout
-
-
-def test_image_layout_builds_and_runs() -> None:
-    """The bonus: the Dockerfile's own pip command into a temp prefix, then the entry point."""
-    proc = run_check("--build")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "`clawgate --help` runs from the image layout" in proc.stdout
-    assert "`clawgate check-config` accepts clawgate.docker.json" in proc.stdout
 
 
 # ------------------------------------------------------------------ the HEALTHCHECK, for real

@@ -54,7 +54,9 @@ def test_unit_directives() -> None:
     assert "tailscaled.service" in one("Unit.After").split()
     assert one("Service.Type") == "notify"
     assert one("Service.NotifyAccess") == "main"
-    assert one("Service.ExecReload") == "/bin/kill -HUP $MAINPID"
+    # SIGHUP to the main process, with /bin/sh's kill (no procps needed): see
+    # tests/deploy/test_systemd.py, where /bin/kill was missing on a minimal Debian.
+    assert one("Service.ExecReload") == "/bin/sh -c 'kill -HUP \"$MAINPID\"'"
     assert one("Service.ExecStart").split()[1:] == ["serve", "--config",
                                                     "/etc/clawgate/clawgate.json"]
     assert one("Service.Restart") == "on-failure"

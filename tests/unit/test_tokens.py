@@ -1,4 +1,4 @@
-"""Tests of proxy/access/tokens.py: token format, the token file, verification, extraction.
+"""Tests of proxy/core/tokens.py and proxy/keystore.py: format, file, verification, extraction.
 
 Tokens carry at least 256 bits and are URL-safe; the file holds only names and digests and
 is mode 0600; verification visits every entry whatever matched; and credentials are taken
