@@ -26,7 +26,7 @@ from .core.networks import is_loopback
 from .core.policy import ALLOW_EXEMPT, Decision
 from .core.wsframe import close_frame
 from .errors import AccessError, BadRequest
-from .relay import BoundaryCloser, UpstreamConnection
+from .upstream import BoundaryCloser, UpstreamConnection, dial
 
 if TYPE_CHECKING:
     from .authz import Grant
@@ -307,7 +307,7 @@ class ClientConnection(asyncio.Protocol):
         # a wrapping coroutine task with asyncio.timeout cost ~4% of the CPU per connection.
         rt = self.rt
         up = UpstreamConnection(self)
-        task = rt.dial_task(up)
+        task = dial(rt.loop, rt.cfg.upstream, up, rt.tasks)
         timer = rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel)
         self._task = task
         task.add_done_callback(lambda t: self._dialed(t, timer, up, head, out))

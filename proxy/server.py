@@ -57,7 +57,6 @@ from .system import (
 from .tasks import spawn
 
 if TYPE_CHECKING:
-    from .relay import UpstreamConnection
     from .shared_state import SharedState
 
 __all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret"]
@@ -448,17 +447,6 @@ class Runtime:
     def local_needs_identity(self, head: RequestHead) -> bool:
         """A login POST counts failures against the peer's node: whois it first."""
         return head.method == b"POST" and self.authz.identity is not None
-
-    def dial_task(self, up: UpstreamConnection) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
-        """Start connecting to the gateway; the caller owns the task and its timeout."""
-        u = self.cfg.upstream
-        if u.unix_path is not None:
-            coro = self.loop.create_unix_connection(lambda: up, u.unix_path)
-        else:
-            assert u.host is not None and u.port is not None
-            coro = self.loop.create_connection(lambda: up, u.host, u.port)
-        # Owned by the connection (it cancels it on close); a failure is its to handle.
-        return spawn(coro, "dial", self.tasks, loop=self.loop)
 
     # ------------------------------------------------------------------ logging
 

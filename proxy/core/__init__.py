@@ -2,6 +2,6 @@
 
 Nothing in this package imports asyncio, os, socket, ssl, subprocess or aiohttp, and nothing
 outside ``proxy.core`` except the exception tree (``proxy.errors``):
-tests/unit/test_core_imports.py enforces both. The I/O layer (front, relay, server,
+tests/unit/test_core_imports.py enforces both. The I/O layer (front, upstream, server,
 keystore) feeds these functions and carries out what they return.
 """

@@ -1,4 +1,6 @@
-"""The gateway side of a proxied connection, and the byte splice after an upgrade.
+"""The gateway side of a proxied connection: the dialer, the response relay, the splice.
+
+:func:`dial` connects to the gateway (TCP or a unix socket, upstream.url).
 
 ``UpstreamConnection`` relays the gateway's responses to the client as received: it only
 finds where each response ends (Content-Length, chunked, or close) so the client side
@@ -12,7 +14,7 @@ revoked, 1001 shutdown) without cutting a frame in half.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .core.http1 import (
     BODY_CHUNKED,
@@ -23,13 +25,28 @@ from .core.http1 import (
     response_framing,
 )
 from .core.wsframe import FrameTracker
+from .tasks import spawn
 
 if TYPE_CHECKING:
+    from .config import UpstreamConfig
     from .front import ClientConnection
 
-__all__ = ["UpstreamConnection", "BoundaryCloser"]
+__all__ = ["UpstreamConnection", "BoundaryCloser", "dial"]
 
 _MAX_RESPONSE_HEAD = 65536
+
+
+def dial(loop: asyncio.AbstractEventLoop, u: UpstreamConfig, up: UpstreamConnection,
+         owner: set[asyncio.Task[Any]]) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
+    """Start connecting ``up`` to the gateway; the caller owns the task and its timeout
+    (uvloop's create_connection is a coroutine: a task, cancelled on connectTimeout)."""
+    if u.unix_path is not None:
+        coro = loop.create_unix_connection(lambda: up, u.unix_path)
+    else:
+        assert u.host is not None and u.port is not None
+        coro = loop.create_connection(lambda: up, u.host, u.port)
+    # Owned by the connection (it cancels it on close); a failure is its to handle.
+    return spawn(coro, "dial", owner, loop=loop)
 
 
 class BoundaryCloser(asyncio.Protocol):
