@@ -16,10 +16,11 @@ import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
+from .core.exchange import HEAD_TOO_LARGE, after_response, request_body, scan_head
 from .core.http1 import (
+    BODY_CHUNKED,
     ChunkedScanner,
     RequestHead,
-    find_head_end,
     parse_request_head,
 )
 from .core.networks import is_loopback
@@ -154,17 +155,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if st == HEAD:
             buf = self.buf + data if self.buf else data
-            end = find_head_end(buf, len(self.buf))
+            end = scan_head(buf, len(self.buf), self.rt.cfg.limits.head_bytes)
             if end < 0:
-                if len(buf) > self.rt.cfg.limits.head_bytes:
+                if end == HEAD_TOO_LARGE:
                     self.buf = b""
                     self._deny_and_close(431, "request head too large")
                     return
                 self.buf = buf
-                return
-            if end > self.rt.cfg.limits.head_bytes:
-                self.buf = b""
-                self._deny_and_close(431, "request head too large")
                 return
             self.buf = buf[end:]
             self._on_head(buf[:end])
@@ -352,12 +349,13 @@ class ClientConnection(asyncio.Protocol):
         self.up_t.write(out)
         if self.requests == 1:
             self.rt.metrics.observe_handshake(time.monotonic() - self.started)
-        if head.chunked:
+        body = request_body(head)
+        if body == BODY_CHUNKED:
             self._chunks = ChunkedScanner(request=True,
                                           identity_headers=self.rt.authz.identity_norm)
             self.state = BODY
-        elif head.content_length:
-            self._body_left = head.content_length
+        elif body > 0:
+            self._body_left = body
             self.state = BODY
         else:
             self.state = AWAIT
@@ -405,17 +403,15 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, status: int, keep_alive: bool) -> None:
         """The gateway finished a response; decide the next request (or close)."""
-        if self.state == BODY:
-            # The gateway answered before the body was complete (e.g. 413): the rest
-            # of the body cannot be framed reliably any more.
-            keep_alive = False
         self.awaiting_upgrade = False
         head = self.head
-        if not keep_alive or self._client_eof or head is None or not head.keep_alive:
-            self._close("response complete, connection not reusable")
-            return
-        if self.rt.draining:
-            self._close("server shutting down")
+        why = after_response(
+            keep_alive=keep_alive, body_unfinished=self.state == BODY,
+            client_eof=self._client_eof,
+            request_keep_alive=head.keep_alive if head is not None else None,
+            draining=self.rt.draining)
+        if why is not None:
+            self._close(why)
             return
         self.state = HEAD
         # Keep-alive allowance for a connection that showed a credential; one that has not
