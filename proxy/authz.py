@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, quote
 
+from .core.connect_auth import shared_generations
 from .core.http1 import RequestHead, rewrite_request_head
 from .core.policy import (
     ALLOW_EXEMPT,
@@ -158,6 +159,10 @@ class Authorizer:
         self.identity = identity
         self.jwt = jwt
         self.gateway_token_digest = digest(gateway_token) if gateway_token else None
+        # The gateway's session generations for its shared secret (device tokens it issued
+        # to browsers under this secret carry one).
+        self.gateway_generations = (shared_generations(gateway_token) if gateway_token
+                                    else frozenset[str]())
         self.revoked = revoked
         ts = cfg.tailscale
         self.settings = policy_settings(cfg, identity_present)

@@ -98,6 +98,9 @@ class GatewayTokenConfig:
     env: str | None = None
     first_frame_timeout: float = 15.0
     max_first_frame: int = 65536
+    # The gateway's state dir (its pairing store, read-only): device and setup-code tokens
+    # are verified against it at the edge. None: they are refused at the edge.
+    state_dir: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -333,6 +336,21 @@ def _opt_path(value: Any, path: str) -> str | None:
     return None if value is None else _path(value, path)
 
 
+def _opt_abs_dir(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    text = _path(value, path)
+    if not os.path.isabs(text):
+        raise ConfigError(path, f"{text!r} is not an absolute path")
+    return os.path.normpath(text)
+
+
+def _default_gateway_state_dir() -> str | None:
+    from .gateway_store import default_state_dir  # the gateway's own resolution
+
+    return default_state_dir()
+
+
 def _env_name(value: Any, path: str) -> str:
     text = _str(value, path)
     if not _ENV_NAME_RE.match(text):
@@ -502,6 +520,7 @@ def parse_config(data: object, source: str | None = None) -> Config:
         env=gt.get("env", lambda v, p: None if v is None else _env_name(v, p), None),
         first_frame_timeout=gt.get("firstFrameTimeout", _num(1, 120), 15.0),
         max_first_frame=gt.get("maxFirstFrame", _int(1024, 1 << 20), 65536),
+        state_dir=gt.get("stateDir", _opt_abs_dir, _default_gateway_state_dir()),
     )
     _reject_inline_secret(gt, "gatewayToken")
     gt.finish()

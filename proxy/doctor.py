@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import stat
 import urllib.error
 import urllib.request
@@ -119,6 +120,9 @@ class Facts:
     gateway_config: FileInfo | None = None
     gateway_doc: Any = None  # the gateway's decoded openclaw.json, when readable
     clawgate_health: dict[str, Any] | None = None  # /health of a running clawgate
+    # The gateway's pairing store (gatewayToken.stateDir): paired devices, or why unreadable.
+    pairing_devices: int | None = None
+    pairing_error: str | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -649,11 +653,30 @@ def check_tls_cert_access(f: Facts) -> list[Finding]:
     return [Finding("ok", "tls_cert_access", f"this user may fetch the certificate for {name}")]
 
 
+def check_pairing_store(f: Facts) -> list[Finding]:
+    cfg = f.cfg
+    if cfg is None or not cfg.gateway_token.enabled:
+        return []
+    if cfg.gateway_token.state_dir is None:
+        return [Finding("info", "pairingStore",
+                        "gatewayToken.stateDir is null: paired devices and setup codes are "
+                        "refused at the edge (only the gateway token is admitted)")]
+    if f.pairing_error is not None:
+        return [Finding("error", "pairingStore",
+                        f"the gateway's pairing store cannot be read: {f.pairing_error}; "
+                        "paired devices and setup codes are refused at the edge",
+                        "set gatewayToken.stateDir to the gateway's state dir (the one with "
+                        "state/openclaw.sqlite) and let clawgate's user read it")]
+    return [Finding("ok", "pairingStore",
+                    f"the gateway's pairing store is readable ({f.pairing_devices} paired "
+                    "devices)")]
+
+
 CHECKS: Final[tuple[Callable[[Facts], list[Finding]], ...]] = (
     check_config, check_listen, check_require_token, check_allowed_networks,
     check_literal_addresses, check_secrets, check_token_file, check_tailscaled,
     check_key_expiry, check_userspace, check_upstream, check_gateway_config, check_ports,
-    check_running, check_tls_cert_access,
+    check_running, check_tls_cert_access, check_pairing_store,
 )
 
 
@@ -932,7 +955,19 @@ def gather(config_path: str | None, gateway_config: str | None = None) -> Facts:
             ginfo = FileInfo(gpath, True, ginfo.mode, ginfo.uid, exc.strerror)
         except (ValueError, UnicodeError) as exc:
             ginfo = FileInfo(gpath, True, ginfo.mode, ginfo.uid, f"not valid JSON5 ({exc})")
+    pairing_devices: int | None = None
+    pairing_error: str | None = None
+    if eff.gateway_token.enabled and eff.gateway_token.state_dir is not None:
+        from .gateway_store import DB_RELATIVE, read_snapshot, store_version
+
+        db = os.path.join(eff.gateway_token.state_dir, DB_RELATIVE)
+        try:
+            store_version(db)
+            pairing_devices = len(read_snapshot(db).devices)
+        except (OSError, sqlite3.Error, ValueError) as exc:
+            pairing_error = f"{db}: {exc}"
     return Facts(
+        pairing_devices=pairing_devices, pairing_error=pairing_error,
         config_path=config_path, raw=raw, config_error=error, cfg=eff, euid=os.geteuid(),
         token_file=token_info, token_count=count, tailscale=ts, listeners=read_listeners(),
         upstream_reachable=up_ok, upstream_error=up_err, gateway_config=ginfo,

@@ -2,24 +2,35 @@
 
 Some clients (the Control UI, the mobile apps) carry only the gateway's own token, inside
 the ``connect`` request that is their first frame. In that mode clawgate forwards the
-upgrade, then holds the client's bytes until that frame is complete, checks
-``params.auth.token`` (or ``params.auth.password``) against the gateway token in constant
-time, and only then releases the held bytes and becomes a plain splice. Anything else (a
-wrong token, a fragmented, binary, oversized or late frame) ends with close 1008, and the
-gateway never receives a byte of the client's frames.
+upgrade, then holds the client's bytes until that frame is complete, checks its
+credentials and only then releases the held bytes and becomes a plain splice: the shared
+secret (``params.auth.token`` or ``.password``) in constant time, and a paired device's
+``deviceToken`` or a setup code's ``bootstrapToken`` against the gateway's own pairing
+store (``proxy.gateway_store``; the decision is ``proxy.core.connect_auth``). Anything
+else (a wrong, revoked or foreign token, a fragmented, binary, oversized or late frame)
+ends with close 1008, and the gateway never receives a byte of the client's frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import json
+import logging
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
-from .core.tokens import digest
+from .core.connect_auth import (
+    ConnectAuth,
+    StoreSnapshot,
+    StoreUnavailable,
+    decide,
+    needs_store,
+    parse_connect,
+)
 from .core.wsframe import close_frame, parse_client_frame
 from .front import CLOSING
+from .gateway_store import DB_RELATIVE, GatewayStore, store_version
 
 if TYPE_CHECKING:
     from .front import ClientConnection
@@ -27,18 +38,23 @@ if TYPE_CHECKING:
 
 __all__ = ["FirstFrameGate", "make_gate_factory"]
 
+log = logging.getLogger("clawgate")
+
 # How long a refused client may keep sending (read and dropped) after our close frame.
 LINGER_SECONDS = 2.0
 
 
 class FirstFrameGate:
-    __slots__ = ("conn", "buf", "timer", "limit", "done", "linger")
+    __slots__ = ("conn", "buf", "timer", "limit", "done", "linger", "store", "waiting")
 
-    def __init__(self, conn: ClientConnection, limit: int, timeout: float) -> None:
+    def __init__(self, conn: ClientConnection, limit: int, timeout: float,
+                 store: GatewayStore | None = None) -> None:
         self.conn = conn
         self.buf = b""
         self.limit = limit
+        self.store = store
         self.done = False
+        self.waiting = False  # the pairing store is being re-read for this frame
         self.linger: asyncio.TimerHandle | None = None
         self.timer = conn.rt.loop.call_later(timeout, self._timeout)
 
@@ -46,6 +62,11 @@ class FirstFrameGate:
         if self.done:
             return
         self.buf += data
+        if self.waiting:
+            # Held with the first frame; bounded while the store is read (milliseconds).
+            if len(self.buf) > 2 * self.limit + 14:
+                self._refuse("first frame too large")
+            return
         status, payload, end = parse_client_frame(self.buf, self.limit)
         if status == "more":
             if len(self.buf) > self.limit + 14:
@@ -54,47 +75,55 @@ class FirstFrameGate:
         if status != "ok" or payload is None:
             self._refuse(status)
             return
-        why = self._check(payload)
-        if why is not None:
-            self._refuse(why)
+        auth = parse_connect(payload)
+        if isinstance(auth, str):
+            self._refuse(auth)
             return
+        snap: StoreSnapshot | StoreUnavailable | None = None
+        # The token in force now (a reload may have rotated or removed it meanwhile).
+        if self.store is not None and needs_store(auth, self.conn.rt.authz.gateway_token_digest):
+            snap = self.store.current()
+            if snap is None:
+                self.waiting = True
+                self.conn.rt.spawn(self._decide_after_read(auth), "gate-store-read")
+                return
+        self._decide(auth, snap)
+
+    async def _decide_after_read(self, auth: ConnectAuth) -> None:
+        assert self.store is not None
+        snap = await self.store.refresh()
+        if self.done:
+            return  # timed out, refused or closed meanwhile
+        self.waiting = False
+        self._decide(auth, snap)
+
+    def _decide(self, auth: ConnectAuth, snap: StoreSnapshot | StoreUnavailable | None) -> None:
+        authz = self.conn.rt.authz
+        verdict = decide(auth, authz.gateway_token_digest, snap,
+                         now_ms=int(time.time() * 1000), generations=authz.gateway_generations)
+        if not verdict.admit:
+            self._refuse(verdict.reason)
+            return
+        grant = self.conn.grant
+        if grant is not None and grant.credential is not None:
+            if verdict.binding is not None:
+                # Bind the tunnel to this secret: a reload that rotates it ends it (1008).
+                cred = dataclasses.replace(grant.credential, binding=verdict.binding)
+            else:
+                # A device's own token: logs name the device; not tied to the gateway token.
+                cred = dataclasses.replace(
+                    grant.credential, name=f"{verdict.method} {(verdict.device_id or '')[:16]}")
+            self.conn.grant = dataclasses.replace(grant, credential=cred)
         self.done = True
         self.timer.cancel()
         held, self.buf = self.buf, b""
-        self.conn.rt.log.write({"event": "gateway_token", "conn": self.conn.conn_id,
-                                "peer": self.conn.peer_ip, "result": "ok"})
+        rec: dict[str, Any] = {"event": "gateway_token", "conn": self.conn.conn_id,
+                               "peer": self.conn.peer_ip, "result": "ok",
+                               "method": verdict.method}
+        if verdict.device_id is not None:
+            rec["device"] = verdict.device_id
+        self.conn.rt.log.write(rec)
         self.conn.gate_passed(held)
-
-    def _check(self, payload: bytes) -> str | None:
-        try:
-            msg: Any = json.loads(payload)
-        except (UnicodeError, ValueError):
-            return "first frame is not JSON"
-        if not isinstance(msg, dict) or msg.get("type") != "req" or msg.get("method") != \
-                "connect":
-            return "first frame must be the connect request"
-        params = msg.get("params")
-        auth = params.get("auth") if isinstance(params, dict) else None
-        secret = None
-        if isinstance(auth, dict):
-            for key in ("token", "password"):
-                value = auth.get(key)
-                if isinstance(value, str) and value:
-                    secret = value
-                    break
-        if secret is None:
-            return "connect request carries no gateway token"
-        # The token in force now (a reload may have rotated or removed it meanwhile).
-        expected = self.conn.rt.authz.gateway_token_digest
-        presented = digest(secret)
-        if expected is None or not hmac.compare_digest(presented, expected):
-            return "gateway token mismatch"
-        # Bind the tunnel to this secret: a reload that rotates it ends the tunnel (1008).
-        grant = self.conn.grant
-        if grant is not None and grant.credential is not None:
-            self.conn.grant = dataclasses.replace(
-                grant, credential=dataclasses.replace(grant.credential, binding=presented))
-        return None
 
     def _refuse(self, reason: str) -> None:
         self.done = True
@@ -139,10 +168,27 @@ class FirstFrameGate:
 
 
 def make_gate_factory(rt: Runtime) -> Any:
+    stores: dict[str, GatewayStore] = {}  # one per state dir: a reload keeps its cache
+    g = rt.cfg.gateway_token
+    if rt.authz.gateway_token_digest is not None and g.state_dir is not None:
+        # Say it at startup, not only when the first paired device is refused.
+        try:
+            store_version(os.path.join(g.state_dir, DB_RELATIVE))
+        except OSError as exc:
+            log.warning("gatewayToken.stateDir %s: the gateway's pairing store cannot be read "
+                        "(%s): paired devices and setup codes will be refused at the edge",
+                        g.state_dir, exc.strerror or exc)
+
     def factory(conn: ClientConnection) -> FirstFrameGate:
         # Always a gate for a gated grant: should a reload have removed the gateway token
         # since the decision, the gate refuses (fail closed), it never splices unchecked.
         g = rt.cfg.gateway_token
-        return FirstFrameGate(conn, g.max_first_frame, g.first_frame_timeout)
+        store = None
+        if g.state_dir is not None:
+            store = stores.get(g.state_dir)
+            if store is None:
+                stores.clear()
+                store = stores[g.state_dir] = GatewayStore(g.state_dir)
+        return FirstFrameGate(conn, g.max_first_frame, g.first_frame_timeout, store)
 
     return factory

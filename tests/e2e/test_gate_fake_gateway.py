@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 
 from tests.e2e.conftest import GW_TOKEN
 from tests.fakes.fake_gateway import FakeGateway
+from tests.fakes.pairing_store import FakeDevice, PairingStore
 from tests.harness import ClawgateProcess
 from tests.netns import GW_V4, Tailnet, connect_in
 
@@ -205,3 +206,121 @@ async def test_refusal_close_frame_survives_a_client_still_sending(
     reason = b"first frame too large"
     assert data == bytes((0x88, 2 + len(reason))) + (1008).to_bytes(2, "big") + reason
     assert fake_gateway.ws_messages == []
+
+
+# ------------------------------------------------------------------ device and setup-code tokens
+
+STORE_PORT = 18801
+DEVICE = FakeDevice.new()
+STRANGER = FakeDevice.new()
+DEVICE_TOKEN = "fake-device-token-Nd5qp7YIoQvaVNOADS1SPW3DyVA9FP7Kc8QFdRyaAko"
+SETUP_TOKEN = "fake-setup-token-S7kK3r0RI9lBCV2agCrfjjwknzbIsLKnSukTgKw78OM"
+
+
+def _device_frame(auth: dict[str, str], dev: FakeDevice = DEVICE, role: str = "operator") -> str:
+    return json.dumps({"type": "req", "id": "c1", "method": "connect", "params": {
+        "minProtocol": 4, "maxProtocol": 4, "role": role,
+        "client": {"id": "cli", "version": "1", "platform": "linux", "mode": "cli"},
+        "auth": auth, "device": {"id": dev.device_id, "publicKey": dev.public_key,
+                                 "signature": "sig", "signedAt": 1, "nonce": "n"}}})
+
+
+@pytest.fixture
+async def store_gated(tailnet: Tailnet, fake_gateway: FakeGateway, gateway_token_file: Path
+                      ) -> AsyncIterator[tuple[ClawgateProcess, PairingStore]]:
+    fake_gateway.token = None  # the fake answers hello-ok to whatever the gate lets through
+    d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gatestore-"))
+    store = PairingStore(d / "openclaw-state")
+    store.pair(DEVICE, DEVICE_TOKEN)
+    store.bootstrap(SETUP_TOKEN, int(time.time() * 1000))
+    cg = ClawgateProcess(d / "cg", {
+        "gateway": {"host": GW_V4, "port": STORE_PORT},
+        "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+        "gatewayToken": {"file": str(gateway_token_file), "firstFrameTimeout": 2,
+                         "stateDir": str(store.state_dir)},
+        "limits": {"failedAuthCount": 1000},
+    }, netns=tailnet.ns("gw"), admin_port=18802)
+    await cg.start()
+    try:
+        yield cg, store
+    finally:
+        await cg.stop()
+        store.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def _first_frame(tailnet: Tailnet, frame: str, port: int = STORE_PORT) -> Any:
+    """Send ``frame`` first; return the hello payload, or the (code, reason) of the close."""
+    sock = await connect_in(tailnet.ns("phone"), GW_V4, port)
+    async with connect(f"ws://{GW_V4}:{port}/ws/openclaw", sock=sock, proxy=None,
+                       compression=None, open_timeout=10) as ws:
+        assert json.loads(await ws.recv())["event"] == "connect.challenge"
+        await ws.send(frame)
+        try:
+            return json.loads(await asyncio.wait_for(ws.recv(), 10))["payload"]
+        except websockets.ConnectionClosed as exc:
+            assert exc.rcvd is not None
+            return exc.rcvd.code, exc.rcvd.reason
+
+
+REFUSED_DEVICE_FRAMES = [
+    ("forged device token", _device_frame({"deviceToken": "forged"}), "device token mismatch"),
+    ("device token of another role", _device_frame({"deviceToken": DEVICE_TOKEN}, role="node"),
+     "no device token for this role"),
+    ("unpaired device", _device_frame({"deviceToken": DEVICE_TOKEN}, STRANGER),
+     "device not paired"),
+    ("device token without a device", json.dumps({"type": "req", "method": "connect",
+                                                  "params": {"auth": {"deviceToken":
+                                                                      DEVICE_TOKEN}}}),
+     "device credential without a device identity"),
+    ("forged setup token", _device_frame({"bootstrapToken": "forged"}),
+     "bootstrap token invalid"),
+]
+
+
+@pytest.mark.parametrize(("frame", "reason"), [r[1:] for r in REFUSED_DEVICE_FRAMES],
+                         ids=[r[0] for r in REFUSED_DEVICE_FRAMES])
+async def test_refused_device_frame_never_reaches_the_gateway(
+        tailnet: Tailnet, fake_gateway: FakeGateway,
+        store_gated: tuple[ClawgateProcess, PairingStore], frame: str, reason: str) -> None:
+    got = await _first_frame(tailnet, frame)
+    assert got == (1008, reason), store_gated[0].stderr()[-3000:]
+    await fake_gateway.wait_until(lambda: fake_gateway.active_connections == 0)
+    assert fake_gateway.ws_messages == []
+
+
+async def test_store_changes_apply_to_the_next_connect(
+        tailnet: Tailnet, fake_gateway: FakeGateway,
+        store_gated: tuple[ClawgateProcess, PairingStore]) -> None:
+    _, store = store_gated
+    ok = _device_frame({"deviceToken": DEVICE_TOKEN})
+    setup = _device_frame({"bootstrapToken": SETUP_TOKEN})
+    assert (await _first_frame(tailnet, ok))["type"] == "hello-ok"
+    assert (await _first_frame(tailnet, setup))["type"] == "hello-ok"
+    assert fake_gateway.ws_messages == [ok, setup]  # byte for byte
+    # Revoked on the gateway, then at once presented again: refused, no stale cache.
+    store.pair(DEVICE, DEVICE_TOKEN, revoked=True)
+    assert await _first_frame(tailnet, ok) == (1008, "device token revoked")
+    # Approved a moment ago (a new device): admitted on its very first connect.
+    new_token = "fake-device-token-rotated-5f1c"
+    store.pair(STRANGER, new_token)
+    fresh = _device_frame({"deviceToken": new_token}, STRANGER)
+    assert (await _first_frame(tailnet, fresh))["type"] == "hello-ok"
+    store.unpair(STRANGER)
+    assert await _first_frame(tailnet, fresh) == (1008, "device not paired")
+    await fake_gateway.wait_until(lambda: fake_gateway.active_connections == 0)
+    assert fake_gateway.ws_messages == [ok, setup, fresh]
+
+
+async def test_unreadable_store_fails_closed_and_says_why(
+        tailnet: Tailnet, fake_gateway: FakeGateway,
+        store_gated: tuple[ClawgateProcess, PairingStore], gateway_token_file: Path) -> None:
+    cg, store = store_gated
+    store.db.rename(store.db.with_suffix(".moved"))
+    frame = _device_frame({"deviceToken": DEVICE_TOKEN})
+    assert await _first_frame(tailnet, frame) == (1008, "gateway device store unavailable")
+    # The gateway's own token still works.
+    assert (await _first_frame(tailnet, _connect_frame(GW_TOKEN)))["type"] == "hello-ok"
+    assert fake_gateway.ws_messages == [_connect_frame(GW_TOKEN)]
+    line = await cg.wait_stderr("gateway device store unavailable", 5)
+    assert str(store.db) in line

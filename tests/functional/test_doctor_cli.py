@@ -17,6 +17,7 @@ import pytest
 
 from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
+from tests.fakes.pairing_store import FakeDevice, PairingStore
 from tests.functional.identity_support import fake_tailscaled, iso_in
 from tests.harness import ROOT
 from tests.netns import GW_V4, Tailnet, listen_in
@@ -171,3 +172,32 @@ def test_firewall_command(tmp_path: Path, kind: str) -> None:
     rules.write_text(proc.stdout)
     check = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_doctor_reads_the_gateways_pairing_store(tmp_path: Path) -> None:
+    store = PairingStore(tmp_path / "openclaw-state")
+    store.pair(FakeDevice.new(), "t1")
+    store.pair(FakeDevice.new(), "t2")
+    gw_token = tmp_path / "gw.token"
+    gw_token.write_text("x" * 40)
+    gw_token.chmod(0o600)
+
+    def pairing(state_dir: Path) -> list[tuple[str, str]]:
+        cfg = tmp_path / "c.json"
+        cfg.write_text(json.dumps({"gatewayToken": {"file": str(gw_token),
+                                                    "stateDir": str(state_dir)}}))
+        proc = subprocess.run([sys.executable, "-m", "proxy", "doctor", "--json", "--config",
+                               str(cfg), "--gateway-config", str(tmp_path / "x")],
+                              capture_output=True, text=True, cwd=str(ROOT), timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert "Traceback" not in proc.stderr
+        return [(f["severity"], f["what"]) for f in findings(proc)
+                if f["check"] == "pairingStore"]
+
+    try:
+        assert pairing(store.state_dir) == [
+            ("ok", "the gateway's pairing store is readable (2 paired devices)")]
+        ((severity, what),) = pairing(tmp_path / "elsewhere")
+        assert severity == "error" and "cannot be read" in what and "elsewhere" in what
+    finally:
+        store.close()

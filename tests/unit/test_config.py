@@ -140,6 +140,9 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
      "OPENCLAW_GATEWAY_TOKEN"),
     ({"gatewayToken": {"file": "/etc/gw.token", "firstFrameTimeout": 5,
                        "maxFirstFrame": 1024}}, "gateway_token.max_first_frame", 1024),
+    ({"gatewayToken": {"stateDir": "/var/lib/openclaw/.openclaw/"}}, "gateway_token.state_dir",
+     "/var/lib/openclaw/.openclaw"),
+    ({"gatewayToken": {"stateDir": None}}, "gateway_token.state_dir", None),
     ({"jwt": {"enabled": True, "issuer": "i", "audience": "a", "keyFile": "/k.pem",
               "algorithms": ["ES256"], "leeway": 0}}, "jwt.algorithms", ("ES256",)),
     ({"jwt": {"enabled": True, "issuer": "i", "audience": "a", "algorithms": ["HS256"],
@@ -189,6 +192,15 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
                          ids=[f"{i}-{a}" for i, (_, a, _) in enumerate(GOOD)])
 def test_every_key_loads(doc: dict[str, Any], attr: str, expected: Any) -> None:
     assert _get(parse_config(doc), attr) == expected
+
+
+def test_gateway_state_dir_defaults_like_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENCLAW_STATE_DIR", "/srv/openclaw-state")
+    assert parse_config({}).gateway_token.state_dir == "/srv/openclaw-state"
+    monkeypatch.delenv("OPENCLAW_STATE_DIR")
+    monkeypatch.setenv("HOME", "/home/gw")
+    monkeypatch.delenv("OPENCLAW_HOME", raising=False)
+    assert parse_config({}).gateway_token.state_dir == "/home/gw/.openclaw"
 
 
 def test_tokens_file_expands_the_home_directory() -> None:
@@ -321,6 +333,10 @@ BAD: list[tuple[dict[str, Any] | list[Any], str, str]] = [
      "not an environment variable name"),
     ({"gatewayToken": {"env": "abc def"}}, "gatewayToken.env",
      "not an environment variable name"),
+    ({"gatewayToken": {"stateDir": "relative/dir"}}, "gatewayToken.stateDir",
+     "is not an absolute path"),
+    ({"gatewayToken": {"stateDir": 5}}, "gatewayToken.stateDir", "expected a string"),
+    ({"gatewayToken": {"stateDir": ""}}, "gatewayToken.stateDir", "must not be empty"),
     # admin is loopback only
     ({"admin": {"host": "0.0.0.0"}}, "admin.host", "loopback only"),
     ({"admin": {"host": "100.64.0.1"}}, "admin.host", "loopback only"),
@@ -445,7 +461,7 @@ _SECTIONS = {
                 "allowedHosts"],
     "upstream": ["url", "connectTimeout"],
     "tokens": ["file", "env", "sessionTtl", "cookieName", "token"],
-    "gatewayToken": ["file", "env", "firstFrameTimeout", "maxFirstFrame", "value"],
+    "gatewayToken": ["file", "env", "firstFrameTimeout", "maxFirstFrame", "stateDir", "value"],
     "jwt": ["enabled", "algorithms", "issuer", "audience", "keyFile", "jwksUrl",
             "hs256SecretFile", "leeway", "subjectClaim", "requireTailscaleUser"],
     "tailscale": ["socket", "requireIdentity", "allowUsers", "allowTags", "allowNodes",

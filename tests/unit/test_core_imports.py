@@ -71,7 +71,7 @@ def _core_files() -> list[Path]:
 def test_core_package_exists_with_its_modules() -> None:
     names = {p.stem for p in _core_files()}
     assert {"networks", "http1", "policy", "wsframe", "tokens", "sessions", "admission",
-            "exchange"} <= names
+            "connect_auth", "exchange"} <= names
 
 
 @pytest.mark.parametrize("path", _core_files(), ids=lambda p: p.stem)
