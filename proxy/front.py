@@ -555,6 +555,10 @@ class ClientConnection(asyncio.Protocol):
         self._local_respond(head, body)
 
     def _local_respond(self, head: RequestHead, body: bytes) -> None:
+        refused = self.rt.local_misdirected(self, head)
+        if refused is not None:
+            self._local_send(head, refused)
+            return
         if self.rt.local_needs_identity(head):
             # A login POST: whois first, so failures count against the peer's node.
             self.state = DECIDING

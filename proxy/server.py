@@ -435,13 +435,19 @@ class Runtime:
             return None
         return self.gate_factory(conn)
 
-    def local_endpoint(self, conn: ClientConnection, head: RequestHead,
-                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def local_misdirected(self, conn: ClientConnection,
+                          head: RequestHead) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """The 421 for a clawgate page (login, logout) asked under a foreign Host, else
+        None. Checked before either way of answering (the login POST awaits whois)."""
         try:
             self.check_host(conn, head)
         except MisdirectedRequest as exc:
             return 421, [("Content-Type", "text/plain; charset=utf-8")], \
                 f"{exc.reason}\n".encode()
+        return None
+
+    def local_endpoint(self, conn: ClientConnection, head: RequestHead,
+                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         return self.authz.login_endpoint(conn, head, body)
 
     def local_needs_identity(self, head: RequestHead) -> bool:
