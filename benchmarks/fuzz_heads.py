@@ -32,8 +32,8 @@ from benchmarks.soak import _proc_fds, _proc_rss_kib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy.core.http1 import parse_request_head  # noqa: E402
 from proxy.errors import BadRequest  # noqa: E402
-from proxy.httphead import parse_request_head  # noqa: E402
 
 HEAD_BYTES = 16384
 BATCH = 8

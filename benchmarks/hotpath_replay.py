@@ -4,8 +4,8 @@ Drives the real ``ClientConnection`` / ``UpstreamConnection`` callbacks in the o
 calls them for the loadgen ``conns`` session (accept, upgrade head, 101, one 100 B echo
 each way, close), against in-memory transports, and reports thread CPU microseconds per
 connection (min and median of several batches). No syscalls, so it is far less noisy than
-the load benchmark on a busy machine: use it to see what a change to front/relay/authz/
-httphead/accesslog costs, then confirm with profile_hotpath.sh. Also times tunnel frames.
+the load benchmark on a busy machine: use it to see what a change to front/upstream/authz/
+core.http1/accesslog costs, then confirm with profile_hotpath.sh. Also times tunnel frames.
 
     .venv/bin/python -m benchmarks.hotpath_replay [--root DIR] [--conns 20000]
 """
@@ -83,10 +83,21 @@ def main() -> int:
         sys.path.insert(0, a.root)
     import uvloop
 
-    from proxy.access.tokens import TokenEntry, TokenFile, digest, new_token
+    from proxy import front
     from proxy.config import load_config
     from proxy.front import ClientConnection
     from proxy.server import Runtime
+
+    try:
+        from proxy.core.tokens import TokenEntry, digest, new_token
+        from proxy.keystore import TokenFile
+    except ImportError:  # trees from before proxy/core (--root)
+        from proxy.access.tokens import (  # type: ignore[import-not-found,no-redef]
+            TokenEntry,
+            TokenFile,
+            digest,
+            new_token,
+        )
 
     tmp = tempfile.mkdtemp(prefix="clawgate-replay-")
     token = new_token()
@@ -127,8 +138,10 @@ def main() -> int:
         async def fake_dial_async(up: Any) -> Any:  # trees from before dial_task
             return (await fake_dial(up))[0]
 
-        if hasattr(rt, "dial_task"):
-            rt.dial_task = fake_dial  # type: ignore[assignment,method-assign]
+        if hasattr(front, "dial"):  # proxy/upstream.py's dial, as front.py calls it
+            front.dial = lambda loop, u, up, owner: fake_dial(up)
+        elif hasattr(rt, "dial_task"):
+            rt.dial_task = fake_dial
         else:
             rt.dial = fake_dial_async  # type: ignore[attr-defined]
 

@@ -88,7 +88,7 @@ class Soak:
         echo_port = int(line.split()[1])
 
         sys.path.insert(0, str(ROOT))
-        from proxy.access.tokens import TokenFile
+        from proxy.keystore import TokenFile
 
         self.token = TokenFile(self.tmp / "tokens.json").add("soak")
         n = self.args.hold + 4 * self.args.concurrency + 1000

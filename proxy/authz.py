@@ -1,7 +1,7 @@
 """Who is asking, and may they: credentials, Tailscale identity, policy, and the headers
 the gateway is told.
 
-This module gathers the inputs of the pure decision (``access.policy.decide``): the
+This module gathers the inputs of the pure decision (``core.policy.decide``): the
 credential (static token, JWT, login session, or the gateway's own token), and the peer's
 Tailscale identity through the cache. It never lets an unexpected path through: every
 failure becomes a deny with a reason. It also builds what the gateway receives (the
@@ -17,23 +17,32 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, quote
 
-from .access.connect_auth import shared_generations
-from .access.policy import (
+from .core.connect_auth import shared_generations
+from .core.http1 import RequestHead, rewrite_request_head
+from .core.policy import (
     ALLOW_EXEMPT,
     Decision,
     IdentityOutcome,
     PolicySettings,
     decide,
 )
-from .access.tokens import Credential, TokenSet, digest, extract_token
+from .core.sessions import SessionStoreLike, StoreUnavailable, session_key
+from .core.tokens import (
+    Credential,
+    Presented,
+    TokenSet,
+    cookie_value,
+    digest,
+    looks_like_jwt,
+    read_authorization,
+    session_cookie,
+)
 from .errors import (
     LocalAPIUnavailable,
     PeerNotFound,
     TailscaleError,
     Unauthenticated,
 )
-from .httphead import RequestHead, rewrite_request_head
-from .sessions import SessionStoreLike, StoreUnavailable, session_key
 
 if TYPE_CHECKING:
     from .config import Config
@@ -167,36 +176,35 @@ class Authorizer:
 
     # ------------------------------------------------------------------ credentials
 
-    def credential(self, head: RequestHead) -> tuple[Credential | None, str | None, bool, bool]:
-        """(credential, error, drop_authorization, strip_cookie)."""
+    def credential(self, head: RequestHead, presented: Presented | None = None,
+                   ) -> tuple[Credential | None, str | None, bool, bool]:
+        """(credential, error, drop_authorization, strip_cookie).
+
+        ``presented``: the Authorization header as read_authorization parsed it (the caller
+        parsed it already to see whether it carries a JWT): parsed once per request.
+        """
+        auth, token, err = read_authorization(head) if presented is None else presented
         # The cookie may sit in any Cookie line (raw check first: C speed, usually absent).
         has_cookie = self.cookie_name in head.raw
         if has_cookie:
-            sid = _session_id(head, self.cookie_name)
+            sid = session_cookie(head, self.cookie_name)
             if sid is not None:
                 key = session_key(sid)
                 s = self.sessions.get(key)
                 # Valid only while the very secret that opened it is configured.
                 if s is not None and self.bound_name(s.binding) == s.token_name:
                     # A clawgate token beside the cookie is clawgate's too: dropped.
-                    auth = head.header(b"authorization")
                     return (Credential("session", s.token_name, expires_at=s.expires,
                                        binding=s.binding, session=key),
-                            None, auth is not None and not self._kept_beside_session(auth),
+                            None, auth is not None and not self._kept_beside_session(token),
                             True)
-        auth = head.header(b"authorization")
         if auth is None:
             return None, None, False, has_cookie
-        try:
-            auth_text = auth.decode("latin-1")
-        except UnicodeError:  # pragma: no cover - latin-1 decodes every byte
-            return None, "malformed authorization header", True, False
-        token, err = extract_token(auth_text)
         if token is None:
             if not self.settings.require_token and self.jwt is None:
                 return None, None, False, False  # not ours: leave it for the gateway
             return None, err or "malformed credential", True, False
-        if self.jwt is not None and token.count(".") == 2 and token.startswith("eyJ"):
+        if self.jwt is not None and looks_like_jwt(token):
             try:
                 cred = self.jwt.verify(token)
             except Unauthenticated as exc:
@@ -219,10 +227,9 @@ class Authorizer:
             return None, None, False, False
         return None, "invalid token", True, False
 
-    def _kept_beside_session(self, auth: bytes) -> bool:
+    def _kept_beside_session(self, token: str | None) -> bool:
         """Whether an Authorization next to a valid session cookie goes to the gateway:
         only the gateway's own token, or one clawgate does not know while it requires none."""
-        token, _ = extract_token(auth.decode("latin-1"))
         foreign = not self.settings.require_token and self.jwt is None
         if token is None:
             return foreign
@@ -296,38 +303,31 @@ class Authorizer:
                 # Nor a way to make clawgate scan a body for anyone (tiny chunks).
                 return Grant(Decision(False, 413, "an exempt path takes no request body"))
             return Grant(ALLOW_EXEMPT)
+        presented = read_authorization(head)
         if self.jwt is not None:
-            token = self._bearer_jwt(head)
-            if token is not None and self.jwt.needs_keys(token):
+            token = presented[1]
+            if token is not None and looks_like_jwt(token) and self.jwt.needs_keys(token):
                 return None  # the async path awaits the JWKS fetch, then decides
         outcome = self.identity_sync(conn)
         if outcome is None:
             return None
         # After whois: a lockout is the node's when the peer has a known identity.
         conn.rt.check_lockout(conn, outcome.identity)
-        return self._finish(conn, head, outcome)
+        return self._finish(conn, head, outcome, presented)
 
     async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
+        presented = read_authorization(head)
         if self.jwt is not None:
-            token = self._bearer_jwt(head)
-            if token is not None:
+            token = presented[1]
+            if token is not None and looks_like_jwt(token):
                 await self.jwt.prepare(token)
         outcome = await self.identity_async(conn)
         conn.rt.check_lockout(conn, outcome.identity)
-        return self._finish(conn, head, outcome)
-
-    def _bearer_jwt(self, head: RequestHead) -> str | None:
-        auth = head.header(b"authorization")
-        if auth is None:
-            return None
-        token, _ = extract_token(auth.decode("latin-1"))
-        if token is not None and token.count(".") == 2 and token.startswith("eyJ"):
-            return token
-        return None
+        return self._finish(conn, head, outcome, presented)
 
     def _finish(self, conn: ClientConnection, head: RequestHead,
-                outcome: IdentityOutcome) -> Grant:
-        cred, err, drop_auth, strip_cookie = self.credential(head)
+                outcome: IdentityOutcome, presented: Presented) -> Grant:
+        cred, err, drop_auth, strip_cookie = self.credential(head, presented)
         gated = False
         s = self.settings
         if (cred is None and err is None and head.websocket
@@ -390,6 +390,12 @@ class Authorizer:
 
     # ------------------------------------------------------------------ login
 
+    async def login_endpoint_async(self, conn: ClientConnection, head: RequestHead,
+                                   body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A login POST: the peer's identity first (whois), then the page."""
+        outcome = await self.identity_async(conn)
+        return self.login_endpoint(conn, head, body, outcome.identity)
+
     def login_endpoint(self, conn: ClientConnection, head: RequestHead, body: bytes,
                        identity: Any = None) -> tuple[int, list[tuple[str, str]], bytes]:
         """clawgate's own pages; ``identity``: the peer's, looked up before a login POST
@@ -437,7 +443,7 @@ class Authorizer:
         if path == b"/__clawgate/logout":
             raw_cookie = head.header(b"cookie")
             if raw_cookie is not None:
-                old_sid = _cookie_value(raw_cookie, self.cookie_name)
+                old_sid = cookie_value(raw_cookie, self.cookie_name)
                 if old_sid is not None:
                     key = session_key(old_sid)
                     try:
@@ -463,27 +469,6 @@ def _header_value(value: str) -> bytes:
     if any((c < " " and c != "\t") or c == "\x7f" for c in value):
         raise ValueError("control character in identity value")
     return value.encode("utf-8")
-
-
-def _session_id(head: RequestHead, name: bytes) -> str | None:
-    """The first ``name`` cookie in any Cookie line (HTTP/2 front ends split them)."""
-    for n, v in zip(head.names, head.values, strict=True):
-        if n == b"cookie" and name in v:
-            sid = _cookie_value(v, name)
-            if sid is not None:
-                return sid
-    return None
-
-
-def _cookie_value(cookie: bytes, name: bytes) -> str | None:
-    for part in cookie.split(b";"):
-        k, sep, v = part.strip().partition(b"=")
-        if sep and k == name:
-            try:
-                return v.decode("ascii")
-            except UnicodeError:
-                return None
-    return None
 
 
 def _query_param(target: bytes, name: str) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .access.hosts import normalise_name
-from .access.networks import NetworkSet, parse_network
+from .core.networks import NetworkSet, parse_network
 from .errors import ConfigError
 
 __all__ = [
@@ -174,7 +174,7 @@ class LimitsConfig:
     per_identity: int = 512
     unauthenticated_per_ip: int = 32
     head_bytes: int = 16384
-    head_lines: int = 100  # header lines in a head; more gets 431 (see httphead)
+    head_lines: int = 100  # header lines in a head; more gets 431 (see core/http1)
     head_timeout: float = 10.0
     idle_timeout: float = 3600.0
     failed_auth_count: int = 10

@@ -24,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from .access.tokens import TokenFile
 from .config import HOST_TAILSCALE, TAILNET_NETWORKS, Config, load_config
+from .core.networks import hostport
 from .errors import ConfigError, TailscaleError, TokenStoreError
+from .keystore import TokenFile
 
 __all__ = [
     "Facts",
@@ -193,10 +194,6 @@ def _in_tailnet(text: str) -> bool:
         return False
     return addr != _QUAD_100 and any(
         addr.version == n.version and addr in n for n in _TAILNET_NETS)
-
-
-def _fmt_addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _clawgate_listening(facts: Facts) -> set[str]:
@@ -478,9 +475,9 @@ def check_upstream(f: Facts) -> list[Finding]:
     ours = _clawgate_listening(f)
     exposed = [lst for lst in f.listeners
                if lst.port == u.port and not _is_loopback(lst.host)
-               and _fmt_addr(lst.host, lst.port) not in ours]
+               and hostport(lst.host, lst.port) not in ours]
     if exposed:
-        where = ", ".join(_fmt_addr(x.host, x.port) + (f" ({x.owner})" if x.owner else "")
+        where = ", ".join(hostport(x.host, x.port) + (f" ({x.owner})" if x.owner else "")
                           for x in exposed)
         out.append(Finding("error", "upstreamBind",
                            f"the gateway's port {u.port} is open beyond loopback: {where}; "
@@ -602,14 +599,14 @@ def check_ports(f: Facts) -> list[Finding]:
         for lst in f.listeners:
             if lst.port != port or not _conflicts(host, lst.host):
                 continue
-            addr = _fmt_addr(lst.host, lst.port)
+            addr = hostport(lst.host, lst.port)
             if what == "clawgate" and addr in ours:
                 continue
             if what == "the admin listener" and f.clawgate_health is not None:
                 continue  # a clawgate answers there: it is ours
             owner = f" by {lst.owner}" if lst.owner else ""
             out.append(Finding("error", "ports",
-                               f"{_fmt_addr(host, port)} ({what}) is taken: {addr} is "
+                               f"{hostport(host, port)} ({what}) is taken: {addr} is "
                                f"already listening{owner}",
                                "stop the other program, or change gateway.port / admin.port"))
     if not out and wanted:
@@ -904,8 +901,7 @@ async def _upstream_facts(cfg: Config) -> tuple[bool, str | None]:
 def _admin_health(cfg: Config) -> dict[str, Any] | None:
     if not cfg.admin.enabled or not cfg.admin.port:
         return None
-    host = f"[{cfg.admin.host}]" if ":" in cfg.admin.host else cfg.admin.host
-    url = f"http://{host}:{cfg.admin.port}/health"
+    url = f"http://{hostport(cfg.admin.host, cfg.admin.port)}/health"
     try:
         with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 - loopback admin
             body = resp.read(1 << 20)

@@ -2,7 +2,8 @@
 
 Every error clawgate raises on purpose is a :class:`ClawgateError`. Third-party
 exceptions (OSError, aiohttp, pyjwt, json) are translated where they enter, so
-callers only ever catch these. Each access error maps to exactly one HTTP status::
+callers only ever catch these. Each access error maps to exactly one HTTP status (a 403,
+502 or 503 is a Decision or a direct answer of the front end, never an exception)::
 
     ClawgateError
     ├── ConfigError                 bad config: message names the key path; exit 2
@@ -10,12 +11,8 @@ callers only ever catch these. Each access error maps to exactly one HTTP status
     ├── AccessError                 a request is refused; .status is the HTTP status
     │   ├── BadRequest              400  malformed or smuggling-shaped head
     │   ├── Unauthenticated         401  no/invalid credential (WWW-Authenticate: Bearer)
-    │   ├── Forbidden               403  known, but policy says no
     │   ├── MisdirectedRequest      421  Host names something else (DNS rebinding)
-    │   ├── TooManyRequests         429  source locked out (Retry-After)
-    │   ├── BadGateway              502  the gateway is down or broke the exchange
-    │   └── ServiceUnavailable      503  an access dependency failed: fail closed
-    │       └── IdentityUnavailable 503  tailscaled down, slow, or answering garbage
+    │   └── TooManyRequests         429  source locked out (Retry-After)
     └── TailscaleError              LocalAPI errors, translated from HTTP/OS errors
         ├── LocalAPIUnavailable     socket missing, refused, timeout, 5xx, bad JSON
         ├── PeerNotFound            404 from whois: not a tailnet peer
@@ -26,17 +23,13 @@ from __future__ import annotations
 
 __all__ = [
     "AccessError",
-    "BadGateway",
     "BadRequest",
     "ClawgateError",
     "ConfigError",
-    "Forbidden",
-    "IdentityUnavailable",
     "LocalAPIDenied",
     "LocalAPIUnavailable",
     "MisdirectedRequest",
     "PeerNotFound",
-    "ServiceUnavailable",
     "TailscaleError",
     "TokenStoreError",
     "TooManyRequests",
@@ -79,10 +72,6 @@ class Unauthenticated(AccessError):
     status = 401
 
 
-class Forbidden(AccessError):
-    status = 403
-
-
 class MisdirectedRequest(AccessError):
     status = 421
 
@@ -93,18 +82,6 @@ class TooManyRequests(AccessError):
     def __init__(self, reason: str, retry_after: int) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
-
-
-class BadGateway(AccessError):
-    status = 502
-
-
-class ServiceUnavailable(AccessError):
-    status = 503
-
-
-class IdentityUnavailable(ServiceUnavailable):
-    """tailscaled could not tell who the peer is: the request fails closed."""
 
 
 class TailscaleError(ClawgateError):

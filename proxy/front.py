@@ -16,15 +16,18 @@ import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
-from .access.networks import is_loopback
-from .access.policy import ALLOW_EXEMPT, Decision
-from .errors import AccessError, BadRequest
-from .httphead import (
+from .core.exchange import HEAD_TOO_LARGE, after_response, request_body, scan_head
+from .core.http1 import (
+    BODY_CHUNKED,
+    ChunkedScanner,
     RequestHead,
-    find_head_end,
     parse_request_head,
 )
-from .relay import BoundaryCloser, ChunkedScanner, UpstreamConnection, close_frame
+from .core.networks import is_loopback
+from .core.policy import ALLOW_EXEMPT, Decision
+from .core.wsframe import close_frame
+from .errors import AccessError, BadRequest
+from .upstream import BoundaryCloser, UpstreamConnection, dial
 
 if TYPE_CHECKING:
     from .authz import Grant
@@ -97,8 +100,8 @@ class ClientConnection(asyncio.Protocol):
         self._t_head = 0.0
         self.gate: Any = None
         self.counted_ip = False
-        self.unauth_counted = False  # counted in rt.unauth_per_ip until the first allow
-        self.counted_identity: str | None = None  # the rt.per_identity key counted
+        self.unauth_counted = False  # counted in rt.admission.unauth_per_ip until the first allow
+        self.counted_identity: str | None = None  # the rt.admission.per_identity key counted
         self._end_timer: asyncio.TimerHandle | None = None
         self._local_head: RequestHead | None = None
         self.was_tunnel = False
@@ -152,17 +155,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if st == HEAD:
             buf = self.buf + data if self.buf else data
-            end = find_head_end(buf, len(self.buf))
+            end = scan_head(buf, len(self.buf), self.rt.cfg.limits.head_bytes)
             if end < 0:
-                if len(buf) > self.rt.cfg.limits.head_bytes:
+                if end == HEAD_TOO_LARGE:
                     self.buf = b""
                     self._deny_and_close(431, "request head too large")
                     return
                 self.buf = buf
-                return
-            if end > self.rt.cfg.limits.head_bytes:
-                self.buf = b""
-                self._deny_and_close(431, "request head too large")
                 return
             self.buf = buf[end:]
             self._on_head(buf[:end])
@@ -238,7 +237,7 @@ class ClientConnection(asyncio.Protocol):
             self._local(head)
             return
         try:
-            grant = rt.authorize_sync(self, head)
+            grant = rt.authz.authorize_sync(self, head)
         except AccessError as exc:
             self._deny(head, exc.status, exc.reason, getattr(exc, "retry_after", None))
             return
@@ -252,7 +251,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _decide_async(self, head: RequestHead) -> None:
         try:
-            grant = await self.rt.authorize(self, head)
+            grant = await self.rt.authz.authorize(self, head)
         except AccessError as exc:
             if not self._closed:
                 self._deny(head, exc.status, exc.reason, getattr(exc, "retry_after", None))
@@ -286,9 +285,8 @@ class ClientConnection(asyncio.Protocol):
             rt.decided(self)
         rt.metrics.decisions[("allow", 200)] += 1
         self.grant = grant
-        rt.note_granted(self, grant)
         try:
-            out = rt.rewrite(self, head, grant)
+            out = rt.authz.rewrite(self, head, grant)
         except ValueError:
             self._deny(head, 403, "identity value not representable in a header")
             return
@@ -306,7 +304,7 @@ class ClientConnection(asyncio.Protocol):
         # a wrapping coroutine task with asyncio.timeout cost ~4% of the CPU per connection.
         rt = self.rt
         up = UpstreamConnection(self)
-        task = rt.dial_task(up)
+        task = dial(rt.loop, rt.cfg.upstream, up, rt.tasks)
         timer = rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel)
         self._task = task
         task.add_done_callback(lambda t: self._dialed(t, timer, up, head, out))
@@ -351,12 +349,13 @@ class ClientConnection(asyncio.Protocol):
         self.up_t.write(out)
         if self.requests == 1:
             self.rt.metrics.observe_handshake(time.monotonic() - self.started)
-        if head.chunked:
+        body = request_body(head)
+        if body == BODY_CHUNKED:
             self._chunks = ChunkedScanner(request=True,
                                           identity_headers=self.rt.authz.identity_norm)
             self.state = BODY
-        elif head.content_length:
-            self._body_left = head.content_length
+        elif body > 0:
+            self._body_left = body
             self.state = BODY
         else:
             self.state = AWAIT
@@ -404,17 +403,15 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, status: int, keep_alive: bool) -> None:
         """The gateway finished a response; decide the next request (or close)."""
-        if self.state == BODY:
-            # The gateway answered before the body was complete (e.g. 413): the rest
-            # of the body cannot be framed reliably any more.
-            keep_alive = False
         self.awaiting_upgrade = False
         head = self.head
-        if not keep_alive or self._client_eof or head is None or not head.keep_alive:
-            self._close("response complete, connection not reusable")
-            return
-        if self.rt.draining:
-            self._close("server shutting down")
+        why = after_response(
+            keep_alive=keep_alive, body_unfinished=self.state == BODY,
+            client_eof=self._client_eof,
+            request_keep_alive=head.keep_alive if head is not None else None,
+            draining=self.rt.draining)
+        if why is not None:
+            self._close(why)
             return
         self.state = HEAD
         # Keep-alive allowance for a connection that showed a credential; one that has not
@@ -558,6 +555,10 @@ class ClientConnection(asyncio.Protocol):
         self._local_respond(head, body)
 
     def _local_respond(self, head: RequestHead, body: bytes) -> None:
+        refused = self.rt.local_misdirected(self, head)
+        if refused is not None:
+            self._local_send(head, refused)
+            return
         if self.rt.local_needs_identity(head):
             # A login POST: whois first, so failures count against the peer's node.
             self.state = DECIDING
@@ -567,7 +568,7 @@ class ClientConnection(asyncio.Protocol):
         self._local_send(head, self.rt.local_endpoint(self, head, body))
 
     async def _local_async(self, head: RequestHead, body: bytes) -> None:
-        answer = await self.rt.local_endpoint_async(self, head, body)
+        answer = await self.rt.authz.login_endpoint_async(self, head, body)
         if not self._closed:
             self._local_send(head, answer)
 
@@ -598,7 +599,7 @@ class ClientConnection(asyncio.Protocol):
         if status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="clawgate"'))
             if not head.websocket and b"text/html" in (head.header(b"accept") or b""):
-                body = self.rt.login_page(head, reason)
+                body = self.rt.authz.login_page(head.target.decode("latin-1"), "")
                 headers.append(("Content-Type", "text/html; charset=utf-8"))
         if retry_after is not None:
             headers.append(("Retry-After", str(retry_after)))

@@ -6,7 +6,7 @@ upgrade, then holds the client's bytes until that frame is complete, checks its
 credentials and only then releases the held bytes and becomes a plain splice: the shared
 secret (``params.auth.token`` or ``.password``) in constant time, and a paired device's
 ``deviceToken`` or a setup code's ``bootstrapToken`` against the gateway's own pairing
-store (``proxy.gateway_store``; the decision is ``proxy.access.connect_auth``). Anything
+store (``proxy.gateway_store``; the decision is ``proxy.core.connect_auth``). Anything
 else (a wrong, revoked or foreign token, a fragmented, binary, oversized or late frame)
 ends with close 1008, and the gateway never receives a byte of the client's frames.
 """
@@ -20,7 +20,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .access.connect_auth import (
+from .core.connect_auth import (
     ConnectAuth,
     StoreSnapshot,
     StoreUnavailable,
@@ -28,63 +28,20 @@ from .access.connect_auth import (
     needs_store,
     parse_connect,
 )
+from .core.wsframe import close_frame, parse_client_frame
 from .front import CLOSING
 from .gateway_store import DB_RELATIVE, GatewayStore, store_version
-from .relay import close_frame
 
 if TYPE_CHECKING:
     from .front import ClientConnection
     from .server import Runtime
 
-__all__ = ["FirstFrameGate", "make_gate_factory", "parse_client_frame"]
+__all__ = ["FirstFrameGate", "make_gate_factory"]
 
 log = logging.getLogger("clawgate")
 
 # How long a refused client may keep sending (read and dropped) after our close frame.
 LINGER_SECONDS = 2.0
-
-
-def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
-    """Parse one masked client frame at the start of ``buf``.
-
-    Returns (status, payload, frame_length): status "more" (need more bytes), "ok", or a
-    refusal reason. Only a single unfragmented masked text frame is acceptable.
-    """
-    if len(buf) < 2:
-        return "more", None, 0
-    b0, b1 = buf[0], buf[1]
-    if b0 & 0x70:
-        return "reserved bits set", None, 0
-    opcode = b0 & 0x0F
-    if not b0 & 0x80 or opcode == 0:
-        return "first frame must not be fragmented", None, 0
-    if opcode != 0x1:
-        return "first frame must be a text frame", None, 0
-    if not b1 & 0x80:
-        return "client frames must be masked", None, 0
-    ln = b1 & 0x7F
-    pos = 2
-    if ln == 126:
-        if len(buf) < 4:
-            return "more", None, 0
-        ln = int.from_bytes(buf[2:4], "big")
-        pos = 4
-    elif ln == 127:
-        if len(buf) < 10:
-            return "more", None, 0
-        ln = int.from_bytes(buf[2:10], "big")
-        pos = 10
-    if ln > limit:
-        return "first frame too large", None, 0
-    end = pos + 4 + ln
-    if len(buf) < end:
-        return "more", None, 0
-    mask = buf[pos:pos + 4]
-    masked = buf[pos + 4:end]
-    # Unmask with one big-int XOR: fast for the <= 64 KiB we accept.
-    key = (mask * (ln // 4 + 1))[:ln]
-    payload = (int.from_bytes(masked, "big") ^ int.from_bytes(key, "big")).to_bytes(ln, "big")
-    return "ok", payload, end
 
 
 class FirstFrameGate:

@@ -19,7 +19,7 @@ import sqlite3
 import time
 from typing import Any
 
-from .access.connect_auth import (
+from .core.connect_auth import (
     BootstrapRecord,
     DeviceRecord,
     DeviceTokenRecord,
@@ -27,7 +27,7 @@ from .access.connect_auth import (
     StoreUnavailable,
     normalize_public_key,
 )
-from .access.tokens import digest
+from .core.tokens import digest
 
 __all__ = ["DB_RELATIVE", "GatewayStore", "default_state_dir", "read_snapshot", "store_version"]
 

@@ -11,27 +11,32 @@ server, and handles SIGHUP (reload) and SIGTERM (drain).
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import dataclasses
 import gc
 import logging
 import os
-import resource
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .access.hosts import HostNames
-from .access.networks import NetworkSet
-from .access.policy import check_identity
-from .access.tokens import TokenEntry, TokenFile, TokenSet, digest
 from .accesslog import AccessLog
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from .config import HOST_TAILSCALE, Config, load_config
+from .core.admission import LOCKED_OUT, OVER_IDENTITY, Admission
+from .core.http1 import RequestHead
+from .core.networks import NetworkSet, hostport
+from .core.policy import check_identity
+from .core.sessions import (
+    LockoutTable,
+    LockoutTableLike,
+    SessionStore,
+    SessionStoreLike,
+    lockout_key,
+)
+from .core.tokens import TokenEntry, TokenSet, digest
 from .errors import (
     ClawgateError,
     ConfigError,
@@ -40,48 +45,26 @@ from .errors import (
     TooManyRequests,
 )
 from .front import ClientConnection
-from .httphead import RequestHead
+from .keystore import TokenFile
 from .metrics import Metrics
-from .sessions import (
-    LockoutTable,
-    LockoutTableLike,
-    SessionStore,
-    SessionStoreLike,
-    lockout_key,
+from .system import (
+    CONTROL_FD_ENV,
+    fd_connection_cap,
+    listen_socket,
+    raise_nofile_limit,
+    sd_notify,
 )
+from .tasks import spawn
 
 if TYPE_CHECKING:
-    from .relay import UpstreamConnection
     from .shared_state import SharedState
 
-__all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret", "sd_notify"]
+__all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret"]
 
 log = logging.getLogger("clawgate")
-IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
-IPV6_FREEBIND = 78  # linux/in6.h: the same for IPv6 (15 at IPPROTO_IPV6 is no option at all)
 # The gateway's token is a shared secret the tailnet can guess at (first-frame gate, login
 # form): shorter than this is refused at load and on reload.
 MIN_GATEWAY_TOKEN_BYTES = 32
-# A worker's end of its control channel to the parent (workers > 1): the fd number.
-CONTROL_FD_ENV = "CLAWGATE_CONTROL_FD"
-
-
-def sd_notify(message: str, path: str | None = None) -> None:
-    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; no-op elsewhere.
-
-    ``path`` defaults to $NOTIFY_SOCKET (a path, or '@name' for the abstract namespace).
-    """
-    path = path or os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed: %s", exc)
 
 
 def read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
@@ -159,12 +142,10 @@ class Runtime:
         self.localapi: Any = None
         self.identity_present = False
         self.jwt: Any = None
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.unauth_per_ip: collections.Counter[str] = collections.Counter()
-        self.per_identity: collections.Counter[str] = collections.Counter()
+        self.admission = Admission()
         # Each proxied connection holds two descriptors (client + gateway): refuse with a
         # 503 before accept() itself fails with EMFILE, where nothing can be answered.
-        self.fd_connection_cap = _fd_connection_cap()
+        self.fd_connection_cap = fd_connection_cap()
         self.last_sessions_ended = 0
         self.draining = False
         self.started = time.time()
@@ -324,48 +305,22 @@ class Runtime:
     # ------------------------------------------------------------------ tasks
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Every background task goes through here: referenced, named, errors logged."""
-        task = self.loop.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+        """A background task of this process: held in rt.tasks, a failure logged."""
+        return spawn(coro, name, self.tasks, loop=self.loop, on_error=_log_task_error)
 
     # ------------------------------------------------------------------ admission
 
     def admit(self, conn: ClientConnection) -> tuple[int, str, int | None] | None:
-        lim = self.cfg.limits
-        if self.draining:
-            return 503, "server shutting down", None
-        if self.metrics.active >= lim.max_connections:
-            self.metrics.refused["max_connections"] += 1
-            return 503, "too many connections", None
-        if self.metrics.active >= self.fd_connection_cap:
-            self.metrics.refused["fd_limit"] += 1
-            return 503, "too many connections (file descriptor limit)", None
-        ip = conn.peer_ip
-        if self.lockouts and not conn.is_loopback_peer:
-            # At accept only the address is known: its own lockout (peers without an
-            # identity). A node's lockout is checked once whois has named it.
-            left = self.lockouts.locked(lockout_key(ip, None, False))
-            if left > 0:
-                self.metrics.refused["locked_out"] += 1
-                return 429, "too many failed authentications", int(left) + 1
-        if self.per_ip[ip] >= lim.per_source_ip:
-            self.metrics.refused["per_ip"] += 1
-            return 429, "too many connections from this address", 1
-        if self.unauth_per_ip[ip] >= lim.unauthenticated_per_ip:
-            # Connections not decided yet (slowloris, scans, floods of bad tokens).
-            self.metrics.refused["unauthenticated_per_ip"] += 1
-            return 429, "too many unauthenticated connections from this address", 1
-        self.per_ip[ip] += 1
+        refusal = self.admission.admit(
+            conn.peer_ip, self.cfg.limits, active=self.metrics.active,
+            fd_cap=self.fd_connection_cap, draining=self.draining, lockouts=self.lockouts,
+            loopback=conn.is_loopback_peer)
+        if refusal is not None:
+            key, status, reason, retry = refusal
+            if key:
+                self.metrics.refused[key] += 1
+            return status, reason, retry
         conn.counted_ip = True
-        self.unauth_per_ip[ip] += 1
         conn.unauth_counted = True
         return None
 
@@ -373,19 +328,17 @@ class Runtime:
         """The connection got its first allow: it no longer counts as unauthenticated."""
         if conn.unauth_counted:
             conn.unauth_counted = False
-            _decrement(self.unauth_per_ip, conn.peer_ip)
+            self.admission.decided(conn.peer_ip)
 
     def admit_identity(self, conn: ClientConnection, grant: Grant) -> str | None:
         """Count an allowed connection against its principal; a reason when over."""
         key = _principal(grant)
-        if key is None or key == conn.counted_identity:
+        if key is None:
             return None
-        if self.per_identity[key] >= self.cfg.limits.per_identity:
+        if not self.admission.admit_identity(key, conn.counted_identity,
+                                             self.cfg.limits.per_identity):
             self.metrics.refused["per_identity"] += 1
-            return "too many connections for this identity"
-        if conn.counted_identity is not None:
-            _decrement(self.per_identity, conn.counted_identity)
-        self.per_identity[key] += 1
+            return OVER_IDENTITY
         conn.counted_identity = key
         return None
 
@@ -400,7 +353,7 @@ class Runtime:
         left = self.lockout_left(conn, identity)
         if left > 0:
             self.metrics.refused["locked_out"] += 1
-            raise TooManyRequests("too many failed authentications", int(left) + 1)
+            raise TooManyRequests(LOCKED_OUT, int(left) + 1)
 
     def note_denied(self, conn: ClientConnection, status: int, identity: Any = None) -> None:
         if status != 401:
@@ -435,9 +388,6 @@ class Runtime:
                                 "peer": conn.peer_ip, "reason": "logged out"})
                 conn.end_session(1008, "logged out")
         return ended
-
-    def note_granted(self, conn: ClientConnection, grant: Grant) -> None:
-        pass
 
     # ------------------------------------------------------------------ per request
 
@@ -479,52 +429,30 @@ class Runtime:
         self.metrics.refused["host"] += 1
         raise MisdirectedRequest(why)
 
-    def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
-        return self.authz.authorize_sync(conn, head)
-
-    async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
-        return await self.authz.authorize(conn, head)
-
-    def rewrite(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> bytes:
-        return self.authz.rewrite(conn, head, grant)
-
     def make_gate(self, conn: ClientConnection) -> Any:
         grant = conn.grant
         if grant is None or not grant.gated or self.gate_factory is None:
             return None
         return self.gate_factory(conn)
 
-    def local_endpoint(self, conn: ClientConnection, head: RequestHead,
-                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def local_misdirected(self, conn: ClientConnection,
+                          head: RequestHead) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """The 421 for a clawgate page (login, logout) asked under a foreign Host, else
+        None. Checked before either way of answering (the login POST awaits whois)."""
         try:
             self.check_host(conn, head)
         except MisdirectedRequest as exc:
             return 421, [("Content-Type", "text/plain; charset=utf-8")], \
                 f"{exc.reason}\n".encode()
+        return None
+
+    def local_endpoint(self, conn: ClientConnection, head: RequestHead,
+                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         return self.authz.login_endpoint(conn, head, body)
 
     def local_needs_identity(self, head: RequestHead) -> bool:
         """A login POST counts failures against the peer's node: whois it first."""
         return head.method == b"POST" and self.authz.identity is not None
-
-    async def local_endpoint_async(self, conn: ClientConnection, head: RequestHead,
-                                   body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        authz = self.authz
-        outcome = await authz.identity_async(conn)
-        return authz.login_endpoint(conn, head, body, outcome.identity)
-
-    def login_page(self, head: RequestHead, reason: str) -> bytes:
-        return self.authz.login_page(head.target.decode("latin-1"), "")
-
-    def dial_task(self, up: UpstreamConnection) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
-        """Start connecting to the gateway; the caller owns the task and its timeout."""
-        u = self.cfg.upstream
-        if u.unix_path is not None:
-            coro = self.loop.create_unix_connection(lambda: up, u.unix_path)
-        else:
-            assert u.host is not None and u.port is not None
-            coro = self.loop.create_connection(lambda: up, u.host, u.port)
-        return self.loop.create_task(coro)
 
     # ------------------------------------------------------------------ logging
 
@@ -567,12 +495,10 @@ class Runtime:
         m.bytes_down += conn.bytes_down
         if conn.was_tunnel:
             m.tunnels -= 1
-        if conn.counted_ip:
-            _decrement(self.per_ip, conn.peer_ip)
+        self.admission.release(conn.peer_ip if conn.counted_ip else None,
+                               conn.counted_identity)
         self.decided(conn)
-        if conn.counted_identity is not None:
-            _decrement(self.per_identity, conn.counted_identity)
-            conn.counted_identity = None
+        conn.counted_identity = None
         if self.identity_cache is not None and conn.is_loopback_peer:
             from .tailscale import cache_key
 
@@ -616,12 +542,8 @@ class Runtime:
             conn._abort("shutdown")  # noqa: SLF001 - last resort after the grace period
 
 
-def _decrement(counter: collections.Counter[str], key: str) -> None:
-    n = counter[key] - 1
-    if n <= 0:
-        counter.pop(key, None)  # dict.pop: Counter.__delitem__ is a Python-level call
-    else:
-        counter[key] = n
+def _log_task_error(task: asyncio.Task[Any], exc: BaseException) -> None:
+    log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
 
 def _bound_as(cred: Any) -> str:
@@ -636,48 +558,6 @@ def _principal(grant: Grant) -> str | None:
     if grant.credential is not None:
         return f"token:{grant.credential.name}"
     return None
-
-
-def _fd_connection_cap() -> int:
-    """Connections that fit in RLIMIT_NOFILE: two descriptors each, some kept spare."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 30
-    # Spare: listeners, the log, admin and LocalAPI connections, uvloop's own.
-    return max(1, (soft - 48 - soft // 32) // 2)
-
-
-def raise_nofile_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (as Go and nginx do)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and hard != resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
-
-
-def _listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if freebind and sys.platform.startswith("linux"):
-            level, opt = ((socket.IPPROTO_IPV6, IPV6_FREEBIND) if family == socket.AF_INET6
-                          else (socket.IPPROTO_IP, IP_FREEBIND))
-            with contextlib.suppress(OSError):
-                sock.setsockopt(level, opt, 1)
-        sock.bind((host, port))
-        sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _protocol_factory(rt: Runtime, ssl_context: Any) -> Callable[[], asyncio.Protocol]:
@@ -696,11 +576,11 @@ async def start_listeners(rt: Runtime, hosts: list[str], *,
     cfg = rt.cfg
     bound: list[str] = []
     for host in hosts:
-        addr = f"[{host}]:{cfg.gateway.port}" if ":" in host else f"{host}:{cfg.gateway.port}"
+        addr = hostport(host, cfg.gateway.port)
         if addr in rt.listen_addresses:
             continue
         try:
-            sock = _listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1,
+            sock = listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1,
                                   freebind=True)
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {addr}: {exc.strerror}") from None

@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 
-from .sessions import (
+from .core.sessions import (
     MAX_FAILURE_KEYS,
     MAX_SESSIONS,
     Session,

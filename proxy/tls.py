@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .core.networks import hostport
 from .errors import ClawgateError, LocalAPIDenied, TailscaleError
 
 if TYPE_CHECKING:
@@ -542,11 +543,11 @@ class TlsManager:
         port = self.rt.cfg.tls.redirect_port
         if port is None:
             return
-        from .server import _listen_socket
+        from .system import listen_socket
 
-        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        addr = hostport(host, port)
         try:
-            sock = _listen_socket(host, port, reuse_port=self.rt.cfg.workers > 1,
+            sock = listen_socket(host, port, reuse_port=self.rt.cfg.workers > 1,
                                   freebind=True)
         except OSError as exc:
             raise ClawgateError(f"tls.redirectPort: cannot listen on {addr}: "

@@ -38,9 +38,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .core.sessions import StoreUnavailable
 from .errors import ClawgateError
-from .server import CONTROL_FD_ENV, sd_notify
-from .sessions import StoreUnavailable
+from .system import CONTROL_FD_ENV, sd_notify
 
 if TYPE_CHECKING:
     from .server import Prepared, Runtime

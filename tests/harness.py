@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.access.tokens import TokenFile
+from proxy.keystore import TokenFile
 from tests.netns import open_connection_in
 
 ROOT = Path(__file__).resolve().parent.parent

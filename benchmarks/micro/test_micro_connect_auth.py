@@ -13,8 +13,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from proxy.access.connect_auth import ConnectAuth, decide, parse_connect, shared_generations
-from proxy.access.tokens import digest
+from proxy.core.connect_auth import ConnectAuth, decide, parse_connect, shared_generations
+from proxy.core.tokens import digest
 from proxy.gateway_store import GatewayStore
 from tests.fakes.pairing_store import FakeDevice, PairingStore
 

@@ -16,10 +16,10 @@ import ipaddress
 
 import netaddr
 
-from proxy.access.networks import NetworkSet
-from proxy.access.policy import IdentityOutcome, PolicySettings, decide
-from proxy.access.tokens import TokenEntry, TokenSet, digest, new_token
-from proxy.httphead import parse_request_head, rewrite_request_head
+from proxy.core.http1 import parse_request_head, rewrite_request_head
+from proxy.core.networks import NetworkSet
+from proxy.core.policy import IdentityOutcome, PolicySettings, decide
+from proxy.core.tokens import TokenEntry, TokenSet, digest, new_token
 from proxy.tailscale.identity import Identity, IdentityCache
 
 NETS = ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "127.0.0.1/32", "::1/128", "10.0.0.0/8",

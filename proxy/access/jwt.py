@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ..config import JwtConfig
+from ..core.tokens import Credential
 from ..errors import ConfigError, Unauthenticated
-from .tokens import Credential
+from ..tasks import spawn
 
 __all__ = [
     "JwtVerifier",
@@ -49,6 +50,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("clawgate")
+
+
+def _log_fetch_error(task: asyncio.Task[None], exc: BaseException) -> None:
+    log.error("jwks fetch failed unexpectedly: %r", exc, exc_info=exc)
 
 MAX_LEEWAY = 60.0
 MAX_TOKEN_BYTES = 8192
@@ -286,19 +291,15 @@ class JwksSource:
         """Start a fetch (or return the one running). Callers check the cooldown."""
         if self._inflight is None:
             self._started_at = self.monotonic()
-            task = self.loop.create_task(self._fetch(), name="jwks-fetch")
+            task = spawn(self._fetch(), "jwks-fetch", self._tasks, loop=self.loop,
+                         on_error=_log_fetch_error)
             self._inflight = task
-            self._tasks.add(task)  # owned: referenced until done
             task.add_done_callback(self._done)
         return self._inflight
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
         if self._inflight is task:
             self._inflight = None
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("jwks fetch failed unexpectedly: %r", exc, exc_info=exc)
 
     def refresh_if_stale(self) -> None:
         if self._inflight is None and self.stale() and self.may_fetch_now():

@@ -6,6 +6,7 @@ identity cache and the monitor (``identity``) build on it through narrow protoco
 
 from __future__ import annotations
 
+from ..core.networks import is_loopback, unmap_ip
 from .identity import (
     BACKEND_STATES,
     BUS_MASK,
@@ -16,7 +17,6 @@ from .identity import (
     TailscaleMonitor,
     cache_key,
     classify_notify,
-    is_loopback,
 )
 from .localapi import (
     DEFAULT_SOCKET_PATHS,
@@ -30,7 +30,6 @@ from .localapi import (
     parse_time,
     peer_path,
     split_lines,
-    unmap_ip,
 )
 
 __all__ = [

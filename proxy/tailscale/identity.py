@@ -13,15 +13,16 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from ..access.networks import is_loopback, unmap_ip
+from ..core.networks import hostport, is_loopback, unmap_ip
 from ..errors import TailscaleError
+from ..tasks import spawn
 
 if TYPE_CHECKING:
     from .localapi import Status
@@ -204,33 +205,12 @@ def cache_key(ip: str, port: int) -> str:
     With ``--tun=userspace-networking`` tailnet peers arrive from ``127.0.0.1:<ephemeral>``
     and only that exact ``ip:port`` identifies them, for the life of that connection.
     """
-    # The same loopback rule as the front end's (proxy.access.networks): the two must
+    # The same loopback rule as the front end's (proxy.core.networks): the two must
     # agree on which peers are userspace-networking peers.
     ip = unmap_ip(ip)
     if is_loopback(ip):
-        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return hostport(ip, port)
     return ip
-
-
-def _spawn(
-    coro: Coroutine[Any, Any, _T], name: str, owner: set[asyncio.Task[Any]]
-) -> asyncio.Task[_T]:
-    """Create a named task that ``owner`` keeps alive until it is done (no fire-and-forget)."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
-    owner.add(task)
-    task.add_done_callback(_task_done(owner))
-    return task
-
-
-def _task_done(owner: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def done(task: asyncio.Task[Any]) -> None:
-        owner.discard(task)
-        # Mark the exception retrieved: every waiter may have been cancelled already,
-        # and the failure is reported to the ones that were not.
-        if not task.cancelled():
-            task.exception()
-
-    return done
 
 
 class IdentityCache:
@@ -314,7 +294,7 @@ class IdentityCache:
         task = self._inflight.get(key)
         if task is None:
             self.misses += 1
-            task = _spawn(self._fetch(key, ip, port, self._generation), f"whois {key}", self._tasks)
+            task = spawn(self._fetch(key, ip, port, self._generation), f"whois {key}", self._tasks)
             self._inflight[key] = task
         # shield: one cancelled waiter must not cancel the call the others wait for.
         return await asyncio.shield(task)
@@ -453,8 +433,8 @@ class TailscaleMonitor:
         """Start the bus watcher and the status poller (needs a running loop)."""
         if self._tasks:
             raise RuntimeError("TailscaleMonitor already started")
-        _spawn(self._watch_forever(), "tailscale-ipn-bus", self._tasks)
-        _spawn(self._poll_forever(), "tailscale-status-poll", self._tasks)
+        spawn(self._watch_forever(), "tailscale-ipn-bus", self._tasks)
+        spawn(self._poll_forever(), "tailscale-status-poll", self._tasks)
 
     async def stop(self) -> None:
         """Cancel both tasks and wait for them (closes the bus stream)."""

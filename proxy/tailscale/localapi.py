@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
@@ -22,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from ..core.networks import canonical_ip, hostport
 from ..errors import LocalAPIDenied, LocalAPIUnavailable, PeerNotFound, TailscaleError
 from .identity import Identity
 
@@ -37,7 +37,6 @@ __all__ = [
     "parse_time",
     "peer_path",
     "split_lines",
-    "unmap_ip",
 ]
 
 # tailscaled's validHost() accepts exactly this Host (or none); anything else is a 403.
@@ -78,28 +77,14 @@ def find_socket(
     return None
 
 
-def unmap_ip(ip: str) -> str:
-    """``::ffff:a.b.c.d`` -> ``a.b.c.d``; drops an IPv6 zone; other addresses unchanged.
-
-    tailscaled only unmaps by itself from 1.102, so we always ask with the plain IPv4.
-    Raises ValueError for text that is not an IP address.
-    """
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
-
-
 def format_addr(ip: str, port: int) -> str:
     """whois ``addr``: ``IP:port``, ``[v6]:port``, or the bare IP when port is 0."""
-    plain = unmap_ip(ip)
+    plain = canonical_ip(ip)
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
     if port == 0:
         return plain
-    if ":" in plain:
-        return f"[{plain}]:{port}"
-    return f"{plain}:{port}"
+    return hostport(plain, port)
 
 
 def parse_time(value: Any) -> datetime | None:

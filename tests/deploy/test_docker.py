@@ -28,7 +28,7 @@ import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from proxy.access.tokens import TokenFile
+from proxy.keystore import TokenFile
 from tests.deploy.support import (
     DOCKER,
     Dockerd,

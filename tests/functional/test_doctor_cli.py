@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.access.tokens import TokenFile
+from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
 from tests.fakes.pairing_store import FakeDevice, PairingStore
 from tests.harness import ROOT

@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proxy.access.jwt import jwk_thumbprint, public_jwk
-from proxy.access.jwt_cli import issue_token
+from proxy.cli.jwt import issue_token
 from tests.fakes.fake_gateway import FakeGateway
 from tests.fakes.fake_tailscaled import FakeTailscaled
 from tests.harness import ROOT, ClawgateProcess, run_cli

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from proxy.access.tokens import TokenFile
+from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
 from tests.harness import ClawgateProcess
 from tests.netns import GW_V4, Tailnet, listen_in

@@ -84,6 +84,28 @@ async def test_foreign_host_is_refused_in_every_mode(
             assert "Traceback" not in cg.stderr()
 
 
+async def test_login_post_with_a_foreign_host_is_refused(
+        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    """A login POST asks whois first (failures count against the node): that path
+    checks the Host too, before anything else, and a rebound page cannot log in."""
+    async with fake_tailscaled() as ts:
+        cfg = clawgate_config(fake_gateway, str(ts.socket_path),
+                              tailscale={"authMode": "both"})
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
+            form = f"token={cg.tokens['phone']}&next=/".encode()
+            headers = [("Connection", "close"),
+                       ("Content-Type", "application/x-www-form-urlencoded")]
+            for host, want in ((EVIL, 421), (f"{EVIL}:{PORT}", 421), (MAGIC, 303)):
+                resp = await exchange(tailnet.ns("phone"), GW_V4, PORT,
+                                      build_request("POST", "/__clawgate/login", headers,
+                                                    form, host=host))
+                assert resp.status == want, (host, resp.status, resp.body)
+                if want == 421:
+                    assert b"Host" in resp.body
+                    assert resp.header("set-cookie") is None, resp.headers
+            assert fake_gateway.requests == []
+
+
 async def test_host_is_checked_on_every_request_of_a_keep_alive_connection(
         tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
     async with fake_tailscaled() as ts:

@@ -17,8 +17,8 @@ import socket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.core.http1 import normalise_header_name, parse_request_head, rewrite_request_head
 from proxy.errors import BadRequest
-from proxy.httphead import normalise_header_name, parse_request_head, rewrite_request_head
 from proxy.tailscale import cache_key
 
 IDENTITY = frozenset({b"x-auth-request-user"})

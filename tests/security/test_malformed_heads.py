@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.core.http1 import parse_request_head
 from proxy.errors import BadRequest
-from proxy.httphead import parse_request_head
 from tests.fakes.fake_gateway import FakeGateway
 from tests.harness import ClawgateProcess
 from tests.netns import GW_V4, Tailnet

@@ -126,7 +126,7 @@ async def test_bad_config_is_refused_by_every_worker_and_the_cli_says_so(
         # the file is accepted by every worker once the parent has fanned it out.
         cg.write_config(cfg | {"tokens": bad["tokens"], "log": bad["log"],
                                "admin": bad["admin"]})
-        from proxy.access.tokens import TokenFile
+        from proxy.keystore import TokenFile
 
         laptop = TokenFile(cg.token_path).add("laptop")
         cg.signal(signal.SIGHUP)

@@ -15,7 +15,7 @@ import secrets
 import time
 from pathlib import Path
 
-from proxy.access.tokens import TokenFile
+from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
 from tests.harness import ClawgateProcess
 from tests.netns import Tailnet

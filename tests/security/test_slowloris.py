@@ -32,8 +32,10 @@ SLOW = 60  # connections (from two addresses of the phone)
 async def dribble(tailnet: Tailnet, host: str, data: bytes, interval: float
                   ) -> tuple[int | None, float]:
     """Send ``data`` one byte per ``interval`` until the proxy answers; (status, seconds)."""
-    reader, writer = await open_in(tailnet.ns("phone"), host, PORT)
+    # The clock starts before the connect: the proxy's head deadline runs from accept,
+    # and under load the connect can return a few hundred ms after the proxy accepted.
     t0 = time.monotonic()
+    reader, writer = await open_in(tailnet.ns("phone"), host, PORT)
     got = asyncio.ensure_future(read_to_close(reader, timeout=HEAD_TIMEOUT * 4))
     try:
         for i in range(len(data)):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from proxy.access.tokens import TokenEntry, TokenSet, digest, new_token
+from proxy.core.tokens import TokenEntry, TokenSet, digest, new_token
 
 SAMPLES = 301
 BATCH = 40

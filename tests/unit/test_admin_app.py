@@ -21,9 +21,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from proxy.access.tokens import TokenFile
 from proxy.admin import admin_refusal, build_admin_app
 from proxy.config import Config, load_config
+from proxy.keystore import TokenFile
 from proxy.server import Runtime
 from tests.fakes.fake_gateway import FakeGateway
 

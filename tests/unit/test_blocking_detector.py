@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from blockbuster import BlockingError
 
-from proxy.access.tokens import TokenFile
 from proxy.config import load_config
+from proxy.keystore import TokenFile
 
 
 async def test_proxy_code_blocking_on_the_loop_fails(tmp_path: Path) -> None:

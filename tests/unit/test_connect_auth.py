@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.access.connect_auth import (
+from proxy.core.connect_auth import (
     BOOTSTRAP_TTL_MS,
     BootstrapRecord,
     ConnectAuth,
@@ -31,7 +31,7 @@ from proxy.access.connect_auth import (
     parse_connect,
     shared_generations,
 )
-from proxy.access.tokens import digest
+from proxy.core.tokens import digest
 
 GW = "gateway-shared-token-0123456789"
 GW_D = digest(GW)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from proxy.cli.ops import format_sessions, human_age, human_bytes
 from proxy.config import parse_config
 from proxy.doctor import (
     Facts,
@@ -27,7 +28,6 @@ from proxy.doctor import (
     secret_kind,
 )
 from proxy.firewall import render_nftables, render_ufw
-from proxy.ops_cli import format_sessions, human_age, human_bytes
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 GOOD_GW = {"gateway": {"mode": "local", "port": 18789, "bind": "loopback",

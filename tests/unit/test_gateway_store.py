@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.access.connect_auth import StoreSnapshot, StoreUnavailable
-from proxy.access.tokens import digest
+from proxy.core.connect_auth import StoreSnapshot, StoreUnavailable
+from proxy.core.tokens import digest
 from proxy.gateway_store import GatewayStore, default_state_dir, read_snapshot, store_version
 from tests.fakes.pairing_store import FakeDevice, PairingStore
 

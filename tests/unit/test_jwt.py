@@ -33,10 +33,10 @@ from proxy.access.jwt import (
     jwk_thumbprint,
     public_jwk,
 )
-from proxy.access.jwt_cli import issue_token, parse_ttl
-from proxy.access.policy import IdentityOutcome, PolicySettings, decide
-from proxy.access.tokens import Credential
+from proxy.cli.jwt import issue_token, parse_ttl
 from proxy.config import JwtConfig
+from proxy.core.policy import IdentityOutcome, PolicySettings, decide
+from proxy.core.tokens import Credential
 from proxy.errors import ClawgateError, ConfigError, Unauthenticated
 
 ISS = "https://idp.example.com"

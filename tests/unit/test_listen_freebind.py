@@ -11,14 +11,14 @@ import sys
 
 import pytest
 
-from proxy.server import _listen_socket
+from proxy.system import listen_socket
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux FREEBIND")
 
 
 @pytest.mark.parametrize("host", ["100.127.255.254", "fd7a:115c:a1e0:ffff::fe"])
 def test_binds_an_address_not_on_any_interface(host: str) -> None:
-    sock = _listen_socket(host, 0, reuse_port=False, freebind=True)
+    sock = listen_socket(host, 0, reuse_port=False, freebind=True)
     try:
         assert sock.getsockname()[0] == host
     finally:
@@ -27,4 +27,4 @@ def test_binds_an_address_not_on_any_interface(host: str) -> None:
 
 def test_without_freebind_the_same_bind_fails() -> None:
     with pytest.raises(OSError):
-        _listen_socket("fd7a:115c:a1e0:ffff::fe", 0, reuse_port=False, freebind=False).close()
+        listen_socket("fd7a:115c:a1e0:ffff::fe", 0, reuse_port=False, freebind=False).close()

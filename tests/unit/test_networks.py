@@ -1,4 +1,4 @@
-"""Tests of proxy/access/networks.py against the stdlib ``ipaddress`` module as an oracle.
+"""Tests of proxy/core/networks.py against the stdlib ``ipaddress`` module as an oracle.
 
 ``NetworkSet`` compiles allowedNetworks to merged integer ranges; whatever the networks and
 the peer (IPv4, IPv6, IPv4-mapped ``::ffff:a.b.c.d``, with a zone id), its answer must match
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.access.networks import NetworkSet, is_loopback, parse_network, unmap_ip
+from proxy.core.networks import NetworkSet, is_loopback, parse_network, unmap_ip
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")

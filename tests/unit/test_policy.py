@@ -1,4 +1,4 @@
-"""Tests of proxy/access/policy.py: the pure access decision, as a table.
+"""Tests of proxy/core/policy.py: the pure access decision, as a table.
 
 Rows cover requireToken x authMode x identity outcome x allow lists; a product test checks
 the invariants over every combination: a wrong token is always 401, an identity failure is
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.access.policy import (
+from proxy.core.policy import (
     Decision,
     IdentityOutcome,
     PolicySettings,

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from proxy.access.policy import IdentityLike, IdentityOutcome, decide
 from proxy.authz import policy_settings
 from proxy.config import parse_config
+from proxy.core.policy import IdentityLike, IdentityOutcome, decide
 from proxy.errors import ConfigError
 
 ALICE = "alice@example.com"

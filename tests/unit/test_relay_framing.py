@@ -1,4 +1,4 @@
-"""Tests of the framing helpers in proxy/relay.py: ChunkedScanner, FrameTracker, close_frame.
+"""Tests of the framing helpers in proxy/core: ChunkedScanner (http1), FrameTracker, close_frame.
 
 However a valid stream is cut into reads, ChunkedScanner finds the same end of the body and
 FrameTracker reports a frame boundary exactly where one is; malformed chunked framing is a
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.relay import REQUEST_FREE_CHUNKS, ChunkedScanner, FrameTracker, close_frame
+from proxy.core.http1 import REQUEST_FREE_CHUNKS, ChunkedScanner
+from proxy.core.wsframe import FrameTracker, close_frame
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -16,16 +16,16 @@ from typing import Any
 
 import pytest
 
-from proxy.access.tokens import Credential, TokenEntry, TokenSet, digest
 from proxy.authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
 from proxy.config import parse_config
-from proxy.sessions import (
+from proxy.core.sessions import (
     LOCAL_LOCKOUT_KEY,
     LockoutTable,
     SessionStore,
     lockout_key,
     session_key,
 )
+from proxy.core.tokens import Credential, TokenEntry, TokenSet, digest
 from proxy.shared_state import SharedState, create_state
 from proxy.tailscale import Identity
 
@@ -204,7 +204,7 @@ def test_shared_failures_bounded(state_dir: str) -> None:
 
 
 def test_state_dir_must_be_private(tmp_path: Path) -> None:
-    from proxy.sessions import StoreUnavailable
+    from proxy.core.sessions import StoreUnavailable
 
     d = tmp_path / "open"
     d.mkdir(mode=0o755)
@@ -277,7 +277,7 @@ def test_session_valid_only_while_its_secret_is_configured(
 
 
 def _grant(cred: Credential) -> Grant:
-    from proxy.access.policy import Decision
+    from proxy.core.policy import Decision
 
     return Grant(Decision(True, 200, "ok"), credential=cred)
 

@@ -1,4 +1,4 @@
-"""Tests of proxy/access/tokens.py: token format, the token file, verification, extraction.
+"""Tests of proxy/core/tokens.py and proxy/keystore.py: format, file, verification, extraction.
 
 Tokens carry at least 256 bits and are URL-safe; the file holds only names and digests and
 is mode 0600; verification visits every entry whatever matched; and credentials are taken
@@ -24,16 +24,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.access.tokens import (
+from proxy.core.tokens import (
     TOKEN_NAME_RE,
     TokenEntry,
-    TokenFile,
     TokenSet,
     digest,
     extract_token,
     new_token,
 )
 from proxy.errors import TokenStoreError
+from proxy.keystore import TokenFile
 
 _URLSAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -17,20 +17,25 @@ from dataclasses import dataclass
 
 import httptools
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 __all__ = [
     "DEFAULT_HEAD_LINES",
     "RequestHead",
-    "ResponseHead",
     "HeadTooLarge",
     "parse_request_head",
-    "parse_response_head",
     "rewrite_request_head",
     "find_head_end",
     "normalise_header_name",
     "is_spoofable_header",
     "strip_cookie",
+    "ChunkedScanner",
+    "REQUEST_FREE_CHUNKS",
+    "ResponseError",
+    "response_framing",
+    "BODY_NONE",
+    "BODY_CHUNKED",
+    "BODY_UNTIL_CLOSE",
 ]
 
 _CRLF = b"\r\n"
@@ -348,23 +353,168 @@ def rewrite_request_head(
     return _CRLF.join(out)
 
 
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    keep_alive: bool
-    content_length: int | None
-    chunked: bool
-
-
-def parse_response_head(raw: bytes) -> tuple[int, bytes]:
-    """Status code and reason from a response head's first line (raw ends CRLF CRLF)."""
-    line_end = raw.find(_CRLF)
-    first = raw[:line_end]
-    parts = first.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
-        raise ValueError("malformed status line")
-    return int(parts[1]), parts[2] if len(parts) > 2 else b""
-
-
 def header_lines(pairs: Iterable[tuple[str, str]]) -> bytes:
     return b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in pairs)
+
+
+class ResponseError(Exception):
+    """The gateway sent something that is not HTTP/1.1: the exchange is broken (502)."""
+
+
+# How a response body is framed (the third value of response_framing); a value >= 0 is a
+# Content-Length.
+BODY_NONE = -1
+BODY_CHUNKED = -2
+BODY_UNTIL_CLOSE = -3
+
+
+def response_framing(head: bytes, head_request: bool) -> tuple[int, bool, int]:
+    """(status, keep_alive, body) of a response head (``head`` ends CRLF CRLF).
+
+    ``body`` is a Content-Length, or BODY_NONE / BODY_CHUNKED / BODY_UNTIL_CLOSE; an
+    interim (1xx) response has BODY_NONE. Raises ResponseError on a malformed head.
+    """
+    lines = head[:-4].split(b"\r\n")
+    first = lines[0].split(b" ", 2)
+    if len(first) < 2 or not first[0].startswith(b"HTTP/1.") or not first[1].isdigit():
+        raise ResponseError("malformed response status line")
+    status = int(first[1])
+    if status < 200:
+        return status, True, BODY_NONE
+    keep_alive = first[0] == b"HTTP/1.1"
+    length: int | None = None
+    chunked = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ResponseError("malformed response header")
+        lname = name.strip().lower()
+        if lname == b"content-length":
+            v = value.strip()
+            if not v.isdigit() or (length is not None and int(v) != length):
+                raise ResponseError("invalid Content-Length in response")
+            length = int(v)
+        elif lname == b"transfer-encoding":
+            chunked = value.strip().lower().endswith(b"chunked")
+        elif lname == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+    if head_request or status in (204, 304):
+        return status, keep_alive, BODY_NONE
+    if chunked:
+        return status, keep_alive, BODY_CHUNKED
+    if length is not None:
+        return status, keep_alive, length
+    return status, False, BODY_UNTIL_CLOSE
+
+
+# A request body may hold this many chunks, plus one per 4 KiB of chunk data: scanning
+# costs a few Python steps per chunk, so a body of 1-byte chunks (8 MB of them stalled the
+# event loop for ~2 s) is cut off after ~1,024 steps; a body cut into pieces of a few KiB,
+# or a short stream of small writes, is never near it.
+REQUEST_FREE_CHUNKS = 1024
+_CHUNK_BYTES_SHIFT = 12  # one more chunk allowed per 4 KiB
+# Fields that never belong in a request trailer: framing, routing, credentials, and the
+# spoof catalogue (checked with http1.is_spoofable_header).
+_TRAILER_FORBIDDEN = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"trailer", b"te", b"connection",
+     b"upgrade", b"keep-alive", b"authorization", b"proxy-authorization", b"cookie",
+     b"expect", b"content-type", b"content-encoding"}
+)
+
+
+class ChunkedScanner:
+    """Finds the end of a chunked body without copying or decoding it.
+
+    ``feed(data)`` returns the offset in ``data`` just past the end of the message, or -1
+    when more is needed. Raises ValueError on malformed framing. With ``request=True`` (a
+    client's body) the number of chunks is bounded (see REQUEST_FREE_CHUNKS) and trailer
+    fields from the spoof catalogue (forwarding, identity) or framing/credential fields
+    are refused: a gateway would read them as ``req.trailers``.
+    """
+
+    __slots__ = ("_state", "_remaining", "_line", "_request", "_steps", "_free", "_data",
+                 "_identity")
+
+    _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+
+    def __init__(self, request: bool = False,
+                 identity_headers: frozenset[bytes] = frozenset()) -> None:
+        self._state = self._SIZE
+        self._remaining = 0
+        self._line = b""
+        self._request = request
+        self._steps = 0
+        # Responses (the gateway's streams, e.g. server-sent events) are not bounded.
+        self._free = REQUEST_FREE_CHUNKS if request else 1 << 62
+        self._data = 0
+        self._identity = identity_headers
+
+    def feed(self, data: bytes) -> int:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            st = self._state
+            if st == self._DATA:
+                take = min(self._remaining, n - pos)
+                self._remaining -= take
+                pos += take
+                if self._remaining == 0:
+                    self._state = self._DATA_CRLF
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._line += data[pos:]
+                if len(self._line) > 4096:
+                    raise ValueError("chunk line too long")
+                return -1
+            line = self._line + data[pos:nl + 1]
+            self._line = b""
+            pos = nl + 1
+            if not line.endswith(b"\r\n"):
+                raise ValueError("bare LF in chunked framing")
+            line = line[:-2]
+            if st == self._DATA_CRLF:
+                if line:
+                    raise ValueError("missing CRLF after chunk data")
+                self._state = self._SIZE
+                continue
+            if line:  # a chunk-size line or a trailer field: one more step
+                self._steps += 1
+                if self._steps > self._free and self._steps > REQUEST_FREE_CHUNKS + (
+                        self._data >> _CHUNK_BYTES_SHIFT):
+                    raise ValueError("too many chunks (use fewer, larger chunks)")
+            if st == self._SIZE:
+                size_text = line.split(b";", 1)[0]
+                if not size_text or len(size_text) > 16 or size_text.strip(
+                        b"0123456789abcdefABCDEF"):
+                    raise ValueError("invalid chunk size")
+                size = int(size_text, 16)
+                if size == 0:
+                    self._state = self._TRAILER
+                else:
+                    self._remaining = size
+                    self._data += size
+                    self._state = self._DATA
+            else:  # trailer section: lines until an empty one
+                if not line:
+                    self._state = self._SIZE
+                    self._steps = self._data = 0
+                    return pos
+                if line[0] in (0x20, 0x09) or b":" not in line:
+                    raise ValueError("malformed trailer")
+                if self._request:
+                    self._check_trailer(line)
+        return -1
+
+    def _check_trailer(self, line: bytes) -> None:
+        name = line.split(b":", 1)[0]
+        if not name or name != name.strip():
+            raise ValueError("malformed trailer")
+        norm = normalise_header_name(name)
+        if norm in _TRAILER_FORBIDDEN or is_spoofable_header(norm, self._identity):
+            raise ValueError("trailer field not allowed (forwarding, identity, framing "
+                             "or credential header)")

@@ -22,8 +22,9 @@ import jwt as pyjwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from ..access.jwt import jwk_thumbprint, parse_revocations, public_jwk
 from ..errors import ClawgateError
-from .jwt import jwk_thumbprint, parse_revocations, public_jwk
+from .common import load, try_reload
 
 __all__ = ["register", "revoke_jwt", "parse_ttl", "default_key_path", "issue_token"]
 
@@ -147,10 +148,7 @@ def issue_token(key: Any, *, sub: str, ttl: int, iss: str, aud: str,
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    from ..cli import _config_path
-    from ..config import load_config
-
-    cfg = load_config(_config_path(args)).jwt
+    cfg = load(args).jwt
     iss = args.iss or cfg.issuer
     aud = args.aud or cfg.audience
     if not iss or not aud:
@@ -171,13 +169,10 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 def revoke_jwt(args: argparse.Namespace) -> int:
     """``clawgate token revoke --jti X | --sub Y``: write jwt.revokedFile, then reload."""
-    from ..cli import _config_path, _try_reload
-    from ..config import load_config
-
     jti, sub = getattr(args, "jti", None), getattr(args, "sub", None)
     if bool(jti) == bool(sub):
         raise ClawgateError("say exactly one of --jti or --sub")
-    cfg = load_config(_config_path(args))
+    cfg = load(args)
     path_s = cfg.jwt.revoked_file
     if not path_s:
         raise ClawgateError("set jwt.revokedFile in the config to revoke JWTs")
@@ -203,7 +198,7 @@ def revoke_jwt(args: argparse.Namespace) -> int:
         data.setdefault("sub", {})[sub] = {"revoked": stamp, "before": int(now)}
         what = f"subject {sub!r} (tokens issued up to {stamp})"
     _write_atomic(path, json.dumps(data, indent=2).encode() + b"\n", 0o600)
-    if _try_reload(args, quiet=True):
+    if try_reload(args, quiet=True):
         print(f"revoked {what}; the running clawgate reloaded and ended its sessions",
               file=sys.stderr)
     else:
@@ -212,10 +207,9 @@ def revoke_jwt(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
+def register(tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
              with_config: Any) -> None:
-    """Add ``token keygen`` and ``token issue`` (``revoke --jti/--sub`` is in cli.py)."""
+    """Add ``token keygen`` and ``token issue`` (``revoke --jti/--sub`` is in tokens.py)."""
     kg = with_config(tsub.add_parser("keygen", help="make a JWT signing key pair"))
     kg.add_argument("--out", metavar="PATH",
                     help=f"private key file (default: {default_key_path()})")

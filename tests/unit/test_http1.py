@@ -1,4 +1,4 @@
-"""Tests of proxy/httphead.py: strict head parsing and the forwarding rewrite.
+"""Tests of proxy/core/http1.py: strict head parsing and the forwarding rewrite.
 
 No spoofed forwarding or identity header survives the rewrite, in any case or spelling;
 X-Forwarded-For is replaced, never appended; every other header line (Host, Origin,
@@ -12,16 +12,21 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import BadRequest
-from proxy.httphead import (
+from proxy.core.http1 import (
+    BODY_CHUNKED,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
     HeadTooLarge,
+    ResponseError,
     find_head_end,
     is_spoofable_header,
     normalise_header_name,
     parse_request_head,
+    response_framing,
     rewrite_request_head,
     strip_cookie,
 )
+from proxy.errors import BadRequest
 
 IDENTITY = frozenset({b"x-openclaw-user"})  # a configured identity header, normalised
 PEER = "100.101.102.103"
@@ -441,3 +446,44 @@ def test_http10_keep_alive_is_passed_on() -> None:
     out10 = rewrite_request_head(parse_request_head(raw10), client_ip=PEER, proto=b"http",
                                  identity_headers=IDENTITY)
     assert b"\r\nConnection: close\r\n" in out10
+
+
+# ---- response framing (core.http1.response_framing) ---------------------------------------
+
+@pytest.mark.parametrize(("head", "head_request", "expect"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False, (200, True, 5)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False, (200, True, 0)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True, (200, True, BODY_NONE)),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", False, (204, True, BODY_NONE)),
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", False, (304, True, BODY_NONE)),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", False,
+     (200, True, BODY_CHUNKED)),
+    (b"HTTP/1.1 200 OK\r\n\r\n", False, (200, False, BODY_UNTIL_CLOSE)),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", False, (200, False, 1)),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n", False,
+     (200, True, 1)),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", False,
+     (200, False, 1)),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", False,
+     (101, True, BODY_NONE)),
+    (b"HTTP/1.1 100 Continue\r\n\r\n", False, (100, True, BODY_NONE)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", False,
+     (200, True, 5)),
+])
+def test_response_framing_table(head: bytes, head_request: bool,
+                                expect: tuple[int, bool, int]) -> None:
+    assert response_framing(head, head_request) == expect
+
+
+@pytest.mark.parametrize(("head", "reason"), [
+    (b"HTTP/2 200 OK\r\n\r\n", "status line"),
+    (b"ICY 200 OK\r\n\r\n", "status line"),
+    (b"HTTP/1.1 2xx OK\r\n\r\n", "status line"),
+    (b"HTTP/1.1\r\n\r\n", "status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "header"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "Content-Length"),
+])
+def test_response_framing_refuses(head: bytes, reason: str) -> None:
+    with pytest.raises(ResponseError, match=reason):
+        response_framing(head, False)

@@ -1,0 +1,56 @@
+"""Tests of proxy/core/wsframe.py's first-frame parser, as a table over real frame bytes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from proxy.core.wsframe import parse_client_frame
+
+
+def masked(payload: bytes, opcode: int = 0x1, fin: bool = True, rsv: int = 0,
+           mask: bool = True, key: bytes = b"\x01\x02\x03\x04") -> bytes:
+    b0 = (0x80 if fin else 0) | rsv | opcode
+    n = len(payload)
+    if n < 126:
+        head = bytes((b0, (0x80 if mask else 0) | n))
+    elif n < 65536:
+        head = bytes((b0, (0x80 if mask else 0) | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, (0x80 if mask else 0) | 127)) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return head + key + body
+
+
+@pytest.mark.parametrize(("frame", "limit", "status"), [
+    (masked(b'{"type":"req"}'), 1024, "ok"),
+    (masked(b"x" * 200), 1024, "ok"),  # 16-bit length
+    (masked(b"x" * 70000), 1 << 20, "ok"),  # 64-bit length
+    (masked(b"x" * 200), 100, "first frame too large"),
+    (masked(b"hi", opcode=0x2), 1024, "first frame must be a text frame"),
+    (masked(b"hi", opcode=0x9), 1024, "first frame must be a text frame"),
+    (masked(b"hi", fin=False), 1024, "first frame must not be fragmented"),
+    (masked(b"hi", opcode=0x0), 1024, "first frame must not be fragmented"),
+    (masked(b"hi", rsv=0x40), 1024, "reserved bits set"),
+    (masked(b"hi", mask=False), 1024, "client frames must be masked"),
+])
+def test_first_frame_table(frame: bytes, limit: int, status: str) -> None:
+    got, payload, end = parse_client_frame(frame + b"next", limit)
+    assert got == status
+    if status == "ok":
+        assert end == len(frame)
+        assert payload is not None and masked(payload) == frame
+    else:
+        assert payload is None and end == 0
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 300, 65535, 65536])
+def test_every_prefix_asks_for_more(size: int) -> None:
+    frame = masked(os.urandom(size), key=os.urandom(4))
+    for cut in range(0, len(frame), max(1, len(frame) // 40)):
+        assert parse_client_frame(frame[:cut], 1 << 20) == ("more", None, 0)
+    status, payload, end = parse_client_frame(frame, 1 << 20)
+    assert (status, end) == ("ok", len(frame)) and payload is not None and len(payload) == size
