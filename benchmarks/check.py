@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
@@ -105,11 +106,12 @@ def check_echo_split_reads(port: int) -> None:
     ok("echo: handshake + 64 KiB frame split over many reads; Sec-WebSocket-Accept = SHA-1/base64")
 
 
-def run_loadgen(loadgen: Path, port: int, args: list[str]) -> dict:
+def run_loadgen(loadgen: Path, port: int, args: list[str]) -> dict[str, Any]:
     cmd = [str(loadgen), *args, "--port", str(port)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, (cmd, p.returncode, p.stderr)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return result
 
 
 def check_loadgen(loadgen: Path, port: int) -> None:
@@ -165,6 +167,7 @@ def check_loadgen(loadgen: Path, port: int) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert p.stdout is not None and p.stdin is not None  # both are PIPEs
     try:
         line = p.stdout.readline()
         assert line.startswith("READY up=200 failed=0"), line
@@ -237,7 +240,7 @@ def start_echo_server_thread(
     """A websockets echo server in a thread; returns its port and a stop event."""
     ready = threading.Event()
     stop = threading.Event()
-    holder: dict = {}
+    holder: dict[str, int] = {}
 
     async def handler(ws):  # type: ignore[no-untyped-def]
         async for msg in ws:
@@ -260,8 +263,9 @@ def start_echo_server_thread(
     return holder["port"], stop
 
 
-def start_proc(cmd: list[str]) -> tuple[subprocess.Popen, int]:
+def start_proc(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert p.stdout is not None
     line = p.stdout.readline()
     assert line.startswith("READY "), line
     return p, int(line.split()[1])
@@ -273,7 +277,7 @@ def main() -> int:
     a = ap.parse_args()
     out = Path(a.out)
     echo, loadgen = out / "echo", out / "loadgen"
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[str]] = []
     try:
         print("check: echo.c against the websockets client", flush=True)
         p, eport = start_proc([str(echo), "--port", "0"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -62,10 +63,10 @@ SERVER_CPU = "1"
 
 # ---------------------------------------------------------------- process bookkeeping
 
-_procs: list[subprocess.Popen] = []  # every process we started (own process group each)
+_procs: list[subprocess.Popen[bytes]] = []  # every process we started (own process group each)
 
 
-def _kill_group(p: subprocess.Popen, grace: float = 3.0) -> None:
+def _kill_group(p: subprocess.Popen[bytes], grace: float = 3.0) -> None:
     if p.poll() is not None:
         return
     try:
@@ -96,9 +97,9 @@ def spawn(
     stdout: Any = None,
     stdin: Any = None,
     stderr: Any = None,
-    env: dict | None = None,
+    env: dict[str, Any] | None = None,
     prefix: list[str] | None = None,
-) -> subprocess.Popen:
+) -> subprocess.Popen[bytes]:
     # prefix = `ip netns exec NS`: it execs, so the pid we get is the program's own pid
     full = (prefix or []) + (["taskset", "-c", cpu] if cpu is not None else []) + cmd
     out = stdout if stdout is not None else (open(log, "ab") if log else subprocess.DEVNULL)
@@ -116,7 +117,7 @@ def spawn(
     return p
 
 
-def forget(p: subprocess.Popen) -> None:
+def forget(p: subprocess.Popen[bytes]) -> None:
     if p in _procs:
         _procs.remove(p)
 
@@ -201,7 +202,7 @@ def cpu_stat() -> dict[str, tuple[int, int]]:
     return out
 
 
-def busy_frac(a: dict, b: dict) -> dict[str, float]:
+def busy_frac(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     r = {}
     for k in b:
         db, dt_ = b[k][0] - a[k][0], b[k][1] - a[k][1]
@@ -214,7 +215,7 @@ def free_port() -> int:
     return TOPO.free_port()
 
 
-def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     """Until the client side can connect to the server address:port (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -228,12 +229,13 @@ def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 15.0) -
     raise RuntimeError(f"nothing listening on {TOPO.server_host}:{port} after {timeout}s")
 
 
-def read_ready_line(p: subprocess.Popen, timeout: float = 10.0) -> str:
-    q: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: q.put(p.stdout.readline()), daemon=True).start()
+def read_ready_line(p: subprocess.Popen[bytes], timeout: float = 10.0) -> str:
+    stdout = p.stdout
+    assert stdout is not None, "spawned without stdout=PIPE"
+    q: queue.Queue[bytes] = queue.Queue()
+    threading.Thread(target=lambda: q.put(stdout.readline()), daemon=True).start()
     try:
-        line = q.get(timeout=timeout)
-        return line.decode(errors="replace") if isinstance(line, bytes) else line
+        return q.get(timeout=timeout).decode(errors="replace")
     except queue.Empty:
         raise RuntimeError("no READY line") from None
 
@@ -292,7 +294,7 @@ class Target:
 
     def __init__(self, h: Harness) -> None:
         self.h = h
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.headers: list[str] = []
         self.lg_extra: list[str] = ["--tls"] if self.tls else []  # extra loadgen options
@@ -354,9 +356,7 @@ class Baseline(Target):
         wait_port(self.port, self.proc)
 
     def version(self) -> str:
-        import uvloop
-
-        return f"uvloop {uvloop.__version__}"
+        return f"uvloop {importlib.metadata.version('uvloop')}"
 
 
 class Nginx(Target):
@@ -509,7 +509,9 @@ class Clawgate(Target):
     listener."""
 
     name = "clawgate"
-    tests = ("conns", "rtt1", "rtt100", "tput100", "tput64k", "idle", "cold", "refused")
+    tests: tuple[str, ...] = (
+        "conns", "rtt1", "rtt100", "tput100", "tput64k", "idle", "cold", "refused"
+    )
     workers = 1
 
     def __init__(self, h: Harness) -> None:
@@ -552,7 +554,7 @@ class Clawgate(Target):
         self.headers = [f"Authorization: Bearer {tok}"]
         return self.h.cert_missing() if self.tls else None
 
-    def config(self, variant: str) -> dict:
+    def config(self, variant: str) -> dict[str, Any]:
         a = self.h.args
         alog = (
             str(self.h.tmp / f"clawgate-access-{self.port}.log") if a.access_log == "on" else "off"
@@ -601,7 +603,7 @@ class Clawgate(Target):
             deep_merge(cfg, json.loads(a.clawgate_extra))
         return cfg
 
-    def extra_config(self, cfg: dict) -> None:
+    def extra_config(self, cfg: dict[str, Any]) -> None:
         """Hook for the variants below."""
 
     def start(self, variant: str) -> None:
@@ -650,7 +652,7 @@ class ClawgateGate(Clawgate):
         self.lg_extra = ["--first-text", json.dumps(connect, separators=(",", ":"))]
         return why
 
-    def extra_config(self, cfg: dict) -> None:
+    def extra_config(self, cfg: dict[str, Any]) -> None:
         cfg["gatewayToken"] = {"file": str(self.h.tmp / "gateway-token")}
 
 
@@ -675,7 +677,7 @@ class ClawgateWorkers2(Clawgate):
     workers = 2
 
 
-def deep_merge(a: dict, b: dict) -> None:
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> None:
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(a.get(k), dict):
             deep_merge(a[k], v)
@@ -707,7 +709,7 @@ def _frame_key(frame: str) -> str:
     return f"{name} ({short})"
 
 
-def aggregate_pyspy(raw: str, top: int = 40) -> dict:
+def aggregate_pyspy(raw: str, top: int = 40) -> dict[str, Any]:
     """py-spy `-f raw` (collapsed stacks 'f1;f2;...;fn COUNT') -> self and inclusive shares."""
     self_c: dict[str, int] = {}
     incl: dict[str, int] = {}
@@ -734,7 +736,7 @@ def aggregate_pyspy(raw: str, top: int = 40) -> dict:
     return {"pyspy_samples": total, "pyspy_self": topn(self_c), "pyspy_inclusive": topn(incl)}
 
 
-def parse_perf_csv(text: str) -> dict:
+def parse_perf_csv(text: str) -> dict[str, Any]:
     """`perf stat -x ,` lines: value,unit,event,... -> {event: value}."""
     out: dict[str, Any] = {}
     for line in text.splitlines():
@@ -759,9 +761,9 @@ class Harness:
         self.tmp = Path(tempfile.mkdtemp(prefix="clawgate-bench-"))
         self.loadgen = self.out / "loadgen"
         self.echo_bin = self.out / "echo"
-        self.echo: subprocess.Popen | None = None
+        self.echo: subprocess.Popen[bytes] | None = None
         self.echo_port = 0
-        self.runs: list[dict] = []
+        self.runs: list[dict[str, Any]] = []
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self.t_start = time.monotonic()
@@ -771,7 +773,7 @@ class Harness:
         self.tty = sys.stderr.isatty()
         self.deadline = self.t_start + args.max_minutes * 60
         self.out_of_time = False
-        self.ts_procs: list[subprocess.Popen] = []
+        self.ts_procs: list[subprocess.Popen[bytes]] = []
         self.ts_socket: str = args.tailscale_socket or ""
         self.ts_socket_cold: str = self.ts_socket
         self.cert = self.tmp / "bench-cert.pem"
@@ -779,7 +781,7 @@ class Harness:
         self.cert_pem_bundle = self.tmp / "bench-haproxy.pem"  # HAProxy: cert + key in one file
         self._cert_why: str | None = None
         self._cert_done = False
-        self.profile: dict | None = None
+        self.profile: dict[str, Any] | None = None
         # one proxied connection = 2 fds in the proxy; RLIMIT_NOFILE caps the idle test
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         # clawgate answers 503 beyond (soft - 48 - soft/32) / 2 connections (its fd guard,
@@ -887,7 +889,7 @@ class Harness:
         self.echo, self.echo_port = p, int(line.split()[1])
 
     # -- quiet check: other work on the machine skews everything; wait (bounded) for calm
-    def wait_quiet(self) -> dict:
+    def wait_quiet(self) -> dict[str, Any]:
         # per measurement at most --quiet-wait, per run at most --quiet-budget in total
         limit = max(0.0, min(self.args.quiet_wait, self.args.quiet_budget - self.quiet_spent))
         t0 = time.monotonic()
@@ -932,7 +934,7 @@ class Harness:
         label: str,
         timeout: float | None = None,
         before_start: Any = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         cmd = [
             str(self.loadgen),
             *args,
@@ -957,9 +959,11 @@ class Harness:
             cmd, cpu=CLIENT_CPU, stdout=outf, stderr=subprocess.PIPE, prefix=TOPO.cli_prefix()
         )
         err_lines: list[str] = []
+        stderr = p.stderr
+        assert stderr is not None
 
         def ticks() -> None:  # loadgen prints "tick t=.. done=.. rate=.." once a second
-            for raw in p.stderr:
+            for raw in stderr:
                 line = raw.decode(errors="replace").strip()
                 err_lines.append(line)
                 if line.startswith("tick"):
@@ -1003,8 +1007,13 @@ class Harness:
         }
 
     def record(
-        self, rep: int, target: Target, test: str, r: dict, extra: dict | None = None
-    ) -> dict:
+        self,
+        rep: int,
+        target: Target,
+        test: str,
+        r: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         rec = {"rep": rep, "target": target.name, "test": test, **r, **(extra or {})}
         self.runs.append(rec)
         lg = r.get("loadgen", {})
@@ -1102,6 +1111,7 @@ class Harness:
                 stdin=subprocess.PIPE,
                 prefix=TOPO.cli_prefix(),
             )
+            assert p.stdin is not None
             try:
                 ready = read_ready_line(p, timeout=a.idle_setup + 30)
                 if not ready.startswith("READY"):
@@ -1238,7 +1248,7 @@ class Harness:
             print(f"WARN {msg}", file=sys.stderr, flush=True)
         return self.out_of_time
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         a = self.args
         started = dt.datetime.now(dt.UTC)
         all_targets: list[Target] = [
@@ -1318,7 +1328,7 @@ class Harness:
         return out
 
     # -- where clawgate's time goes under the conns load: py-spy, then perf stat
-    def run_profile(self, t: Target) -> dict:
+    def run_profile(self, t: Target) -> dict[str, Any]:
         a = self.args
         secs = max(3.0, a.profile_seconds)
         res: dict[str, Any] = {"seconds": secs, "test": "conns (50 concurrent)"}
@@ -1332,7 +1342,7 @@ class Harness:
             if pyspy.is_file():
                 raw = self.tmp / "pyspy.raw"
                 self.progress(f"profile: py-spy on clawgate pid {pids[0]} for {secs:.0f}s", True)
-                holder: list[subprocess.Popen] = []
+                holder: list[subprocess.Popen[bytes]] = []
 
                 def attach_pyspy() -> None:
                     holder.append(
@@ -1380,7 +1390,7 @@ class Harness:
                 res["pyspy_error"] = "py-spy not found (.venv/bin/py-spy)"
             if shutil.which("perf"):
                 self.progress(f"profile: perf stat on clawgate for {secs:.0f}s", True)
-                pholder: list[subprocess.Popen] = []
+                pholder: list[subprocess.Popen[bytes]] = []
 
                 def attach_perf() -> None:
                     pholder.append(
@@ -1425,7 +1435,7 @@ class Harness:
             t.stop()
         return res
 
-    def meta(self, started: dt.datetime, targets: list[Target]) -> dict:
+    def meta(self, started: dt.datetime, targets: list[Target]) -> dict[str, Any]:
         a = self.args
         cpu_model = ""
         with open("/proc/cpuinfo") as f:
@@ -1445,11 +1455,9 @@ class Harness:
             except OSError:
                 return "?"
 
-        import uvloop
-
         versions = {
             "python": platform.python_version(),
-            "uvloop": uvloop.__version__,
+            "uvloop": importlib.metadata.version("uvloop"),
             "gcc": subprocess.run(
                 ["gcc", "-dumpfullversion"], capture_output=True, text=True
             ).stdout.strip(),
@@ -1537,7 +1545,7 @@ class Harness:
         }
 
 
-def summarize_line(test: str, rec: dict) -> str:
+def summarize_line(test: str, rec: dict[str, Any]) -> str:
     lg = rec.get("loadgen", {})
     cc = lg.get("client_cpu_frac_measure")
     pc = rec.get("proxy_cpu_s")

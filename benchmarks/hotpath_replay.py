@@ -24,10 +24,11 @@ import time
 from typing import Any
 
 
-class MemTransport:
+class MemTransport(asyncio.Transport):
     """Just the transport surface clawgate uses; writes are counted, not sent."""
 
     def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
         self.peer = peer
         self.reading = True
         self.closing = False
@@ -40,7 +41,7 @@ class MemTransport:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += len(data)
 
     def is_reading(self) -> bool:

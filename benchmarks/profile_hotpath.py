@@ -86,7 +86,8 @@ def _loadgen(port: int, spec: list[str], duration: float, headers: list[str]) ->
     for h in headers:
         cmd += ["-H", h]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return result
 
 
 def measure(pid: int, port: int, test: str, duration: float,
@@ -96,7 +97,7 @@ def measure(pid: int, port: int, test: str, duration: float,
     r = _loadgen(port, TESTS[test], duration, headers)
     cpu = cpu_seconds(pids) - c0
     n = r["ok_total"] if test == "conns" else r["msgs_total"]
-    return {"rate": n / r["wall_s"], "cpu_us": cpu * 1e6 / max(n, 1),  # type: ignore[dict-item]
+    return {"rate": n / r["wall_s"], "cpu_us": cpu * 1e6 / max(n, 1),
             "errors": r.get("errors_total", 0), "first_error": r.get("first_error", "")}
 
 

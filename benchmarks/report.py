@@ -31,8 +31,9 @@ CORE_TARGETS = ["direct", "baseline", "nginx", "haproxy", "clawgate"]
 NOTES_DIR = Path(__file__).resolve().parent / "notes"
 
 
-def _lg(r: dict) -> dict:
-    return r.get("loadgen", {})
+def _lg(r: dict[str, Any]) -> dict[str, Any]:
+    lg: dict[str, Any] = r.get("loadgen", {})
+    return lg
 
 
 def _per(num: float | None, den: float | None, scale: float) -> float | None:
@@ -42,7 +43,7 @@ def _per(num: float | None, den: float | None, scale: float) -> float | None:
 
 
 # key, label, unit, better, test, extractor
-METRICS: list[tuple[str, str, str, str, str, Callable[[dict], Any]]] = [
+METRICS: list[tuple[str, str, str, str, str, Callable[[dict[str, Any]], Any]]] = [
     (
         "conns_per_s",
         "connections/s (connect+upgrade+100 B echo+close, 50 concurrent)",
@@ -201,7 +202,7 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def analyse(data: dict) -> dict:
+def analyse(data: dict[str, Any]) -> dict[str, Any]:
     runs = data["runs"]
     summary: dict[str, dict[str, Any]] = {}
     for key, _label, _unit, _better, test, fn in METRICS:
@@ -226,7 +227,7 @@ def analyse(data: dict) -> dict:
     data["errors"] = errors
 
     def med(t: str, k: str) -> float | None:
-        return summary.get(t, {}).get(k, {}).get("median")
+        return med_of(summary, t, k)
 
     ratios: dict[str, dict[str, float]] = {}
     for a, b in RATIO_PAIRS:
@@ -243,15 +244,15 @@ def analyse(data: dict) -> dict:
         if r.get("foreign_cpu_s") is not None and r.get("wall_s")
     ]
     data["noise"] = {
-        "median_foreign_cpu_frac": round(median(fr), 3) if fr else None,
+        "median_foreign_cpu_frac": round(statistics.median(fr), 3) if fr else None,
         "max_foreign_cpu_frac": round(max(fr), 3) if fr else None,
         "not_quiet_runs": sum(1 for r in runs if r.get("quiet") is False),
     }
     return data
 
 
-def goals(med: Callable[[str, str], float | None]) -> list[dict]:
-    out = []
+def goals(med: Callable[[str, str], float | None]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
 
     def rel(subject: str, key: str, ref: str, factor: float, op: str, text: str) -> None:
         v, r = med(subject, key), med(ref, key)
@@ -365,9 +366,11 @@ def goals(med: Callable[[str, str], float | None]) -> list[dict]:
     return out
 
 
-def client_check(data: dict, med: Callable[[str, str], float | None]) -> list[dict]:
+def client_check(
+    data: dict[str, Any], med: Callable[[str, str], float | None]
+) -> list[dict[str, Any]]:
     """Direct rate vs the best proxied rate, and the client's CPU during the measurement."""
-    out = []
+    out: list[dict[str, Any]] = []
     runs = data["runs"]
     for key, test in (
         ("conns_per_s", "conns"),
@@ -446,7 +449,7 @@ def fmt(v: Any, unit: str = "") -> str:
     return str(v)
 
 
-def render(data: dict, json_path: Path | str | None = None) -> str:
+def render(data: dict[str, Any], json_path: Path | str | None = None) -> str:
     m = data["meta"]
     S = data["summary"]
     targets = [t for t in CORE_TARGETS if t in S or t in m.get("targets", [])]
@@ -551,14 +554,14 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
     L.append("")
     L.append("| goal | clawgate | baseline splice (reference) |")
     L.append("|---|---|---|")
-    seen: dict[str, dict[str, dict]] = {}
+    seen: dict[str, dict[str, dict[str, Any]]] = {}
     order: list[str] = []
     for g in data.get("goals", []):
         if g["goal"] not in seen:
             order.append(g["goal"])
         seen.setdefault(g["goal"], {})[g["subject"]] = g
 
-    def cell(g: dict | None) -> str:
+    def cell(g: dict[str, Any] | None) -> str:
         if not g:
             return "-"
         st = g["status"]
@@ -767,11 +770,12 @@ def render(data: dict, json_path: Path | str | None = None) -> str:
     return "\n".join(L)
 
 
-def med_of(S: dict, t: str, k: str) -> float | None:
-    return S.get(t, {}).get(k, {}).get("median")
+def med_of(S: dict[str, Any], t: str, k: str) -> float | None:
+    m: float | None = S.get(t, {}).get(k, {}).get("median")
+    return m
 
 
-def render_variants(data: dict, variants: list[str]) -> list[str]:
+def render_variants(data: dict[str, Any], variants: list[str]) -> list[str]:
     S = data["summary"]
     L = ["## Variants: gateway-token gate, TLS, workers, cold identity cache", ""]
     L.append("| measurement | subject | reference | ratio |")
@@ -825,7 +829,7 @@ def render_variants(data: dict, variants: list[str]) -> list[str]:
     return L
 
 
-def render_profile(data: dict) -> list[str]:
+def render_profile(data: dict[str, Any]) -> list[str]:
     pr = data["profile"]
     L = ["## Where clawgate's time goes (conns load, every check on)", ""]
     S = data["summary"]
@@ -893,7 +897,7 @@ def render_notes() -> list[str]:
     return L
 
 
-def console_summary(data: dict) -> str:
+def console_summary(data: dict[str, Any]) -> str:
     S = data["summary"]
     targets = [t for t in TARGET_ORDER if t in S]
     lines = ["", "metric".ljust(26) + "".join(t.rjust(12) for t in targets)]

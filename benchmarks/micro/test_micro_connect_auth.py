@@ -13,7 +13,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from proxy.core.connect_auth import decide, parse_connect, shared_generations
+from proxy.core.connect_auth import ConnectAuth, decide, parse_connect, shared_generations
 from proxy.core.tokens import digest
 from proxy.gateway_store import GatewayStore
 from tests.fakes.pairing_store import FakeDevice, PairingStore
@@ -30,6 +30,12 @@ def _frame(auth: dict[str, str], dev: FakeDevice | None = None) -> bytes:
                             "signature": "s" * 86, "signedAt": 1, "nonce": "n" * 36}
     return json.dumps({"type": "req", "id": "c1", "method": "connect",
                        "params": params}).encode()
+
+
+def _parsed(frame: bytes) -> ConnectAuth:
+    auth = parse_connect(frame)
+    assert isinstance(auth, ConnectAuth), auth  # a str is the refusal reason
+    return auth
 
 
 def _store(tmp_path: Path) -> tuple[GatewayStore, list[FakeDevice]]:
@@ -49,7 +55,7 @@ def _store(tmp_path: Path) -> tuple[GatewayStore, list[FakeDevice]]:
 
 def test_gate_decision_shared_token(benchmark):  # type: ignore[no-untyped-def]
     frame, d = _frame({"token": GW}), digest(GW)
-    assert benchmark(lambda: decide(parse_connect(frame), d, None, now_ms=0)).admit  # type: ignore[arg-type]
+    assert benchmark(lambda: decide(_parsed(frame), d, None, now_ms=0)).admit
 
 
 def test_gate_decision_device_token(benchmark, tmp_path):  # type: ignore[no-untyped-def]
@@ -57,7 +63,7 @@ def test_gate_decision_device_token(benchmark, tmp_path):  # type: ignore[no-unt
     snap = store.current()
     frame, d, gens = _frame({"deviceToken": "device-token-7"}, devs[7]), digest(GW), \
         shared_generations(GW.encode())
-    assert benchmark(lambda: decide(parse_connect(frame), d, snap, now_ms=0,  # type: ignore[arg-type]
+    assert benchmark(lambda: decide(_parsed(frame), d, snap, now_ms=0,
                                     generations=gens)).admit
 
 

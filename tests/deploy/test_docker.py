@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 

@@ -282,7 +282,7 @@ async def test_close_codes_pass_unchanged_both_ways(tailnet: Tailnet, proxy: Cla
         ws = await ws_open(tailnet, "/ws", auth)
         await ws.close(code, f"from client {code}")
         await fake_gateway.wait_until(
-            lambda c=code: (c, f"from client {c}") in fake_gateway.ws_closes)
+            lambda: (code, f"from client {code}") in fake_gateway.ws_closes)
     # The gateway saw each client close once, and the echo of each of its own closes.
     assert sorted(fake_gateway.ws_closes) == sorted(
         [(c, f"from client {c}") for c in CLOSE_CODES]

@@ -25,9 +25,11 @@ import yaml
 from proxy.config import parse_config
 from proxy.doctor import Facts, FileInfo, run_checks, secret_kind
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import fake_tailscaled
 from tests.harness import ROOT, ClawgateProcess
 from tests.netns import GW_V4, Tailnet, run_in
+from tests.support import (
+    fake_tailscaled,
+)
 
 COMPOSE = ROOT / "config" / "compose.yml"
 DOCKER_CONFIG = ROOT / "config" / "clawgate.docker.json"

@@ -18,9 +18,12 @@ import pytest
 from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
 from tests.fakes.pairing_store import FakeDevice, PairingStore
-from tests.functional.identity_support import fake_tailscaled, iso_in
 from tests.harness import ROOT
 from tests.netns import GW_V4, Tailnet, listen_in
+from tests.support import (
+    fake_tailscaled,
+    iso_in,
+)
 
 pytestmark = pytest.mark.netns
 

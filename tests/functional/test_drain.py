@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.harness import ClawgateProcess
+from tests.netns import GW_V4, Tailnet, connect_in
+from tests.support import (
     PORT,
     base_config,
     bearer,
@@ -24,8 +26,6 @@ from tests.functional.hardening_support import (
     echo_ok,
     ws_open,
 )
-from tests.harness import ClawgateProcess
-from tests.netns import GW_V4, Tailnet, connect_in
 from tests.util import build_request, open_in, read_response, read_to_close
 
 

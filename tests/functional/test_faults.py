@@ -23,10 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection
+
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.harness import ROOT, ClawgateProcess
+from tests.netns import GW_V4, Tailnet, open_connection_in, run_in
+from tests.support import (
     PORT,
     base_config,
+    clawgate_config,
     closed_by_server,
     cpu_seconds,
     echo_ok,
@@ -34,11 +39,9 @@ from tests.functional.hardening_support import (
     get,
     metric,
     running,
+    tailnet_peers,
     ws_open,
 )
-from tests.functional.identity_support import clawgate_config, tailnet_peers
-from tests.harness import ROOT, ClawgateProcess
-from tests.netns import GW_V4, Tailnet, open_connection_in, run_in
 from tests.util import Response, build_request, open_in, read_response
 
 # ------------------------------------------------------------------ tailscaled
@@ -332,7 +335,7 @@ async def test_file_descriptors_exhausted(tailnet: Tailnet, fake_gateway: FakeGa
     cfg = base_config(fake_gateway.port, {"perSourceIp": 10000, "perIdentity": 10000})
     async with running(tailnet, tmp_path / "cg", cfg, cls=LimitedClawgate) as cg:
         token = cg.tokens["phone"]
-        held = []
+        held: list[ClientConnection] = []
         status: int | None = 200
         for _ in range(NOFILE):  # bounded: each session holds two descriptors
             try:

@@ -20,8 +20,14 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import PORT, base_config, get, metric, running
 from tests.netns import GW_V4, Tailnet, listen_in, socket_in
+from tests.support import (
+    PORT,
+    base_config,
+    get,
+    metric,
+    running,
+)
 from tests.util import open_in
 
 CONNECT_TIMEOUT = 0.3

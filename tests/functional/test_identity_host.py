@@ -19,12 +19,12 @@ import pytest
 
 from proxy.tailscale import DEFAULT_SOCKET_PATHS
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import (
+from tests.netns import GW_PUBLIC_V4, GW_V4, GW_V6, PHONE_V4, PHONE_V6, Tailnet, connect_in
+from tests.support import (
     ADMIN_PORT,
     ALICE,
     PORT,
     alice_body,
-    clawgate,
     clawgate_config,
     connect_bound,
     eventually,
@@ -33,8 +33,8 @@ from tests.functional.identity_support import (
     listeners_of,
     loopback_socket,
     request,
+    running,
 )
-from tests.netns import GW_PUBLIC_V4, GW_V4, GW_V6, PHONE_V4, PHONE_V6, Tailnet, connect_in
 
 TAILNET_LISTENERS = {f"{GW_V4}:{PORT}", f"[{GW_V6}]:{PORT}"}
 ADMIN_LISTENER = f"127.0.0.1:{ADMIN_PORT}"
@@ -55,7 +55,7 @@ async def test_binds_exactly_the_tailscale_addresses(
     async with fake_tailscaled() as ts:
         assert ts.self_ips == [GW_V4, GW_V6]
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             assert listeners_of(tailnet, cg.pid) == TAILNET_LISTENERS | {ADMIN_LISTENER}
             status, body = await cg.admin_json("/health")
             assert sorted(body["clawgate"]["listening"]) == sorted(TAILNET_LISTENERS)
@@ -79,7 +79,7 @@ async def test_binds_once_tailscaled_is_up(tailnet: Tailnet, fake_gateway: FakeG
         if start_state == "NeedsLogin":
             ts.set_backend_state("NeedsLogin")
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-        async with clawgate(tailnet, tmp_path / "cg", cfg,
+        async with running(tailnet, tmp_path / "cg", cfg,
                             wait_for="waiting for tailscaled") as cg:
             assert listeners_of(tailnet, cg.pid) == {ADMIN_LISTENER}
             assert await refused(tailnet, GW_V4)
@@ -115,7 +115,7 @@ async def test_new_address_is_bound_before_it_is_on_an_interface(
     gw_if = tailnet.ifname("gw")
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             ts.self_ips = [GW_V4, new, GW_V6]
             ts.push_notify({"SelfChange": {"ID": 1}})  # the daemon's own node changed
             await cg.wait_stderr(f"listening on {new}:{PORT} (tailnet address appeared)")
@@ -136,7 +136,7 @@ async def test_no_tailscaled_serves_loopback_only(
     if present:
         pytest.skip(f"a tailscaled socket exists on this machine: {present}")
     cfg = clawgate_config(fake_gateway, None, host="tailscale")
-    async with clawgate(tailnet, tmp_path / "cg", cfg, wait_for="listening on") as cg:
+    async with running(tailnet, tmp_path / "cg", cfg, wait_for="listening on") as cg:
         assert listeners_of(tailnet, cg.pid) == {f"127.0.0.1:{PORT}", ADMIN_LISTENER}
         warnings = [line for line in cg.stderr().splitlines() if "WARNING" in line]
         assert len(warnings) == 1, warnings
@@ -166,7 +166,7 @@ async def test_health_key_expiry(tailnet: Tailnet, fake_gateway: FakeGateway, tm
         ts.self_key_expiry, ts.self_expired = expiry, expired
         cfg = clawgate_config(fake_gateway, ts.socket_path,
                               tailscale={"keyExpiryWarnDays": warn_days})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             status, body = await cg.admin_json("/health")
             t = body["tailscale"]
             assert t["state"] == "Running" and t["key_expiry"] == expiry, t
@@ -192,7 +192,7 @@ async def test_health_degraded_when_not_running(tailnet: Tailnet, fake_gateway: 
                                                 tmp_path: Path, state: str) -> None:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path)
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             assert (await cg.admin_json("/health"))[0] == 200
             assert (await request(tailnet, "phone", token=token)).status == 200
@@ -217,7 +217,7 @@ async def test_userspace_networking_identity_by_loopback_port(
         ts.tun = False
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="127.0.0.1",
                               tailscale={"cacheTtl": 3600})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             # A tailnet peer proxied in by tailscaled: whois knows this exact ip:port.
             sock, port = await loopback_socket(tailnet)
@@ -258,7 +258,7 @@ async def test_userspace_local_process_without_require_identity(
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="127.0.0.1",
                               tailscale={"requireIdentity": False})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             sock, _ = await loopback_socket(tailnet)
             await connect_bound(sock, "127.0.0.1", PORT)
             resp = await request(tailnet, "gw", "127.0.0.1", token=cg.tokens["phone"],

@@ -19,22 +19,22 @@ import pytest
 
 from proxy.config import load_config
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import (
+from tests.netns import CI_V4, GW_V4, GW_V6, PHONE_V4, PHONE_V6, PUBLIC_V4, Tailnet
+from tests.support import (
     ALICE,
     ALICE_NODE,
     CAP,
     CI_NODE,
     alice_body,
     ci_body,
-    clawgate,
     clawgate_config,
     eventually,
     fake_tailscaled,
     reconfigure,
     request,
+    running,
     stable_id,
 )
-from tests.netns import CI_V4, GW_V4, GW_V6, PHONE_V4, PHONE_V6, PUBLIC_V4, Tailnet
 
 # Who is asking: (namespace, destination) -> the verdict the fake daemon's answer leads to.
 CLIENTS = {"alice": ("phone", GW_V4), "ci": ("ci", GW_V4), "unknown": ("public", GW_V4)}
@@ -86,7 +86,7 @@ async def test_policy_table(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_pat
     async with fake_tailscaled() as ts:
         ci_id = stable_id(ci_body())
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"authMode": mode})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             good = cg.tokens["phone"]
             creds = {"good": good, "none": None, "bad": good[:-4] + "AAAA"}
             mismatches: list[str] = []
@@ -131,7 +131,7 @@ async def test_identity_headers_replace_spoofed_ones(
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, host=[GW_V4, GW_V6],
                               tailscale={"sendTailscaleHeaders": True})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             spoof = [("X-Forwarded-User", "mallory@evil.example"),
                      ("x_forwarded_user", "mallory@evil.example"),
                      ("TAILSCALE-USER-LOGIN", "mallory@evil.example"),
@@ -178,7 +178,7 @@ async def test_tagged_identity_value(tailnet: Tailnet, fake_gateway: FakeGateway
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path,
                               tailscale={"taggedIdentity": template, "allowTags": ["tag:ci"]})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             resp = await request(tailnet, "ci", token=cg.tokens["phone"],
                                  headers=[("X-Forwarded-User", "tagged-devices")])
             assert resp.status == 200
@@ -192,7 +192,7 @@ async def test_custom_identity_header(tailnet: Tailnet, fake_gateway: FakeGatewa
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path,
                               tailscale={"identityHeader": "X-Auth-Request-User"})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             resp = await request(tailnet, "phone", token=cg.tokens["phone"],
                                  headers=[("X-Auth-Request-User", "mallory"),
                                           ("x-auth-request_user", "mallory")])
@@ -210,7 +210,7 @@ async def test_non_ascii_names_are_q_encoded(tailnet: Tailnet, fake_gateway: Fak
     async with fake_tailscaled(peers=[(PHONE_V4, zoe, "direct")]) as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path,
                               tailscale={"sendTailscaleHeaders": True, "cacheTtl": 0})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             resp = await request(tailnet, "phone", token=cg.tokens["phone"])
             assert resp.status == 200
             (rec,) = fake_gateway.requests
@@ -250,7 +250,7 @@ async def test_control_characters_in_identity_are_refused(
     async with fake_tailscaled(peers=[(PHONE_V4, body, "direct")]) as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path,
                               tailscale={"sendTailscaleHeaders": True})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             resp = await request(tailnet, "phone", token=cg.tokens["phone"])
             assert resp.status == 403, resp
             assert b"identity" in resp.body
@@ -264,13 +264,13 @@ async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeG
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path,
                               tailscale={"allowUsers": [ALICE]})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             # /health asks tailscaled for status on the spot: the peer paths are known after it.
             await eventually(lambda: cg.admin_json("/health"), lambda r: r[0] == 200)
             token = cg.tokens["phone"]
             assert (await request(tailnet, "phone", token=token)).status == 200
             assert (await request(tailnet, "ci", token=token)).status == 403
-            want = {
+            want: dict[str, dict[str, Any]] = {
                 PHONE_V4: {"node": ALICE_NODE, "login": ALICE, "tags": [], "os": "macOS",
                            "peer_path": "direct"},
                 CI_V4: {"node": CI_NODE, "login": None, "tags": ["tag:ci"], "os": "linux",
@@ -335,7 +335,7 @@ async def test_shipped_configs_pair_up(tailnet: Tailnet, fake_gateway: FakeGatew
                "gateway": {**ours["gateway"], "host": GW_V4},
                "tailscale": {**ours["tailscale"], "socket": ts.socket_path}}
         del cfg["tokens"], cfg["log"], cfg["admin"]  # the harness's own
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             # alice's browser, no token: identity mode lets her in, and tells the gateway.
             resp = await request(tailnet, "phone", headers=[("X-Forwarded-User", "admin")])
             assert resp.status == 200

@@ -25,19 +25,19 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import (
+from tests.harness import ROOT, ClawgateProcess
+from tests.netns import CI_V4, PHONE_V4, Tailnet
+from tests.support import (
     ALICE,
     CI_NODE,
     alice_body,
-    clawgate,
     clawgate_config,
     eventually,
     fake_tailscaled,
     request,
+    running,
     tailnet_peers,
 )
-from tests.harness import ROOT, ClawgateProcess
-from tests.netns import CI_V4, PHONE_V4, Tailnet
 
 TIMEOUT = 0.5  # tailscale.timeout in these tests
 
@@ -118,7 +118,7 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
         # A long TTL: only the IPN bus (or its loss) can make clawgate ask again.
         cfg = clawgate_config(fake_gateway, sock, tailscale={"timeout": TIMEOUT,
                                                              "cacheTtl": 3600})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             pid = cg.pid
             await wait_bus(cg)
@@ -188,7 +188,7 @@ async def test_removed_peer_is_refused_on_next_connection(
         tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"cacheTtl": 3600})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             await wait_bus(cg)
             for _ in range(3):
@@ -213,7 +213,7 @@ async def test_bus_reconnect_flushes_the_cache(
     """Changes made while the bus was down were not seen: reconnect, and ask again."""
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"cacheTtl": 3600})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             await wait_bus(cg)
             assert (await request(tailnet, "phone", token=token)).status == 200
@@ -237,7 +237,7 @@ async def test_cache_ttl(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: 
     ttl = 0.6
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"cacheTtl": ttl})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             await wait_bus(cg)
             t0 = time.monotonic()
@@ -257,7 +257,7 @@ async def test_one_whois_per_new_peer_under_concurrency(
         tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"timeout": 3})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             await wait_bus(cg)
             # Each whois takes 0.4 s: every connection below arrives while it is in flight.

@@ -105,7 +105,7 @@ async def status_of(tailnet: Tailnet, role: str, token: str) -> tuple[int, bytes
     try:
         conn = await ws(tailnet, role, token)
     except InvalidStatus as exc:
-        return exc.response.status_code, exc.response.body or b""
+        return exc.response.status_code, bytes(exc.response.body or b"")
     await conn.close()
     return 101, b""
 

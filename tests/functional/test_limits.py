@@ -17,20 +17,21 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.harness import ClawgateProcess, run_cli
+from tests.netns import GW_V4, Tailnet, connect_in
+from tests.support import (
     PORT,
     base_config,
     bearer,
+    clawgate_config,
     echo_ok,
+    fake_tailscaled,
     get,
     median,
     running,
     timed_get,
     ws_open,
 )
-from tests.functional.identity_support import clawgate_config, fake_tailscaled
-from tests.harness import ClawgateProcess, run_cli
-from tests.netns import GW_V4, Tailnet, connect_in
 from tests.util import build_request, open_in, read_response, read_to_close
 
 

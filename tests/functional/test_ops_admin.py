@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +18,21 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import (
+from tests.fakes.fake_tailscaled import FakeTailscaled
+from tests.harness import ROOT, ClawgateProcess
+from tests.netns import GW_V4, PHONE_V4, Tailnet, connect_in
+from tests.support import (
     ALICE,
     PORT,
-    clawgate,
     clawgate_config,
     fake_tailscaled,
     request,
+    running,
 )
-from tests.harness import ROOT, ClawgateProcess
-from tests.netns import GW_V4, PHONE_V4, Tailnet, connect_in
 
 pytestmark = pytest.mark.netns
+
+Running = tuple[ClawgateProcess, FakeTailscaled]
 
 
 def _metrics(text: str) -> dict[str, float]:
@@ -63,10 +67,11 @@ def cli_in_ns(cg: ClawgateProcess, *args: str) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture
-async def running(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> Any:
+async def serving(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+                  ) -> AsyncIterator[Running]:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path)
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             # The monitor's first status poll: /health is meaningful from here on.
             async def polled() -> bool:
                 _, body = await cg.admin_json("/health")
@@ -75,10 +80,10 @@ async def running(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -
             yield cg, ts
 
 
-async def test_metrics_after_traffic_pass_promtool(tailnet: Tailnet, running: Any) -> None:
+async def test_metrics_after_traffic_pass_promtool(tailnet: Tailnet, serving: Running) -> None:
     if shutil.which("promtool") is None:
         pytest.skip("promtool not installed (apt package prometheus)")
-    cg, ts = running
+    cg, ts = serving
     token = cg.tokens["phone"]
     ts.mode = "503"  # whois of a peer never seen fails: a LocalAPI error, and a 503
     r = await request(tailnet, "ci", path="/headers", token=token)
@@ -123,7 +128,7 @@ async def test_metrics_after_traffic_pass_promtool(tailnet: Tailnet, running: An
 async def test_refused_by_reason_and_upstream_errors(tailnet: Tailnet, fake_gateway: FakeGateway,
                                                      tmp_path: Path) -> None:
     cfg = clawgate_config(fake_gateway, None, gateway={"allowedNetworks": ["100.64.0.0/10"]})
-    async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+    async with running(tailnet, tmp_path / "cg", cfg) as cg:
         sock = await connect_in(tailnet.ns("public"), GW_V4, PORT)
         reader, writer = await asyncio.open_connection(sock=sock)
         writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -148,8 +153,8 @@ async def test_refused_by_reason_and_upstream_errors(tailnet: Tailnet, fake_gate
         assert any("gateway unreachable" in p for p in health["problems"])
 
 
-async def test_health_ok_then_degraded_by_tailscale(running: Any) -> None:
-    cg, ts = running
+async def test_health_ok_then_degraded_by_tailscale(serving: Running) -> None:
+    cg, ts = serving
     status, body = await cg.admin_json("/health")
     assert status == 200, body
     assert body["status"] == "ok" and body["problems"] == []
@@ -173,8 +178,9 @@ async def test_health_ok_then_degraded_by_tailscale(running: Any) -> None:
     await poll(back)
 
 
-async def test_connections_and_status_show_live_sessions(tailnet: Tailnet, running: Any) -> None:
-    cg, ts = running
+async def test_connections_and_status_show_live_sessions(tailnet: Tailnet,
+                                                         serving: Running) -> None:
+    cg, ts = serving
     token = cg.tokens["phone"]
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
     async with connect(f"ws://{GW_V4}:{PORT}/ws", sock=sock, proxy=None,

@@ -24,20 +24,21 @@ from websockets.exceptions import ConnectionClosed
 
 from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.harness import ClawgateProcess
+from tests.netns import GW_V4, Tailnet, listen_in
+from tests.support import (
     PORT,
     base_config,
+    clawgate_config,
     cli_in_gw,
     closed_by_server,
     echo_ok,
     eventually,
+    fake_tailscaled,
     get,
     running,
     ws_open,
 )
-from tests.functional.identity_support import clawgate_config, fake_tailscaled
-from tests.harness import ClawgateProcess
-from tests.netns import GW_V4, Tailnet, listen_in
 from tests.util import build_request, exchange
 
 

@@ -13,14 +13,14 @@ import subprocess
 from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import (
+from tests.netns import GW_V4, GW_V6, Tailnet, listen_in
+from tests.support import (
     PORT,
-    clawgate,
     clawgate_config,
     fake_tailscaled,
     request,
+    running,
 )
-from tests.netns import GW_V4, GW_V6, Tailnet, listen_in
 
 
 async def test_unbindable_address_does_not_block_the_others(
@@ -31,7 +31,7 @@ async def test_unbindable_address_does_not_block_the_others(
             ts.set_backend_state("NeedsLogin")
             ts.self_ips = [GW_V6, GW_V4]
             cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-            async with clawgate(tailnet, tmp_path / "cg", cfg,
+            async with running(tailnet, tmp_path / "cg", cfg,
                                 wait_for="waiting for tailscaled") as cg:
                 ts.set_backend_state("Running")
                 await cg.wait_stderr(f"cannot listen on [{GW_V6}]:{PORT}", timeout=10)
@@ -54,7 +54,7 @@ async def test_health_degraded_when_no_tailnet_address_is_local(
     gw_if = tailnet.ifname("gw")
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             status, body = await cg.admin_json("/health")
             assert status == 200, body
             ts.self_ips = [new]  # an address that is on no interface of gw

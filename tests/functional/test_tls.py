@@ -270,7 +270,9 @@ async def test_failed_renewal_keeps_the_old_certificate_and_warns(
     _, health = await cg.admin_json("/health")
     warning = next(w for w in health["warnings"] if "renewal failed" in w)
     assert "cert access denied" in warning
-    days = float(re.search(r"expires in ([0-9.]+) days", warning).group(1))
+    m = re.search(r"expires in ([0-9.]+) days", warning)
+    assert m is not None, warning
+    days = float(m.group(1))
     assert 2.9 <= days <= 3.0
     assert "renewal failed" in cg.stderr() and "keeping the current certificate" in cg.stderr()
 

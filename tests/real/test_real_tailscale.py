@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import eventually, reconfigure, request
 from tests.netns import connect_in
 from tests.real.conftest import (
     ALICE,
@@ -32,6 +31,7 @@ from tests.real.conftest import (
     start_server_clawgate,
 )
 from tests.real.tailnet import RealTailnet
+from tests.support import eventually, reconfigure, request
 
 pytestmark = pytest.mark.netns
 

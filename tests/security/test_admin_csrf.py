@@ -15,7 +15,9 @@ import pytest
 
 from proxy.admin import admin_refusal
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.harness import ClawgateProcess
+from tests.netns import Tailnet, open_connection_in
+from tests.support import (
     ADMIN_PORT,
     base_config,
     cli_in_gw,
@@ -23,8 +25,6 @@ from tests.functional.hardening_support import (
     running,
     ws_open,
 )
-from tests.harness import ClawgateProcess
-from tests.netns import Tailnet, open_connection_in
 from tests.util import read_response
 
 

@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import ALICE, CAP, clawgate, clawgate_config, request
 from tests.harness import run_cli
 from tests.netns import Tailnet
+from tests.support import (
+    ALICE,
+    CAP,
+    clawgate_config,
+    request,
+    running,
+)
 
 
 @pytest.mark.parametrize("policy", [
@@ -34,7 +40,7 @@ async def test_no_tailscaled_at_start_gives_503_not_admit(
     # No socket configured and none at the platform paths: no identity source at start.
     cfg = clawgate_config(fake_gateway, None, gateway={"requireToken": False},
                           tailscale=policy)
-    async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+    async with running(tailnet, tmp_path / "cg", cfg) as cg:
         for role in ("phone", "ci"):
             for path in ("/headers", "/"):
                 resp = await request(tailnet, role, path=path)

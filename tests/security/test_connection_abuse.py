@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import fake_tailscaled
 from tests.netns import GW_V4, PHONE_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     ALICE,
     ALICE_PIC,
     HOST,
     IDENTITY_HEADER,
     PORT,
+    fake_tailscaled,
     forwarding_view,
     identity_config,
     norm,

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import HOST, PORT, plain_config, raw_send, running, status_of
+from tests.support import (
+    HOST,
+    PORT,
+    plain_config,
+    raw_send,
+    running,
+    status_of,
+)
 from tests.util import build_request, exchange
 
 GW_SECRET = "gateway-secret-0123456789abcdef-0123456789"  # the gateway's own token (>= 32 B)

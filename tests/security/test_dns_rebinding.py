@@ -20,8 +20,12 @@ import pytest
 from proxy.access.hosts import HostNames, split_host
 from tests.fakes.fake_gateway import FakeGateway
 from tests.fakes.fake_tailscaled import SELF_HOST, TAILNET
-from tests.functional.identity_support import clawgate, clawgate_config, fake_tailscaled
 from tests.netns import GW_V4, GW_V6, Tailnet
+from tests.support import (
+    clawgate_config,
+    fake_tailscaled,
+    running,
+)
 from tests.util import build_request, exchange, open_in, read_response
 
 PORT = 18789
@@ -49,7 +53,7 @@ async def test_foreign_host_is_refused_in_every_mode(
                               gateway={"requireToken": mode == "both",
                                        "allowedHosts": ["openclaw.example.com"]},
                               tailscale={"authMode": mode, "allowUsers": ["alice@example.com"]})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             auth = (("Authorization", f"Bearer {token}"),)
             for host in (EVIL, f"{EVIL}:{PORT}", f"{MAGIC}.{EVIL}", f"{EVIL}.", "evil",
@@ -87,7 +91,7 @@ async def test_login_post_with_a_foreign_host_is_refused(
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, str(ts.socket_path),
                               tailscale={"authMode": "both"})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             form = f"token={cg.tokens['phone']}&next=/".encode()
             headers = [("Connection", "close"),
                        ("Content-Type", "application/x-www-form-urlencoded")]
@@ -107,7 +111,7 @@ async def test_host_is_checked_on_every_request_of_a_keep_alive_connection(
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, str(ts.socket_path),
                               tailscale={"authMode": "either"})
-        async with clawgate(tailnet, tmp_path / "cg", cfg):
+        async with running(tailnet, tmp_path / "cg", cfg):
             reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)
             try:
                 writer.write(build_request("GET", "/headers", host=MAGIC))
@@ -127,7 +131,7 @@ async def test_magicdns_name_learned_after_start(
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, str(ts.socket_path),
                               tailscale={"authMode": "either"})
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             assert (await _get(tailnet, "gw.custom.example"))[0] == 421
             ts.cert_domains.append("gw.custom.example")
             status = 0

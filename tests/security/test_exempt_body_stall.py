@@ -22,8 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import HOST, PORT, plain_config, running, status_of
 from tests.security.node_support import node_echo
+from tests.support import (
+    HOST,
+    PORT,
+    plain_config,
+    running,
+    status_of,
+)
 from tests.util import open_in, read_response, read_to_close
 
 BODY = b"1\r\nx\r\n" * (8 * 1024 * 1024 // 6) + b"0\r\n\r\n"  # 8 MB of 1-byte chunks
@@ -105,7 +111,7 @@ async def measured(tailnet: Tailnet, path: str, auth: str = "") -> dict[str, Any
 async def test_tiny_chunks_to_an_exempt_path_do_not_stall_other_clients(
         tailnet: Tailnet, tmp_path: Path) -> None:
     async with node_echo(tailnet) as node, running(
-            tailnet, tmp_path / "cg", plain_config(node)) as cg:  # type: ignore[arg-type]
+            tailnet, tmp_path / "cg", plain_config(node)) as cg:
         idle = asyncio.Event()
         idle.set()
         alone = await victim(tailnet, asyncio.Event(), idle)
@@ -122,7 +128,7 @@ async def test_tiny_chunks_to_an_exempt_path_do_not_stall_other_clients(
 
 async def test_tiny_chunks_with_a_token_are_cut_off(tailnet: Tailnet, tmp_path: Path) -> None:
     async with node_echo(tailnet) as node, running(
-            tailnet, tmp_path / "cg", plain_config(node)) as cg:  # type: ignore[arg-type]
+            tailnet, tmp_path / "cg", plain_config(node)) as cg:
         got = await measured(tailnet, "/upload", f"Authorization: Bearer {cg.tokens['phone']}\r\n")
         print("token attack:", got)
         assert got["status"] == 400, got

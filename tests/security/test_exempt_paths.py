@@ -13,7 +13,14 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import HOST, PORT, plain_config, raw_send, running, status_of
+from tests.support import (
+    HOST,
+    PORT,
+    plain_config,
+    raw_send,
+    running,
+    status_of,
+)
 from tests.util import open_in, read_response
 
 EXEMPT_OK = [b"/health", b"/healthz", b"/health?x=1", b"/healthz?probe=k8s"]

@@ -19,19 +19,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.functional.identity_support import fake_tailscaled
 from tests.netns import PHONE_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.security.node_support import NodeEcho, node_echo
+from tests.support import (
     ALICE,
     HOST,
     IDENTITY_HEADER,
     PORT,
+    fake_tailscaled,
     identity_config,
     raw_send,
     running,
     status_of,
 )
-from tests.security.node_support import NodeEcho, node_echo
 from tests.util import open_in, read_response
 
 GW = "100.64.0.1"
@@ -42,7 +42,7 @@ OWN = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", IDENTITY_HEAD
 
 
 def node_config(node: NodeEcho, socket_path: str, **limits: Any) -> dict[str, Any]:
-    cfg = identity_config(node, socket_path)  # type: ignore[arg-type]  # only .port is read
+    cfg = identity_config(node, socket_path)
     cfg["limits"].update(limits)
     return cfg
 

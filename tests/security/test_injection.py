@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import alice_body, ci_body, fake_tailscaled
 from tests.netns import CI_V4, PHONE_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     HOST,
     IDENTITY_HEADER,
+    alice_body,
+    ci_body,
+    fake_tailscaled,
     identity_config,
     plain_config,
     raw_send,

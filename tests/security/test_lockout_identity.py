@@ -15,19 +15,19 @@ from typing import Any
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.fakes.fake_tailscaled import FakeTailscaled, user_peer
-from tests.functional.identity_support import (
+from tests.netns import Tailnet
+from tests.support import (
     ALICE,
     PORT,
     alice_body,
     ci_body,
-    clawgate,
     clawgate_config,
     connect_bound,
     fake_tailscaled,
     loopback_socket,
+    running,
     stable_id,
 )
-from tests.netns import Tailnet
 from tests.util import build_request, read_response
 
 COUNT = 3
@@ -75,7 +75,7 @@ async def test_one_userspace_peer_cannot_lock_out_the_others(
         cfg["gateway"]["requireToken"] = True
         cfg["limits"] = {"failedAuthCount": COUNT, "failedAuthWindow": 60,
                          "failedAuthLockout": 300}
-        async with clawgate(tailnet, tmp_path / "cg", cfg) as cg:
+        async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             alice, ci = alice_body(), ci_body()
 

@@ -10,15 +10,18 @@ import time
 from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.netns import Tailnet
+from tests.support import (
     base_config,
     closed_by_server,
     echo_ok,
+    login_cookie,
+    logout,
     running,
+    with_cookie,
     ws_open,
+    ws_with_cookie,
 )
-from tests.netns import Tailnet
-from tests.security.session_support import login_cookie, logout, with_cookie, ws_with_cookie
 
 
 async def test_logout_ends_live_websockets_of_that_session(

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import fake_tailscaled
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     ALICE,
     IDENTITY_HEADER,
     PORT,
+    fake_tailscaled,
     forwarding_view,
     identity_config,
     raw_send,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, PHONE_V4, PUBLIC_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     PORT,
     latencies,
     plain_config,

@@ -19,7 +19,9 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.harness import ClawgateProcess
+from tests.netns import Tailnet
+from tests.support import (
     base_config,
     cli_in_gw,
     closed_by_server,
@@ -28,8 +30,6 @@ from tests.functional.hardening_support import (
     running,
     ws_open,
 )
-from tests.harness import ClawgateProcess
-from tests.netns import Tailnet
 
 N_NEW = 40
 

@@ -17,20 +17,18 @@ from pathlib import Path
 
 from proxy.keystore import TokenFile
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
-    base_config,
-    closed_by_server,
-    echo_ok,
-    running,
-    ws_open,
-)
 from tests.harness import ClawgateProcess
 from tests.netns import Tailnet
-from tests.security.session_support import (
+from tests.support import (
+    base_config,
+    closed_by_server,
     connect_frame,
+    echo_ok,
     login,
     login_cookie,
+    running,
     with_cookie,
+    ws_open,
     ws_with_cookie,
 )
 

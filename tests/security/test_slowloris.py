@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, GW_V6, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     PORT,
     latencies,
     plain_config,

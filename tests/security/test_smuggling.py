@@ -17,7 +17,12 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import HOST, PORT, plain_config, running
+from tests.support import (
+    HOST,
+    PORT,
+    plain_config,
+    running,
+)
 from tests.util import Response, open_in, read_response
 
 FOLLOWER = f"GET /headers?smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()

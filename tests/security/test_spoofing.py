@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.identity_support import fake_tailscaled
+from tests.fakes.fake_gateway import FakeGateway, RecordedRequest
 from tests.netns import GW_V4, PHONE_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     ALICE,
     ALICE_PIC,
     HOST,
     IDENTITY_HEADER,
     PORT,
+    fake_tailscaled,
     forwarding_view,
     gather_limited,
     identity_config,
@@ -81,7 +81,7 @@ FORMS = list(forms("X", "v"))
 
 def cases(token: str) -> list[tuple[str, bytes, int, str]]:
     """(label, request bytes, expected status, marker) for every name x spelling x form."""
-    out = []
+    out: list[tuple[str, bytes, int, str]] = []
     for name in SPOOF_NAMES:
         for s in spellings(name):
             for form in FORMS:
@@ -106,7 +106,7 @@ async def test_no_spoofed_header_reaches_the_gateway(tailnet: Tailnet,
         wrong_status = [(label, status_of(a), want) for (label, _, want, _), a
                         in zip(table, answers, strict=True) if status_of(a) != want]
         assert wrong_status == []
-        by_case: dict[str, list[object]] = {}
+        by_case: dict[str, list[RecordedRequest]] = {}
         for rec in fake_gateway.requests:
             by_case.setdefault(rec.query["case"][0], []).append(rec)
         problems = []
@@ -120,10 +120,10 @@ async def test_no_spoofed_header_reaches_the_gateway(tailnet: Tailnet,
                 problems.append(f"{label}: forwarded {len(recs)} times")
                 continue
             rec = recs[0]
-            view = forwarding_view(rec)  # type: ignore[arg-type]
+            view = forwarding_view(rec)
             if view != EXPECTED:
                 problems.append(f"{label}: gateway saw {view}")
-            if marker.encode() in rec.raw_head:  # type: ignore[attr-defined]
+            if marker.encode() in rec.raw_head:
                 problems.append(f"{label}: the spoofed value reached the gateway")
         assert problems == [], problems[:20]
 
@@ -134,7 +134,7 @@ async def test_no_spoofed_header_rides_a_websocket_upgrade(tailnet: Tailnet,
     async with fake_tailscaled() as ts, running(
             tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg:
         token = cg.tokens["phone"]
-        table = []
+        table: list[bytes] = []
         for name in SPOOF_NAMES:
             for s in (name, name.lower().replace("-", "_")):
                 for extra in ([f"{s}: spoof{len(table)}z"],

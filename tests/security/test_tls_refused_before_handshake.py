@@ -15,7 +15,10 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, PUBLIC_V4, Tailnet, connect_in
-from tests.security.hostile_support import raw_send, running
+from tests.support import (
+    raw_send,
+    running,
+)
 from tests.tlsutil import DOMAIN, client_context, make_ca, make_leaf, write_pems
 from tests.util import open_in, read_to_close
 

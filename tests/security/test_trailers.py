@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.functional.identity_support import fake_tailscaled
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import (
+from tests.security.node_support import node_echo
+from tests.support import (
     HOST,
     IDENTITY_HEADER,
     PORT,
+    fake_tailscaled,
     identity_config,
     running,
     status_of,
 )
-from tests.security.node_support import node_echo
 from tests.util import open_in, read_response, read_to_close
 
 SPOOFED = [
@@ -46,7 +46,7 @@ def chunked(trailers: list[str], token: str) -> bytes:
 async def test_no_spoofed_trailer_reaches_node(tailnet: Tailnet, tmp_path: Path) -> None:
     async with node_echo(tailnet) as node, fake_tailscaled() as ts, running(
             tailnet, tmp_path / "cg",
-            identity_config(node, ts.socket_path)) as cg:  # type: ignore[arg-type]
+            identity_config(node, ts.socket_path)) as cg:
         token = cg.tokens["phone"]
         got = {}
         for line in SPOOFED:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import HOST, PORT, plain_config, raw_send, running, status_of
+from tests.support import (
+    HOST,
+    PORT,
+    plain_config,
+    raw_send,
+    running,
+    status_of,
+)
 from tests.util import open_in, read_response, read_to_close
 
 GW_SECRET = "gateway-secret-for-the-gate-0123456789abcdef"

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.netns import GW_V4, Tailnet
-from tests.security.hostile_support import HOST, PORT, plain_config, running
+from tests.support import (
+    HOST,
+    PORT,
+    plain_config,
+    running,
+)
 from tests.util import open_in, read_response
 
 KEY = ["Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="]

@@ -24,16 +24,17 @@ from aiohttp import web
 
 from tests.fakes.fake_gateway import FakeGateway
 from tests.fakes.fake_tailscaled import FakeTailscaled, user_peer
-from tests.functional.identity_support import iso_in, tailnet_peers
 from tests.netns import CI_V4, PHONE_V4, PHONE_V6, Tailnet
-from tests.security.hostile_support import (
+from tests.support import (
     ALICE,
     HOST,
     IDENTITY_HEADER,
     identity_config,
+    iso_in,
     raw_send,
     running,
     status_of,
+    tailnet_peers,
 )
 
 BOB = "bob@example.com"

@@ -15,23 +15,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.fakes.fake_gateway import FakeGateway
-from tests.functional.hardening_support import (
+from tests.functional.test_workers import _children
+from tests.harness import ClawgateProcess
+from tests.netns import Tailnet
+from tests.support import (
     base_config,
     closed_by_server,
     echo_ok,
     get,
-    running,
-    ws_open,
-)
-from tests.functional.test_workers import _children
-from tests.harness import ClawgateProcess
-from tests.netns import Tailnet
-from tests.security.session_support import (
     login,
     login_cookie,
     logout,
     pids_holding,
+    running,
     with_cookie,
+    ws_open,
     ws_with_cookie,
 )
 from tests.util import poll_until

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_parse_perf_csv() -> None:
     }
 
 
-def _run(target: str, test: str, **kw: object) -> dict:
+def _run(target: str, test: str, **kw: object) -> dict[str, Any]:
     return {"rep": 1, "target": target, "test": test, **kw}
 
 

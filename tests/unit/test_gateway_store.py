@@ -88,6 +88,7 @@ def test_missing_store_fails_closed_with_one_log_line(
         for _ in range(3):
             snap = store.current()
             assert isinstance(snap, StoreUnavailable)
+    assert isinstance(snap, StoreUnavailable)  # (for mypy: the loop ran)
     assert "does not exist" in snap.reason
     lines = [r.getMessage() for r in caplog.records if "device store unavailable" in
              r.getMessage()]

@@ -50,7 +50,7 @@ OUTCOMES = {
     "unknown": IdentityOutcome("unknown", reason="not a known tailnet peer"),
     "unavailable": IdentityOutcome("unavailable", reason="tailscale identity unavailable: x"),
 }
-LISTS = {
+LISTS: dict[str, dict[str, Any]] = {
     "open": {},
     "users": {"allow_users": frozenset({"alice@example.com"})},
     "tags": {"allow_tags": frozenset({"tag:ci"})},
@@ -64,7 +64,7 @@ def run(require_token: bool, require_identity: bool, mode: str, lists: str, toke
         outcome: str, subject: str | None = None, user_match: bool = False) -> Decision:
     s = PolicySettings(require_token=require_token, require_identity=require_identity,
                        auth_mode=mode, require_token_user_match=user_match,
-                       **LISTS[lists])  # type: ignore[arg-type]
+                       **LISTS[lists])
     name, err = TOKENS[token]
     return decide(s, token_name=name, token_error=err, token_subject=subject,
                   identity=OUTCOMES[outcome])
@@ -153,7 +153,7 @@ def test_invariants(require_token: bool, require_identity: bool, mode: str, list
         assert outcome == "unavailable" and require_identity
     ident = OUTCOMES[outcome].identity
     ident_ok = ident is not None and check_identity(ident, PolicySettings(
-        require_token, require_identity, mode, **LISTS[lists])) is None  # type: ignore[arg-type]
+        require_token, require_identity, mode, **LISTS[lists])) is None
     if require_identity and mode in ("both", "identity") and not ident_ok:
         assert not d.allow  # fail closed: no identity, no entry
     if mode == "both" and require_token and token != "token":

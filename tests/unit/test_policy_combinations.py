@@ -19,7 +19,7 @@ import pytest
 
 from proxy.authz import policy_settings
 from proxy.config import parse_config
-from proxy.core.policy import IdentityOutcome, decide
+from proxy.core.policy import IdentityLike, IdentityOutcome, decide
 from proxy.errors import ConfigError
 
 ALICE = "alice@example.com"
@@ -63,7 +63,7 @@ CREDENTIALS = ["none", "valid", "invalid"]
 
 def written_policy_admits(require_token: bool, mode: str, require_identity: bool | None,
                           policy: dict[str, Any], credential: str,
-                          ident: Ident | None) -> bool:
+                          ident: IdentityLike | None) -> bool:
     """The policy as written; ``ident`` None: no identity was established."""
     if credential == "invalid":
         return False  # a wrong token is never ignored
@@ -73,7 +73,7 @@ def written_policy_admits(require_token: bool, mode: str, require_identity: bool
     cap = policy.get("requireCapability")
     lists = bool(users or tags or nodes)
 
-    def passes(i: Ident | None) -> bool:
+    def passes(i: IdentityLike | None) -> bool:
         if i is None:
             return False
         if lists and not ((not i.tagged and i.login in users)
@@ -141,7 +141,7 @@ def test_no_combination_admits_what_the_policy_refuses(
                    token_error="invalid token" if credential == "invalid" else None,
                    token_subject=None, identity=outcome)
         may = written_policy_admits(require_token, mode, require_identity, written,
-                                    credential, ident)  # type: ignore[arg-type]
+                                    credential, ident)
         where = (outcome_name, credential, d)
         if d.allow:
             assert may, f"admitted what the written policy refuses: {where}"

@@ -101,7 +101,9 @@ def test_tls12_gets_only_forward_secret_aead_suites(ca: CA) -> None:
     cli12 = client_context(ca)
     cli12.maximum_version = ssl.TLSVersion.TLSv1_2
     cli, _ = handshake(ctx, cli12)
-    assert cli.version() == "TLSv1.2" and cli.cipher()[0].startswith("ECDHE-ECDSA-")
+    cipher = cli.cipher()
+    assert cipher is not None and cli.version() == "TLSv1.2"
+    assert cipher[0].startswith("ECDHE-ECDSA-")
     cbc = client_context(ca)
     cbc.maximum_version = ssl.TLSVersion.TLSv1_2
     cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:AES128-SHA")
