@@ -40,33 +40,104 @@ BATCH = 8
 
 # ----------------------------------------------------------------------------- generation
 
-_METHODS = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT",
-            b"TRACE", b"PRI", b"get", b"G ET", b"GET\x00", b"\xffGET", b"FOO", b""]
-_VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2", b"http/1.1",
-             b"HTTP/1.1 ", b"HTTP/11", b"HTTP/1.1\x00", b"HTTP/"]
-_TARGETS = [b"/", b"/chat?session=1", b"/ws", b"/health", b"/%2e%2e/health", b"//x",
-            b"/a/../b", b"*", b"http://evil/", b"/\xc0\xae", b"/a b", b"/" + b"a" * 300]
-_SPOOF = [b"X-Forwarded-For: 127.0.0.2", b"x_forwarded_for: 10.0.0.1", b"Forwarded: for=1.2.3.4",
-          b"X-Real-IP: 1.1.1.1", b"TAILSCALE-USER-LOGIN: admin@x", b"tailscale_user_name: a",
-          b"X-Forwarded-User: root", b"X-Forwarded-Host: evil", b"True-Client-IP: 9.9.9.9",
-          b"X-Forwarded-Proto: https", b"Connection: X-Forwarded-For, Host"]
-_FRAMING = [b"Content-Length: 0", b"Content-Length: 5", b"Content-Length: 20000",
-            b"Content-Length: -1", b"Content-Length: 0x5", b"Transfer-Encoding: chunked",
-            b"Transfer-Encoding: chunked, identity", b"Transfer-Encoding: xchunked",
-            b"Content_Length: 3", b"Transfer_Encoding: chunked", b"Upgrade: h2c",
-            b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA", b"Connection: Upgrade",
-            b"Upgrade: websocket", b"Upgrade: websocket, h2c", b"Expect: 100-continue"]
+_METHODS = [
+    b"GET",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"HEAD",
+    b"OPTIONS",
+    b"PATCH",
+    b"CONNECT",
+    b"TRACE",
+    b"PRI",
+    b"get",
+    b"G ET",
+    b"GET\x00",
+    b"\xffGET",
+    b"FOO",
+    b"",
+]
+_VERSIONS = [
+    b"HTTP/1.1",
+    b"HTTP/1.0",
+    b"HTTP/2.0",
+    b"HTTP/0.9",
+    b"HTTP/1.2",
+    b"http/1.1",
+    b"HTTP/1.1 ",
+    b"HTTP/11",
+    b"HTTP/1.1\x00",
+    b"HTTP/",
+]
+_TARGETS = [
+    b"/",
+    b"/chat?session=1",
+    b"/ws",
+    b"/health",
+    b"/%2e%2e/health",
+    b"//x",
+    b"/a/../b",
+    b"*",
+    b"http://evil/",
+    b"/\xc0\xae",
+    b"/a b",
+    b"/" + b"a" * 300,
+]
+_SPOOF = [
+    b"X-Forwarded-For: 127.0.0.2",
+    b"x_forwarded_for: 10.0.0.1",
+    b"Forwarded: for=1.2.3.4",
+    b"X-Real-IP: 1.1.1.1",
+    b"TAILSCALE-USER-LOGIN: admin@x",
+    b"tailscale_user_name: a",
+    b"X-Forwarded-User: root",
+    b"X-Forwarded-Host: evil",
+    b"True-Client-IP: 9.9.9.9",
+    b"X-Forwarded-Proto: https",
+    b"Connection: X-Forwarded-For, Host",
+]
+_FRAMING = [
+    b"Content-Length: 0",
+    b"Content-Length: 5",
+    b"Content-Length: 20000",
+    b"Content-Length: -1",
+    b"Content-Length: 0x5",
+    b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: chunked, identity",
+    b"Transfer-Encoding: xchunked",
+    b"Content_Length: 3",
+    b"Transfer_Encoding: chunked",
+    b"Upgrade: h2c",
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+    b"Connection: Upgrade",
+    b"Upgrade: websocket",
+    b"Upgrade: websocket, h2c",
+    b"Expect: 100-continue",
+]
 _INSERTS = [b"\r", b"\n", b"\x00", b"\r\n", b" ", b"\t", b":", b"\r\n ", b"\x7f", b"\xff"]
 
 
 def _bases(rng: random.Random) -> list[list[bytes]]:
     tok = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_") for _ in range(43))
     return [
-        [b"GET /chat?session=1 HTTP/1.1", b"Host: 127.0.0.1:28789", b"User-Agent: fuzz/1",
-         b"Accept: */*", b"Cookie: a=1; b=2", b"Authorization: Bearer " + tok.encode()],
-        [b"GET /ws HTTP/1.1", b"Host: 127.0.0.1", b"Upgrade: websocket", b"Connection: Upgrade",
-         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Version: 13",
-         b"Origin: http://127.0.0.1"],
+        [
+            b"GET /chat?session=1 HTTP/1.1",
+            b"Host: 127.0.0.1:28789",
+            b"User-Agent: fuzz/1",
+            b"Accept: */*",
+            b"Cookie: a=1; b=2",
+            b"Authorization: Bearer " + tok.encode(),
+        ],
+        [
+            b"GET /ws HTTP/1.1",
+            b"Host: 127.0.0.1",
+            b"Upgrade: websocket",
+            b"Connection: Upgrade",
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            b"Sec-WebSocket-Version: 13",
+            b"Origin: http://127.0.0.1",
+        ],
         [b"POST /echo HTTP/1.1", b"Host: h", b"Content-Type: text/plain", b"Content-Length: 5"],
         [b"HEAD / HTTP/1.1", b"Host: h"],
         [b"GET / HTTP/1.0", b"Connection: keep-alive"],
@@ -101,8 +172,19 @@ def mutate(rng: random.Random) -> bytes:
         elif kind == 7:  # obs-fold
             lines.insert(rng.randrange(1, len(lines) + 1), rng.choice((b" folded", b"\tfold")))
         elif kind == 8:  # odd header name
-            lines.append(rng.choice((b"X Y: 1", b"X-\xe9: 1", b": v", b"NoColon", b"X-A : 1",
-                                     b"X-A:\x01", b"Host: second")))
+            lines.append(
+                rng.choice(
+                    (
+                        b"X Y: 1",
+                        b"X-\xe9: 1",
+                        b": v",
+                        b"NoColon",
+                        b"X-A : 1",
+                        b"X-A:\x01",
+                        b"Host: second",
+                    )
+                )
+            )
         # kinds 9..11: byte-level, below
     raw = b"\r\n".join(lines)
     for _ in range(rng.choice((0, 0, 0, 1, 1, 2))):
@@ -111,7 +193,7 @@ def mutate(rng: random.Random) -> bytes:
             break
         pos = rng.randrange(len(raw))
         if kind == 0:  # byte flip
-            raw = raw[:pos] + bytes([rng.randrange(256)]) + raw[pos + 1:]
+            raw = raw[:pos] + bytes([rng.randrange(256)]) + raw[pos + 1 :]
         elif kind == 1:
             raw = raw[:pos] + rng.choice(_INSERTS) + raw[pos:]
         else:  # truncation
@@ -119,7 +201,7 @@ def mutate(rng: random.Random) -> bytes:
     raw += b"\r\n\r\n"
     # One head per item: cut at the first blank line (what the proxy will see as the head).
     end = raw.find(b"\r\n\r\n")
-    return raw[:end + 4]
+    return raw[: end + 4]
 
 
 def predict(raw: bytes) -> tuple[bool, int, bytes]:
@@ -154,8 +236,7 @@ def validate(raw: bytes) -> tuple[str | None, int, bool]:
     if any(b"\r" in ln or b"\n" in ln for ln in lines):
         return "bare CR/LF", 0, False
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] not in _GW_METHODS or parts[2] not in (b"HTTP/1.1",
-                                                                          b"HTTP/1.0"):
+    if len(parts) != 3 or parts[0] not in _GW_METHODS or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         return f"request line {lines[0][:60]!r}", 0, False
     if not parts[1].startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in parts[1]):
         return "target", 0, False
@@ -216,8 +297,10 @@ class _Gateway:
                     self.bad += 1
                     if len(self.samples) < 20:
                         self.samples.append(f"{problem}: {raw[:200]!r}")
-                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
+                    writer.write(
+                        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
                     return
                 if length > 0:
                     await reader.readexactly(length)
@@ -229,8 +312,11 @@ class _Gateway:
                                 pass
                             break
                         await reader.readexactly(size + 2)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" +
-                             (b"" if keep else b"Connection: close\r\n") + b"\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+                    + (b"" if keep else b"Connection: close\r\n")
+                    + b"\r\n"
+                )
                 if not keep:
                     await writer.drain()
                     return
@@ -242,19 +328,23 @@ class _Gateway:
 
 async def _gateway_main() -> None:
     gw = _Gateway()
-    server = await asyncio.start_server(gw.handle, "127.0.0.1", 0, limit=1 << 16,
-                                        backlog=4096)
+    server = await asyncio.start_server(gw.handle, "127.0.0.1", 0, limit=1 << 16, backlog=4096)
     print(server.sockets[0].getsockname()[1], flush=True)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, done.set)
     await done.wait()
     server.close()
-    print(json.dumps({"heads": gw.heads, "bad": gw.bad, "samples": gw.samples,
-                      "connections": gw.connections}), flush=True)
+    print(
+        json.dumps(
+            {"heads": gw.heads, "bad": gw.bad, "samples": gw.samples, "connections": gw.connections}
+        ),
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------- the client
+
 
 class Stats:
     def __init__(self) -> None:
@@ -267,8 +357,7 @@ class Stats:
         self.skipped = 0  # heads declaring a body too big to send
 
 
-async def _read_response(reader: asyncio.StreamReader,
-                         method: bytes) -> tuple[int, bool] | None:
+async def _read_response(reader: asyncio.StreamReader, method: bytes) -> tuple[int, bool] | None:
     """(status, connection closes after it) of one response, or None at EOF."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -282,8 +371,7 @@ async def _read_response(reader: asyncio.StreamReader,
     return status, closes
 
 
-async def _worker(port: int, rng: random.Random, stats: Stats, deadline: float,
-                  count: int) -> None:
+async def _worker(port: int, rng: random.Random, stats: Stats, deadline: float, count: int) -> None:
     while stats.generated < count and time.monotonic() < deadline:
         batch: list[tuple[bytes, bytes]] = []  # (bytes to send, method)
         while len(batch) < BATCH and stats.generated < count:
@@ -339,13 +427,18 @@ async def _settle(pid: int, baseline: int, timeout: float = 15.0) -> int:
         await asyncio.sleep(0.1)
 
 
-async def _run_phase(port: int, count: int, seconds: float, concurrency: int,
-                     seed: int) -> tuple[Stats, float]:
+async def _run_phase(
+    port: int, count: int, seconds: float, concurrency: int, seed: int
+) -> tuple[Stats, float]:
     stats = Stats()
     deadline = time.monotonic() + seconds
     t0 = time.monotonic()
-    await asyncio.gather(*(_worker(port, random.Random(seed * 1000 + i), stats, deadline,
-                                   count) for i in range(concurrency)))
+    await asyncio.gather(
+        *(
+            _worker(port, random.Random(seed * 1000 + i), stats, deadline, count)
+            for i in range(concurrency)
+        )
+    )
     return stats, time.monotonic() - t0
 
 
@@ -366,17 +459,30 @@ async def main(argv: list[str] | None = None) -> int:
     from tests.harness import ClawgateProcess
 
     work = Path(tempfile.mkdtemp(prefix="clawgate-fuzz-"))
-    gw = subprocess.Popen([sys.executable, "-m", "benchmarks.fuzz_heads", "--gateway"],
-                          cwd=str(ROOT), stdout=subprocess.PIPE, text=True)
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.fuzz_heads", "--gateway"],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert gw.stdout is not None
     gw_port = int(gw.stdout.readline())
     cfg: dict[str, Any] = {
-        "gateway": {"host": "127.0.0.1", "port": args.port, "requireToken": False,
-                    "allowedNetworks": ["127.0.0.0/8"]},
+        "gateway": {
+            "host": "127.0.0.1",
+            "port": args.port,
+            "requireToken": False,
+            "allowedNetworks": ["127.0.0.0/8"],
+        },
         "upstream": f"http://127.0.0.1:{gw_port}",
         "tailscale": {"requireIdentity": False},
-        "limits": {"perSourceIp": 100000, "unauthenticatedPerIp": 100000,
-                   "failedAuthLockout": 0, "headTimeout": 10, "maxConnections": 100000},
+        "limits": {
+            "perSourceIp": 100000,
+            "unauthenticatedPerIp": 100000,
+            "failedAuthLockout": 0,
+            "headTimeout": 10,
+            "maxConnections": 100000,
+        },
         "log": {"access": "off", "level": "warning"},
         "admin": {"enabled": False},
     }
@@ -390,20 +496,28 @@ async def main(argv: list[str] | None = None) -> int:
         warm, _ = await _run_phase(args.port, 20000, 120, args.concurrency, args.seed + 99)
         fds0 = await _settle(cg.pid, 0, timeout=1.0)
         rss0 = _proc_rss_kib(cg.pid)
-        stats, took = await _run_phase(args.port, args.count, args.seconds, args.concurrency,
-                                       args.seed)
+        stats, took = await _run_phase(
+            args.port, args.count, args.seconds, args.concurrency, args.seed
+        )
         alive = cg.proc is not None and cg.proc.poll() is None
         fds1 = await _settle(cg.pid, fds0) if alive else -1
         rss1 = _proc_rss_kib(cg.pid) if alive else -1
         err = cg.stderr()
         report = {
-            "heads_generated": stats.generated, "heads_answered": stats.answered,
-            "heads_unanswered": stats.unanswered, "connections": stats.connections,
-            "resets": stats.resets, "skipped_big_body": stats.skipped, "seconds": round(took, 1),
+            "heads_generated": stats.generated,
+            "heads_answered": stats.answered,
+            "heads_unanswered": stats.unanswered,
+            "connections": stats.connections,
+            "resets": stats.resets,
+            "skipped_big_body": stats.skipped,
+            "seconds": round(took, 1),
             "heads_per_second": round(stats.generated / took),
             "statuses": dict(sorted(stats.statuses.items())),
-            "fds_baseline": fds0, "fds_after": fds1, "rss_kib_baseline": rss0,
-            "rss_kib_after": rss1, "warmup_heads": warm.generated,
+            "fds_baseline": fds0,
+            "fds_after": fds1,
+            "rss_kib_baseline": rss0,
+            "rss_kib_after": rss1,
+            "warmup_heads": warm.generated,
         }
         if not alive:
             failures.append("clawgate exited")

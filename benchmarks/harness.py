@@ -510,7 +510,14 @@ class Clawgate(Target):
 
     name = "clawgate"
     tests: tuple[str, ...] = (
-        "conns", "rtt1", "rtt100", "tput100", "tput64k", "idle", "cold", "refused"
+        "conns",
+        "rtt1",
+        "rtt100",
+        "tput100",
+        "tput64k",
+        "idle",
+        "cold",
+        "refused",
     )
     workers = 1
 

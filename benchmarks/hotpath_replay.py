@@ -104,22 +104,37 @@ def main() -> int:
     TokenFile(os.path.join(tmp, "tokens.json")).save([TokenEntry("bench", digest(token))])
     cfg_path = os.path.join(tmp, "cfg.json")
     with open(cfg_path, "w") as fh:
-        json.dump({
-            "gateway": {"host": "127.0.0.1", "port": 1, "requireToken": True,
-                        "allowedNetworks": ["127.0.0.0/8"]},
-            "upstream": "http://127.0.0.1:2",
-            "tokens": {"file": os.path.join(tmp, "tokens.json")},
-            "log": {"access": os.path.join(tmp, "access.log") if a.access_log == "on"
-                    else "off"},
-            "limits": {"maxConnections": 60000, "perSourceIp": 60000, "perIdentity": 60000,
-                   "unauthenticatedPerIp": 60000},
-        }, fh)
-    head = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18789\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + token.encode()
-            + b"\r\n\r\n")
-    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+        json.dump(
+            {
+                "gateway": {
+                    "host": "127.0.0.1",
+                    "port": 1,
+                    "requireToken": True,
+                    "allowedNetworks": ["127.0.0.0/8"],
+                },
+                "upstream": "http://127.0.0.1:2",
+                "tokens": {"file": os.path.join(tmp, "tokens.json")},
+                "log": {
+                    "access": os.path.join(tmp, "access.log") if a.access_log == "on" else "off"
+                },
+                "limits": {
+                    "maxConnections": 60000,
+                    "perSourceIp": 60000,
+                    "perIdentity": 60000,
+                    "unauthenticatedPerIp": 60000,
+                },
+            },
+            fh,
+        )
+    head = (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18789\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
+    )
+    resp = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    )
     frame_up = b"\x82\xe4" + b"\x00" * 4 + b"x" * 100  # masked, client -> gateway
     frame_down = b"\x82\x64" + b"x" * 100  # unmasked, gateway -> client
 
@@ -190,14 +205,19 @@ def main() -> int:
             for _ in range(20000):
                 up.data_received(batch16)
             per16.append((time.thread_time() - t0) / 20000 / 16 * 1e6)
-        print(json.dumps({
-            "root": a.root or "repo",
-            "conn_us_min": round(min(per_conn), 2),
-            "conn_us_median": round(statistics.median(per_conn), 2),
-            "tunnel_roundtrip_us_min": round(min(per_msg), 3),
-            "down_per_frame_16_per_read_us_min": round(min(per16), 3),
-            "log_lines": rt.log.lines, "log_errors": rt.log.errors,
-        }))
+        print(
+            json.dumps(
+                {
+                    "root": a.root or "repo",
+                    "conn_us_min": round(min(per_conn), 2),
+                    "conn_us_median": round(statistics.median(per_conn), 2),
+                    "tunnel_roundtrip_us_min": round(min(per_msg), 3),
+                    "down_per_frame_16_per_read_us_min": round(min(per16), 3),
+                    "log_lines": rt.log.lines,
+                    "log_errors": rt.log.errors,
+                }
+            )
+        )
 
     try:
         uvloop.run(run())

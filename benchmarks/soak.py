@@ -76,10 +76,13 @@ class Soak:
         echo_bin = HERE / "out" / "echo"
         if not echo_bin.exists():
             echo_bin.parent.mkdir(exist_ok=True)
-            subprocess.run(["gcc", "-O2", "-o", str(echo_bin), str(HERE / "echo.c")],
-                           check=True)
-        echo = subprocess.Popen([str(echo_bin), "--port", "0"], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+            subprocess.run(["gcc", "-O2", "-o", str(echo_bin), str(HERE / "echo.c")], check=True)
+        echo = subprocess.Popen(
+            [str(echo_bin), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs.append(echo)
         assert echo.stdout is not None
         line = echo.stdout.readline().decode()
@@ -93,29 +96,45 @@ class Soak:
         self.token = TokenFile(self.tmp / "tokens.json").add("soak")
         n = self.args.hold + 4 * self.args.concurrency + 1000
         cfg = {
-            "gateway": {"host": "127.0.0.1", "port": self.port, "requireToken": True,
-                        "allowedNetworks": ["127.0.0.0/8"]},
+            "gateway": {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "requireToken": True,
+                "allowedNetworks": ["127.0.0.0/8"],
+            },
             "upstream": f"http://127.0.0.1:{echo_port}",
             "tokens": {"file": str(self.tmp / "tokens.json")},
             "tailscale": {"requireIdentity": False},
             "admin": {"port": self.admin_port},
-            "log": {"access": str(self.tmp / "access.log") if self.args.log else "off",
-                    "level": "info"},
-            "limits": {"maxConnections": n, "perSourceIp": n, "perIdentity": n,
-                       "unauthenticatedPerIp": n, "idleTimeout": 3600},
+            "log": {
+                "access": str(self.tmp / "access.log") if self.args.log else "off",
+                "level": "info",
+            },
+            "limits": {
+                "maxConnections": n,
+                "perSourceIp": n,
+                "perIdentity": n,
+                "unauthenticatedPerIp": n,
+                "idleTimeout": 3600,
+            },
         }
         (self.tmp / "clawgate.json").write_text(json.dumps(cfg))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.cg = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--config", str(self.tmp / "clawgate.json")],
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp / "stderr.log", "wb"),  # noqa: SIM115
-            cwd=str(ROOT), env=env, start_new_session=True)
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "stderr.log", "wb"),  # noqa: SIM115
+            cwd=str(ROOT),
+            env=env,
+            start_new_session=True,
+        )
         self.procs.append(self.cg)
         deadline = time.monotonic() + 20
         while b"listening on" not in (self.tmp / "stderr.log").read_bytes():
             if self.cg.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("clawgate did not start:\n"
-                                 + (self.tmp / "stderr.log").read_text())
+                raise SystemExit(
+                    "clawgate did not start:\n" + (self.tmp / "stderr.log").read_text()
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -138,25 +157,28 @@ class Soak:
         return f"127.0.{1 + self._src // 250}.{1 + self._src % 250}"
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", self.port,
-                                             local_addr=(self._source(), 0))
+        return await asyncio.open_connection("127.0.0.1", self.port, local_addr=(self._source(), 0))
 
     def _error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
-    async def _handshake(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         key = base64.b64encode(os.urandom(16)).decode()
-        writer.write((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {self.token}"
-                      f"\r\n\r\n").encode())
+        writer.write(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {self.token}"
+                f"\r\n\r\n"
+            ).encode()
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 101"):
             raise ValueError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
 
-    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    text: bytes) -> None:
+    async def _echo(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes
+    ) -> None:
         writer.write(_masked(0x1, text))
         frame = await reader.readexactly(2 + len(text))
         if frame[2:] != text:
@@ -166,8 +188,10 @@ class Soak:
         reader, writer = await self._open()
         try:
             if i % 2:
-                writer.write(f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                             f"Authorization: Bearer {self.token}\r\n\r\n".encode())
+                writer.write(
+                    f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                    f"Authorization: Bearer {self.token}\r\n\r\n".encode()
+                )
                 data = await reader.read()
                 if not data.startswith(b"HTTP/1.1 200"):
                     raise ValueError(data[:40].decode(errors="replace"))
@@ -217,8 +241,7 @@ class Soak:
                     try:
                         async with asyncio.timeout(10):
                             await self._echo(r, w, b"held")
-                    except (OSError, ValueError, TimeoutError,
-                            asyncio.IncompleteReadError) as exc:
+                    except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
                         self._error(f"held: {type(exc).__name__}"[:120])
 
             await asyncio.gather(*(ping(r, w) for r, w in conns))
@@ -233,9 +256,13 @@ class Soak:
 
     def sample(self, label: str) -> dict[str, Any]:
         assert self.cg is not None
-        s = {"label": label, "t": round(time.monotonic() - self.t0, 1),
-             "fds": _proc_fds(self.cg.pid), "rss_kib": _proc_rss_kib(self.cg.pid),
-             "churned": self.churned}
+        s = {
+            "label": label,
+            "t": round(time.monotonic() - self.t0, 1),
+            "fds": _proc_fds(self.cg.pid),
+            "rss_kib": _proc_rss_kib(self.cg.pid),
+            "churned": self.churned,
+        }
         self.samples.append(s)
         print(json.dumps(s), flush=True)
         return s
@@ -276,24 +303,33 @@ class Soak:
         end = self.sample("after")
         rss_growth = end["rss_kib"] - base["rss_kib"]
         result = {
-            "churn": a.churn, "churned_ok": self.churned - a.warmup,
+            "churn": a.churn,
+            "churned_ok": self.churned - a.warmup,
             "churn_per_second": round((self.churned - a.warmup) / churn_seconds),
             "churn_seconds": round(churn_seconds, 1),
-            "held": a.hold, "held_open": getattr(self, "held_open", 0),
-            "held_seconds": a.hold_seconds, "held_rounds": getattr(self, "held_rounds", 0),
+            "held": a.hold,
+            "held_open": getattr(self, "held_open", 0),
+            "held_seconds": a.hold_seconds,
+            "held_rounds": getattr(self, "held_rounds", 0),
             "errors": self.errors,
-            "fds_baseline": base["fds"], "fds_peak": max(s["fds"] for s in self.samples),
+            "fds_baseline": base["fds"],
+            "fds_peak": max(s["fds"] for s in self.samples),
             "fds_after": end["fds"],
             "rss_kib_baseline": base["rss_kib"],
             "rss_kib_peak": max(s["rss_kib"] for s in self.samples),
-            "rss_kib_after": end["rss_kib"], "rss_growth_kib": rss_growth,
+            "rss_kib_after": end["rss_kib"],
+            "rss_growth_kib": rss_growth,
             "fds_back_to_baseline": end["fds"] <= base["fds"],
             # CPython's allocator keeps some arenas: allow a little, not a leak.
             "rss_back_to_baseline": rss_growth <= max(8192, base["rss_kib"] // 10),
         }
-        result["ok"] = (result["fds_back_to_baseline"] and result["rss_back_to_baseline"]
-                        and not self.errors and self.cg is not None
-                        and self.cg.poll() is None)
+        result["ok"] = (
+            result["fds_back_to_baseline"]
+            and result["rss_back_to_baseline"]
+            and not self.errors
+            and self.cg is not None
+            and self.cg.poll() is None
+        )
         return result
 
 
@@ -330,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         soak.stop()
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"result": result, "samples": soak.samples},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps({"result": result, "samples": soak.samples}, indent=2)
+        )
     return 0 if result["ok"] else 1
 
 

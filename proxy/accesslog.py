@@ -51,13 +51,15 @@ class AccessLog:
         elif self.enabled:
             self._open_file()
         self._dumps: Callable[[dict[str, Any]], str] = json.JSONEncoder(
-            separators=(",", ":"), ensure_ascii=False, default=str).encode
+            separators=(",", ":"), ensure_ascii=False, default=str
+        ).encode
         c_make = getattr(json.encoder, "c_make_encoder", None)
         if c_make is not None:
             # The same C encoder JSONEncoder.encode uses, made once instead of per call
             # (2.7 -> 1.7 us a line). No circular-reference markers: records are flat.
-            one = c_make(None, str, json.encoder.encode_basestring, None, ":", ",",
-                         False, False, True)
+            one = c_make(
+                None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True
+            )
             self._dumps = lambda record: "".join(one(record, 0))
 
     def _open_file(self) -> None:
@@ -197,4 +199,3 @@ def _ends_mid_line(path: str) -> bool:
         return False
     finally:
         os.close(fd)
-

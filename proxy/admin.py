@@ -30,8 +30,7 @@ from .metrics import MetricsCollector
 if TYPE_CHECKING:
     from .server import Runtime
 
-__all__ = ["start_admin", "build_admin_app", "health_report", "connections_report",
-           "admin_refusal"]
+__all__ = ["start_admin", "build_admin_app", "health_report", "connections_report", "admin_refusal"]
 
 RT_KEY: web.AppKey[Runtime] = web.AppKey("rt")
 REG_KEY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
@@ -84,12 +83,16 @@ async def health_report(rt: Runtime) -> tuple[bool, dict[str, Any]]:
             if missing and len(missing) == len(ts["tailscale_ips"]):
                 # Running with a TUN, yet no address of it here: a stale network namespace
                 # (Docker: the sidecar restarted, clawgate still in its old namespace).
-                problems.append(f"tailnet addresses {', '.join(missing)} are on no interface "
-                                "of this network namespace (tailscaled's namespace was "
-                                "replaced? restart clawgate)")
+                problems.append(
+                    f"tailnet addresses {', '.join(missing)} are on no interface "
+                    "of this network namespace (tailscaled's namespace was "
+                    "replaced? restart clawgate)"
+                )
             elif missing:
-                problems_warn.append(f"tailnet address {', '.join(missing)} is on no interface "
-                                     "here: not reachable on it")
+                problems_warn.append(
+                    f"tailnet address {', '.join(missing)} is on no interface "
+                    "here: not reachable on it"
+                )
     if not rt.listen_addresses:
         problems.append("not listening yet (waiting for tailnet addresses)")
     warnings = []
@@ -175,24 +178,36 @@ async def _reload(request: web.Request) -> web.Response:
         try:
             result = await rt.worker_control.reload_all()
         except ClawgateError as exc:
-            return web.json_response({"ok": False, "error": str(exc), "workers": []},
-                                     status=503)
+            return web.json_response({"ok": False, "error": str(exc), "workers": []}, status=503)
         body = {k: result.get(k) for k in ("ok", "error", "sessions_ended", "workers")}
         return web.json_response(body, status=200 if body["ok"] else 409)
     ok = rt.reload()
     ended = rt.last_sessions_ended if ok else 0
-    return web.json_response({"ok": ok, "error": rt.last_reload_error, "sessions_ended": ended,
-                              "workers": [{"worker": 0, "pid": os.getpid(), "ok": ok,
-                                           "error": rt.last_reload_error,
-                                           "sessions_ended": ended}]},
-                             status=200 if ok else 409)
+    return web.json_response(
+        {
+            "ok": ok,
+            "error": rt.last_reload_error,
+            "sessions_ended": ended,
+            "workers": [
+                {
+                    "worker": 0,
+                    "pid": os.getpid(),
+                    "ok": ok,
+                    "error": rt.last_reload_error,
+                    "sessions_ended": ended,
+                }
+            ],
+        },
+        status=200 if ok else 409,
+    )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def admin_refusal(method: str, host: str | None, origin: str | None,
-                  content_type: str | None, port: int) -> tuple[int, str] | None:
+def admin_refusal(
+    method: str, host: str | None, origin: str | None, content_type: str | None, port: int
+) -> tuple[int, str] | None:
     """The admin's request rule (pure): (status, reason) to refuse, or None."""
     if not admin_host_allowed(host, port):
         return 421, "the admin API answers only a loopback Host (127.0.0.1, [::1], localhost)"
@@ -209,9 +224,13 @@ def admin_refusal(method: str, host: str | None, origin: str | None,
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     port = sockname[1] if sockname else -1
-    refusal = admin_refusal(request.method, request.headers.get("Host"),
-                            request.headers.get("Origin"),
-                            request.headers.get("Content-Type"), port)
+    refusal = admin_refusal(
+        request.method,
+        request.headers.get("Host"),
+        request.headers.get("Origin"),
+        request.headers.get("Content-Type"),
+        port,
+    )
     if refusal is None and request.method == "POST":
         try:
             body = json.loads(await request.read() or b"null")
@@ -235,8 +254,11 @@ def build_admin_app(rt: Runtime) -> web.Application:
         out: dict[str, Any] = {}
         if cache is not None:
             out["clawgate_identity_cache_hits"] = ("counter", "Identity cache hits", cache.hits)
-            out["clawgate_identity_cache_misses"] = ("counter", "Identity cache misses",
-                                                     cache.misses)
+            out["clawgate_identity_cache_misses"] = (
+                "counter",
+                "Identity cache misses",
+                cache.misses,
+            )
         out["clawgate_sessions"] = ("gauge", "Browser login sessions", len(rt.sessions))
         return out
 

@@ -48,8 +48,14 @@ if TYPE_CHECKING:
     from .config import Config
     from .front import ClientConnection
 
-__all__ = ["Grant", "Authorizer", "policy_settings", "JwtVerifierLike", "IdentityCacheLike",
-           "q_encode"]
+__all__ = [
+    "Grant",
+    "Authorizer",
+    "policy_settings",
+    "JwtVerifierLike",
+    "IdentityCacheLike",
+    "q_encode",
+]
 
 _NONE = IdentityOutcome("none")
 # The name logs and sessions use for the gateway's own token (never the token itself).
@@ -161,8 +167,9 @@ class Authorizer:
         self.gateway_token_digest = digest(gateway_token) if gateway_token else None
         # The gateway's session generations for its shared secret (device tokens it issued
         # to browsers under this secret carry one).
-        self.gateway_generations = (shared_generations(gateway_token) if gateway_token
-                                    else frozenset[str]())
+        self.gateway_generations = (
+            shared_generations(gateway_token) if gateway_token else frozenset[str]()
+        )
         self.revoked = revoked
         ts = cfg.tailscale
         self.settings = policy_settings(cfg, identity_present)
@@ -176,8 +183,11 @@ class Authorizer:
 
     # ------------------------------------------------------------------ credentials
 
-    def credential(self, head: RequestHead, presented: Presented | None = None,
-                   ) -> tuple[Credential | None, str | None, bool, bool]:
+    def credential(
+        self,
+        head: RequestHead,
+        presented: Presented | None = None,
+    ) -> tuple[Credential | None, str | None, bool, bool]:
         """(credential, error, drop_authorization, strip_cookie).
 
         ``presented``: the Authorization header as read_authorization parsed it (the caller
@@ -194,10 +204,18 @@ class Authorizer:
                 # Valid only while the very secret that opened it is configured.
                 if s is not None and self.bound_name(s.binding) == s.token_name:
                     # A clawgate token beside the cookie is clawgate's too: dropped.
-                    return (Credential("session", s.token_name, expires_at=s.expires,
-                                       binding=s.binding, session=key),
-                            None, auth is not None and not self._kept_beside_session(token),
-                            True)
+                    return (
+                        Credential(
+                            "session",
+                            s.token_name,
+                            expires_at=s.expires,
+                            binding=s.binding,
+                            session=key,
+                        ),
+                        None,
+                        auth is not None and not self._kept_beside_session(token),
+                        True,
+                    )
         if auth is None:
             return None, None, False, has_cookie
         if token is None:
@@ -219,10 +237,10 @@ class Authorizer:
         if name is not None:
             return Credential("token", name, binding=d), None, True, False
         if self.gateway_token_digest is not None and hmac.compare_digest(
-                self.gateway_token_digest, d):
+            self.gateway_token_digest, d
+        ):
             # The gateway's own token: the gateway needs it, so it is forwarded.
-            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d),
-                    None, False, False)
+            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d), None, False, False)
         if not self.settings.require_token and self.jwt is None:
             return None, None, False, False
         return None, "invalid token", True, False
@@ -235,7 +253,8 @@ class Authorizer:
             return foreign
         d = digest(token)
         if self.gateway_token_digest is not None and hmac.compare_digest(
-                self.gateway_token_digest, d):
+            self.gateway_token_digest, d
+        ):
             return True
         if self.tokens.verify_digest(d) is not None:
             return False
@@ -280,7 +299,8 @@ class Authorizer:
                 return IdentityOutcome(
                     "unavailable",
                     reason=f"tailscale identity unavailable: tailscale is "
-                           f"{monitor.backend_state}, not Running")
+                    f"{monitor.backend_state}, not Running",
+                )
             return IdentityOutcome("unknown", reason="not a known tailnet peer")
         except LocalAPIUnavailable as exc:
             conn.rt.metrics.localapi_errors += 1
@@ -325,13 +345,23 @@ class Authorizer:
         conn.rt.check_lockout(conn, outcome.identity)
         return self._finish(conn, head, outcome, presented)
 
-    def _finish(self, conn: ClientConnection, head: RequestHead,
-                outcome: IdentityOutcome, presented: Presented) -> Grant:
+    def _finish(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        outcome: IdentityOutcome,
+        presented: Presented,
+    ) -> Grant:
         cred, err, drop_auth, strip_cookie = self.credential(head, presented)
         gated = False
         s = self.settings
-        if (cred is None and err is None and head.websocket
-                and self.gateway_token_digest is not None and s.require_token):
+        if (
+            cred is None
+            and err is None
+            and head.websocket
+            and self.gateway_token_digest is not None
+            and s.require_token
+        ):
             # The client carries only the gateway's token, inside its first frame:
             # let the upgrade through and hold that frame until it is checked.
             cred = Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)")
@@ -362,9 +392,16 @@ class Authorizer:
         if ident is not None:
             value: str | None
             if ident.tagged:
-                value = ts.tagged_identity.format(
-                    node=ident.node_name, host=ident.node_host, tags=",".join(ident.tags),
-                    id=ident.node_id) if ts.tagged_identity else None
+                value = (
+                    ts.tagged_identity.format(
+                        node=ident.node_name,
+                        host=ident.node_host,
+                        tags=",".join(ident.tags),
+                        id=ident.node_id,
+                    )
+                    if ts.tagged_identity
+                    else None
+                )
             else:
                 value = ident.login
             if value:
@@ -372,11 +409,11 @@ class Authorizer:
             if ts.send_tailscale_headers and not ident.tagged and ident.login:
                 add.append((b"Tailscale-User-Login", _header_value(q_encode(ident.login))))
                 if ident.display_name:
-                    add.append((b"Tailscale-User-Name",
-                                _header_value(q_encode(ident.display_name))))
+                    add.append(
+                        (b"Tailscale-User-Name", _header_value(q_encode(ident.display_name)))
+                    )
                 if ident.profile_pic:
-                    add.append((b"Tailscale-User-Profile-Pic",
-                                _header_value(ident.profile_pic)))
+                    add.append((b"Tailscale-User-Profile-Pic", _header_value(ident.profile_pic)))
         return rewrite_request_head(
             head,
             client_ip=conn.peer_ip,
@@ -390,14 +427,16 @@ class Authorizer:
 
     # ------------------------------------------------------------------ login
 
-    async def login_endpoint_async(self, conn: ClientConnection, head: RequestHead,
-                                   body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def login_endpoint_async(
+        self, conn: ClientConnection, head: RequestHead, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         """A login POST: the peer's identity first (whois), then the page."""
         outcome = await self.identity_async(conn)
         return self.login_endpoint(conn, head, body, outcome.identity)
 
-    def login_endpoint(self, conn: ClientConnection, head: RequestHead, body: bytes,
-                       identity: Any = None) -> tuple[int, list[tuple[str, str]], bytes]:
+    def login_endpoint(
+        self, conn: ClientConnection, head: RequestHead, body: bytes, identity: Any = None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         """clawgate's own pages; ``identity``: the peer's, looked up before a login POST
         (failed logins count against the node, not against 127.0.0.1)."""
         path = head.path
@@ -418,27 +457,44 @@ class Authorizer:
             nxt = _safe_next((form.get("next") or ["/"])[0])
             left = conn.rt.lockout_left(conn, identity)
             if left > 0:
-                return 429, [("Retry-After", str(int(left) + 1)),
-                             ("Content-Type", "text/plain")], \
-                    b"too many failed authentications\n"
+                return (
+                    429,
+                    [("Retry-After", str(int(left) + 1)), ("Content-Type", "text/plain")],
+                    b"too many failed authentications\n",
+                )
             name: str | None = None
             d = digest(token)
             if token:
                 name = self.bound_name(d)
             if name is None:
                 conn.rt.note_denied(conn, 401, identity)
-                conn.rt.log.write({"event": "login", "conn": conn.conn_id,
-                                   "peer": conn.peer_ip, "result": "invalid token"})
+                conn.rt.log.write(
+                    {
+                        "event": "login",
+                        "conn": conn.conn_id,
+                        "peer": conn.peer_ip,
+                        "result": "invalid token",
+                    }
+                )
                 return 401, [html_type], self.login_page(nxt, "That token is not valid.")
             try:
                 sid, _key, sess = self.sessions.create(name, d)
             except StoreUnavailable:
                 return 503, [("Content-Type", "text/plain")], b"session store unavailable\n"
             secure = "; Secure" if conn.tls else ""
-            set_cookie = (f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
-                          f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}")
-            conn.rt.log.write({"event": "login", "conn": conn.conn_id, "peer": conn.peer_ip,
-                               "result": "ok", "token": name})
+            set_cookie = (
+                f"{self.cfg.tokens.cookie_name}={sid}; Path=/; HttpOnly; "
+                f"SameSite=Strict; Max-Age={int(self.cfg.tokens.session_ttl)}{secure}"
+            )
+            conn.rt.log.write(
+                {
+                    "event": "login",
+                    "conn": conn.conn_id,
+                    "peer": conn.peer_ip,
+                    "result": "ok",
+                    "token": name,
+                }
+            )
             return 303, [("Set-Cookie", set_cookie), ("Location", nxt)], b""
         if path == b"/__clawgate/logout":
             raw_cookie = head.header(b"cookie")
@@ -449,8 +505,7 @@ class Authorizer:
                     try:
                         self.sessions.delete(key)
                     except StoreUnavailable:
-                        return 503, [("Content-Type", "text/plain")], \
-                            b"session store unavailable\n"
+                        return 503, [("Content-Type", "text/plain")], b"session store unavailable\n"
                     # Its live WebSockets end too (other workers: within 0.25 s).
                     conn.rt.end_logged_out(key)
             expire = f"{self.cfg.tokens.cookie_name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
@@ -459,8 +514,11 @@ class Authorizer:
 
     def login_page(self, nxt: str, message: str) -> bytes:
         msg = f'<p class="err">{html.escape(message)}</p>' if message else ""
-        return _LOGIN_HTML.replace("{msg}", msg).replace(
-            "{next}", html.escape(_safe_next(nxt), quote=True)).encode("utf-8")
+        return (
+            _LOGIN_HTML.replace("{msg}", msg)
+            .replace("{next}", html.escape(_safe_next(nxt), quote=True))
+            .encode("utf-8")
+        )
 
 
 def _header_value(value: str) -> bytes:
@@ -476,7 +534,7 @@ def _query_param(target: bytes, name: str) -> str | None:
     if q < 0:
         return None
     try:
-        values = parse_qs(target[q + 1:].decode("latin-1"), max_num_fields=8)
+        values = parse_qs(target[q + 1 :].decode("latin-1"), max_num_fields=8)
     except ValueError:
         return None
     v = values.get(name)
@@ -485,8 +543,13 @@ def _query_param(target: bytes, name: str) -> str | None:
 
 def _safe_next(nxt: str) -> str:
     # Only a local path: no scheme, no '//' host, no backslash tricks, no CR/LF.
-    if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt or any(
-            c in nxt for c in "\r\n\x00") or nxt.startswith("/__clawgate/"):
+    if (
+        not nxt.startswith("/")
+        or nxt.startswith("//")
+        or "\\" in nxt
+        or any(c in nxt for c in "\r\n\x00")
+        or nxt.startswith("/__clawgate/")
+    ):
         return "/"
     return quote(nxt, safe="/?=&%:@!$'()*+,;~.-_")
 

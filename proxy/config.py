@@ -149,8 +149,12 @@ class TailscaleConfig:
     def identity_needed(self) -> bool:
         """The written policy cannot be decided without a tailnet identity: clawgate sets
         up the identity source even with no tailscaled found (then 503 until it is)."""
-        return (self.require_identity is True or self.auth_mode != "both"
-                or self.has_allow_lists or self.require_capability is not None)
+        return (
+            self.require_identity is True
+            or self.auth_mode != "both"
+            or self.has_allow_lists
+            or self.require_capability is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,8 +421,10 @@ def _allowed_hosts(value: Any, path: str) -> tuple[str, ...]:
     for i, item in enumerate(_str_list(value, path)):
         name = normalise_name(item)
         if name is None:
-            raise ConfigError(f"{path}[{i}]", f"{item!r} is not a host name or IP address "
-                                              "(no scheme, no port; IPv6 in brackets)")
+            raise ConfigError(
+                f"{path}[{i}]",
+                f"{item!r} is not a host name or IP address (no scheme, no port; IPv6 in brackets)",
+            )
         out.append(name)
     return tuple(out)
 
@@ -482,15 +488,16 @@ def parse_config(data: object, source: str | None = None) -> Config:
         raise ConfigError(
             "gateway.host",
             f"{wildcard[0]!r} listens on every interface: set gateway.allowedNetworks "
-            "to say who may connect (e.g. [\"100.64.0.0/10\"])",
+            'to say who may connect (e.g. ["100.64.0.0/10"])',
         )
-    gateway = GatewayConfig(hosts, port, require_token, allowed, allowed_set, exempt,
-                            allowed_hosts)
+    gateway = GatewayConfig(hosts, port, require_token, allowed, allowed_set, exempt, allowed_hosts)
 
     upstream = top.get("upstream", _upstream, d.upstream)
     for h in hosts:
-        if h != HOST_TAILSCALE and upstream.port == port and upstream.host in (
-            h, "localhost" if h in ("127.0.0.1", "::1") else None
+        if (
+            h != HOST_TAILSCALE
+            and upstream.port == port
+            and upstream.host in (h, "localhost" if h in ("127.0.0.1", "::1") else None)
         ):
             raise ConfigError(
                 "gateway.host",
@@ -582,15 +589,18 @@ def parse_config(data: object, source: str | None = None) -> Config:
         )
     if tailscale.require_identity is False:
         # An allow list nobody checks would admit everyone it was written to keep out.
-        for key, value in (("allowUsers", tailscale.allow_users),
-                           ("allowTags", tailscale.allow_tags),
-                           ("allowNodes", tailscale.allow_nodes),
-                           ("requireCapability", tailscale.require_capability)):
+        for key, value in (
+            ("allowUsers", tailscale.allow_users),
+            ("allowTags", tailscale.allow_tags),
+            ("allowNodes", tailscale.allow_nodes),
+            ("requireCapability", tailscale.require_capability),
+        ):
             if value:
                 raise ConfigError(
                     "tailscale.requireIdentity",
                     f"false contradicts tailscale.{key}, which can only be checked "
-                    "against a tailnet identity (remove one of them)")
+                    "against a tailnet identity (remove one of them)",
+                )
 
     a = _Section(top.get("admin", lambda v, p: v, {}), "admin")
     admin = AdminConfig(
@@ -623,9 +633,7 @@ def parse_config(data: object, source: str | None = None) -> Config:
         idle_timeout=lm.get("idleTimeout", _num(1, 7 * 86400), dl.idle_timeout),
         failed_auth_count=lm.get("failedAuthCount", _int(1, 100000), dl.failed_auth_count),
         failed_auth_window=lm.get("failedAuthWindow", _num(1, 86400), dl.failed_auth_window),
-        failed_auth_lockout=lm.get(
-            "failedAuthLockout", _num(0, 86400), dl.failed_auth_lockout
-        ),
+        failed_auth_lockout=lm.get("failedAuthLockout", _num(0, 86400), dl.failed_auth_lockout),
         drain_seconds=lm.get("drainSeconds", _num(0, 3600), dl.drain_seconds),
         high_water=lm.get("highWater", _int(16384, 1 << 28), dl.high_water),
     )
@@ -655,8 +663,18 @@ def parse_config(data: object, source: str | None = None) -> Config:
 
 _NO_STRS: tuple[str, ...] = ()
 _RESERVED_IDENTITY_HEADERS = frozenset(
-    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "authorization",
-     "cookie", "connection", "upgrade", "content-length", "transfer-encoding"}
+    {
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "authorization",
+        "cookie",
+        "connection",
+        "upgrade",
+        "content-length",
+        "transfer-encoding",
+    }
 )
 _INLINE_SECRET_KEYS = ("token", "tokens", "secret", "password", "value", "key")
 
@@ -666,8 +684,8 @@ def _reject_inline_secret(sec: _Section, path: str) -> None:
         if name in sec.data and name not in sec.used:
             raise ConfigError(
                 sec.key(name),
-                "secrets never go in the config: use a file (\"file\") or an environment "
-                "variable (\"env\")",
+                'secrets never go in the config: use a file ("file") or an environment '
+                'variable ("env")',
             )
 
 
@@ -747,8 +765,9 @@ def _tls(value: Any, path: str) -> TlsConfig:
         domain=sec.get("domain", _opt_str, None),
         min_validity=sec.get("minValidity", _duration, "720h"),
         renew_check_seconds=sec.get("renewCheckSeconds", _num(5, 86400), 3600.0),
-        redirect_port=sec.get("redirectPort", lambda v, p: None if v is None
-                              else _int(1, 65535)(v, p), None),
+        redirect_port=sec.get(
+            "redirectPort", lambda v, p: None if v is None else _int(1, 65535)(v, p), None
+        ),
     )
     sec.finish()
     if mode == "files" and not (cert and key):
@@ -815,8 +834,9 @@ def _find_duplicate(data: object) -> str | None:
         if isinstance(value, _DuplicateKeys):
             return f"{path}.{_shown_key(value.dup)}" if path else _shown_key(value.dup)
         if isinstance(value, dict):
-            stack.extend((v, f"{path}.{_shown_key(k)}" if path else _shown_key(k))
-                         for k, v in value.items())
+            stack.extend(
+                (v, f"{path}.{_shown_key(k)}" if path else _shown_key(k)) for k, v in value.items()
+            )
         elif isinstance(value, list):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
     return None

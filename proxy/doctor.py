@@ -55,8 +55,18 @@ _QUAD_100: Final = ipaddress.ip_address("100.100.100.100")
 _WILDCARDS: Final = ("0.0.0.0", "::")
 _PLAYBOOK_GATEWAY_KEYS: Final = ("host", "requireToken", "allowedNetworks")
 _SECRET_KEYS: Final = frozenset(
-    {"token", "tokens", "secret", "password", "passwd", "authkey", "apikey", "privatekey",
-     "clientsecret", "value"}
+    {
+        "token",
+        "tokens",
+        "secret",
+        "password",
+        "passwd",
+        "authkey",
+        "apikey",
+        "privatekey",
+        "clientsecret",
+        "value",
+    }
 )
 
 
@@ -192,8 +202,7 @@ def _in_tailnet(text: str) -> bool:
         addr = ipaddress.ip_address(text)
     except ValueError:
         return False
-    return addr != _QUAD_100 and any(
-        addr.version == n.version and addr in n for n in _TAILNET_NETS)
+    return addr != _QUAD_100 and any(addr.version == n.version and addr in n for n in _TAILNET_NETS)
 
 
 def _clawgate_listening(facts: Facts) -> set[str]:
@@ -207,11 +216,23 @@ def _clawgate_listening(facts: Facts) -> set[str]:
 
 def check_config(f: Facts) -> list[Finding]:
     if f.config_error is not None:
-        return [Finding("error", "config", f"the config does not load: {f.config_error}",
-                        "fix the key named in the message; `clawgate check-config` re-checks")]
+        return [
+            Finding(
+                "error",
+                "config",
+                f"the config does not load: {f.config_error}",
+                "fix the key named in the message; `clawgate check-config` re-checks",
+            )
+        ]
     if f.config_path is None:
-        return [Finding("info", "config", "no config file: using the embedded defaults",
-                        "pass --config FILE (or set CLAWGATE_CONFIG) to check your own")]
+        return [
+            Finding(
+                "info",
+                "config",
+                "no config file: using the embedded defaults",
+                "pass --config FILE (or set CLAWGATE_CONFIG) to check your own",
+            )
+        ]
     return [Finding("ok", "config", f"{f.config_path} loads")]
 
 
@@ -220,16 +241,26 @@ def check_listen(f: Facts) -> list[Finding]:
     wild = [h for h in hosts if h in _WILDCARDS]
     allowed = _get(f.raw, "gateway", "allowedNetworks")
     if wild and allowed is None:
-        return [Finding("error", "listen",
-                        f"gateway.host {wild[0]!r} listens on every interface and "
-                        "gateway.allowedNetworks is not set",
-                        'set gateway.host to "tailscale", or set gateway.allowedNetworks to '
-                        '["127.0.0.1/32", "100.64.0.0/10"]')]
+        return [
+            Finding(
+                "error",
+                "listen",
+                f"gateway.host {wild[0]!r} listens on every interface and "
+                "gateway.allowedNetworks is not set",
+                'set gateway.host to "tailscale", or set gateway.allowedNetworks to '
+                '["127.0.0.1/32", "100.64.0.0/10"]',
+            )
+        ]
     if wild:
-        return [Finding("info", "listen",
-                        f"gateway.host {wild[0]!r} listens on every interface; "
-                        "gateway.allowedNetworks limits who may connect",
-                        'gateway.host "tailscale" binds only this node\'s tailnet addresses')]
+        return [
+            Finding(
+                "info",
+                "listen",
+                f"gateway.host {wild[0]!r} listens on every interface; "
+                "gateway.allowedNetworks limits who may connect",
+                'gateway.host "tailscale" binds only this node\'s tailnet addresses',
+            )
+        ]
     return [Finding("ok", "listen", f"listens on {', '.join(hosts)}")]
 
 
@@ -239,40 +270,65 @@ def check_require_token(f: Facts) -> list[Finding]:
         return [Finding("ok", "requireToken", "a token is required")]
     ts = f.cfg.tailscale if f.cfg is not None else None
     if ts is not None and ts.require_identity and ts.has_allow_lists:
-        return [Finding("warning", "requireToken",
-                        "gateway.requireToken is false: access rests on tailnet identity alone",
-                        "keep tailscale.allowUsers/allowTags tight, or set requireToken true")]
-    return [Finding("error", "requireToken",
-                    "gateway.requireToken is false: anyone on an allowed network reaches "
-                    "the gateway",
-                    'set "requireToken": true and create tokens with `clawgate token new NAME`')]
+        return [
+            Finding(
+                "warning",
+                "requireToken",
+                "gateway.requireToken is false: access rests on tailnet identity alone",
+                "keep tailscale.allowUsers/allowTags tight, or set requireToken true",
+            )
+        ]
+    return [
+        Finding(
+            "error",
+            "requireToken",
+            "gateway.requireToken is false: anyone on an allowed network reaches the gateway",
+            'set "requireToken": true and create tokens with `clawgate token new NAME`',
+        )
+    ]
 
 
 def check_allowed_networks(f: Facts) -> list[Finding]:
     items = _get(f.raw, "gateway", "allowedNetworks")
     if items is None:
-        return [Finding("ok", "allowedNetworks",
-                        "default allowedNetworks: the tailnet ranges and loopback")]
+        return [
+            Finding(
+                "ok", "allowedNetworks", "default allowedNetworks: the tailnet ranges and loopback"
+            )
+        ]
     nets = _networks(items)
     out: list[Finding] = []
     everything = [str(n) for n in nets if n.prefixlen == 0]
     if everything:
-        out.append(Finding("warning", "allowedNetworks",
-                           f"gateway.allowedNetworks allows every address ({everything[0]})",
-                           'list the tailnet range "100.64.0.0/10" (and loopback) instead'))
-    touches = [n for n in nets if any(n.version == t.version and n.overlaps(t)
-                                      for t in _TAILNET_NETS)]
+        out.append(
+            Finding(
+                "warning",
+                "allowedNetworks",
+                f"gateway.allowedNetworks allows every address ({everything[0]})",
+                'list the tailnet range "100.64.0.0/10" (and loopback) instead',
+            )
+        )
+    touches = [
+        n for n in nets if any(n.version == t.version and n.overlaps(t) for t in _TAILNET_NETS)
+    ]
     if not touches:
-        out.append(Finding("error", "allowedNetworks",
-                           "gateway.allowedNetworks has no tailnet range: no tailnet peer "
-                           "may connect",
-                           'add "100.64.0.0/10" (and "fd7a:115c:a1e0::/48" for IPv6)'))
-    elif not any(isinstance(n, ipaddress.IPv4Network) and _TAILNET_V4.subnet_of(n)
-                 for n in nets):
-        out.append(Finding("info", "allowedNetworks",
-                           "gateway.allowedNetworks allows only part of 100.64.0.0/10",
-                           "fine if deliberate; tailnet addresses of new devices may fall "
-                           "outside it"))
+        out.append(
+            Finding(
+                "error",
+                "allowedNetworks",
+                "gateway.allowedNetworks has no tailnet range: no tailnet peer may connect",
+                'add "100.64.0.0/10" (and "fd7a:115c:a1e0::/48" for IPv6)',
+            )
+        )
+    elif not any(isinstance(n, ipaddress.IPv4Network) and _TAILNET_V4.subnet_of(n) for n in nets):
+        out.append(
+            Finding(
+                "info",
+                "allowedNetworks",
+                "gateway.allowedNetworks allows only part of 100.64.0.0/10",
+                "fine if deliberate; tailnet addresses of new devices may fall outside it",
+            )
+        )
     if not out:
         out.append(Finding("ok", "allowedNetworks", "the tailnet range 100.64.0.0/10 is allowed"))
     return out
@@ -291,17 +347,25 @@ def check_literal_addresses(f: Facts) -> list[Finding]:
         for text in candidates:
             addr = text.split("/", 1)[0]
             # A whole range ("100.64.0.0/10") is the right way to say "the tailnet".
-            if "/" in value and value.split("/", 1)[0] == addr and not value.endswith(
-                    ("/32", "/128")):
+            if (
+                "/" in value
+                and value.split("/", 1)[0] == addr
+                and not value.endswith(("/32", "/128"))
+            ):
                 continue
             if _in_tailnet(addr):
                 found.append(f"{path} ({addr})")
     if not found:
         return [Finding("ok", "literalAddress", "no literal Tailscale address in the config")]
-    return [Finding("warning", "literalAddress",
-                    f"literal Tailscale address in the config: {', '.join(found[:5])}",
-                    'addresses change when a node re-registers: use gateway.host "tailscale", '
-                    'the range "100.64.0.0/10", and tailscale.allowNodes/allowTags for peers')]
+    return [
+        Finding(
+            "warning",
+            "literalAddress",
+            f"literal Tailscale address in the config: {', '.join(found[:5])}",
+            'addresses change when a node re-registers: use gateway.host "tailscale", '
+            'the range "100.64.0.0/10", and tailscale.allowNodes/allowTags for peers',
+        )
+    ]
 
 
 _JWT_RE: Final = re.compile(r"^eyJ[\w-]+\.eyJ[\w-]+\.[\w-]*$")
@@ -343,9 +407,15 @@ def check_secrets(f: Facts) -> list[Finding]:
                 hits.append(f"{path} holds {kind}")
     if not hits:
         return [Finding("ok", "secrets", "no secrets in the config")]
-    return [Finding("error", "secrets", "; ".join(hits[:5]),
-                    "move it to a file (mode 0600) or an environment variable and reference "
-                    'it with "file" or "env"; rotate it, since it was stored in clear')]
+    return [
+        Finding(
+            "error",
+            "secrets",
+            "; ".join(hits[:5]),
+            "move it to a file (mode 0600) or an environment variable and reference "
+            'it with "file" or "env"; rotate it, since it was stored in clear',
+        )
+    ]
 
 
 def check_token_file(f: Facts) -> list[Finding]:
@@ -355,32 +425,61 @@ def check_token_file(f: Facts) -> list[Finding]:
     if not tf.exists:
         if f.cfg.tokens.env or not f.cfg.gateway.require_token:
             return [Finding("info", "tokenFile", f"no token file at {tf.path}")]
-        return [Finding("warning", "tokenFile",
-                        f"no token file at {tf.path}: no client can present a token",
-                        "create one with `clawgate token new NAME`")]
+        return [
+            Finding(
+                "warning",
+                "tokenFile",
+                f"no token file at {tf.path}: no client can present a token",
+                "create one with `clawgate token new NAME`",
+            )
+        ]
     out: list[Finding] = []
     if tf.error is not None:
-        out.append(Finding("error", "tokenFile", f"token file {tf.path}: {tf.error}",
-                           "fix the file, or recreate it with `clawgate token new NAME`"))
+        out.append(
+            Finding(
+                "error",
+                "tokenFile",
+                f"token file {tf.path}: {tf.error}",
+                "fix the file, or recreate it with `clawgate token new NAME`",
+            )
+        )
     if tf.mode is not None and tf.mode & 0o077:
-        out.append(Finding("error", "tokenFile",
-                           f"token file {tf.path} is readable by group/others "
-                           f"(mode {tf.mode:04o})",
-                           f"chmod 600 {tf.path}"))
+        out.append(
+            Finding(
+                "error",
+                "tokenFile",
+                f"token file {tf.path} is readable by group/others (mode {tf.mode:04o})",
+                f"chmod 600 {tf.path}",
+            )
+        )
     if tf.uid is not None and f.euid != 0 and tf.uid != f.euid:
-        out.append(Finding("warning", "tokenFile",
-                           f"token file {tf.path} is owned by uid {tf.uid}, not by you "
-                           f"(uid {f.euid})",
-                           f"chown it to the user clawgate runs as: chown USER {tf.path}"))
+        out.append(
+            Finding(
+                "warning",
+                "tokenFile",
+                f"token file {tf.path} is owned by uid {tf.uid}, not by you (uid {f.euid})",
+                f"chown it to the user clawgate runs as: chown USER {tf.path}",
+            )
+        )
     elif tf.uid == 0 and f.euid == 0:
-        out.append(Finding("info", "tokenFile", f"token file {tf.path} is owned by root",
-                           "if the service runs as its own user (User=clawgate), "
-                           f"chown clawgate: {tf.path}"))
+        out.append(
+            Finding(
+                "info",
+                "tokenFile",
+                f"token file {tf.path} is owned by root",
+                f"if the service runs as its own user (User=clawgate), chown clawgate: {tf.path}",
+            )
+        )
     if not any(x.severity == "error" for x in out):
         n = f.token_count
-        out.append(Finding("ok", "tokenFile",
-                           f"token file {tf.path}: mode {(tf.mode or 0):04o}"
-                           + (f", {n} token{'s' if n != 1 else ''}" if n is not None else "")))
+        out.append(
+            Finding(
+                "ok",
+                "tokenFile",
+                f"token file {tf.path}: mode {(tf.mode or 0):04o}"
+                + (f", {n} token{'s' if n != 1 else ''}" if n is not None else ""),
+            )
+        )
     return out
 
 
@@ -389,23 +488,42 @@ def check_tailscaled(f: Facts) -> list[Finding]:
     needs = cfg is not None and (cfg.listens_on_tailscale or bool(cfg.tailscale.require_identity))
     if ts is None or ts.socket is None:
         if needs:
-            return [Finding("error", "tailscaled", "no tailscaled socket found",
-                            "start tailscaled (systemctl enable --now tailscaled), or set "
-                            "tailscale.socket; in Docker share the socket directory through "
-                            "a volume and set TS_SOCKET")]
-        return [Finding("warning", "tailscaled",
-                        "no tailscaled socket found: no tailnet identity, only networks and "
-                        "tokens decide", "start tailscaled, or set tailscale.socket")]
+            return [
+                Finding(
+                    "error",
+                    "tailscaled",
+                    "no tailscaled socket found",
+                    "start tailscaled (systemctl enable --now tailscaled), or set "
+                    "tailscale.socket; in Docker share the socket directory through "
+                    "a volume and set TS_SOCKET",
+                )
+            ]
+        return [
+            Finding(
+                "warning",
+                "tailscaled",
+                "no tailscaled socket found: no tailnet identity, only networks and tokens decide",
+                "start tailscaled, or set tailscale.socket",
+            )
+        ]
     if not ts.reachable:
-        return [Finding("error", "tailscaled",
-                        f"tailscaled at {ts.socket} does not answer: {ts.error}",
-                        "systemctl status tailscaled; check the socket path and that this "
-                        "user may open it")]
+        return [
+            Finding(
+                "error",
+                "tailscaled",
+                f"tailscaled at {ts.socket} does not answer: {ts.error}",
+                "systemctl status tailscaled; check the socket path and that this user may open it",
+            )
+        ]
     if ts.backend_state != "Running":
-        return [Finding("error", "tailscaled",
-                        f"tailscale is {ts.backend_state}, not Running",
-                        "run `sudo tailscale up` (NeedsLogin: log in again; Stopped: it was "
-                        "turned off)")]
+        return [
+            Finding(
+                "error",
+                "tailscaled",
+                f"tailscale is {ts.backend_state}, not Running",
+                "run `sudo tailscale up` (NeedsLogin: log in again; Stopped: it was turned off)",
+            )
+        ]
     ips = ", ".join(ts.ips) or "no addresses"
     return [Finding("ok", "tailscaled", f"tailscaled Running at {ts.socket} ({ips})")]
 
@@ -415,8 +533,10 @@ def check_key_expiry(f: Facts) -> list[Finding]:
     if ts is None or not ts.reachable or ts.backend_state is None:
         return []
     warn_days = f.cfg.tailscale.key_expiry_warn_days if f.cfg is not None else 14.0
-    fix = ("disable key expiry for this server node in the admin console, or re-authenticate "
-           "with `tailscale up --force-reauth`")
+    fix = (
+        "disable key expiry for this server node in the admin console, or re-authenticate "
+        "with `tailscale up --force-reauth`"
+    )
     if ts.key_expiry is None:
         if ts.expired:
             return [Finding("error", "keyExpiry", "the node key has expired", fix)]
@@ -427,8 +547,9 @@ def check_key_expiry(f: Facts) -> list[Finding]:
         return [Finding("error", "keyExpiry", f"the node key expired at {when}", fix)]
     days = math.floor(seconds / 86400)
     if seconds <= warn_days * 86400:
-        return [Finding("warning", "keyExpiry",
-                        f"the node key expires in {days} days ({when})", fix)]
+        return [
+            Finding("warning", "keyExpiry", f"the node key expires in {days} days ({when})", fix)
+        ]
     return [Finding("ok", "keyExpiry", f"the node key expires in {days} days ({when})")]
 
 
@@ -440,16 +561,29 @@ def check_userspace(f: Facts) -> list[Finding]:
         return [Finding("ok", "userspace", "tailscaled uses a TUN interface")]
     hosts = _hosts(f.raw)
     local = any(h in _WILDCARDS or _is_loopback(h) for h in hosts)
-    msg = ("tailscaled runs with --tun=userspace-networking: tailnet peers arrive from "
-           "127.0.0.1, and identity comes from whois of 127.0.0.1:PORT (a miss costs ~180 ms)")
+    msg = (
+        "tailscaled runs with --tun=userspace-networking: tailnet peers arrive from "
+        "127.0.0.1, and identity comes from whois of 127.0.0.1:PORT (a miss costs ~180 ms)"
+    )
     if not local:
-        return [Finding("error", "userspace",
-                        msg + f"; clawgate listens on {', '.join(hosts)} where nothing arrives",
-                        'set gateway.host "127.0.0.1" on a port other than the gateway\'s and '
-                        'keep "127.0.0.1/32" in allowedNetworks, or give the container '
-                        "/dev/net/tun and NET_ADMIN")]
-    return [Finding("warning", "userspace", msg,
-                    "prefer a TUN interface (/dev/net/tun and NET_ADMIN in Docker)")]
+        return [
+            Finding(
+                "error",
+                "userspace",
+                msg + f"; clawgate listens on {', '.join(hosts)} where nothing arrives",
+                'set gateway.host "127.0.0.1" on a port other than the gateway\'s and '
+                'keep "127.0.0.1/32" in allowedNetworks, or give the container '
+                "/dev/net/tun and NET_ADMIN",
+            )
+        ]
+    return [
+        Finding(
+            "warning",
+            "userspace",
+            msg,
+            "prefer a TUN interface (/dev/net/tun and NET_ADMIN in Docker)",
+        )
+    ]
 
 
 def check_upstream(f: Facts) -> list[Finding]:
@@ -459,34 +593,55 @@ def check_upstream(f: Facts) -> list[Finding]:
     u = cfg.upstream
     out: list[Finding] = []
     if f.upstream_reachable is False:
-        out.append(Finding("error", "upstream", f"the gateway is unreachable: {f.upstream_error}",
-                           "start it: `openclaw gateway run --bind loopback` (or check "
-                           "upstream.url)"))
+        out.append(
+            Finding(
+                "error",
+                "upstream",
+                f"the gateway is unreachable: {f.upstream_error}",
+                "start it: `openclaw gateway run --bind loopback` (or check upstream.url)",
+            )
+        )
     elif f.upstream_reachable:
         out.append(Finding("ok", "upstream", f"the gateway answers at {u.url}"))
     if u.unix_path is not None or u.port is None or u.host is None:
         return out
     if not _is_loopback(u.host):
-        out.append(Finding("warning", "upstreamBind",
-                           f"upstream.url {u.url} is not on loopback: the gateway listens "
-                           "beyond this host, where clients can go around clawgate",
-                           'bind the gateway to loopback and use "http://127.0.0.1:18789"'))
+        out.append(
+            Finding(
+                "warning",
+                "upstreamBind",
+                f"upstream.url {u.url} is not on loopback: the gateway listens "
+                "beyond this host, where clients can go around clawgate",
+                'bind the gateway to loopback and use "http://127.0.0.1:18789"',
+            )
+        )
         return out
     ours = _clawgate_listening(f)
-    exposed = [lst for lst in f.listeners
-               if lst.port == u.port and not _is_loopback(lst.host)
-               and hostport(lst.host, lst.port) not in ours]
+    exposed = [
+        lst
+        for lst in f.listeners
+        if lst.port == u.port
+        and not _is_loopback(lst.host)
+        and hostport(lst.host, lst.port) not in ours
+    ]
     if exposed:
-        where = ", ".join(hostport(x.host, x.port) + (f" ({x.owner})" if x.owner else "")
-                          for x in exposed)
-        out.append(Finding("error", "upstreamBind",
-                           f"the gateway's port {u.port} is open beyond loopback: {where}; "
-                           "clients can reach the gateway without clawgate",
-                           'set "bind": "loopback" in the gateway config (openclaw gateway '
-                           "run --bind loopback) and `clawgate firewall` for defence in depth"))
+        where = ", ".join(
+            hostport(x.host, x.port) + (f" ({x.owner})" if x.owner else "") for x in exposed
+        )
+        out.append(
+            Finding(
+                "error",
+                "upstreamBind",
+                f"the gateway's port {u.port} is open beyond loopback: {where}; "
+                "clients can reach the gateway without clawgate",
+                'set "bind": "loopback" in the gateway config (openclaw gateway '
+                "run --bind loopback) and `clawgate firewall` for defence in depth",
+            )
+        )
     elif any(lst.port == u.port for lst in f.listeners):
-        out.append(Finding("ok", "upstreamBind",
-                           f"the gateway's port {u.port} is on loopback only"))
+        out.append(
+            Finding("ok", "upstreamBind", f"the gateway's port {u.port} is on loopback only")
+        )
     return out
 
 
@@ -495,54 +650,95 @@ def check_gateway_config(f: Facts) -> list[Finding]:
     if gc is None:
         return []
     if not gc.exists:
-        return [Finding("info", "gatewayConfig",
-                        f"gateway config {gc.path} not found: its checks are skipped",
-                        "pass --gateway-config PATH (it is $OPENCLAW_HOME/.openclaw/"
-                        "openclaw.json of the user the gateway runs as)")]
+        return [
+            Finding(
+                "info",
+                "gatewayConfig",
+                f"gateway config {gc.path} not found: its checks are skipped",
+                "pass --gateway-config PATH (it is $OPENCLAW_HOME/.openclaw/"
+                "openclaw.json of the user the gateway runs as)",
+            )
+        ]
     if gc.error is not None:
-        return [Finding("warning", "gatewayConfig", f"gateway config {gc.path}: {gc.error}",
-                        "run doctor as the gateway's user, or pass --gateway-config")]
+        return [
+            Finding(
+                "warning",
+                "gatewayConfig",
+                f"gateway config {gc.path}: {gc.error}",
+                "run doctor as the gateway's user, or pass --gateway-config",
+            )
+        ]
     gw = _get(f.gateway_doc, "gateway")
     if not isinstance(gw, dict):
-        return [Finding("warning", "gatewayConfig",
-                        f"gateway config {gc.path} has no \"gateway\" section",
-                        'add "gateway": {"bind": "loopback", "trustedProxies": '
-                        '["127.0.0.1/32", "::1/128"]}')]
+        return [
+            Finding(
+                "warning",
+                "gatewayConfig",
+                f'gateway config {gc.path} has no "gateway" section',
+                'add "gateway": {"bind": "loopback", "trustedProxies": '
+                '["127.0.0.1/32", "::1/128"]}',
+            )
+        ]
     out: list[Finding] = []
     stale = [k for k in _PLAYBOOK_GATEWAY_KEYS if k in gw]
     if stale:
-        out.append(Finding("error", "gatewayConfig",
-                           f"gateway.{', gateway.'.join(stale)} in {gc.path} are not OpenClaw "
-                           "keys: current releases refuse to start (Unrecognized keys)",
-                           "remove them there; they belong in clawgate's config"))
+        out.append(
+            Finding(
+                "error",
+                "gatewayConfig",
+                f"gateway.{', gateway.'.join(stale)} in {gc.path} are not OpenClaw "
+                "keys: current releases refuse to start (Unrecognized keys)",
+                "remove them there; they belong in clawgate's config",
+            )
+        )
     out.extend(_check_trusted_proxies(f, gw))
     bind = gw.get("bind")
     if bind == "loopback":
         out.append(Finding("ok", "gatewayBind", "the gateway binds loopback only"))
     elif bind is None:
-        out.append(Finding("warning", "gatewayBind", "the gateway config does not set bind",
-                           'set "bind": "loopback" so only clawgate can reach it'))
+        out.append(
+            Finding(
+                "warning",
+                "gatewayBind",
+                "the gateway config does not set bind",
+                'set "bind": "loopback" so only clawgate can reach it',
+            )
+        )
     else:
-        out.append(Finding("error", "gatewayBind",
-                           f'the gateway binds {bind!r}, beyond loopback: clients can go '
-                           "around clawgate",
-                           'set "bind": "loopback" in gateway config'))
+        out.append(
+            Finding(
+                "error",
+                "gatewayBind",
+                f"the gateway binds {bind!r}, beyond loopback: clients can go around clawgate",
+                'set "bind": "loopback" in gateway config',
+            )
+        )
     port = gw.get("port")
     cfg = f.cfg
     if cfg is not None and isinstance(port, int) and cfg.upstream.port not in (None, port):
-        out.append(Finding("warning", "gatewayConfig",
-                           f"the gateway config says port {port}, clawgate's upstream is "
-                           f"{cfg.upstream.url}", "make upstream.url point at the gateway"))
+        out.append(
+            Finding(
+                "warning",
+                "gatewayConfig",
+                f"the gateway config says port {port}, clawgate's upstream is {cfg.upstream.url}",
+                "make upstream.url point at the gateway",
+            )
+        )
     auth = gw.get("auth")
     if cfg is not None and isinstance(auth, dict) and auth.get("mode") == "trusted-proxy":
         header = _get(auth, "trustedProxy", "userHeader")
         want = cfg.tailscale.identity_header
         if not isinstance(header, str) or header.lower() != want.lower():
-            out.append(Finding("error", "gatewayConfig",
-                               f"gateway auth trusted-proxy reads userHeader {header!r}, "
-                               f"clawgate sends identity as {want!r}",
-                               f'set auth.trustedProxy.userHeader to "{want.lower()}" (or '
-                               "tailscale.identityHeader in clawgate's config)"))
+            out.append(
+                Finding(
+                    "error",
+                    "gatewayConfig",
+                    f"gateway auth trusted-proxy reads userHeader {header!r}, "
+                    f"clawgate sends identity as {want!r}",
+                    f'set auth.trustedProxy.userHeader to "{want.lower()}" (or '
+                    "tailscale.identityHeader in clawgate's config)",
+                )
+            )
     return out
 
 
@@ -556,19 +752,32 @@ def _check_trusted_proxies(f: Facts, gw: dict[str, Any]) -> list[Finding]:
     missing = [ip for ip in need if not _covers(nets, ip)]
     fix = 'set "trustedProxies": ["127.0.0.1/32", "::1/128"] in the gateway section'
     if missing:
-        return [Finding("error", "trustedProxies",
-                        f"the gateway does not trust clawgate ({missing[0]}) as a proxy: it "
-                        "refuses proxied clients (proxy_attribution_required), or without "
-                        "forwarding headers would treat every client as local", fix)]
+        return [
+            Finding(
+                "error",
+                "trustedProxies",
+                f"the gateway does not trust clawgate ({missing[0]}) as a proxy: it "
+                "refuses proxied clients (proxy_attribution_required), or without "
+                "forwarding headers would treat every client as local",
+                fix,
+            )
+        ]
     out = [Finding("ok", "trustedProxies", "the gateway trusts clawgate on loopback")]
     if any(not _covers(nets, ip) for ip in nice):
-        out.append(Finding("info", "trustedProxies",
-                           f"trustedProxies does not list {nice[0]}", fix))
+        out.append(
+            Finding("info", "trustedProxies", f"trustedProxies does not list {nice[0]}", fix)
+        )
     wide = [str(n) for n in nets if not n.is_loopback]
     if wide:
-        out.append(Finding("warning", "trustedProxies",
-                           f"trustedProxies also trusts {', '.join(wide)}: anyone there can "
-                           "claim any client address", "trust loopback only"))
+        out.append(
+            Finding(
+                "warning",
+                "trustedProxies",
+                f"trustedProxies also trusts {', '.join(wide)}: anyone there can "
+                "claim any client address",
+                "trust loopback only",
+            )
+        )
     return out
 
 
@@ -605,15 +814,20 @@ def check_ports(f: Facts) -> list[Finding]:
             if what == "the admin listener" and f.clawgate_health is not None:
                 continue  # a clawgate answers there: it is ours
             owner = f" by {lst.owner}" if lst.owner else ""
-            out.append(Finding("error", "ports",
-                               f"{hostport(host, port)} ({what}) is taken: {addr} is "
-                               f"already listening{owner}",
-                               "stop the other program, or change gateway.port / admin.port"))
+            out.append(
+                Finding(
+                    "error",
+                    "ports",
+                    f"{hostport(host, port)} ({what}) is taken: {addr} is already listening{owner}",
+                    "stop the other program, or change gateway.port / admin.port",
+                )
+            )
     if not out and wanted:
         out.append(Finding("ok", "ports", "no other program holds clawgate's ports"))
     if cfg.listens_on_tailscale and (f.tailscale is None or not f.tailscale.ips):
-        out.append(Finding("info", "ports",
-                           "tailnet addresses unknown: collisions there not checked"))
+        out.append(
+            Finding("info", "ports", "tailnet addresses unknown: collisions there not checked")
+        )
     return out
 
 
@@ -623,32 +837,52 @@ def check_running(f: Facts) -> list[Finding]:
         return [Finding("info", "running", "no clawgate answers on the admin listener")]
     problems = h.get("problems") or []
     if problems:
-        return [Finding("warning", "running",
-                        f"the running clawgate is degraded: {'; '.join(map(str, problems))}",
-                        "see the findings above, and `clawgate status`")]
+        return [
+            Finding(
+                "warning",
+                "running",
+                f"the running clawgate is degraded: {'; '.join(map(str, problems))}",
+                "see the findings above, and `clawgate status`",
+            )
+        ]
     return [Finding("ok", "running", "a clawgate is running and healthy")]
 
 
 def check_tls_cert_access(f: Facts) -> list[Finding]:
     """tls "tailscale": may this user fetch the node's certificate (root/operator/permit)?"""
     cfg, ts = f.cfg, f.tailscale
-    if cfg is None or cfg.tls.mode != "tailscale" or ts is None or not ts.reachable \
-            or ts.backend_state != "Running":
+    if (
+        cfg is None
+        or cfg.tls.mode != "tailscale"
+        or ts is None
+        or not ts.reachable
+        or ts.backend_state != "Running"
+    ):
         return []  # check_tailscaled already says why tailscaled cannot be asked
     if not ts.cert_domains:
-        return [Finding("error", "tls_cert_access",
-                        "this tailnet does not issue HTTPS certificates",
-                        "enable HTTPS Certificates (and MagicDNS) in the admin console, "
-                        "https://login.tailscale.com/admin/dns")]
+        return [
+            Finding(
+                "error",
+                "tls_cert_access",
+                "this tailnet does not issue HTTPS certificates",
+                "enable HTTPS Certificates (and MagicDNS) in the admin console, "
+                "https://login.tailscale.com/admin/dns",
+            )
+        ]
     if ts.cert_access == "denied":
         from .tls import cert_denied_message
 
         what, _, fix = cert_denied_message().partition("; fix it with one of: ")
         return [Finding("error", "tls_cert_access", what, fix)]
     if ts.cert_access not in (None, "ok"):
-        return [Finding("error", "tls_cert_access",
-                        f"cannot fetch the TLS certificate: {ts.cert_access}",
-                        "check tls.domain against `tailscale status --json` CertDomains")]
+        return [
+            Finding(
+                "error",
+                "tls_cert_access",
+                f"cannot fetch the TLS certificate: {ts.cert_access}",
+                "check tls.domain against `tailscale status --json` CertDomains",
+            )
+        ]
     name = cfg.tls.domain or ts.cert_domains[0]
     return [Finding("ok", "tls_cert_access", f"this user may fetch the certificate for {name}")]
 
@@ -658,25 +892,51 @@ def check_pairing_store(f: Facts) -> list[Finding]:
     if cfg is None or not cfg.gateway_token.enabled:
         return []
     if cfg.gateway_token.state_dir is None:
-        return [Finding("info", "pairingStore",
-                        "gatewayToken.stateDir is null: paired devices and setup codes are "
-                        "refused at the edge (only the gateway token is admitted)")]
+        return [
+            Finding(
+                "info",
+                "pairingStore",
+                "gatewayToken.stateDir is null: paired devices and setup codes are "
+                "refused at the edge (only the gateway token is admitted)",
+            )
+        ]
     if f.pairing_error is not None:
-        return [Finding("error", "pairingStore",
-                        f"the gateway's pairing store cannot be read: {f.pairing_error}; "
-                        "paired devices and setup codes are refused at the edge",
-                        "set gatewayToken.stateDir to the gateway's state dir (the one with "
-                        "state/openclaw.sqlite) and let clawgate's user read it")]
-    return [Finding("ok", "pairingStore",
-                    f"the gateway's pairing store is readable ({f.pairing_devices} paired "
-                    "devices)")]
+        return [
+            Finding(
+                "error",
+                "pairingStore",
+                f"the gateway's pairing store cannot be read: {f.pairing_error}; "
+                "paired devices and setup codes are refused at the edge",
+                "set gatewayToken.stateDir to the gateway's state dir (the one with "
+                "state/openclaw.sqlite) and let clawgate's user read it",
+            )
+        ]
+    return [
+        Finding(
+            "ok",
+            "pairingStore",
+            f"the gateway's pairing store is readable ({f.pairing_devices} paired devices)",
+        )
+    ]
 
 
 CHECKS: Final[tuple[Callable[[Facts], list[Finding]], ...]] = (
-    check_config, check_listen, check_require_token, check_allowed_networks,
-    check_literal_addresses, check_secrets, check_token_file, check_tailscaled,
-    check_key_expiry, check_userspace, check_upstream, check_gateway_config, check_ports,
-    check_running, check_tls_cert_access, check_pairing_store,
+    check_config,
+    check_listen,
+    check_require_token,
+    check_allowed_networks,
+    check_literal_addresses,
+    check_secrets,
+    check_token_file,
+    check_tailscaled,
+    check_key_expiry,
+    check_userspace,
+    check_upstream,
+    check_gateway_config,
+    check_ports,
+    check_running,
+    check_tls_cert_access,
+    check_pairing_store,
 )
 
 
@@ -705,15 +965,24 @@ def render_text(findings: Sequence[Finding]) -> str:
                 lines.append(f"{'':10}fix: {x.fix}")
     counts = {s: sum(x.severity == s for x in findings) for s in SEVERITIES}
     lines.append("")
-    lines.append(", ".join(f"{n} {s}{'s' if n != 1 and s in ('error', 'warning') else ''}"
-                           for s, n in counts.items()))
+    lines.append(
+        ", ".join(
+            f"{n} {s}{'s' if n != 1 and s in ('error', 'warning') else ''}"
+            for s, n in counts.items()
+        )
+    )
     return "\n".join(lines)
 
 
 def render_json(findings: Sequence[Finding]) -> str:
-    return json.dumps({"ok": exit_status(findings) == 0,
-                       "counts": {s: sum(x.severity == s for x in findings) for s in SEVERITIES},
-                       "findings": [asdict(x) for x in findings]}, indent=2)
+    return json.dumps(
+        {
+            "ok": exit_status(findings) == 0,
+            "counts": {s: sum(x.severity == s for x in findings) for s in SEVERITIES},
+            "findings": [asdict(x) for x in findings],
+        },
+        indent=2,
+    )
 
 
 # ------------------------------------------------------------------------------ JSON5
@@ -731,7 +1000,7 @@ def loads_json5(text: str) -> Any:
             chars = []
             while j < n and text[j] != c:
                 if text[j] == "\\" and j + 1 < n:
-                    chars.append(text[j:j + 2])
+                    chars.append(text[j : j + 2])
                     j += 2
                     continue
                 chars.append('\\"' if text[j] == '"' else text[j])
@@ -766,7 +1035,7 @@ def loads_json5(text: str) -> Any:
             m = re.match(r"[A-Za-z_$][A-Za-z0-9_$]*", text[i:])
             assert m is not None
             word = m.group(0)
-            rest = text[i + len(word):].lstrip()
+            rest = text[i + len(word) :].lstrip()
             if rest.startswith(":") and word not in ("true", "false", "null"):
                 out.append(json.dumps(word))
             else:
@@ -797,7 +1066,7 @@ def parse_proc_net_tcp(text: str, v6: bool) -> list[Listener]:
         addr_hex, port_hex = parts[1].split(":")
         raw = bytes.fromhex(addr_hex)
         # Each 32-bit word is printed in host (little-endian) order.
-        fixed = b"".join(raw[k:k + 4][::-1] for k in range(0, len(raw), 4))
+        fixed = b"".join(raw[k : k + 4][::-1] for k in range(0, len(raw), 4))
         ip = ipaddress.ip_address(fixed)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             host = str(ip.ipv4_mapped)
@@ -867,12 +1136,25 @@ async def _tailscale_facts(cfg: Config) -> TailscaleFacts:
     try:
         async with LocalAPIClient(path, timeout=min(cfg.tailscale.timeout, 3.0)) as api:
             st = await api.status(peers=False)
-            cert_access = await _cert_access(api, cfg, st.cert_domains) \
-                if cfg.tls.mode == "tailscale" and st.running else None
+            cert_access = (
+                await _cert_access(api, cfg, st.cert_domains)
+                if cfg.tls.mode == "tailscale" and st.running
+                else None
+            )
     except TailscaleError as exc:
         return TailscaleFacts(path, False, str(exc))
-    return TailscaleFacts(path, True, None, st.backend_state, st.tun, st.key_expiry,
-                          st.expired, st.tailscale_ips, st.cert_domains, cert_access)
+    return TailscaleFacts(
+        path,
+        True,
+        None,
+        st.backend_state,
+        st.tun,
+        st.key_expiry,
+        st.expired,
+        st.tailscale_ips,
+        st.cert_domains,
+        cert_access,
+    )
 
 
 async def _cert_access(api: Any, cfg: Config, domains: Sequence[str]) -> str | None:
@@ -938,8 +1220,9 @@ def gather(config_path: str | None, gateway_config: str | None = None) -> Facts:
         try:
             count = len(TokenFile(eff.tokens.file).load())
         except TokenStoreError as exc:
-            token_info = FileInfo(token_info.path, True, token_info.mode, token_info.uid,
-                                  str(exc).split(": ", 1)[-1])
+            token_info = FileInfo(
+                token_info.path, True, token_info.mode, token_info.uid, str(exc).split(": ", 1)[-1]
+            )
 
     async def io() -> tuple[TailscaleFacts, tuple[bool, str | None]]:
         return await asyncio.gather(_tailscale_facts(eff), _upstream_facts(eff))
@@ -967,10 +1250,20 @@ def gather(config_path: str | None, gateway_config: str | None = None) -> Facts:
         except (OSError, sqlite3.Error, ValueError) as exc:
             pairing_error = f"{db}: {exc}"
     return Facts(
-        pairing_devices=pairing_devices, pairing_error=pairing_error,
-        config_path=config_path, raw=raw, config_error=error, cfg=eff, euid=os.geteuid(),
-        token_file=token_info, token_count=count, tailscale=ts, listeners=read_listeners(),
-        upstream_reachable=up_ok, upstream_error=up_err, gateway_config=ginfo,
-        gateway_doc=gdoc, clawgate_health=_admin_health(eff),
+        pairing_devices=pairing_devices,
+        pairing_error=pairing_error,
+        config_path=config_path,
+        raw=raw,
+        config_error=error,
+        cfg=eff,
+        euid=os.geteuid(),
+        token_file=token_info,
+        token_count=count,
+        tailscale=ts,
+        listeners=read_listeners(),
+        upstream_reachable=up_ok,
+        upstream_error=up_err,
+        gateway_config=ginfo,
+        gateway_doc=gdoc,
+        clawgate_health=_admin_health(eff),
     )
-

@@ -59,11 +59,21 @@ def render_nftables(cfg: Config) -> str:
         "table inet clawgate {",
     ]
     if v4:
-        lines += ["\tset allowed_v4 {", "\t\ttype ipv4_addr", "\t\tflags interval",
-                  f"\t\telements = {{ {', '.join(v4)} }}", "\t}"]
+        lines += [
+            "\tset allowed_v4 {",
+            "\t\ttype ipv4_addr",
+            "\t\tflags interval",
+            f"\t\telements = {{ {', '.join(v4)} }}",
+            "\t}",
+        ]
     if v6:
-        lines += ["\tset allowed_v6 {", "\t\ttype ipv6_addr", "\t\tflags interval",
-                  f"\t\telements = {{ {', '.join(v6)} }}", "\t}"]
+        lines += [
+            "\tset allowed_v6 {",
+            "\t\ttype ipv6_addr",
+            "\t\tflags interval",
+            f"\t\telements = {{ {', '.join(v6)} }}",
+            "\t}",
+        ]
     lines += [
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy drop;",
@@ -75,11 +85,11 @@ def render_nftables(cfg: Config) -> str:
         f'\t\tudp dport {TAILSCALE_UDP_PORT} accept comment "tailscale wireguard (direct paths)"',
     ]
     if v4:
-        lines.append(f"\t\t{where4}ip saddr @allowed_v4 tcp dport {port} accept "
-                     'comment "clawgate"')
+        lines.append(f'\t\t{where4}ip saddr @allowed_v4 tcp dport {port} accept comment "clawgate"')
     if v6:
-        lines.append(f"\t\t{where6}ip6 saddr @allowed_v6 tcp dport {port} accept "
-                     'comment "clawgate"')
+        lines.append(
+            f'\t\t{where6}ip6 saddr @allowed_v6 tcp dport {port} accept comment "clawgate"'
+        )
     if gw_port is not None:
         lines.append(f'\t\ttcp dport {gw_port} drop comment "the gateway: loopback only"')
     lines += ["\t}", "}"]
@@ -103,8 +113,9 @@ def render_ufw(cfg: Config) -> str:
         f"sudo ufw allow {TAILSCALE_UDP_PORT}/udp comment 'tailscale wireguard'",
     ]
     for net in v4 + v6:
-        lines.append(f"sudo ufw allow {on}from {net} to any port {port} proto tcp "
-                     "comment 'clawgate'")
+        lines.append(
+            f"sudo ufw allow {on}from {net} to any port {port} proto tcp comment 'clawgate'"
+        )
     if gw_port is not None:
         lines.append(f"sudo ufw deny {gw_port}/tcp comment 'openclaw gateway: loopback only'")
     lines.append("sudo ufw enable")

@@ -36,12 +36,22 @@ if TYPE_CHECKING:
 __all__ = ["ClientConnection", "STATUS_TEXT"]
 
 STATUS_TEXT = {
-    200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request",
+    200: "OK",
+    303: "See Other",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    421: "Misdirected Request",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 # How long end_session waits for the gateway's current frame to end (revocation must
@@ -60,12 +70,42 @@ _ids = itertools.count(1)
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "rt", "transport", "up", "up_t", "state", "buf", "conn_id", "peer_ip", "peer_port",
-        "started", "bytes_up", "bytes_down", "requests", "grant", "head", "_head_timer",
-        "_body_left", "_chunks", "_paused_state", "_paused_bp", "_client_eof", "_up_eof",
-        "awaiting_upgrade", "_task", "close_reason", "_closed", "_t_head", "gate",
-        "counted_ip", "proto", "tls", "unauth_counted", "_local_head", "was_tunnel",
-        "counted_identity", "_end_timer",
+        "rt",
+        "transport",
+        "up",
+        "up_t",
+        "state",
+        "buf",
+        "conn_id",
+        "peer_ip",
+        "peer_port",
+        "started",
+        "bytes_up",
+        "bytes_down",
+        "requests",
+        "grant",
+        "head",
+        "_head_timer",
+        "_body_left",
+        "_chunks",
+        "_paused_state",
+        "_paused_bp",
+        "_client_eof",
+        "_up_eof",
+        "awaiting_upgrade",
+        "_task",
+        "close_reason",
+        "_closed",
+        "_t_head",
+        "gate",
+        "counted_ip",
+        "proto",
+        "tls",
+        "unauth_counted",
+        "_local_head",
+        "was_tunnel",
+        "counted_identity",
+        "_end_timer",
     )
 
     def __init__(self, rt: Runtime, *, tls: bool = False) -> None:
@@ -266,8 +306,9 @@ class ClientConnection(asyncio.Protocol):
             over = rt.admit_identity(self, grant)
             if over is not None:
                 # limits.perIdentity: the same grant, turned into a 429 (one log line).
-                grant = dataclasses.replace(grant, decision=Decision(False, 429, over),
-                                            retry_after=1)
+                grant = dataclasses.replace(
+                    grant, decision=Decision(False, 429, over), retry_after=1
+                )
                 d = grant.decision
         rt.log_decision(self, head, grant)
         if not d.allow:
@@ -309,9 +350,14 @@ class ClientConnection(asyncio.Protocol):
         self._task = task
         task.add_done_callback(lambda t: self._dialed(t, timer, up, head, out))
 
-    def _dialed(self, task: asyncio.Task[tuple[asyncio.Transport, Any]],
-                timer: asyncio.TimerHandle, up: UpstreamConnection, head: RequestHead,
-                out: bytes) -> None:
+    def _dialed(
+        self,
+        task: asyncio.Task[tuple[asyncio.Transport, Any]],
+        timer: asyncio.TimerHandle,
+        up: UpstreamConnection,
+        head: RequestHead,
+        out: bytes,
+    ) -> None:
         timer.cancel()
         self._task = None
         rt = self.rt
@@ -330,8 +376,14 @@ class ClientConnection(asyncio.Protocol):
                 elif isinstance(exc, ConnectionRefusedError):
                     reason = "gateway refused the connection (is it running?)"
                 self._send_simple(502, reason, close=True)
-                rt.log.write({"event": "upstream_error", "conn": self.conn_id,
-                              "peer": self.peer_ip, "reason": reason})
+                rt.log.write(
+                    {
+                        "event": "upstream_error",
+                        "conn": self.conn_id,
+                        "peer": self.peer_ip,
+                        "reason": reason,
+                    }
+                )
             if not isinstance(exc, OSError | TimeoutError):
                 raise exc  # a bug, not the network: the loop's exception handler logs it
             return
@@ -351,8 +403,9 @@ class ClientConnection(asyncio.Protocol):
             self.rt.metrics.observe_handshake(time.monotonic() - self.started)
         body = request_body(head)
         if body == BODY_CHUNKED:
-            self._chunks = ChunkedScanner(request=True,
-                                          identity_headers=self.rt.authz.identity_norm)
+            self._chunks = ChunkedScanner(
+                request=True, identity_headers=self.rt.authz.identity_norm
+            )
             self.state = BODY
         elif body > 0:
             self._body_left = body
@@ -406,10 +459,12 @@ class ClientConnection(asyncio.Protocol):
         self.awaiting_upgrade = False
         head = self.head
         why = after_response(
-            keep_alive=keep_alive, body_unfinished=self.state == BODY,
+            keep_alive=keep_alive,
+            body_unfinished=self.state == BODY,
             client_eof=self._client_eof,
             request_keep_alive=head.keep_alive if head is not None else None,
-            draining=self.rt.draining)
+            draining=self.rt.draining,
+        )
         if why is not None:
             self._close(why)
             return
@@ -418,7 +473,8 @@ class ClientConnection(asyncio.Protocol):
         # (exempt requests only) gets headTimeout, like a new connection.
         wait = self.rt.cfg.limits.head_timeout
         self._head_timer = self.rt.loop.call_later(
-            wait if self.unauth_counted else wait * 6, self._head_timeout)
+            wait if self.unauth_counted else wait * 6, self._head_timeout
+        )
         if self.buf:
             pending, self.buf = self.buf, b""
             self.data_received(pending)
@@ -479,15 +535,20 @@ class ClientConnection(asyncio.Protocol):
             return
         if not got_any and self.state in (AWAIT, BODY):
             self.rt.metrics.upstream_errors += 1
-            self._send_simple(502, "gateway closed the connection without a response",
-                              close=True)
+            self._send_simple(502, "gateway closed the connection without a response", close=True)
             return
         self._close("gateway closed mid-response")
 
     def upstream_broken(self, reason: str, started: bool) -> None:
         self.rt.metrics.upstream_errors += 1
-        self.rt.log.write({"event": "upstream_error", "conn": self.conn_id,
-                           "peer": self.peer_ip, "reason": reason})
+        self.rt.log.write(
+            {
+                "event": "upstream_error",
+                "conn": self.conn_id,
+                "peer": self.peer_ip,
+                "reason": reason,
+            }
+        )
         if self.up_t is not None:
             self.up_t.abort()
         self._abort(reason)
@@ -535,7 +596,8 @@ class ClientConnection(asyncio.Protocol):
             self._body_left = head.content_length
             self.state = LOCAL_BODY
             self._head_timer = self.rt.loop.call_later(
-                self.rt.cfg.limits.head_timeout, self._head_timeout)
+                self.rt.cfg.limits.head_timeout, self._head_timeout
+            )
             self._local_body_progress()
             return
         if head.chunked:
@@ -547,7 +609,7 @@ class ClientConnection(asyncio.Protocol):
         head = self._local_head
         if head is None or len(self.buf) < self._body_left:
             return
-        body, self.buf = self.buf[:self._body_left], self.buf[self._body_left:]
+        body, self.buf = self.buf[: self._body_left], self.buf[self._body_left :]
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -572,18 +634,27 @@ class ClientConnection(asyncio.Protocol):
         if not self._closed:
             self._local_send(head, answer)
 
-    def _local_send(self, head: RequestHead,
-                    answer: tuple[int, list[tuple[str, str]], bytes]) -> None:
+    def _local_send(
+        self, head: RequestHead, answer: tuple[int, list[tuple[str, str]], bytes]
+    ) -> None:
         status, headers, payload = answer
-        self.rt.log.write({"event": "local", "conn": self.conn_id, "peer": self.peer_ip,
-                           "method": head.method.decode("latin-1"),
-                           "path": head.path.decode("latin-1"), "status": status})
+        self.rt.log.write(
+            {
+                "event": "local",
+                "conn": self.conn_id,
+                "peer": self.peer_ip,
+                "method": head.method.decode("latin-1"),
+                "path": head.path.decode("latin-1"),
+                "status": status,
+            }
+        )
         self._send(status, headers, payload, close=True)
 
     # ------------------------------------------------------------------ answering
 
-    def _deny(self, head: RequestHead, status: int, reason: str,
-              retry_after: int | None = None) -> None:
+    def _deny(
+        self, head: RequestHead, status: int, reason: str, retry_after: int | None = None
+    ) -> None:
         from .authz import Grant  # local: authz imports front's types only for typing
 
         grant = Grant(Decision(False, status, reason), retry_after=retry_after)
@@ -591,8 +662,14 @@ class ClientConnection(asyncio.Protocol):
         self.rt.metrics.decisions[("deny", status)] += 1
         self._send_denial(head, status, reason, retry_after, grant)
 
-    def _send_denial(self, head: RequestHead, status: int, reason: str,
-                     retry_after: int | None, grant: Grant | None) -> None:
+    def _send_denial(
+        self,
+        head: RequestHead,
+        status: int,
+        reason: str,
+        retry_after: int | None,
+        grant: Grant | None,
+    ) -> None:
         self.rt.note_denied(self, status)
         headers: list[tuple[str, str]] = []
         body = None
@@ -609,12 +686,18 @@ class ClientConnection(asyncio.Protocol):
         # A body may be on its way: linger, so the client reads the answer.
         self._send(status, headers, body, close=True, linger=head.has_body())
 
-    def _deny_and_close(self, status: int, reason: str, retry_after: int | None = None,
-                        log_level: str = "deny") -> None:
+    def _deny_and_close(
+        self, status: int, reason: str, retry_after: int | None = None, log_level: str = "deny"
+    ) -> None:
         rt = self.rt
-        record = {"event": "refused" if log_level == "refused" else "decision",
-                  "conn": self.conn_id, "peer": self.peer_ip, "decision": "deny",
-                  "status": status, "reason": reason}
+        record = {
+            "event": "refused" if log_level == "refused" else "decision",
+            "conn": self.conn_id,
+            "peer": self.peer_ip,
+            "decision": "deny",
+            "status": status,
+            "reason": reason,
+        }
         if log_level == "refused":
             rt.log.refused(record)
         else:
@@ -625,13 +708,23 @@ class ClientConnection(asyncio.Protocol):
             headers.append(("Retry-After", str(retry_after)))
         self._send(status, headers, (reason + "\n").encode(), close=True)
 
-    def _send_simple(self, status: int, reason: str, close: bool,
-                     linger: bool = False) -> None:
-        self._send(status, [("Content-Type", "text/plain; charset=utf-8")],
-                   (reason + "\n").encode(), close=close, linger=linger)
+    def _send_simple(self, status: int, reason: str, close: bool, linger: bool = False) -> None:
+        self._send(
+            status,
+            [("Content-Type", "text/plain; charset=utf-8")],
+            (reason + "\n").encode(),
+            close=close,
+            linger=linger,
+        )
 
-    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
-              close: bool, linger: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        close: bool,
+        linger: bool = False,
+    ) -> None:
         t = self.transport
         if t is None or self._closed:
             return
@@ -658,7 +751,8 @@ class ClientConnection(asyncio.Protocol):
                 self._paused_state = self._paused_bp = False
                 self._apply_pause()  # keep reading (and dropping) what still comes
                 self._end_timer = self.rt.loop.call_later(
-                    LINGER_SECONDS, self._close, self.close_reason)
+                    LINGER_SECONDS, self._close, self.close_reason
+                )
                 return
             self._close(self.close_reason)
 
@@ -689,8 +783,9 @@ class ClientConnection(asyncio.Protocol):
         # a close frame now would corrupt the stream, so cut the connection instead.
         self._end_timer = None
         if not self._closed:
-            self.close_reason = (f"{self.close_reason} (no frame boundary within "
-                                 f"{END_SESSION_GRACE:.0f}s)")
+            self.close_reason = (
+                f"{self.close_reason} (no frame boundary within {END_SESSION_GRACE:.0f}s)"
+            )
             self._abort(self.close_reason)
 
     def finish_end_session(self, reason: str, clean: bool = True) -> None:
@@ -757,4 +852,3 @@ class ClientConnection(asyncio.Protocol):
 
     def age(self) -> float:
         return time.monotonic() - self.started
-

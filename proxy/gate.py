@@ -47,8 +47,9 @@ LINGER_SECONDS = 2.0
 class FirstFrameGate:
     __slots__ = ("conn", "buf", "timer", "limit", "done", "linger", "store", "waiting")
 
-    def __init__(self, conn: ClientConnection, limit: int, timeout: float,
-                 store: GatewayStore | None = None) -> None:
+    def __init__(
+        self, conn: ClientConnection, limit: int, timeout: float, store: GatewayStore | None = None
+    ) -> None:
         self.conn = conn
         self.buf = b""
         self.limit = limit
@@ -99,8 +100,13 @@ class FirstFrameGate:
 
     def _decide(self, auth: ConnectAuth, snap: StoreSnapshot | StoreUnavailable | None) -> None:
         authz = self.conn.rt.authz
-        verdict = decide(auth, authz.gateway_token_digest, snap,
-                         now_ms=int(time.time() * 1000), generations=authz.gateway_generations)
+        verdict = decide(
+            auth,
+            authz.gateway_token_digest,
+            snap,
+            now_ms=int(time.time() * 1000),
+            generations=authz.gateway_generations,
+        )
         if not verdict.admit:
             self._refuse(verdict.reason)
             return
@@ -112,14 +118,19 @@ class FirstFrameGate:
             else:
                 # A device's own token: logs name the device; not tied to the gateway token.
                 cred = dataclasses.replace(
-                    grant.credential, name=f"{verdict.method} {(verdict.device_id or '')[:16]}")
+                    grant.credential, name=f"{verdict.method} {(verdict.device_id or '')[:16]}"
+                )
             self.conn.grant = dataclasses.replace(grant, credential=cred)
         self.done = True
         self.timer.cancel()
         held, self.buf = self.buf, b""
-        rec: dict[str, Any] = {"event": "gateway_token", "conn": self.conn.conn_id,
-                               "peer": self.conn.peer_ip, "result": "ok",
-                               "method": verdict.method}
+        rec: dict[str, Any] = {
+            "event": "gateway_token",
+            "conn": self.conn.conn_id,
+            "peer": self.conn.peer_ip,
+            "result": "ok",
+            "method": verdict.method,
+        }
         if verdict.device_id is not None:
             rec["device"] = verdict.device_id
         self.conn.rt.log.write(rec)
@@ -131,8 +142,15 @@ class FirstFrameGate:
         self.buf = b""
         conn = self.conn
         conn.rt.metrics.refused["gateway_token"] += 1
-        conn.rt.log.write({"event": "gateway_token", "conn": conn.conn_id,
-                           "peer": conn.peer_ip, "result": "refused", "reason": reason})
+        conn.rt.log.write(
+            {
+                "event": "gateway_token",
+                "conn": conn.conn_id,
+                "peer": conn.peer_ip,
+                "result": "refused",
+                "reason": reason,
+            }
+        )
         conn.rt.note_denied(conn, 401)
         conn.close_reason = reason
         # From here on the client's bytes are read and dropped (front: CLOSING).
@@ -152,7 +170,8 @@ class FirstFrameGate:
                     # FIN, drain the client until it closes, give up after LINGER_SECONDS.
                     t.write_eof()
                     self.linger = conn.rt.loop.call_later(
-                        LINGER_SECONDS, conn.end_session, 1008, reason)
+                        LINGER_SECONDS, conn.end_session, 1008, reason
+                    )
                     return
             t.close()
 
@@ -175,9 +194,12 @@ def make_gate_factory(rt: Runtime) -> Any:
         try:
             store_version(os.path.join(g.state_dir, DB_RELATIVE))
         except OSError as exc:
-            log.warning("gatewayToken.stateDir %s: the gateway's pairing store cannot be read "
-                        "(%s): paired devices and setup codes will be refused at the edge",
-                        g.state_dir, exc.strerror or exc)
+            log.warning(
+                "gatewayToken.stateDir %s: the gateway's pairing store cannot be read "
+                "(%s): paired devices and setup codes will be refused at the edge",
+                g.state_dir,
+                exc.strerror or exc,
+            )
 
     def factory(conn: ClientConnection) -> FirstFrameGate:
         # Always a gate for a gated grant: should a reload have removed the gateway token

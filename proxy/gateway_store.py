@@ -90,17 +90,19 @@ def _json(value: Any) -> Any:
 def read_snapshot(db: str) -> StoreSnapshot:
     """Read both tables in one read transaction. Raises sqlite3.Error/OSError/ValueError."""
     # mode=ro: never writes the gateway's database (nor creates it if it is missing).
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0,
-                           isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        f"file:{db}?mode=ro", uri=True, timeout=2.0, isolation_level=None, check_same_thread=False
+    )
     try:
         conn.execute("PRAGMA query_only = 1")
         conn.execute("BEGIN")
         paired = conn.execute(
             "SELECT device_id, public_key, client_id, client_mode, tokens_json "
-            "FROM device_pairing_paired").fetchall()
+            "FROM device_pairing_paired"
+        ).fetchall()
         boot = conn.execute(
-            "SELECT token, issued_at_ms, device_id, public_key "
-            "FROM device_bootstrap_tokens").fetchall()
+            "SELECT token, issued_at_ms, device_id, public_key FROM device_bootstrap_tokens"
+        ).fetchall()
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -112,8 +114,11 @@ def read_snapshot(db: str) -> StoreSnapshot:
         raw = _json(tokens_json)
         if isinstance(raw, dict):
             for role, entry in raw.items():
-                if not isinstance(entry, dict) or not isinstance(entry.get("token"), str) \
-                        or not entry["token"].strip():
+                if (
+                    not isinstance(entry, dict)
+                    or not isinstance(entry.get("token"), str)
+                    or not entry["token"].strip()
+                ):
                     continue
                 issuer_raw = entry.get("issuer")
                 issuer: dict[str, Any] = issuer_raw if isinstance(issuer_raw, dict) else {}
@@ -125,20 +130,30 @@ def read_snapshot(db: str) -> StoreSnapshot:
                     issuer_kind=kind,
                     issuer_generation=gen if isinstance(gen, str) else None,
                 )
-        browser = (isinstance(client_mode, str) and client_mode.strip().lower() == "webchat") \
-            or (isinstance(client_id, str) and client_id.strip().lower() in _BROWSER_CLIENT_IDS)
+        browser = (isinstance(client_mode, str) and client_mode.strip().lower() == "webchat") or (
+            isinstance(client_id, str) and client_id.strip().lower() in _BROWSER_CLIENT_IDS
+        )
         devices[device_id.strip()] = DeviceRecord(
             public_key=normalize_public_key(public_key) or public_key,
-            tokens=tokens, browser=browser)
+            tokens=tokens,
+            browser=browser,
+        )
     bootstrap = []
     for token, issued, b_device, b_key in boot:
         if not isinstance(token, str) or not token.strip() or not isinstance(issued, int | float):
             continue
-        bootstrap.append(BootstrapRecord(
-            digest=digest(token.strip()), issued_at_ms=int(issued),
-            device_id=b_device.strip() if isinstance(b_device, str) and b_device.strip() else None,
-            public_key=(normalize_public_key(b_key) or b_key) if isinstance(b_key, str)
-            and b_key.strip() else None))
+        bootstrap.append(
+            BootstrapRecord(
+                digest=digest(token.strip()),
+                issued_at_ms=int(issued),
+                device_id=b_device.strip()
+                if isinstance(b_device, str) and b_device.strip()
+                else None,
+                public_key=(normalize_public_key(b_key) or b_key)
+                if isinstance(b_key, str) and b_key.strip()
+                else None,
+            )
+        )
     return StoreSnapshot(devices=devices, bootstrap=tuple(bootstrap))
 
 
@@ -163,8 +178,10 @@ class GatewayStore:
             return self._failed(f"cannot read {self.db}: {exc.strerror or exc}")
         if self._snap is None or version != self._version:
             return None
-        if isinstance(self._snap, StoreUnavailable) and \
-                time.monotonic() - self._failed_at >= ERROR_RETRY_SECONDS:
+        if (
+            isinstance(self._snap, StoreUnavailable)
+            and time.monotonic() - self._failed_at >= ERROR_RETRY_SECONDS
+        ):
             return None
         return self._snap
 
@@ -172,8 +189,11 @@ class GatewayStore:
         snap = StoreUnavailable(reason)
         if reason != self._last_error:
             # One line per distinct failure, not one per refused client.
-            log.error("gateway device store unavailable, device and bootstrap tokens are "
-                      "refused at the edge: %s", reason)
+            log.error(
+                "gateway device store unavailable, device and bootstrap tokens are "
+                "refused at the edge: %s",
+                reason,
+            )
             self._last_error = reason
         self._snap, self._version, self._failed_at = snap, None, time.monotonic()
         return snap

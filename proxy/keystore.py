@@ -42,9 +42,7 @@ class TokenFile:
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise TokenStoreError(
-                f"token file {self.path}: not JSON (line {exc.lineno})"
-            ) from None
+            raise TokenStoreError(f"token file {self.path}: not JSON (line {exc.lineno})") from None
         if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
             raise TokenStoreError(f"token file {self.path}: expected an object with 'tokens'")
         entries: list[TokenEntry] = []
@@ -66,7 +64,7 @@ class TokenFile:
             if not isinstance(dig, str) or not dig.startswith(DIGEST_PREFIX):
                 raise TokenStoreError(f"{where}.digest: expected 'sha256:<hex>'")
             try:
-                value = bytes.fromhex(dig[len(DIGEST_PREFIX):])
+                value = bytes.fromhex(dig[len(DIGEST_PREFIX) :])
             except ValueError:
                 raise TokenStoreError(f"{where}.digest: not hex") from None
             if len(value) != 32:

@@ -21,8 +21,7 @@ from prometheus_client.registry import Collector
 
 __all__ = ["Metrics", "MetricsCollector", "HANDSHAKE_BUCKETS"]
 
-HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                     2.5, 5.0)
+HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -48,9 +47,12 @@ class Metrics:
 class MetricsCollector(Collector):
     """Exposes a Metrics object (and extra gauges from ``extra``) at scrape time."""
 
-    def __init__(self, get: Callable[[], Metrics],
-                 extra: Callable[[], dict[str, Any]] | None = None,
-                 live_bytes: Callable[[], tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        get: Callable[[], Metrics],
+        extra: Callable[[], dict[str, Any]] | None = None,
+        live_bytes: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         self._get = get
         self._extra = extra
         # Bytes of connections still open: a WebSocket session lives for hours, and a
@@ -62,13 +64,17 @@ class MetricsCollector(Collector):
         c = CounterMetricFamily("clawgate_connections_accepted", "TCP connections accepted")
         c.add_metric([], m.accepted)
         yield c
-        r = CounterMetricFamily("clawgate_connections_refused",
-                                "Connections or requests refused, by reason", labels=["reason"])
+        r = CounterMetricFamily(
+            "clawgate_connections_refused",
+            "Connections or requests refused, by reason",
+            labels=["reason"],
+        )
         for reason, n in sorted(m.refused.items()):
             r.add_metric([reason], n)
         yield r
-        d = CounterMetricFamily("clawgate_decisions", "Access decisions",
-                                labels=["result", "status"])
+        d = CounterMetricFamily(
+            "clawgate_decisions", "Access decisions", labels=["result", "status"]
+        )
         for (result, status), n in sorted(m.decisions.items()):
             d.add_metric([result, str(status)], n)
         yield d
@@ -92,8 +98,9 @@ class MetricsCollector(Collector):
         le = CounterMetricFamily("clawgate_log_errors", "Access log lines dropped")
         le.add_metric([], m.log_errors)
         yield le
-        h = HistogramMetricFamily("clawgate_handshake_seconds",
-                                  "Accept to first byte forwarded upstream")
+        h = HistogramMetricFamily(
+            "clawgate_handshake_seconds", "Accept to first byte forwarded upstream"
+        )
         cum = 0
         buckets = []
         for bound, n in zip((*HANDSHAKE_BUCKETS, float("inf")), m.hs_counts, strict=True):
@@ -103,7 +110,6 @@ class MetricsCollector(Collector):
         yield h
         if self._extra is not None:
             for name, (kind, help_, value) in self._extra().items():
-                fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-                    name, help_)
+                fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_)
                 fam.add_metric([], value)
                 yield fam

@@ -77,8 +77,12 @@ def read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
         except OSError as exc:
             raise ConfigError(f"{what}.file", f"cannot read {path}: {exc.strerror}") from None
         if st.st_mode & 0o077:
-            log.warning("%s file %s is readable by group/others (mode %o): chmod 600 it",
-                        what, path, st.st_mode & 0o777)
+            log.warning(
+                "%s file %s is readable by group/others (mode %o): chmod 600 it",
+                what,
+                path,
+                st.st_mode & 0o777,
+            )
         if not value:
             raise ConfigError(f"{what}.file", f"{path} is empty")
         return value.splitlines()[0]
@@ -104,9 +108,12 @@ def build_authorizer_inputs(cfg: Config) -> tuple[TokenSet, bytes | None]:
     gw = read_secret(cfg.gateway_token.file, cfg.gateway_token.env, "gatewayToken")
     if gw is not None and len(gw) < MIN_GATEWAY_TOKEN_BYTES:
         key = "gatewayToken.file" if cfg.gateway_token.file else "gatewayToken.env"
-        raise ConfigError(key, f"the gateway token is {len(gw)} bytes; at least "
-                               f"{MIN_GATEWAY_TOKEN_BYTES} bytes are needed (e.g. "
-                               "`openssl rand -hex 32`)")
+        raise ConfigError(
+            key,
+            f"the gateway token is {len(gw)} bytes; at least "
+            f"{MIN_GATEWAY_TOKEN_BYTES} bytes are needed (e.g. "
+            "`openssl rand -hex 32`)",
+        )
     return TokenSet(entries), gw
 
 
@@ -123,8 +130,9 @@ class Prepared:
 class Runtime:
     """Shared state of one proxy process."""
 
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop,
-                 shared: SharedState | None = None) -> None:
+    def __init__(
+        self, cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedState | None = None
+    ) -> None:
         self.loop = loop
         self.metrics = Metrics()
         self.conns: set[ClientConnection] = set()
@@ -134,9 +142,9 @@ class Runtime:
         # store shared by every worker (proxy.shared_state.SharedState).
         self.shared = shared
         self.sessions: SessionStoreLike = (
-            shared.sessions if shared is not None else SessionStore(cfg.tokens.session_ttl))
-        self.lockouts: LockoutTableLike = (
-            shared.lockouts if shared is not None else LockoutTable())
+            shared.sessions if shared is not None else SessionStore(cfg.tokens.session_ttl)
+        )
+        self.lockouts: LockoutTableLike = shared.lockouts if shared is not None else LockoutTable()
         self.identity_cache: Any = None
         self.monitor: Any = None
         self.localapi: Any = None
@@ -186,7 +194,9 @@ class Runtime:
             # previous: an unchanged JWKS URL keeps its fetched keys and cooldown.
             jwt = JwtVerifier.from_config(cfg.jwt, loop=self.loop, previous=self.jwt)
         authz = Authorizer(
-            cfg, tokens, self.sessions,
+            cfg,
+            tokens,
+            self.sessions,
             identity=self.identity_cache,
             identity_present=self.identity_present,
             jwt=jwt,
@@ -230,8 +240,10 @@ class Runtime:
             callback()  # e.g. re-fetch the TLS certificate, even if the config is refused
         try:
             cfg = load_config(self.cfg.source) if self.cfg.source else self.cfg
-            if (cfg.gateway.hosts, cfg.gateway.port) != (self.cfg.gateway.hosts,
-                                                         self.cfg.gateway.port):
+            if (cfg.gateway.hosts, cfg.gateway.port) != (
+                self.cfg.gateway.hosts,
+                self.cfg.gateway.port,
+            ):
                 log.warning("gateway.host/port changed: restart clawgate to move listeners")
             return self._build(cfg)
         except ClawgateError as exc:
@@ -265,13 +277,20 @@ class Runtime:
             why = self.session_invalid_reason(conn, grant, now)
             if why is not None:
                 ended += 1
-                self.log.write({"event": "session_ended", "conn": conn.conn_id,
-                                "peer": conn.peer_ip, "reason": why})
+                self.log.write(
+                    {
+                        "event": "session_ended",
+                        "conn": conn.conn_id,
+                        "peer": conn.peer_ip,
+                        "reason": why,
+                    }
+                )
                 conn.end_session(1008, why)
         return ended
 
-    def session_invalid_reason(self, conn: ClientConnection, grant: Grant,
-                               now: float) -> str | None:
+    def session_invalid_reason(
+        self, conn: ClientConnection, grant: Grant, now: float
+    ) -> str | None:
         if not self.networks.contains(conn.peer_ip):
             return "network no longer allowed"
         cred = grant.credential
@@ -284,8 +303,11 @@ class Runtime:
                     return f"token {_bound_as(cred)} revoked"
             elif cred.kind in ("token", "session"):
                 return f"token {cred.name} revoked"  # never granted without a binding
-            if cred.kind == "session" and cred.session is not None and \
-                    self.sessions.get(cred.session) is None:
+            if (
+                cred.kind == "session"
+                and cred.session is not None
+                and self.sessions.get(cred.session) is None
+            ):
                 return "logged out"
             if cred.expires_at is not None and cred.expires_at <= now:
                 return f"credential {cred.name} expired"
@@ -293,8 +315,11 @@ class Runtime:
                 why = authz.revoked(cred)
                 if why is not None:
                     return why
-        elif authz.settings.require_token and grant.decision.reason != "exempt path" \
-                and authz.settings.auth_mode == "both":
+        elif (
+            authz.settings.require_token
+            and grant.decision.reason != "exempt path"
+            and authz.settings.auth_mode == "both"
+        ):
             return "a token is now required"
         if grant.identity is not None and authz.settings.require_identity:
             why = check_identity(grant.identity, authz.settings)
@@ -312,9 +337,14 @@ class Runtime:
 
     def admit(self, conn: ClientConnection) -> tuple[int, str, int | None] | None:
         refusal = self.admission.admit(
-            conn.peer_ip, self.cfg.limits, active=self.metrics.active,
-            fd_cap=self.fd_connection_cap, draining=self.draining, lockouts=self.lockouts,
-            loopback=conn.is_loopback_peer)
+            conn.peer_ip,
+            self.cfg.limits,
+            active=self.metrics.active,
+            fd_cap=self.fd_connection_cap,
+            draining=self.draining,
+            lockouts=self.lockouts,
+            loopback=conn.is_loopback_peer,
+        )
         if refusal is not None:
             key, status, reason, retry = refusal
             if key:
@@ -335,8 +365,9 @@ class Runtime:
         key = _principal(grant)
         if key is None:
             return None
-        if not self.admission.admit_identity(key, conn.counted_identity,
-                                             self.cfg.limits.per_identity):
+        if not self.admission.admit_identity(
+            key, conn.counted_identity, self.cfg.limits.per_identity
+        ):
             self.metrics.refused["per_identity"] += 1
             return OVER_IDENTITY
         conn.counted_identity = key
@@ -362,10 +393,18 @@ class Runtime:
             identity = conn.grant.identity  # the denied (or gated) request's peer
         lim = self.cfg.limits
         key = lockout_key(conn.peer_ip, identity, conn.is_loopback_peer)
-        if self.lockouts.fail(key, count=lim.failed_auth_count, window=lim.failed_auth_window,
-                              lockout=lim.failed_auth_lockout):
-            rec: dict[str, Any] = {"event": "lockout", "peer": conn.peer_ip, "key": key,
-                                   "seconds": lim.failed_auth_lockout}
+        if self.lockouts.fail(
+            key,
+            count=lim.failed_auth_count,
+            window=lim.failed_auth_window,
+            lockout=lim.failed_auth_lockout,
+        ):
+            rec: dict[str, Any] = {
+                "event": "lockout",
+                "peer": conn.peer_ip,
+                "key": key,
+                "seconds": lim.failed_auth_lockout,
+            }
             if identity is not None:
                 rec.update(self.identity_fields(identity, conn.peer_ip))
             self.log.write(rec)
@@ -384,8 +423,14 @@ class Runtime:
                 continue  # expired, not logged out: the sweep ends it and says so
             if cred.session == key or self.sessions.get(cred.session) is None:
                 ended += 1
-                self.log.write({"event": "session_ended", "conn": conn.conn_id,
-                                "peer": conn.peer_ip, "reason": "logged out"})
+                self.log.write(
+                    {
+                        "event": "session_ended",
+                        "conn": conn.conn_id,
+                        "peer": conn.peer_ip,
+                        "reason": "logged out",
+                    }
+                )
                 conn.end_session(1008, "logged out")
         return ended
 
@@ -396,12 +441,15 @@ class Runtime:
         view of this node (addresses, MagicDNS name, certificate names) change."""
         m = self.monitor
         tls = self.tls_names() if self.tls_names is not None else ()
-        key = (self.cfg, len(self.listen_addresses), tls,
-               *((m.tailscale_ips, m.self_dns_name, m.cert_domains) if m is not None else ()))
+        key = (
+            self.cfg,
+            len(self.listen_addresses),
+            tls,
+            *((m.tailscale_ips, m.self_dns_name, m.cert_domains) if m is not None else ()),
+        )
         if key != self._host_key:
             cfg = self.cfg
-            exact = [h for h in cfg.gateway.hosts
-                     if h not in (HOST_TAILSCALE, "0.0.0.0", "::")]  # noqa: S104
+            exact = [h for h in cfg.gateway.hosts if h not in (HOST_TAILSCALE, "0.0.0.0", "::")]  # noqa: S104
             exact += [a.rsplit(":", 1)[0].strip("[]") for a in self.listen_addresses]
             exact += cfg.gateway.allowed_hosts
             magic: list[str] = [socket.gethostname(), *tls]
@@ -435,19 +483,20 @@ class Runtime:
             return None
         return self.gate_factory(conn)
 
-    def local_misdirected(self, conn: ClientConnection,
-                          head: RequestHead) -> tuple[int, list[tuple[str, str]], bytes] | None:
+    def local_misdirected(
+        self, conn: ClientConnection, head: RequestHead
+    ) -> tuple[int, list[tuple[str, str]], bytes] | None:
         """The 421 for a clawgate page (login, logout) asked under a foreign Host, else
         None. Checked before either way of answering (the login POST awaits whois)."""
         try:
             self.check_host(conn, head)
         except MisdirectedRequest as exc:
-            return 421, [("Content-Type", "text/plain; charset=utf-8")], \
-                f"{exc.reason}\n".encode()
+            return 421, [("Content-Type", "text/plain; charset=utf-8")], f"{exc.reason}\n".encode()
         return None
 
-    def local_endpoint(self, conn: ClientConnection, head: RequestHead,
-                       body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def local_endpoint(
+        self, conn: ClientConnection, head: RequestHead, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         return self.authz.login_endpoint(conn, head, body)
 
     def local_needs_identity(self, head: RequestHead) -> bool:
@@ -476,10 +525,15 @@ class Runtime:
             return
         d = grant.decision
         rec: dict[str, Any] = {
-            "event": "decision", "conn": conn.conn_id, "peer": conn.peer_ip,
-            "decision": "allow" if d.allow else "deny", "status": d.status,
-            "reason": d.reason, "method": head.method.decode("latin-1"),
-            "path": head.path.decode("latin-1")[:256], "websocket": head.websocket,
+            "event": "decision",
+            "conn": conn.conn_id,
+            "peer": conn.peer_ip,
+            "decision": "allow" if d.allow else "deny",
+            "status": d.status,
+            "reason": d.reason,
+            "method": head.method.decode("latin-1"),
+            "path": head.path.decode("latin-1")[:256],
+            "websocket": head.websocket,
         }
         if grant.credential is not None:
             rec["token"] = grant.credential.name
@@ -495,8 +549,7 @@ class Runtime:
         m.bytes_down += conn.bytes_down
         if conn.was_tunnel:
             m.tunnels -= 1
-        self.admission.release(conn.peer_ip if conn.counted_ip else None,
-                               conn.counted_identity)
+        self.admission.release(conn.peer_ip if conn.counted_ip else None, conn.counted_identity)
         self.decided(conn)
         conn.counted_identity = None
         if self.identity_cache is not None and conn.is_loopback_peer:
@@ -506,9 +559,13 @@ class Runtime:
         if not self.log.enabled:
             return
         rec: dict[str, Any] = {
-            "event": "close", "conn": conn.conn_id, "peer": conn.peer_ip,
-            "requests": conn.requests, "bytes_in": conn.bytes_up,
-            "bytes_out": conn.bytes_down, "duration": round(conn.age(), 4),
+            "event": "close",
+            "conn": conn.conn_id,
+            "peer": conn.peer_ip,
+            "requests": conn.requests,
+            "bytes_in": conn.bytes_up,
+            "bytes_out": conn.bytes_down,
+            "duration": round(conn.age(), 4),
             "reason": reason,
         }
         grant = conn.grant
@@ -571,8 +628,7 @@ def _protocol_factory(rt: Runtime, ssl_context: Any) -> Callable[[], asyncio.Pro
     return lambda: TlsAcceptor(rt, ssl_context)
 
 
-async def start_listeners(rt: Runtime, hosts: list[str], *,
-                          ssl_context: Any = None) -> list[str]:
+async def start_listeners(rt: Runtime, hosts: list[str], *, ssl_context: Any = None) -> list[str]:
     cfg = rt.cfg
     bound: list[str] = []
     for host in hosts:
@@ -580,12 +636,12 @@ async def start_listeners(rt: Runtime, hosts: list[str], *,
         if addr in rt.listen_addresses:
             continue
         try:
-            sock = listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1,
-                                  freebind=True)
+            sock = listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1, freebind=True)
         except OSError as exc:
             raise ClawgateError(f"cannot listen on {addr}: {exc.strerror}") from None
-        srv = await rt.loop.create_server(_protocol_factory(rt, ssl_context), sock=sock,
-                                          backlog=4096)
+        srv = await rt.loop.create_server(
+            _protocol_factory(rt, ssl_context), sock=sock, backlog=4096
+        )
         rt.servers.append(srv)
         rt.listen_addresses.append(addr)
         bound.append(addr)
@@ -594,9 +650,14 @@ async def start_listeners(rt: Runtime, hosts: list[str], *,
     return bound
 
 
-async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None,
-                sockets: list[socket.socket] | None = None, worker_index: int = 0) -> int:
+async def serve(
+    cfg: Config,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    sockets: list[socket.socket] | None = None,
+    worker_index: int = 0,
+) -> int:
     """Run the proxy until SIGTERM/SIGINT (or ``stop``); returns the exit status.
 
     With ``workers: N`` every worker runs this on the same port (SO_REUSEPORT); only
@@ -636,15 +697,23 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
             port += 1
             rt.cfg = cfg = _with_port(cfg, port)
         admin_note = ""
-        if cfg.admin.enabled and cfg.admin.port == port and cfg.admin.host in (
-                "127.0.0.1", "localhost"):
+        if (
+            cfg.admin.enabled
+            and cfg.admin.port == port
+            and cfg.admin.host in ("127.0.0.1", "localhost")
+        ):
             # The fallback lands on the default admin port (18790): move the admin aside
             # rather than fail to bind it after the proxy took the port.
             rt.cfg = cfg = dataclasses.replace(
-                cfg, admin=dataclasses.replace(cfg.admin, port=port + 1))
+                cfg, admin=dataclasses.replace(cfg.admin, port=port + 1)
+            )
             admin_note = f"; admin on 127.0.0.1:{port + 1}"
-        log.warning("tailscaled not found: serving on 127.0.0.1:%d only (loopback)%s; "
-                    "start tailscaled or set gateway.host", port, admin_note)
+        log.warning(
+            "tailscaled not found: serving on 127.0.0.1:%d only (loopback)%s; "
+            "start tailscaled or set gateway.host",
+            port,
+            admin_note,
+        )
         hosts.append("127.0.0.1")
     ssl_context = None
     if cfg.tls.mode != "off":
@@ -661,15 +730,17 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
             raise
     if sockets:
         for sock in sockets:
-            srv = await loop.create_server(_protocol_factory(rt, ssl_context), sock=sock,
-                                           backlog=4096)
+            srv = await loop.create_server(
+                _protocol_factory(rt, ssl_context), sock=sock, backlog=4096
+            )
             rt.servers.append(srv)
             name = sock.getsockname()
             rt.listen_addresses.append(f"{name[0]}:{name[1]}")
     bound = await start_listeners(rt, hosts, ssl_context=ssl_context) if hosts else []
     if rt.monitor is not None and HOST_TAILSCALE in cfg.gateway.hosts:
         rt.on_tailnet_addresses = lambda addrs: rt.spawn(
-            _bind_new(rt, addrs, ssl_context), "bind-tailscale")
+            _bind_new(rt, addrs, ssl_context), "bind-tailscale"
+        )
     admin_runner = None
     if cfg.admin.enabled:
         from .admin import start_admin
@@ -677,8 +748,9 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
         try:
             admin_runner = await start_admin(rt)
         except OSError as exc:
-            raise ClawgateError(f"cannot listen on {cfg.admin.host}:{cfg.admin.port} "
-                                f"(admin): {exc.strerror}") from None
+            raise ClawgateError(
+                f"cannot listen on {cfg.admin.host}:{cfg.admin.port} (admin): {exc.strerror}"
+            ) from None
     control_fd = os.environ.pop(CONTROL_FD_ENV, None)
     if control_fd is not None:
         from .workers import WorkerControl
@@ -712,8 +784,9 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     finally:
         for w in waiters:
             w.cancel()
-        log.info("draining %d connections (up to %.0fs)", len(rt.conns),
-                 rt.cfg.limits.drain_seconds)
+        log.info(
+            "draining %d connections (up to %.0fs)", len(rt.conns), rt.cfg.limits.drain_seconds
+        )
         await rt.drain(rt.cfg.limits.drain_seconds)
         sweeper.cancel()
         if watcher is not None:
@@ -741,11 +814,18 @@ def _warn_if_no_credentials(rt: Runtime) -> None:
     """One clear line when every request would be refused for want of a token."""
     authz, cfg = rt.authz, rt.cfg
     s = authz.settings
-    if (s.require_token and s.auth_mode == "both" and not len(authz.tokens)
-            and authz.jwt is None and authz.gateway_token_digest is None):
-        log.warning("requireToken is on but no token exists yet: every request will get "
-                    "401 until you create one with `clawgate token new NAME` (token file: %s)",
-                    cfg.tokens.file)
+    if (
+        s.require_token
+        and s.auth_mode == "both"
+        and not len(authz.tokens)
+        and authz.jwt is None
+        and authz.gateway_token_digest is None
+    ):
+        log.warning(
+            "requireToken is on but no token exists yet: every request will get "
+            "401 until you create one with `clawgate token new NAME` (token file: %s)",
+            cfg.tokens.file,
+        )
 
 
 def _with_port(cfg: Config, port: int) -> Config:
@@ -781,9 +861,14 @@ async def _sweep(rt: Runtime) -> None:
                 exp = grant.credential.expires_at
                 # close_reason set: already being ended (log and close frame once only).
                 if exp is not None and exp <= now and not conn.close_reason:
-                    rt.log.write({"event": "session_ended", "conn": conn.conn_id,
-                                  "peer": conn.peer_ip,
-                                  "reason": f"credential {grant.credential.name} expired"})
+                    rt.log.write(
+                        {
+                            "event": "session_ended",
+                            "conn": conn.conn_id,
+                            "peer": conn.peer_ip,
+                            "reason": f"credential {grant.credential.name} expired",
+                        }
+                    )
                     conn.end_session(1008, "credential expired")
                     continue
                 revoked = rt.authz.revoked
@@ -792,8 +877,14 @@ async def _sweep(rt: Runtime) -> None:
                     why = revoked(grant.credential)
                     # close_reason set: a reload already ended it (one close frame only).
                     if why is not None and not conn.closed and not conn.close_reason:
-                        rt.log.write({"event": "session_ended", "conn": conn.conn_id,
-                                      "peer": conn.peer_ip, "reason": why})
+                        rt.log.write(
+                            {
+                                "event": "session_ended",
+                                "conn": conn.conn_id,
+                                "peer": conn.peer_ip,
+                                "reason": why,
+                            }
+                        )
                         conn.end_session(1008, why)
                         continue
             if conn.is_tunnel:
@@ -820,4 +911,3 @@ async def _watch_shared(rt: Runtime) -> None:
         if epoch != seen:
             seen = epoch
             rt.end_logged_out()
-

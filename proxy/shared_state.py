@@ -33,8 +33,13 @@ from .core.sessions import (
     session_key,
 )
 
-__all__ = ["STATE_DIR_ENV", "SharedLockoutTable", "SharedSessionStore", "SharedState",
-           "create_state"]
+__all__ = [
+    "STATE_DIR_ENV",
+    "SharedLockoutTable",
+    "SharedSessionStore",
+    "SharedState",
+    "create_state",
+]
 
 log = logging.getLogger("clawgate")
 
@@ -78,14 +83,20 @@ def create_state(directory: str) -> None:
 class SharedState:
     """One worker's handle on the shared store."""
 
-    def __init__(self, directory: str, ttl: float, *,
-                 wall: Callable[[], float] = time.time,
-                 mono: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        directory: str,
+        ttl: float,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = directory
         self.wall = wall
         self.mono = mono  # CLOCK_MONOTONIC is one clock for every process of the host
-        self.db = sqlite3.connect(os.path.join(directory, _DB), timeout=2.0,
-                                  isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(
+            os.path.join(directory, _DB), timeout=2.0, isolation_level=None, check_same_thread=False
+        )
         self.db.execute("PRAGMA synchronous=OFF")
         self._epoch_fd = os.open(os.path.join(directory, _EPOCH), os.O_RDWR)
         self._epoch = mmap.mmap(self._epoch_fd, 8)
@@ -143,8 +154,9 @@ class SharedSessionStore:
 
     def __len__(self) -> int:
         try:
-            row = self.state.db.execute("SELECT count(*) FROM sessions WHERE expires > ?",
-                                        (self.state.wall(),)).fetchone()
+            row = self.state.db.execute(
+                "SELECT count(*) FROM sessions WHERE expires > ?", (self.state.wall(),)
+            ).fetchone()
         except sqlite3.Error:
             return 0
         return int(row[0])
@@ -159,15 +171,20 @@ class SharedSessionStore:
             with self.state.write() as db:
                 (n,) = db.execute("SELECT count(*) FROM sessions").fetchone()
                 if n >= self._max:
-                    evicted += db.execute("DELETE FROM sessions WHERE expires <= ?",
-                                          (now,)).rowcount
+                    evicted += db.execute(
+                        "DELETE FROM sessions WHERE expires <= ?", (now,)
+                    ).rowcount
                     over = n - evicted - self._max + 1
                     if over > 0:  # bounded: the sessions closest to their end make room
                         evicted += db.execute(
                             "DELETE FROM sessions WHERE key IN (SELECT key FROM sessions "
-                            "ORDER BY expires LIMIT ?)", (over,)).rowcount
-                db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
-                           (key, token_name, binding, session.expires))
+                            "ORDER BY expires LIMIT ?)",
+                            (over,),
+                        ).rowcount
+                db.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                    (key, token_name, binding, session.expires),
+                )
         except sqlite3.Error as exc:
             log.error("shared session store: %s", exc)
             raise StoreUnavailable(str(exc)) from None
@@ -181,8 +198,8 @@ class SharedSessionStore:
         if session is None:
             try:
                 row = self.state.db.execute(
-                    "SELECT name, binding, expires FROM sessions WHERE key = ?",
-                    (key,)).fetchone()
+                    "SELECT name, binding, expires FROM sessions WHERE key = ?", (key,)
+                ).fetchone()
             except sqlite3.Error as exc:
                 log.error("shared session store: %s", exc)
                 return None  # fail closed: no session
@@ -211,9 +228,13 @@ class SharedSessionStore:
     def revoke_unbound(self, still_bound: Callable[[Session], bool]) -> int:
         try:
             with self.state.write() as db:
-                dead = [(bytes(k),) for k, name, binding, exp in db.execute(
-                    "SELECT key, name, binding, expires FROM sessions").fetchall()
-                    if not still_bound(Session(name, bytes(binding), exp))]
+                dead = [
+                    (bytes(k),)
+                    for k, name, binding, exp in db.execute(
+                        "SELECT key, name, binding, expires FROM sessions"
+                    ).fetchall()
+                    if not still_bound(Session(name, bytes(binding), exp))
+                ]
                 db.executemany("DELETE FROM sessions WHERE key = ?", dead)
         except sqlite3.Error as exc:
             log.error("shared session store: %s", exc)
@@ -243,8 +264,9 @@ class SharedLockoutTable:
 
     def reload(self) -> None:
         try:
-            rows = self.state.db.execute("SELECT key, until FROM lockouts WHERE until > ?",
-                                         (self.state.mono(),)).fetchall()
+            rows = self.state.db.execute(
+                "SELECT key, until FROM lockouts WHERE until > ?", (self.state.mono(),)
+            ).fetchall()
         except sqlite3.Error as exc:
             log.error("shared lockout table: %s", exc)
             return  # keep what we knew
@@ -265,11 +287,11 @@ class SharedLockoutTable:
             with self.state.write() as db:
                 db.execute("DELETE FROM failures WHERE key = ? AND t < ?", (key, now - window))
                 db.execute("INSERT INTO failures VALUES (?, ?)", (key, now))
-                (n,) = db.execute("SELECT count(*) FROM failures WHERE key = ?",
-                                  (key,)).fetchone()
+                (n,) = db.execute("SELECT count(*) FROM failures WHERE key = ?", (key,)).fetchone()
                 if n >= count and lockout > 0:
-                    db.execute("INSERT OR REPLACE INTO lockouts VALUES (?, ?)",
-                               (key, now + lockout))
+                    db.execute(
+                        "INSERT OR REPLACE INTO lockouts VALUES (?, ?)", (key, now + lockout)
+                    )
                     db.execute("DELETE FROM failures WHERE key = ?", (key,))
                     started = True
         except sqlite3.Error as exc:

@@ -13,8 +13,15 @@ import resource
 import socket
 import sys
 
-__all__ = ["CONTROL_FD_ENV", "IP_FREEBIND", "IPV6_FREEBIND", "fd_connection_cap", "listen_socket",
-           "raise_nofile_limit", "sd_notify"]
+__all__ = [
+    "CONTROL_FD_ENV",
+    "IP_FREEBIND",
+    "IPV6_FREEBIND",
+    "fd_connection_cap",
+    "listen_socket",
+    "raise_nofile_limit",
+    "sd_notify",
+]
 
 log = logging.getLogger("clawgate")
 IP_FREEBIND = 15  # linux/in.h: bind an address before it exists on an interface
@@ -70,8 +77,11 @@ def listen_socket(host: str, port: int, *, reuse_port: bool, freebind: bool) -> 
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind and sys.platform.startswith("linux"):
-            level, opt = ((socket.IPPROTO_IPV6, IPV6_FREEBIND) if family == socket.AF_INET6
-                          else (socket.IPPROTO_IP, IP_FREEBIND))
+            level, opt = (
+                (socket.IPPROTO_IPV6, IPV6_FREEBIND)
+                if family == socket.AF_INET6
+                else (socket.IPPROTO_IP, IP_FREEBIND)
+            )
             with contextlib.suppress(OSError):
                 sock.setsockopt(level, opt, 1)
         sock.bind((host, port))

@@ -29,9 +29,11 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
         if ts.identity_needed:
             # Identity was asked for (requireIdentity, an allow list, requireCapability or
             # authMode either/identity): fail closed (503) until tailscaled appears.
-            log.warning("the config needs tailnet identity (tailscale.requireIdentity, "
-                        "allow lists, requireCapability or authMode) but no tailscaled "
-                        "socket was found: requests get 503 until it appears")
+            log.warning(
+                "the config needs tailnet identity (tailscale.requireIdentity, "
+                "allow lists, requireCapability or authMode) but no tailscaled "
+                "socket was found: requests get 503 until it appears"
+            )
         else:
             return []
     client = LocalAPIClient(ts.socket, timeout=ts.timeout)
@@ -49,8 +51,13 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
         if state != "Running":
             log.warning("tailscale backend state is %s: identity lookups may fail", state)
 
-    monitor = TailscaleMonitor(client, cache, on_addresses=on_addresses, on_state=on_state,
-                               key_expiry_warn_days=ts.key_expiry_warn_days)
+    monitor = TailscaleMonitor(
+        client,
+        cache,
+        on_addresses=on_addresses,
+        on_state=on_state,
+        key_expiry_warn_days=ts.key_expiry_warn_days,
+    )
     rt.monitor = monitor
     addresses: list[str] = []
     try:
@@ -62,10 +69,12 @@ async def attach_tailscale(rt: Runtime, *, want_addresses: bool) -> list[str]:
         if status.running:
             addresses = list(status.tailscale_ips)
         else:
-            log.warning("tailscale is %s, not Running: will listen once it is up",
-                        status.backend_state)
+            log.warning(
+                "tailscale is %s, not Running: will listen once it is up", status.backend_state
+            )
     except TailscaleError as exc:
-        log.warning("tailscaled at %s not answering (%s): will listen once it is up",
-                    path or ts.socket, exc)
+        log.warning(
+            "tailscaled at %s not answering (%s): will listen once it is up", path or ts.socket, exc
+        )
     monitor.start()
     return addresses if want_addresses else []

@@ -18,9 +18,14 @@ _T = TypeVar("_T")
 OnError = Callable[[asyncio.Task[Any], BaseException], None]
 
 
-def spawn(coro: Coroutine[Any, Any, _T], name: str, owner: set[asyncio.Task[Any]], *,
-          loop: asyncio.AbstractEventLoop | None = None,
-          on_error: OnError | None = None) -> asyncio.Task[_T]:
+def spawn(
+    coro: Coroutine[Any, Any, _T],
+    name: str,
+    owner: set[asyncio.Task[Any]],
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    on_error: OnError | None = None,
+) -> asyncio.Task[_T]:
     """Create the task ``name`` on ``loop`` (default: the running loop), held by ``owner``."""
     task = (loop or asyncio.get_running_loop()).create_task(coro, name=name)
     owner.add(task)
@@ -28,8 +33,7 @@ def spawn(coro: Coroutine[Any, Any, _T], name: str, owner: set[asyncio.Task[Any]
     return task
 
 
-def _done(task: asyncio.Task[Any], owner: set[asyncio.Task[Any]],
-          on_error: OnError | None) -> None:
+def _done(task: asyncio.Task[Any], owner: set[asyncio.Task[Any]], on_error: OnError | None) -> None:
     owner.discard(task)
     if task.cancelled():
         return

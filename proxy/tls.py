@@ -56,11 +56,16 @@ log = logging.getLogger("clawgate")
 # Mozilla Server Side TLS "intermediate" (v5.7), TLS 1.2 part; the DHE suites are left out
 # because no DH parameters are loaded (OpenSSL would never pick them). TLS 1.3 suites are
 # OpenSSL's defaults, which are the same three Mozilla lists.
-INTERMEDIATE_CIPHERS: Final = ":".join((
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-))
+INTERMEDIATE_CIPHERS: Final = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 ALPN: Final = ["http/1.1"]
 ADMIN_DNS_URL: Final = "https://login.tailscale.com/admin/dns"
 _REDIRECT_HEAD_LIMIT: Final = 8192
@@ -117,8 +122,12 @@ class CertInfo:
         return False
 
     def to_json(self) -> dict[str, Any]:
-        return {"serial": f"{self.serial:x}", "not_after": self.not_after.isoformat(),
-                "names": list(self.names), "sha256": self.fingerprint}
+        return {
+            "serial": f"{self.serial:x}",
+            "not_after": self.not_after.isoformat(),
+            "names": list(self.names),
+            "sha256": self.fingerprint,
+        }
 
 
 def parse_chain(chain_pem: bytes) -> CertInfo:
@@ -136,8 +145,9 @@ def parse_chain(chain_pem: bytes) -> CertInfo:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     der = leaf.public_bytes(Encoding.DER)
-    return CertInfo(leaf.serial_number, leaf.not_valid_after_utc, tuple(names),
-                    hashlib.sha256(der).hexdigest())
+    return CertInfo(
+        leaf.serial_number, leaf.not_valid_after_utc, tuple(names), hashlib.sha256(der).hexdigest()
+    )
 
 
 def _private_dir() -> str:
@@ -169,8 +179,9 @@ def load_pair(ctx: ssl.SSLContext, key_pem: bytes, chain_pem: bytes) -> CertInfo
         try:
             make_server_context().load_cert_chain(cert_path, key_path)
         except ssl.SSLError as exc:
-            raise ClawgateError(f"certificate and key do not load together: {exc.reason or exc}"
-                                ) from None
+            raise ClawgateError(
+                f"certificate and key do not load together: {exc.reason or exc}"
+            ) from None
         ctx.load_cert_chain(cert_path, key_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,15 +270,20 @@ class TlsAcceptor(asyncio.Protocol):
             return
         waiter = rt.loop.create_future()
         ssl_protocol = _ssl_protocol_class(rt.loop)(
-            rt.loop, ClientConnection(rt, tls=True), self.ctx, waiter, server_side=True,
-            server_hostname=None, ssl_handshake_timeout=rt.cfg.limits.head_timeout)
+            rt.loop,
+            ClientConnection(rt, tls=True),
+            self.ctx,
+            waiter,
+            server_side=True,
+            server_hostname=None,
+            ssl_handshake_timeout=rt.cfg.limits.head_timeout,
+        )
         # Swapped in before the transport starts reading: every byte goes to TLS.
         transport.set_protocol(ssl_protocol)
         ssl_protocol.connection_made(transport)
         waiter.add_done_callback(lambda fut: self._handshake_done(transport, fut))
 
-    def _handshake_done(self, transport: asyncio.BaseTransport,
-                        fut: asyncio.Future[None]) -> None:
+    def _handshake_done(self, transport: asyncio.BaseTransport, fut: asyncio.Future[None]) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
@@ -309,19 +325,25 @@ class RedirectConnection(asyncio.Protocol):
         # Not HTTP at all (a TLS ClientHello, binary): say so at once.
         line, crlf, _ = buf.partition(b"\r\n")
         location = redirect_location(line, name, port) if crlf and len(line) <= 4096 else None
-        bad = not buf[:1].isupper() or (crlf and location is None) or (
-            not crlf and len(buf) > 4096)
+        bad = not buf[:1].isupper() or (crlf and location is None) or (not crlf and len(buf) > 4096)
         # Else wait for the whole head so the close does not RST an unread request.
         if not bad and b"\r\n\r\n" not in buf and len(buf) <= _REDIRECT_HEAD_LIMIT:
             return
         if bad or location is None:
-            self._answer(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n")
+            self._answer(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
+            )
             return
         body = b"use HTTPS: " + location + b"\n"
-        self._answer(b"HTTP/1.1 308 Permanent Redirect\r\nLocation: " + location +
-                     b"\r\nContent-Type: text/plain\r\nContent-Length: " +
-                     str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        self._answer(
+            b"HTTP/1.1 308 Permanent Redirect\r\nLocation: "
+            + location
+            + b"\r\nContent-Type: text/plain\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
 
     def _answer(self, data: bytes) -> None:
         self.done = True
@@ -385,15 +407,17 @@ class TlsManager:
         if client is None:
             raise ClawgateError(
                 "tls is 'tailscale' but no tailscaled socket was found: start tailscaled, "
-                "or set tailscale.socket")
+                "or set tailscale.socket"
+            )
         assert self.domain is not None
         try:
             pair: tuple[bytes, bytes] = await client.cert_pair(self.domain, self.min_validity)
         except LocalAPIDenied:
             raise ClawgateError(cert_denied_message()) from None
         except TailscaleError as exc:
-            raise ClawgateError(f"cannot fetch the TLS certificate for {self.domain} from "
-                                f"tailscaled: {exc}") from None
+            raise ClawgateError(
+                f"cannot fetch the TLS certificate for {self.domain} from tailscaled: {exc}"
+            ) from None
         return pair
 
     async def resolve_domain(self) -> str:
@@ -402,7 +426,8 @@ class TlsManager:
         if client is None:
             raise ClawgateError(
                 "tls is 'tailscale' but no tailscaled socket was found: start tailscaled, "
-                "or set tailscale.socket")
+                "or set tailscale.socket"
+            )
         try:
             status = await client.status(peers=False)
         except TailscaleError as exc:
@@ -410,24 +435,26 @@ class TlsManager:
         if not status.running:
             raise ClawgateError(
                 f"cannot fetch the TLS certificate: tailscale is {status.backend_state}, "
-                "not Running (log in with `tailscale up`)")
+                "not Running (log in with `tailscale up`)"
+            )
         domains = list(status.cert_domains)
         if not domains:
             raise ClawgateError(
                 "this tailnet does not issue HTTPS certificates: enable HTTPS Certificates "
-                f"(with MagicDNS) in the tailnet's admin console, {ADMIN_DNS_URL}")
+                f"(with MagicDNS) in the tailnet's admin console, {ADMIN_DNS_URL}"
+            )
         if self.domain is not None:
             if self.domain.rstrip(".").lower() not in (d.lower() for d in domains):
                 raise ClawgateError(
                     f"tls.domain: {self.domain!r} is not one of this node's certificate "
-                    f"domains ({', '.join(domains)})")
+                    f"domains ({', '.join(domains)})"
+                )
             return str(self.domain).rstrip(".")
         return str(domains[0])
 
     def _validate(self, info: CertInfo) -> None:
         if self.mode == "tailscale" and self.domain and not info.covers(self.domain):
-            raise ClawgateError(f"the certificate names {', '.join(info.names)}, "
-                                f"not {self.domain}")
+            raise ClawgateError(f"the certificate names {', '.join(info.names)}, not {self.domain}")
 
     async def initial(self) -> CertInfo:
         if self.mode == "tailscale":
@@ -445,8 +472,13 @@ class TlsManager:
         if self.domain is None and info.names:
             self.domain = info.names[0].removeprefix("*.")
         days = info.days_left()
-        log.info("TLS certificate for %s: serial %x, valid until %s (%.1f days)",
-                 ", ".join(info.names), info.serial, info.not_after.isoformat(), days)
+        log.info(
+            "TLS certificate for %s: serial %x, valid until %s (%.1f days)",
+            ", ".join(info.names),
+            info.serial,
+            info.not_after.isoformat(),
+            days,
+        )
         if days < self.min_validity_s / 86400 / 2:
             log.warning("%s", self._expiry_warning(info))
         return info
@@ -466,8 +498,9 @@ class TlsManager:
                     return False
                 self._validate(info)
                 if info.seconds_left() <= 0:
-                    raise ClawgateError(f"the new certificate expired on "
-                                        f"{info.not_after.isoformat()}")
+                    raise ClawgateError(
+                        f"the new certificate expired on {info.not_after.isoformat()}"
+                    )
                 info = load_pair(self.ctx, key, chain)
             except ClawgateError as exc:
                 self._failed(str(exc), why)
@@ -475,29 +508,53 @@ class TlsManager:
             old, self.current = self.current, info
             self.last_error = None
             self.renewals += 1
-            log.info("TLS certificate renewed (%s): serial %x -> %x, valid until %s",
-                     why, old.serial if old else 0, info.serial, info.not_after.isoformat())
-            self.rt.log.write({"event": "tls", "result": "renewed", "why": why,
-                               "serial": f"{info.serial:x}",
-                               "not_after": info.not_after.isoformat()})
+            log.info(
+                "TLS certificate renewed (%s): serial %x -> %x, valid until %s",
+                why,
+                old.serial if old else 0,
+                info.serial,
+                info.not_after.isoformat(),
+            )
+            self.rt.log.write(
+                {
+                    "event": "tls",
+                    "result": "renewed",
+                    "why": why,
+                    "serial": f"{info.serial:x}",
+                    "not_after": info.not_after.isoformat(),
+                }
+            )
             return True
 
     def _failed(self, error: str, why: str) -> None:
         self.last_error = error
         cur = self.current
         days = round(cur.days_left(), 1) if cur is not None else None
-        log.warning("TLS certificate renewal failed (%s): %s; keeping the current certificate, "
-                    "which expires in %s days", why, error, days)
-        self.rt.log.write({"event": "tls", "result": "renewal_failed", "why": why,
-                           "error": error, "days_left": days})
+        log.warning(
+            "TLS certificate renewal failed (%s): %s; keeping the current certificate, "
+            "which expires in %s days",
+            why,
+            error,
+            days,
+        )
+        self.rt.log.write(
+            {
+                "event": "tls",
+                "result": "renewal_failed",
+                "why": why,
+                "error": error,
+                "days_left": days,
+            }
+        )
 
     def _expiry_warning(self, info: CertInfo) -> str:
         days = info.days_left()
         if days <= 0:
-            return (f"TLS certificate for {', '.join(info.names)} EXPIRED "
-                    f"{-days:.1f} days ago")
-        return (f"TLS certificate for {', '.join(info.names)} expires in {days:.1f} days "
-                f"and was not renewed")
+            return f"TLS certificate for {', '.join(info.names)} EXPIRED {-days:.1f} days ago"
+        return (
+            f"TLS certificate for {', '.join(info.names)} expires in {days:.1f} days "
+            f"and was not renewed"
+        )
 
     def _warn_if_expiring(self) -> None:
         cur = self.current
@@ -517,16 +574,22 @@ class TlsManager:
 
     def status(self) -> dict[str, Any]:
         cur = self.current
-        out: dict[str, Any] = {"mode": self.mode, "domain": self.domain,
-                               "renewals": self.renewals, "last_error": self.last_error,
-                               "last_check": self.last_check}
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "domain": self.domain,
+            "renewals": self.renewals,
+            "last_error": self.last_error,
+            "last_check": self.last_check,
+        }
         if cur is not None:
             out["certificate"] = cur.to_json()
             out["days_left"] = round(cur.days_left(), 2)
         warning = None
         if cur is not None and self.last_error is not None:
-            warning = (f"TLS certificate renewal failed ({self.last_error}); keeping the "
-                       f"current certificate, which expires in {cur.days_left():.1f} days")
+            warning = (
+                f"TLS certificate renewal failed ({self.last_error}); keeping the "
+                f"current certificate, which expires in {cur.days_left():.1f} days"
+            )
         elif cur is not None and cur.days_left() < self.min_validity_s / 86400 / 2:
             warning = self._expiry_warning(cur)
         if warning is not None:
@@ -547,17 +610,22 @@ class TlsManager:
 
         addr = hostport(host, port)
         try:
-            sock = listen_socket(host, port, reuse_port=self.rt.cfg.workers > 1,
-                                  freebind=True)
+            sock = listen_socket(host, port, reuse_port=self.rt.cfg.workers > 1, freebind=True)
         except OSError as exc:
-            raise ClawgateError(f"tls.redirectPort: cannot listen on {addr}: "
-                                f"{exc.strerror}") from None
+            raise ClawgateError(
+                f"tls.redirectPort: cannot listen on {addr}: {exc.strerror}"
+            ) from None
         srv = await self.rt.loop.create_server(
-            lambda: RedirectConnection(self.rt, self.redirect_target), sock=sock, backlog=512)
+            lambda: RedirectConnection(self.rt, self.redirect_target), sock=sock, backlog=512
+        )
         self.redirect_servers.append(srv)
         self.rt.servers.append(srv)  # closed with the others on drain
-        log.info("redirecting http://%s to https://%s%s", addr, self.domain or "localhost",
-                 _https_port_suffix(self.rt.cfg.gateway.port))
+        log.info(
+            "redirecting http://%s to https://%s%s",
+            addr,
+            self.domain or "localhost",
+            _https_port_suffix(self.rt.cfg.gateway.port),
+        )
 
 
 async def setup_tls(rt: Runtime) -> ssl.SSLContext:

@@ -36,8 +36,12 @@ __all__ = ["UpstreamConnection", "BoundaryCloser", "dial"]
 _MAX_RESPONSE_HEAD = 65536
 
 
-def dial(loop: asyncio.AbstractEventLoop, u: UpstreamConfig, up: UpstreamConnection,
-         owner: set[asyncio.Task[Any]]) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
+def dial(
+    loop: asyncio.AbstractEventLoop,
+    u: UpstreamConfig,
+    up: UpstreamConnection,
+    owner: set[asyncio.Task[Any]],
+) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
     """Start connecting ``up`` to the gateway; the caller owns the task and its timeout
     (uvloop's create_connection is a coroutine: a task, cancelled on connectTimeout)."""
     if u.unix_path is not None:
@@ -56,8 +60,9 @@ class BoundaryCloser(asyncio.Protocol):
     closes both sides; nothing after that frame edge reaches the client.
     """
 
-    def __init__(self, client: ClientConnection, up: UpstreamConnection, frame: bytes,
-                 reason: str) -> None:
+    def __init__(
+        self, client: ClientConnection, up: UpstreamConnection, frame: bytes, reason: str
+    ) -> None:
         self.client = client
         self.up = up
         self.frame = frame
@@ -93,8 +98,7 @@ class BoundaryCloser(asyncio.Protocol):
         if not self.done:
             # The gateway ended mid-frame: no clean close is possible any more.
             self.done = True
-            self.client.finish_end_session(self.reason + " (gateway closed mid-frame)",
-                                           clean=False)
+            self.client.finish_end_session(self.reason + " (gateway closed mid-frame)", clean=False)
 
     def pause_writing(self) -> None:
         pass  # nothing more is forwarded to the gateway
@@ -107,9 +111,21 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the gateway, owned by one client connection."""
 
     __slots__ = (
-        "client", "transport", "tunnel", "_buf", "_scanner", "_body_left", "_until_close",
-        "_in_body", "_status", "_keep_alive", "_head_request", "_eof", "_got_any",
-        "frames", "closed",
+        "client",
+        "transport",
+        "tunnel",
+        "_buf",
+        "_scanner",
+        "_body_left",
+        "_until_close",
+        "_in_body",
+        "_status",
+        "_keep_alive",
+        "_head_request",
+        "_eof",
+        "_got_any",
+        "frames",
+        "closed",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -134,7 +150,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(  # type: ignore[attr-defined]
-            high=self.client.rt.cfg.limits.high_water)
+            high=self.client.rt.cfg.limits.high_water
+        )
 
     def expect_response(self, head_request: bool) -> None:
         """The client forwarded a request head: the next bytes are its response."""
@@ -167,7 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self._buf = buf
                     return
                 self._buf = b""
-                head, data = buf[:end + 4], buf[end + 4:]
+                head, data = buf[: end + 4], buf[end + 4 :]
                 status = self._parse_head(head)
                 client.write_response(head)
                 if status == 101 and client.awaiting_upgrade:

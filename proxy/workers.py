@@ -68,8 +68,9 @@ class WorkerControl:
     """A worker's end of its control channel: answers the parent's prepare/commit/abort,
     and lets this worker's admin ask the parent for a reload of every worker."""
 
-    def __init__(self, rt: Runtime, index: int, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, rt: Runtime, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.rt = rt
         self.index = index
         self._reader = reader
@@ -120,18 +121,41 @@ class WorkerControl:
         if op == "prepare" and isinstance(gen, int):
             prepared = rt.prepare_reload()
             self._pending = {gen: prepared}  # an older, unanswered prepare is void
-            self._write({"op": "prepared", "gen": gen, "worker": self.index,
-                         "pid": os.getpid(), "ok": prepared is not None,
-                         "error": None if prepared is not None else rt.last_reload_error})
+            self._write(
+                {
+                    "op": "prepared",
+                    "gen": gen,
+                    "worker": self.index,
+                    "pid": os.getpid(),
+                    "ok": prepared is not None,
+                    "error": None if prepared is not None else rt.last_reload_error,
+                }
+            )
         elif op == "commit" and isinstance(gen, int):
             prepared = self._pending.pop(gen, None)
             if prepared is None:  # pragma: no cover - the parent commits only what was ready
-                self._write({"op": "committed", "gen": gen, "worker": self.index,
-                             "pid": os.getpid(), "ok": False, "error": "nothing prepared"})
+                self._write(
+                    {
+                        "op": "committed",
+                        "gen": gen,
+                        "worker": self.index,
+                        "pid": os.getpid(),
+                        "ok": False,
+                        "error": "nothing prepared",
+                    }
+                )
                 return
             ended = rt.commit_reload(prepared)
-            self._write({"op": "committed", "gen": gen, "worker": self.index,
-                         "pid": os.getpid(), "ok": True, "sessions_ended": ended})
+            self._write(
+                {
+                    "op": "committed",
+                    "gen": gen,
+                    "worker": self.index,
+                    "pid": os.getpid(),
+                    "ok": True,
+                    "sessions_ended": ended,
+                }
+            )
         elif op == "abort" and isinstance(gen, int):
             self._pending.pop(gen, None)
             if msg.get("error") and rt.last_reload_error is None:
@@ -190,8 +214,12 @@ class ReloadCoordinator:
     ``ask`` for SIGHUP, ``tick`` after each round. ``notify`` tells systemd (SIGHUP only).
     """
 
-    def __init__(self, workers: list[_Worker], notify: Callable[[str], None],
-                 phase_seconds: float = RELOAD_PHASE_SECONDS) -> None:
+    def __init__(
+        self,
+        workers: list[_Worker],
+        notify: Callable[[str], None],
+        phase_seconds: float = RELOAD_PHASE_SECONDS,
+    ) -> None:
         self.workers = workers
         self.notify = notify
         self.phase_seconds = phase_seconds
@@ -237,9 +265,12 @@ class ReloadCoordinator:
         op, cur = msg.get("op"), self.current
         if op == "reload-all" and isinstance(msg.get("req"), int):
             self.ask((w.index, msg["req"]))
-        elif op in ("prepared", "committed") and cur is not None \
-                and msg.get("gen") == cur.gen \
-                and cur.phase == ("prepare" if op == "prepared" else "commit"):
+        elif (
+            op in ("prepared", "committed")
+            and cur is not None
+            and msg.get("gen") == cur.gen
+            and cur.phase == ("prepare" if op == "prepared" else "commit")
+        ):
             cur.answers[w.index] = msg
 
     def _start(self, waiters: list[tuple[int, int] | None], now: float) -> _Reload:
@@ -260,8 +291,7 @@ class ReloadCoordinator:
         if r.missing() and now < r.deadline:
             return False
         for w in r.missing():
-            r.answers[w.index] = {"ok": False, "error": f"no answer within "
-                                  f"{self.phase_seconds:g}s"}
+            r.answers[w.index] = {"ok": False, "error": f"no answer within {self.phase_seconds:g}s"}
         if r.phase == "prepare":
             if r.answers and all(a.get("ok") for a in r.answers.values()):
                 r.answers = {}
@@ -271,15 +301,19 @@ class ReloadCoordinator:
                     if w.sock is None or not _send(w.sock, {"op": "commit", "gen": r.gen}):
                         r.answers[w.index] = {"ok": False, "error": "worker exited"}
                 return False
-            error = next((str(a.get("error")) for a in r.answers.values()
-                          if not a.get("ok")), "no worker is running")
+            error = next(
+                (str(a.get("error")) for a in r.answers.values() if not a.get("ok")),
+                "no worker is running",
+            )
             r.error = error
             for w in r.workers:
                 if w.sock is not None and r.answers.get(w.index, {}).get("ok"):
                     _send(w.sock, {"op": "abort", "gen": r.gen, "error": error})
                     # Valid there, but not applied: no worker reports success.
-                    r.answers[w.index] = {"ok": False, "error": "not applied: another "
-                                          f"worker refused ({error})"}
+                    r.answers[w.index] = {
+                        "ok": False,
+                        "error": f"not applied: another worker refused ({error})",
+                    }
         self._finish(r)
         return True
 
@@ -287,24 +321,44 @@ class ReloadCoordinator:
         results: list[dict[str, Any]] = []
         for w in r.workers:
             a = r.answers.get(w.index, {})
-            results.append({"worker": w.index, "pid": w.pid, "ok": bool(a.get("ok")),
-                            "error": None if a.get("ok") else a.get("error"),
-                            "sessions_ended": int(a.get("sessions_ended") or 0)})
+            results.append(
+                {
+                    "worker": w.index,
+                    "pid": w.pid,
+                    "ok": bool(a.get("ok")),
+                    "error": None if a.get("ok") else a.get("error"),
+                    "sessions_ended": int(a.get("sessions_ended") or 0),
+                }
+            )
         ok = bool(results) and all(x["ok"] for x in results)
-        error = None if ok else r.error or next(
-            (x["error"] for x in results if not x["ok"]), "no worker is running")
-        body = {"op": "reload-result", "ok": ok, "error": error,
-                "stage": r.phase if not ok else "done", "workers": results,
-                "sessions_ended": sum(x["sessions_ended"] for x in results)}
+        error = (
+            None
+            if ok
+            else r.error
+            or next((x["error"] for x in results if not x["ok"]), "no worker is running")
+        )
+        body = {
+            "op": "reload-result",
+            "ok": ok,
+            "error": error,
+            "stage": r.phase if not ok else "done",
+            "workers": results,
+            "sessions_ended": sum(x["sessions_ended"] for x in results),
+        }
         if ok:
             log.info("reload applied by all %d workers", len(results))
         else:
-            log.error("reload refused (%s): every worker keeps the running config"
-                      if r.phase == "prepare" else "reload incomplete (%s)", error)
+            log.error(
+                "reload refused (%s): every worker keeps the running config"
+                if r.phase == "prepare"
+                else "reload incomplete (%s)",
+                error,
+            )
         for waiter in r.waiters:
             if waiter is None:
-                self.notify("READY=1\nSTATUS=" + (
-                    "serving" if ok else f"reload refused: {error}"[:200]))
+                self.notify(
+                    "READY=1\nSTATUS=" + ("serving" if ok else f"reload refused: {error}"[:200])
+                )
                 continue
             idx, req = waiter
             sock = self.workers[idx].sock
@@ -350,10 +404,17 @@ def run_workers(cfg: Config, config_path: str | None) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     for i in range(cfg.workers):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {**os.environ, "NOTIFY_SOCKET": inbox_path, STATE_DIR_ENV: state_dir,
-               CONTROL_FD_ENV: str(theirs.fileno())}
-        proc = subprocess.Popen([*argv, "--worker-index", str(i)], env=env,  # noqa: S603
-                                pass_fds=(theirs.fileno(),))
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": inbox_path,
+            STATE_DIR_ENV: state_dir,
+            CONTROL_FD_ENV: str(theirs.fileno()),
+        }
+        proc = subprocess.Popen(
+            [*argv, "--worker-index", str(i)],
+            env=env,  # noqa: S603
+            pass_fds=(theirs.fileno(),),
+        )
         theirs.close()
         procs.append(proc)
         workers.append(_Worker(i, proc.pid, _alive(proc), mine))

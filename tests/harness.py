@@ -37,9 +37,16 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class ClawgateProcess:
     """One clawgate process. ``tokens`` maps token name -> the token (clear, for clients)."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], *, netns: str | None = None,
-                 token_names: tuple[str, ...] = ("phone",), env: dict[str, str] | None = None,
-                 admin_port: int = 18790) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        *,
+        netns: str | None = None,
+        token_names: tuple[str, ...] = ("phone",),
+        env: dict[str, str] | None = None,
+        admin_port: int = 18790,
+    ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.netns = netns
@@ -85,8 +92,11 @@ class ClawgateProcess:
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.argv("serve", "--config", str(self.config_path)),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            cwd=str(ROOT), env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            cwd=str(ROOT),
+            env=env,
         )
         await self.wait_stderr(wait_for, timeout)
 
@@ -98,7 +108,8 @@ class ClawgateProcess:
                 return err
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(
-                    f"clawgate exited with {self.proc.returncode} before {text!r}:\n{err}")
+                    f"clawgate exited with {self.proc.returncode} before {text!r}:\n{err}"
+                )
             await asyncio.sleep(0.05)
         raise AssertionError(f"clawgate did not say {text!r} within {timeout}s:\n{self.stderr()}")
 
@@ -144,8 +155,11 @@ class ClawgateProcess:
         if method == "POST" and not body:
             body = b"{}"  # the admin takes POSTs with a JSON body only
         ctype = "Content-Type: application/json\r\n" if method == "POST" else ""
-        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                     f"{ctype}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"{ctype}Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         head, _, payload = data.partition(b"\r\n\r\n")
@@ -177,11 +191,19 @@ class ClawgateProcess:
         return self.proc.returncode
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """Run the clawgate CLI (python -m proxy) and capture its output."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True,
-                          text=True, env=full_env, cwd=str(ROOT), timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=str(ROOT),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

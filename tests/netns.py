@@ -349,16 +349,41 @@ class Tailnet:
         br_ns = self._names[_BRIDGE_NS]
         bridge = f"{self._ifprefix}br"
         # Snooping off: the bridge must flood ND/ARP from the first packet, with no querier.
-        _ip("-n", br_ns, "link", "add", bridge, "type", "bridge",
-            "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
+        _ip(
+            "-n",
+            br_ns,
+            "link",
+            "add",
+            bridge,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            "0",
+        )
         _ip("-n", br_ns, "link", "set", bridge, "up")
         for role in HOSTS:
             host_ns = self._names[role]
             host_if = self.ifname(role)
             br_if = f"{host_if}b"
             # Both ends are born inside their namespaces: nothing appears in the root namespace.
-            _ip("link", "add", host_if, "netns", host_ns, "type", "veth",
-                "peer", "name", br_if, "netns", br_ns)
+            _ip(
+                "link",
+                "add",
+                host_if,
+                "netns",
+                host_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                br_if,
+                "netns",
+                br_ns,
+            )
             _ip("-n", br_ns, "link", "set", br_if, "master", bridge)
             _ip("-n", br_ns, "link", "set", br_if, "up")
             for cidr in _ADDRESSES[role]:
@@ -386,8 +411,14 @@ class Tailnet:
             lst.setblocking(True)
             lst.settimeout(1.0)
         try:
-            probes = [("phone", GW_V4, 0), ("phone", GW_V6, 1), ("ci", GW_V4, 0),
-                      ("ci", GW_V6, 1), ("public", GW_V4, 0), ("public", GW_V6, 1)]
+            probes = [
+                ("phone", GW_V4, 0),
+                ("phone", GW_V6, 1),
+                ("ci", GW_V4, 0),
+                ("ci", GW_V6, 1),
+                ("public", GW_V4, 0),
+                ("public", GW_V6, 1),
+            ]
             for role, dst, which in probes:
                 port = listeners[which].getsockname()[1]
                 self._probe(role, dst, port, listeners[which], deadline)

@@ -49,15 +49,61 @@ from tests.netns import (
 from tests.util import Response, build_request, exchange, open_in, read_response, read_to_close
 
 __all__ = [
-    "ADMIN_PORT", "ALICE", "ALICE_CAPS", "ALICE_NODE", "ALICE_PIC", "CAP", "CI_NODE", "FORM",
-    "HOST", "IDENTITY_HEADER", "PORT", "PUBLIC_NET", "TextResponse", "alice_body",
-    "base_config", "bearer", "ci_body", "cli_in_gw", "clawgate_config", "closed_by_server",
-    "connect_bound", "connect_frame", "cpu_seconds", "echo_ok", "eventually",
-    "fake_tailscaled", "forwarding_view", "gather_limited", "gateway_heads", "get",
-    "health_json", "identity_config", "iso_in", "latencies", "listeners_of", "login",
-    "login_cookie", "logout", "loopback_socket", "median", "metric", "norm", "pids_holding",
-    "plain_config", "raw_send", "reconfigure", "request", "running", "stable_id", "status_of",
-    "tailnet_peers", "timed_get", "with_cookie", "ws_open", "ws_with_cookie",
+    "ADMIN_PORT",
+    "ALICE",
+    "ALICE_CAPS",
+    "ALICE_NODE",
+    "ALICE_PIC",
+    "CAP",
+    "CI_NODE",
+    "FORM",
+    "HOST",
+    "IDENTITY_HEADER",
+    "PORT",
+    "PUBLIC_NET",
+    "TextResponse",
+    "alice_body",
+    "base_config",
+    "bearer",
+    "ci_body",
+    "cli_in_gw",
+    "clawgate_config",
+    "closed_by_server",
+    "connect_bound",
+    "connect_frame",
+    "cpu_seconds",
+    "echo_ok",
+    "eventually",
+    "fake_tailscaled",
+    "forwarding_view",
+    "gather_limited",
+    "gateway_heads",
+    "get",
+    "health_json",
+    "identity_config",
+    "iso_in",
+    "latencies",
+    "listeners_of",
+    "login",
+    "login_cookie",
+    "logout",
+    "loopback_socket",
+    "median",
+    "metric",
+    "norm",
+    "pids_holding",
+    "plain_config",
+    "raw_send",
+    "reconfigure",
+    "request",
+    "running",
+    "stable_id",
+    "status_of",
+    "tailnet_peers",
+    "timed_get",
+    "with_cookie",
+    "ws_open",
+    "ws_with_cookie",
 ]
 
 T = TypeVar("T")
@@ -89,12 +135,17 @@ class Upstream(Protocol):
 # ---------------------------------------------------------------------------------- configs
 
 
-def base_config(upstream_port: int, limits: dict[str, Any] | None = None,
-                **extra: Any) -> dict[str, Any]:
+def base_config(
+    upstream_port: int, limits: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     """Tokens only, the tailnet allowed; lockout after 1000 failures (so, in effect, none)."""
     cfg: dict[str, Any] = {
-        "gateway": {"host": GW_V4, "port": PORT, "requireToken": True,
-                    "allowedNetworks": list(TAILNET_NETS)},
+        "gateway": {
+            "host": GW_V4,
+            "port": PORT,
+            "requireToken": True,
+            "allowedNetworks": list(TAILNET_NETS),
+        },
         "upstream": f"http://127.0.0.1:{upstream_port}",
         "tailscale": {"requireIdentity": False},
         "limits": {"failedAuthCount": 1000, **(limits or {})},
@@ -106,23 +157,34 @@ def base_config(upstream_port: int, limits: dict[str, Any] | None = None,
 def plain_config(upstream: Upstream, **limits: Any) -> dict[str, Any]:
     """Tokens only (no tailscaled): requireToken, the tailnet allowed, lockouts off."""
     return {
-        "gateway": {"host": GW_V4, "port": PORT, "requireToken": True,
-                    "allowedNetworks": list(TAILNET_NETS)},
+        "gateway": {
+            "host": GW_V4,
+            "port": PORT,
+            "requireToken": True,
+            "allowedNetworks": list(TAILNET_NETS),
+        },
         "upstream": f"http://127.0.0.1:{upstream.port}",
         "tailscale": {"requireIdentity": False},
         "limits": {"failedAuthLockout": 0, **limits},
     }
 
 
-def clawgate_config(gw: Upstream, socket_path: str | None, *, host: Any = GW_V4,
-                    tailscale: dict[str, Any] | None = None,
-                    gateway: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def clawgate_config(
+    gw: Upstream,
+    socket_path: str | None,
+    *,
+    host: Any = GW_V4,
+    tailscale: dict[str, Any] | None = None,
+    gateway: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Identity from the fake tailscaled at ``socket_path``; tailnet, public and loopback
     clients allowed; no lockout (the policy tables send many 401s from one address)."""
-    g: dict[str, Any] = {"host": host, "port": PORT,
-                         "allowedNetworks": [*TAILNET_NETS, PUBLIC_NET, "127.0.0.1/32",
-                                             "::1/128"]}
+    g: dict[str, Any] = {
+        "host": host,
+        "port": PORT,
+        "allowedNetworks": [*TAILNET_NETS, PUBLIC_NET, "127.0.0.1/32", "::1/128"],
+    }
     g.update(gateway or {})
     ts: dict[str, Any] = {"timeout": 0.5}
     if socket_path is not None:
@@ -141,8 +203,12 @@ def clawgate_config(gw: Upstream, socket_path: str | None, *, host: Any = GW_V4,
 
 def identity_config(gw: Upstream, socket_path: str, **tailscale: Any) -> dict[str, Any]:
     """Token and identity, all identity headers on (clawgate sets every one of them)."""
-    ts = {"identityHeader": IDENTITY_HEADER, "sendTailscaleHeaders": True, "timeout": 5,
-          **tailscale}
+    ts = {
+        "identityHeader": IDENTITY_HEADER,
+        "sendTailscaleHeaders": True,
+        "timeout": 5,
+        **tailscale,
+    }
     cfg = clawgate_config(gw, socket_path, tailscale=ts)
     cfg["gateway"]["requireToken"] = True
     return cfg
@@ -152,13 +218,25 @@ def identity_config(gw: Upstream, socket_path: str, **tailscale: Any) -> dict[st
 
 
 @contextlib.asynccontextmanager
-async def running(tailnet: Tailnet, workdir: Path, config: dict[str, Any], *,
-                  token_names: tuple[str, ...] = ("phone",),
-                  cls: type[ClawgateProcess] = ClawgateProcess,
-                  wait_for: str = "listening on", **kw: Any) -> AsyncIterator[ClawgateProcess]:
+async def running(
+    tailnet: Tailnet,
+    workdir: Path,
+    config: dict[str, Any],
+    *,
+    token_names: tuple[str, ...] = ("phone",),
+    cls: type[ClawgateProcess] = ClawgateProcess,
+    wait_for: str = "listening on",
+    **kw: Any,
+) -> AsyncIterator[ClawgateProcess]:
     """clawgate in the gw namespace with ``config``, until it says ``wait_for``."""
-    cg = cls(workdir, config, netns=tailnet.ns("gw"), token_names=token_names,
-             admin_port=ADMIN_PORT, **kw)
+    cg = cls(
+        workdir,
+        config,
+        netns=tailnet.ns("gw"),
+        token_names=token_names,
+        admin_port=ADMIN_PORT,
+        **kw,
+    )
     try:
         await cg.start(wait_for=wait_for)
         yield cg
@@ -173,13 +251,21 @@ async def reconfigure(cg: ClawgateProcess, config: dict[str, Any]) -> None:
     assert status == 200, body
 
 
-def cli_in_gw(cg: ClawgateProcess, *args: str, timeout: float = 30.0
-              ) -> subprocess.CompletedProcess[str]:
+def cli_in_gw(
+    cg: ClawgateProcess, *args: str, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """The real clawgate CLI inside the gw namespace (where the admin listener is)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cg.argv(*args), capture_output=True, text=True, env=env,
-                          cwd=str(ROOT), timeout=timeout, stdin=subprocess.DEVNULL,
-                          check=False)
+    return subprocess.run(
+        cg.argv(*args),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 async def metric(cg: ClawgateProcess, name: str) -> float:
@@ -202,8 +288,13 @@ def health_json(body: bytes) -> dict[str, Any]:
 
 def listeners_of(tailnet: Tailnet, pid: int) -> set[str]:
     """The TCP listening addresses of process ``pid`` in the gw namespace (ss -ltnp)."""
-    out = subprocess.run(["ip", "netns", "exec", tailnet.ns("gw"), "ss", "-Hltnp"],
-                         capture_output=True, text=True, check=True, timeout=10).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", tailnet.ns("gw"), "ss", "-Hltnp"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
     found = set()
     for line in out.splitlines():
         if f"pid={pid}," in line:
@@ -213,9 +304,13 @@ def listeners_of(tailnet: Tailnet, pid: int) -> set[str]:
 
 def pids_holding(ns: str, port: int = PORT) -> list[int]:
     """The pid of the process behind each established connection to ``port`` in ns."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htnp", "state", "established",
-                          f"( sport = :{port} )"], capture_output=True, text=True,
-                         check=True, timeout=10).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
     return [int(m) for m in re.findall(r"pid=(\d+)", out)]
 
 
@@ -232,15 +327,28 @@ def bearer(token: str) -> tuple[str, str]:
     return ("Authorization", f"Bearer {token}")
 
 
-async def get(tailnet: Tailnet, role: str, path: str = "/echo", token: str | None = None,
-              timeout: float = 10.0) -> Response:
+async def get(
+    tailnet: Tailnet,
+    role: str,
+    path: str = "/echo",
+    token: str | None = None,
+    timeout: float = 10.0,
+) -> Response:
     headers = [bearer(token)] if token else []
-    return await exchange(tailnet.ns(role), GW_V4, PORT, build_request("GET", path, headers),
-                          timeout=timeout)
+    return await exchange(
+        tailnet.ns(role), GW_V4, PORT, build_request("GET", path, headers), timeout=timeout
+    )
 
 
-async def raw_send(tailnet: Tailnet, role: str, data: bytes, *, host: str = GW_V4,
-                   port: int = PORT, timeout: float = 10.0) -> bytes:
+async def raw_send(
+    tailnet: Tailnet,
+    role: str,
+    data: bytes,
+    *,
+    host: str = GW_V4,
+    port: int = PORT,
+    timeout: float = 10.0,
+) -> bytes:
     """Send raw bytes from ``role``, read until the proxy closes (a reset ends it too)."""
     reader, writer = await open_in(tailnet.ns(role), host, port)
     try:
@@ -274,10 +382,17 @@ class TextResponse:
         return None
 
 
-async def request(tailnet: Tailnet, role: str, host: str = GW_V4, port: int = PORT,
-                  path: str = "/headers", *, token: str | None = None,
-                  headers: Iterable[tuple[str, str]] = (),
-                  sock: socket.socket | None = None) -> TextResponse:
+async def request(
+    tailnet: Tailnet,
+    role: str,
+    host: str = GW_V4,
+    port: int = PORT,
+    path: str = "/headers",
+    *,
+    token: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    sock: socket.socket | None = None,
+) -> TextResponse:
     """One HTTP/1.1 request (Connection: close) from host ``role`` of the tailnet."""
     if sock is None:
         sock = await connect_in(tailnet.ns(role), host, port)
@@ -321,14 +436,27 @@ async def connect_bound(sock: socket.socket, host: str, port: int) -> socket.soc
     return sock
 
 
-async def ws_open(tailnet: Tailnet, role: str, token: str | None = None, path: str = "/ws",
-                  headers: dict[str, str] | None = None, **kw: Any) -> ClientConnection:
+async def ws_open(
+    tailnet: Tailnet,
+    role: str,
+    token: str | None = None,
+    path: str = "/ws",
+    headers: dict[str, str] | None = None,
+    **kw: Any,
+) -> ClientConnection:
     hdrs = dict(headers or {})
     if token is not None:
         hdrs["Authorization"] = f"Bearer {token}"
     sock = await connect_in(tailnet.ns(role), GW_V4, PORT)
-    return await connect(f"ws://{GW_V4}:{PORT}{path}", sock=sock, proxy=None,
-                         additional_headers=hdrs, compression=None, open_timeout=5, **kw)
+    return await connect(
+        f"ws://{GW_V4}:{PORT}{path}",
+        sock=sock,
+        proxy=None,
+        additional_headers=hdrs,
+        compression=None,
+        open_timeout=5,
+        **kw,
+    )
 
 
 async def echo_ok(ws: ClientConnection, text: str = "ping") -> None:
@@ -337,8 +465,7 @@ async def echo_ok(ws: ClientConnection, text: str = "ping") -> None:
         assert await ws.recv() == text
 
 
-async def closed_by_server(ws: ClientConnection, timeout: float
-                           ) -> tuple[int | None, str, float]:
+async def closed_by_server(ws: ClientConnection, timeout: float) -> tuple[int | None, str, float]:
     """Read until the server closes: (close code received, reason, monotonic time)."""
     async with asyncio.timeout(timeout):
         try:
@@ -346,8 +473,7 @@ async def closed_by_server(ws: ClientConnection, timeout: float
                 await ws.recv()
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
-            return (rcvd.code if rcvd else None), (rcvd.reason if rcvd else ""), \
-                time.monotonic()
+            return (rcvd.code if rcvd else None), (rcvd.reason if rcvd else ""), time.monotonic()
 
 
 def norm(name: str) -> str:
@@ -359,8 +485,12 @@ def forwarding_view(rec: RecordedRequest) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, value in rec.headers:
         n = norm(name)
-        if (n.startswith(("x-forwarded-", "tailscale-")) or n in (
-                "forwarded", "x-real-ip", "true-client-ip", norm(IDENTITY_HEADER))):
+        if n.startswith(("x-forwarded-", "tailscale-")) or n in (
+            "forwarded",
+            "x-real-ip",
+            "true-client-ip",
+            norm(IDENTITY_HEADER),
+        ):
             out.setdefault(n, []).append(value)
     return out
 
@@ -411,8 +541,9 @@ async def fake_tailscaled(
 ) -> AsyncIterator[FakeTailscaled]:
     """A fake tailscaled on a short socket path (sun_path is 108 bytes; tmp_path is long)."""
     d = tempfile.mkdtemp(prefix="cgts-", dir="/tmp")
-    fake = FakeTailscaled(Path(d) / "tailscaled.sock",
-                          peers=tailnet_peers() if peers is None else peers)
+    fake = FakeTailscaled(
+        Path(d) / "tailscaled.sock", peers=tailnet_peers() if peers is None else peers
+    )
     # Valid for 60 more days: no key warning unless a test asks for one.
     fake.self_key_expiry = iso_in(days=60)
     try:
@@ -428,8 +559,12 @@ async def fake_tailscaled(
 
 
 async def login(tailnet: Tailnet, role: str, token: str) -> Response:
-    return await exchange(tailnet.ns(role), GW_V4, PORT, build_request(
-        "POST", "/__clawgate/login", [FORM], f"token={token}&next=/".encode()))
+    return await exchange(
+        tailnet.ns(role),
+        GW_V4,
+        PORT,
+        build_request("POST", "/__clawgate/login", [FORM], f"token={token}&next=/".encode()),
+    )
 
 
 async def login_cookie(tailnet: Tailnet, role: str, token: str) -> str:
@@ -439,10 +574,10 @@ async def login_cookie(tailnet: Tailnet, role: str, token: str) -> str:
     return (resp.header("Set-Cookie") or b"").split(b";", 1)[0].decode()
 
 
-async def with_cookie(tailnet: Tailnet, role: str, cookie: str, path: str = "/echo"
-                      ) -> Response:
-    return await exchange(tailnet.ns(role), GW_V4, PORT,
-                          build_request("GET", path, [("Cookie", cookie)]))
+async def with_cookie(tailnet: Tailnet, role: str, cookie: str, path: str = "/echo") -> Response:
+    return await exchange(
+        tailnet.ns(role), GW_V4, PORT, build_request("GET", path, [("Cookie", cookie)])
+    )
 
 
 async def ws_with_cookie(tailnet: Tailnet, role: str, cookie: str) -> ClientConnection:
@@ -450,24 +585,40 @@ async def ws_with_cookie(tailnet: Tailnet, role: str, cookie: str) -> ClientConn
 
 
 async def logout(tailnet: Tailnet, role: str, cookie: str) -> Response:
-    return await exchange(tailnet.ns(role), GW_V4, PORT, build_request(
-        "POST", "/__clawgate/logout", [("Cookie", cookie)]))
+    return await exchange(
+        tailnet.ns(role),
+        GW_V4,
+        PORT,
+        build_request("POST", "/__clawgate/logout", [("Cookie", cookie)]),
+    )
 
 
 def connect_frame(token: str) -> str:
     """The gateway's first WebSocket frame: a connect request carrying ``token``."""
-    return json.dumps({"type": "req", "id": "c1", "method": "connect",
-                       "params": {"minProtocol": 4, "maxProtocol": 4,
-                                  "client": {"id": "cli", "version": "1",
-                                             "platform": "linux", "mode": "cli"},
-                                  "auth": {"token": token}}})
+    return json.dumps(
+        {
+            "type": "req",
+            "id": "c1",
+            "method": "connect",
+            "params": {
+                "minProtocol": 4,
+                "maxProtocol": 4,
+                "client": {"id": "cli", "version": "1", "platform": "linux", "mode": "cli"},
+                "auth": {"token": token},
+            },
+        }
+    )
 
 
 # ---------------------------------------------------------------------- polling, measuring
 
 
-async def eventually(fn: Callable[[], Awaitable[T]], pred: Callable[[T], bool],
-                     timeout: float = 10.0, interval: float = 0.05) -> T:
+async def eventually(
+    fn: Callable[[], Awaitable[T]],
+    pred: Callable[[T], bool],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+) -> T:
     """Call ``fn`` until ``pred(result)``; return that result or fail with the last one."""
     deadline = time.monotonic() + timeout
     while True:
@@ -479,15 +630,18 @@ async def eventually(fn: Callable[[], Awaitable[T]], pred: Callable[[T], bool],
         await asyncio.sleep(interval)
 
 
-async def timed_get(tailnet: Tailnet, role: str, token: str, n: int,
-                    path: str = "/echo") -> list[float]:
+async def timed_get(
+    tailnet: Tailnet, role: str, token: str, n: int, path: str = "/echo"
+) -> list[float]:
     """Latency of ``n`` sequential authorised requests, each on a fresh connection."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
         reader, writer = await open_in(tailnet.ns(role), GW_V4, PORT)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}"
-                     "\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}"
+            "\r\nConnection: close\r\n\r\n".encode()
+        )
         resp = await read_response(reader, timeout=10)
         writer.close()
         assert resp.status == 200, resp.raw

@@ -63,8 +63,7 @@ class Leaf:
     @property
     def key_pem(self) -> bytes:
         # tailscaled answers an "EC PRIVATE KEY" PEM; PKCS#8 loads the same way in OpenSSL.
-        return self.key.private_bytes(_PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                      _NOENC)
+        return self.key.private_bytes(_PEM, serialization.PrivateFormat.TraditionalOpenSSL, _NOENC)
 
     @property
     def cert_pem(self) -> bytes:
@@ -91,22 +90,33 @@ def make_ca(name: str = "clawgate test CA") -> CA:
         .not_valid_after(now + dt.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return CA(key, cert)
 
 
-def make_leaf(ca: CA, names: list[str] | tuple[str, ...] = (DOMAIN,),
-              not_after: dt.datetime | None = None, *,
-              not_before: dt.datetime | None = None, serial: int | None = None) -> Leaf:
+def make_leaf(
+    ca: CA,
+    names: list[str] | tuple[str, ...] = (DOMAIN,),
+    not_after: dt.datetime | None = None,
+    *,
+    not_before: dt.datetime | None = None,
+    serial: int | None = None,
+) -> Leaf:
     """A server certificate for ``names`` signed by ``ca``; 90 days (like ACME) by default."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -118,8 +128,9 @@ def make_leaf(ca: CA, names: list[str] | tuple[str, ...] = (DOMAIN,),
         .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(not_before or now - dt.timedelta(hours=1))
         .not_valid_after(not_after or now + dt.timedelta(days=90))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                       critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(

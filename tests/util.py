@@ -46,9 +46,15 @@ class Response:
         return self.raw_head + self.body
 
 
-def build_request(method: str, target: str, headers: Sequence[tuple[str, str]] = (),
-                  body: bytes = b"", *, host: str = "100.64.0.1:18789",
-                  content_length: bool = True) -> bytes:
+def build_request(
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    host: str = "100.64.0.1:18789",
+    content_length: bool = True,
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     lines += [f"{k}: {v}" for k, v in headers]
     if body and content_length:
@@ -71,8 +77,9 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         out += await reader.readexactly(size + 2)
 
 
-async def read_response(reader: asyncio.StreamReader, *, head_request: bool = False,
-                        timeout: float = 10.0) -> Response:
+async def read_response(
+    reader: asyncio.StreamReader, *, head_request: bool = False, timeout: float = 10.0
+) -> Response:
     """Read one response; the body is raw (chunked framing kept)."""
     async with asyncio.timeout(timeout):
         raw = await reader.readuntil(b"\r\n\r\n")
@@ -110,14 +117,22 @@ async def read_to_close(reader: asyncio.StreamReader, timeout: float = 10.0) -> 
             out += data
 
 
-async def open_in(ns: str, host: str, port: int
-                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_in(
+    ns: str, host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = await connect_in(ns, host, port)
     return await asyncio.open_connection(sock=sock, limit=1 << 20)
 
 
-async def exchange(ns: str, host: str, port: int, request: bytes, *,
-                   head_request: bool = False, timeout: float = 10.0) -> Response:
+async def exchange(
+    ns: str,
+    host: str,
+    port: int,
+    request: bytes,
+    *,
+    head_request: bool = False,
+    timeout: float = 10.0,
+) -> Response:
     """One request on a fresh connection from namespace ns; returns the parsed response."""
     reader, writer = await open_in(ns, host, port)
     try:
@@ -127,8 +142,9 @@ async def exchange(ns: str, host: str, port: int, request: bytes, *,
         writer.close()
 
 
-async def send_and_read_all(ns: str, host: str, port: int, data: bytes,
-                            timeout: float = 10.0) -> bytes:
+async def send_and_read_all(
+    ns: str, host: str, port: int, data: bytes, timeout: float = 10.0
+) -> bytes:
     """Send raw bytes, then read until the server closes."""
     reader, writer = await open_in(ns, host, port)
     try:
@@ -142,8 +158,9 @@ async def send_and_read_all(ns: str, host: str, port: int, data: bytes,
         writer.close()
 
 
-async def poll_until(predicate: Callable[[], bool], timeout: float = 5.0,
-                     interval: float = 0.02) -> None:
+async def poll_until(
+    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02
+) -> None:
     """Re-check predicate until it holds or the deadline passes (then AssertionError)."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -22,14 +22,23 @@ GW = "gateway-token-" + "x" * 30
 
 
 def _frame(auth: dict[str, str], dev: FakeDevice | None = None) -> bytes:
-    params: dict[str, object] = {"minProtocol": 4, "maxProtocol": 4, "role": "operator",
-                                 "scopes": ["operator.read"], "auth": auth,
-                                 "client": {"id": "cli", "mode": "cli", "platform": "linux"}}
+    params: dict[str, object] = {
+        "minProtocol": 4,
+        "maxProtocol": 4,
+        "role": "operator",
+        "scopes": ["operator.read"],
+        "auth": auth,
+        "client": {"id": "cli", "mode": "cli", "platform": "linux"},
+    }
     if dev is not None:
-        params["device"] = {"id": dev.device_id, "publicKey": dev.public_key,
-                            "signature": "s" * 86, "signedAt": 1, "nonce": "n" * 36}
-    return json.dumps({"type": "req", "id": "c1", "method": "connect",
-                       "params": params}).encode()
+        params["device"] = {
+            "id": dev.device_id,
+            "publicKey": dev.public_key,
+            "signature": "s" * 86,
+            "signedAt": 1,
+            "nonce": "n" * 36,
+        }
+    return json.dumps({"type": "req", "id": "c1", "method": "connect", "params": params}).encode()
 
 
 def _parsed(frame: bytes) -> ConnectAuth:
@@ -61,10 +70,12 @@ def test_gate_decision_shared_token(benchmark):  # type: ignore[no-untyped-def]
 def test_gate_decision_device_token(benchmark, tmp_path):  # type: ignore[no-untyped-def]
     store, devs = _store(tmp_path)
     snap = store.current()
-    frame, d, gens = _frame({"deviceToken": "device-token-7"}, devs[7]), digest(GW), \
-        shared_generations(GW.encode())
-    assert benchmark(lambda: decide(_parsed(frame), d, snap, now_ms=0,
-                                    generations=gens)).admit
+    frame, d, gens = (
+        _frame({"deviceToken": "device-token-7"}, devs[7]),
+        digest(GW),
+        shared_generations(GW.encode()),
+    )
+    assert benchmark(lambda: decide(_parsed(frame), d, snap, now_ms=0, generations=gens)).admit
 
 
 def test_store_version_check(benchmark, tmp_path):  # type: ignore[no-untyped-def]

@@ -22,8 +22,18 @@ from proxy.core.policy import IdentityOutcome, PolicySettings, decide
 from proxy.core.tokens import TokenEntry, TokenSet, digest, new_token
 from proxy.tailscale.identity import Identity, IdentityCache
 
-NETS = ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "127.0.0.1/32", "::1/128", "10.0.0.0/8",
-        "192.168.0.0/16", "172.16.0.0/12", "203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32"]
+NETS = [
+    "100.64.0.0/10",
+    "fd7a:115c:a1e0::/48",
+    "127.0.0.1/32",
+    "::1/128",
+    "10.0.0.0/8",
+    "192.168.0.0/16",
+    "172.16.0.0/12",
+    "203.0.113.0/24",
+    "198.51.100.0/24",
+    "2001:db8::/32",
+]
 HEAD = (
     b"GET /ws HTTP/1.1\r\nHost: 100.64.0.1:18789\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n"
     b"Accept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
@@ -61,27 +71,47 @@ def test_token_check_10_entries(benchmark):  # type: ignore[no-untyped-def]
 
 
 def test_policy_decision(benchmark):  # type: ignore[no-untyped-def]
-    ident = Identity.from_whois({
-        "Node": {"ID": 1, "StableID": "n1", "Name": "alice-laptop.tail4c3a9.ts.net.",
-                 "ComputedName": "alice-laptop", "Addresses": ["100.101.102.103/32"],
-                 "Hostinfo": {"OS": "linux"}},
-        "UserProfile": {"ID": 2, "LoginName": "alice@example.com", "DisplayName": "Alice"},
-        "CapMap": None})
-    s = PolicySettings(require_token=True, require_identity=True, auth_mode="both",
-                       allow_users=frozenset({"alice@example.com"}))
+    ident = Identity.from_whois(
+        {
+            "Node": {
+                "ID": 1,
+                "StableID": "n1",
+                "Name": "alice-laptop.tail4c3a9.ts.net.",
+                "ComputedName": "alice-laptop",
+                "Addresses": ["100.101.102.103/32"],
+                "Hostinfo": {"OS": "linux"},
+            },
+            "UserProfile": {"ID": 2, "LoginName": "alice@example.com", "DisplayName": "Alice"},
+            "CapMap": None,
+        }
+    )
+    s = PolicySettings(
+        require_token=True,
+        require_identity=True,
+        auth_mode="both",
+        allow_users=frozenset({"alice@example.com"}),
+    )
     out = IdentityOutcome("identity", ident)
-    d = benchmark(decide, s, token_name="phone", token_error=None, token_subject=None,
-                  identity=out)
+    d = benchmark(decide, s, token_name="phone", token_error=None, token_subject=None, identity=out)
     assert d.allow
 
 
 def test_identity_cache_hit(benchmark):  # type: ignore[no-untyped-def]
     class Source:
         async def whois(self, ip: str, port: int) -> Identity:
-            return Identity.from_whois({
-                "Node": {"ID": 1, "StableID": "n1", "Name": "a.t.ts.net.", "ComputedName": "a",
-                         "Addresses": [ip + "/32"]},
-                "UserProfile": {"ID": 2, "LoginName": "alice@example.com"}, "CapMap": None})
+            return Identity.from_whois(
+                {
+                    "Node": {
+                        "ID": 1,
+                        "StableID": "n1",
+                        "Name": "a.t.ts.net.",
+                        "ComputedName": "a",
+                        "Addresses": [ip + "/32"],
+                    },
+                    "UserProfile": {"ID": 2, "LoginName": "alice@example.com"},
+                    "CapMap": None,
+                }
+            )
 
     cache = IdentityCache(Source())
     asyncio.run(cache.lookup("100.101.102.103", 40000))
@@ -95,10 +125,16 @@ def test_head_parse(benchmark):  # type: ignore[no-untyped-def]
 
 def test_header_rewrite(benchmark):  # type: ignore[no-untyped-def]
     head = parse_request_head(HEAD)
-    out = benchmark(rewrite_request_head, head, client_ip="100.101.102.103", proto=b"http",
-                    identity_headers=frozenset({b"x-forwarded-user"}),
-                    add=[(b"X-Forwarded-User", b"alice@example.com")],
-                    drop_authorization=True, session_cookie=b"clawgate_session")
+    out = benchmark(
+        rewrite_request_head,
+        head,
+        client_ip="100.101.102.103",
+        proto=b"http",
+        identity_headers=frozenset({b"x-forwarded-user"}),
+        add=[(b"X-Forwarded-User", b"alice@example.com")],
+        drop_authorization=True,
+        session_cookie=b"clawgate_session",
+    )
     assert b"Authorization" not in out
 
 
@@ -106,8 +142,9 @@ def test_host_check_cached(benchmark):  # type: ignore[no-untyped-def]
     """The DNS-rebinding Host check of every request (the answer is cached per value)."""
     from proxy.access.hosts import HostNames
 
-    names = HostNames.build(exact=["100.64.0.1", "fd7a:115c:a1e0::1"],
-                            with_short=["web01.tail3f2a1.ts.net."])
+    names = HostNames.build(
+        exact=["100.64.0.1", "fd7a:115c:a1e0::1"], with_short=["web01.tail3f2a1.ts.net."]
+    )
     host = parse_request_head(HEAD).header(b"host")
     assert benchmark(names.refusal, host) is None
 

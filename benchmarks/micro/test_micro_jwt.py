@@ -27,19 +27,28 @@ KEYS: dict[str, Any] = {
 
 
 def _setup(alg: str, max_cache: int) -> tuple[JwtVerifier, str]:
-    cfg = JwtConfig(enabled=True, algorithms=("EdDSA", "ES256", "RS256", "HS256"),
-                    issuer=ISS, audience=AUD)
-    claims = {"iss": ISS, "aud": AUD, "sub": "alice", "exp": int(time.time()) + 3600,
-              "jti": "j", "scope": "a b"}
+    cfg = JwtConfig(
+        enabled=True, algorithms=("EdDSA", "ES256", "RS256", "HS256"), issuer=ISS, audience=AUD
+    )
+    claims = {
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "alice",
+        "exp": int(time.time()) + 3600,
+        "jti": "j",
+        "scope": "a b",
+    }
     if alg == "HS256":
         entry = KeyEntry(None, SECRET, frozenset({"HS256"}), "secret")
         return JwtVerifier(cfg, keys=[entry], max_cache=max_cache), pyjwt.encode(
-            claims, SECRET, algorithm="HS256")
+            claims, SECRET, algorithm="HS256"
+        )
     key = KEYS[alg]
     kid = jwk_thumbprint(public_jwk(key))
     pub = key.public_key()
-    v = JwtVerifier(cfg, keys=[KeyEntry(kid, pub, algorithms_for_key(pub), "file")],
-                    max_cache=max_cache)
+    v = JwtVerifier(
+        cfg, keys=[KeyEntry(kid, pub, algorithms_for_key(pub), "file")], max_cache=max_cache
+    )
     return v, pyjwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
 
 

@@ -14,8 +14,14 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-__all__ = ["split_host", "normalise_name", "HostNames", "LOOPBACK_NAMES",
-           "admin_host_allowed", "is_loopback_name"]
+__all__ = [
+    "split_host",
+    "normalise_name",
+    "HostNames",
+    "LOOPBACK_NAMES",
+    "admin_host_allowed",
+    "is_loopback_name",
+]
 
 _LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -65,7 +71,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         close = value.find("]")
         if close < 0:
             return None
-        host, rest = value[:close + 1], value[close + 1:]
+        host, rest = value[: close + 1], value[close + 1 :]
         if rest:
             if not rest.startswith(":"):
                 return None
@@ -133,8 +139,12 @@ class HostNames:
         out: set[str] = set()
         wild: set[str] = set()
         for item in with_short:
-            if item.startswith("*.") and (parent := normalise_name(item[2:])) is not None \
-                    and "." in parent and not _is_ip(parent):
+            if (
+                item.startswith("*.")
+                and (parent := normalise_name(item[2:])) is not None
+                and "." in parent
+                and not _is_ip(parent)
+            ):
                 wild.add(parent)
         for item in exact:
             name = normalise_name(item)
@@ -179,13 +189,16 @@ class HostNames:
         name = parsed[0]
         if name in self.names or is_loopback_name(name):
             return None
-        if self.wildcards and "." in name and name.split(".", 1)[1] in self.wildcards \
-                and not _is_ip(name):
+        if (
+            self.wildcards
+            and "." in name
+            and name.split(".", 1)[1] in self.wildcards
+            and not _is_ip(name)
+        ):
             return None
         if local_ip and _is_ip(name) and name == _canonical_ip(local_ip):
             return None
-        return "Host does not name this clawgate (DNS rebinding?): add it to " \
-               "gateway.allowedHosts"
+        return "Host does not name this clawgate (DNS rebinding?): add it to gateway.allowedHosts"
 
 
 def _looks_v4(name: str) -> bool:

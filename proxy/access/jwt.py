@@ -55,6 +55,7 @@ log = logging.getLogger("clawgate")
 def _log_fetch_error(task: asyncio.Task[None], exc: BaseException) -> None:
     log.error("jwks fetch failed unexpectedly: %r", exc, exc_info=exc)
 
+
 MAX_LEEWAY = 60.0
 MAX_TOKEN_BYTES = 8192
 MAX_JWKS_BYTES = 1 << 20
@@ -106,8 +107,11 @@ def public_jwk(key: Any) -> dict[str, Any]:
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 thumbprint (SHA-256, base64url): the kid clawgate gives its own keys."""
-    members = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"),
-               "OKP": ("crv", "kty", "x")}.get(str(jwk.get("kty")))
+    members = {
+        "RSA": ("e", "kty", "n"),
+        "EC": ("crv", "kty", "x", "y"),
+        "OKP": ("crv", "kty", "x"),
+    }.get(str(jwk.get("kty")))
     if members is None:
         raise ValueError("unsupported key type")
     canon = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
@@ -131,8 +135,11 @@ def _jwk_to_entry(jwk: Mapping[str, Any], source: str) -> KeyEntry:
     use = jwk.get("use")
     if use is not None and use != "sig":
         raise ValueError(f"use {use!r} is not 'sig'")
-    loader = {"RSA": RSAAlgorithm.from_jwk, "EC": ECAlgorithm.from_jwk,
-              "OKP": OKPAlgorithm.from_jwk}.get(str(kty))
+    loader = {
+        "RSA": RSAAlgorithm.from_jwk,
+        "EC": ECAlgorithm.from_jwk,
+        "OKP": OKPAlgorithm.from_jwk,
+    }.get(str(kty))
     if loader is None:
         raise ValueError("unsupported kty")
     key: Any = loader(dict(jwk))
@@ -193,8 +200,11 @@ def _load_key_file(path: str) -> list[KeyEntry]:
             raise ConfigError(where, f"{path} holds no usable verification key")
         return entries
     if b"PRIVATE KEY" in text:
-        raise ConfigError(where, f"{path} is a private key: give the public key "
-                          "(clawgate token keygen writes one next to it)")
+        raise ConfigError(
+            where,
+            f"{path} is a private key: give the public key "
+            "(clawgate token keygen writes one next to it)",
+        )
     try:
         key = load_pem_public_key(text)
     except (ValueError, TypeError) as exc:
@@ -202,8 +212,7 @@ def _load_key_file(path: str) -> list[KeyEntry]:
     try:
         entry = _jwk_to_entry(public_jwk(key), "file")
         # The same kid `clawgate token issue` puts in its tokens: the key's thumbprint.
-        return [KeyEntry(jwk_thumbprint(public_jwk(key)), entry.key, entry.algorithms,
-                         "file")]
+        return [KeyEntry(jwk_thumbprint(public_jwk(key)), entry.key, entry.algorithms, "file")]
     except ValueError as exc:
         raise ConfigError(where, f"{path}: {exc}") from None
 
@@ -237,11 +246,15 @@ def _check_jwks_url(url: str) -> str:
             ip = ipaddress.ip_address(host)
         except ValueError:
             ip = None
-        if ip is not None and (ip.is_loopback or ip in ipaddress.ip_network("100.64.0.0/10")
-                               or ip in ipaddress.ip_network("fd7a:115c:a1e0::/48")):
+        if ip is not None and (
+            ip.is_loopback
+            or ip in ipaddress.ip_network("100.64.0.0/10")
+            or ip in ipaddress.ip_network("fd7a:115c:a1e0::/48")
+        ):
             return url
-    raise ConfigError("jwt.jwksUrl", "must be an https URL (http only to loopback or a "
-                      "tailnet address)")
+    raise ConfigError(
+        "jwt.jwksUrl", "must be an https URL (http only to loopback or a tailnet address)"
+    )
 
 
 # --------------------------------------------------------------------------- JWKS URL
@@ -255,9 +268,15 @@ class JwksSource:
     A failed fetch keeps the keys we had.
     """
 
-    def __init__(self, url: str, *, loop: asyncio.AbstractEventLoop, cache_seconds: float,
-                 cooldown_seconds: float,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        cache_seconds: float,
+        cooldown_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url = url
         self.loop = loop
         self.cache_seconds = cache_seconds
@@ -275,7 +294,10 @@ class JwksSource:
 
     def same_settings(self, url: str, cache_seconds: float, cooldown_seconds: float) -> bool:
         return (url, cache_seconds, cooldown_seconds) == (
-            self.url, self.cache_seconds, self.cooldown_seconds)
+            self.url,
+            self.cache_seconds,
+            self.cooldown_seconds,
+        )
 
     @property
     def fetching(self) -> bool:
@@ -291,8 +313,9 @@ class JwksSource:
         """Start a fetch (or return the one running). Callers check the cooldown."""
         if self._inflight is None:
             self._started_at = self.monotonic()
-            task = spawn(self._fetch(), "jwks-fetch", self._tasks, loop=self.loop,
-                         on_error=_log_fetch_error)
+            task = spawn(
+                self._fetch(), "jwks-fetch", self._tasks, loop=self.loop, on_error=_log_fetch_error
+            )
             self._inflight = task
             task.add_done_callback(self._done)
         return self._inflight
@@ -322,9 +345,12 @@ class JwksSource:
         self.fetches += 1
         try:
             timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-                    self.url, allow_redirects=False,
-                    headers={"Accept": "application/json"}) as resp:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(
+                    self.url, allow_redirects=False, headers={"Accept": "application/json"}
+                ) as resp,
+            ):
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
                 body = await resp.content.read(MAX_JWKS_BYTES + 1)
@@ -333,8 +359,12 @@ class JwksSource:
             entries, skipped = keys_from_jwks(json.loads(body), "jwks")
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             self.last_error = str(exc) or type(exc).__name__
-            log.warning("jwks fetch from %s failed (%s): keeping %d cached keys",
-                        self.url, self.last_error, len(self.keys))
+            log.warning(
+                "jwks fetch from %s failed (%s): keeping %d cached keys",
+                self.url,
+                self.last_error,
+                len(self.keys),
+            )
             return
         for note in skipped:
             log.warning("jwks %s: skipped %s", self.url, note)
@@ -358,8 +388,9 @@ class RevocationList:
     second). An unreadable or malformed file refuses every JWT: fail closed, visibly.
     """
 
-    def __init__(self, path: str | None, *,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, path: str | None, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.path = path
         self.monotonic = monotonic
         self.jti: frozenset[str] = frozenset()
@@ -444,8 +475,7 @@ def parse_revocations(data: Any) -> tuple[frozenset[str], dict[str, float | None
     subs: dict[str, float | None] = {}
     for name, entry in sub_map.items():
         before = entry.get("before") if isinstance(entry, dict) else None
-        if before is not None and (isinstance(before, bool)
-                                   or not isinstance(before, int | float)):
+        if before is not None and (isinstance(before, bool) or not isinstance(before, int | float)):
             raise ValueError(f"sub.{name}.before: expected a number")
         subs[name] = None if before is None else float(before)
     return frozenset(jti_map), subs
@@ -473,10 +503,17 @@ _PYJWT_REASONS: tuple[tuple[type[Exception], str], ...] = (
 class JwtVerifier:
     """Verifies bearer JWTs for one config snapshot; see the module docstring."""
 
-    def __init__(self, cfg: JwtConfig, *, loop: asyncio.AbstractEventLoop | None = None,
-                 keys: Iterable[KeyEntry] = (), jwks: JwksSource | None = None,
-                 revocations: RevocationList | None = None, max_cache: int = 10000,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: JwtConfig,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        keys: Iterable[KeyEntry] = (),
+        jwks: JwksSource | None = None,
+        revocations: RevocationList | None = None,
+        max_cache: int = 10000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not cfg.issuer or not cfg.audience:
             raise ConfigError("jwt", "issuer and audience are required")
         self.cfg = cfg
@@ -499,8 +536,9 @@ class JwtVerifier:
             jwks.on_change.append(self._keys_changed)
 
     @classmethod
-    def from_config(cls, cfg: JwtConfig, *, loop: asyncio.AbstractEventLoop,
-                    previous: JwtVerifier | None = None) -> JwtVerifier:
+    def from_config(
+        cls, cfg: JwtConfig, *, loop: asyncio.AbstractEventLoop, previous: JwtVerifier | None = None
+    ) -> JwtVerifier:
         """Build from config; raises ConfigError. ``previous`` (on reload) lends its JWKS
         source when the URL and timings are unchanged, so a reload does not refetch."""
         keys: list[KeyEntry] = []
@@ -508,25 +546,31 @@ class JwtVerifier:
             keys.extend(_load_key_file(cfg.key_file))
         if cfg.hs256_secret_file:
             if "HS256" not in cfg.algorithms:
-                raise ConfigError("jwt.hs256SecretFile", "set only with HS256 in "
-                                  "jwt.algorithms")
+                raise ConfigError("jwt.hs256SecretFile", "set only with HS256 in jwt.algorithms")
             keys.append(_load_hmac_secret(cfg.hs256_secret_file))
         keys = [k for k in keys if k.algorithms & set(cfg.algorithms)]
         jwks: JwksSource | None = None
         if cfg.jwks_url:
             url = _check_jwks_url(cfg.jwks_url)
             old = previous.jwks if previous is not None else None
-            if old is not None and old.same_settings(url, cfg.jwks_cache_seconds,
-                                                     cfg.jwks_cooldown_seconds):
+            if old is not None and old.same_settings(
+                url, cfg.jwks_cache_seconds, cfg.jwks_cooldown_seconds
+            ):
                 jwks = old
             else:
-                jwks = JwksSource(url, loop=loop, cache_seconds=cfg.jwks_cache_seconds,
-                                  cooldown_seconds=cfg.jwks_cooldown_seconds)
+                jwks = JwksSource(
+                    url,
+                    loop=loop,
+                    cache_seconds=cfg.jwks_cache_seconds,
+                    cooldown_seconds=cfg.jwks_cooldown_seconds,
+                )
         if not keys and jwks is None:
-            raise ConfigError("jwt.algorithms", "no configured key can verify any of the "
-                              "listed algorithms")
-        verifier = cls(cfg, loop=loop, keys=keys, jwks=jwks,
-                       revocations=RevocationList(cfg.revoked_file))
+            raise ConfigError(
+                "jwt.algorithms", "no configured key can verify any of the listed algorithms"
+            )
+        verifier = cls(
+            cfg, loop=loop, keys=keys, jwks=jwks, revocations=RevocationList(cfg.revoked_file)
+        )
         if previous is not None:
             previous.detach()  # only now: a refused config leaves the old one whole
         if jwks is not None and not jwks.loaded and not jwks.fetching and loop.is_running():
@@ -651,10 +695,19 @@ class JwtVerifier:
         for entry in candidates:
             try:
                 claims = pyjwt.decode(
-                    token, key=entry.key, algorithms=[alg], leeway=self.leeway,
-                    options={"require": ["exp"], "verify_aud": False, "verify_iss": False,
-                             "verify_signature": True, "verify_exp": True,
-                             "verify_nbf": True, "verify_iat": True},
+                    token,
+                    key=entry.key,
+                    algorithms=[alg],
+                    leeway=self.leeway,
+                    options={
+                        "require": ["exp"],
+                        "verify_aud": False,
+                        "verify_iss": False,
+                        "verify_signature": True,
+                        "verify_exp": True,
+                        "verify_nbf": True,
+                        "verify_iat": True,
+                    },
                 )
                 break
             except pyjwt.InvalidSignatureError:
@@ -693,8 +746,7 @@ class JwtVerifier:
         if not aud_ok:
             raise Unauthenticated("wrong audience")
         sub = claims.get(self.cfg.subject_claim)
-        if not isinstance(sub, str) or not sub or len(sub) > 256 \
-                or not sub.isprintable():
+        if not isinstance(sub, str) or not sub or len(sub) > 256 or not sub.isprintable():
             raise Unauthenticated("token has no usable subject")
         exp = claims.get("exp")
         if isinstance(exp, bool) or not isinstance(exp, int | float):
@@ -712,9 +764,15 @@ class JwtVerifier:
         jti = claims.get("jti")
         if jti is not None and not isinstance(jti, str):
             raise Unauthenticated("malformed token id")
-        return Credential("jwt", f"jwt:{sub}", subject=sub, scopes=scopes,
-                          expires_at=float(exp), jti=jti,
-                          claims=MappingProxyType(claims))
+        return Credential(
+            "jwt",
+            f"jwt:{sub}",
+            subject=sub,
+            scopes=scopes,
+            expires_at=float(exp),
+            jti=jti,
+            claims=MappingProxyType(claims),
+        )
 
     # ------------------------------------------------------------------ revocation
 

@@ -14,8 +14,15 @@ from ..config import Config, default_token_file, load_config
 from ..core.networks import hostport
 from ..errors import ClawgateError, ConfigError
 
-__all__ = ["ENV_CONFIG", "config_path", "load", "token_file", "admin_url", "admin_get",
-           "try_reload"]
+__all__ = [
+    "ENV_CONFIG",
+    "config_path",
+    "load",
+    "token_file",
+    "admin_url",
+    "admin_get",
+    "try_reload",
+]
 
 ENV_CONFIG = "CLAWGATE_CONFIG"
 
@@ -52,7 +59,8 @@ def try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:
         url = admin_url(args, "/-/reload")
         # A JSON body: the admin refuses anything a cross-origin form could send.
         req = urllib.request.Request(  # noqa: S310 - loopback admin
-            url, method="POST", data=b"{}", headers={"Content-Type": "application/json"})
+            url, method="POST", data=b"{}", headers={"Content-Type": "application/json"}
+        )
         # Longer than the parent's two reload phases (proxy.workers): it answers once every
         # worker has, or says which did not.
         with urllib.request.urlopen(req, timeout=35) as resp:  # noqa: S310 - loopback admin
@@ -72,18 +80,25 @@ def try_reload(args: argparse.Namespace, quiet: bool = False) -> bool:
     if not isinstance(body, dict):
         body = {"error": "unexpected answer from the admin listener"}
     workers = body.get("workers")
-    lines = [_worker_line(w) for w in (workers if isinstance(workers, list) else [])
-             if isinstance(w, dict)]
+    lines = [
+        _worker_line(w)
+        for w in (workers if isinstance(workers, list) else [])
+        if isinstance(w, dict)
+    ]
     if not body.get("ok"):
         for line in lines:
             print(line, file=sys.stderr)
         if len(lines) > 1:
-            raise ClawgateError(f"reload refused: {body.get('error')} (every worker keeps "
-                                "the running config)")
+            raise ClawgateError(
+                f"reload refused: {body.get('error')} (every worker keeps the running config)"
+            )
         raise ClawgateError(f"reload refused: {body.get('error')}")
     if quiet:
-        print(f"applied by the running clawgate ({len(lines)} worker"
-              f"{'s' if len(lines) != 1 else ''}):", file=sys.stderr)
+        print(
+            f"applied by the running clawgate ({len(lines)} worker"
+            f"{'s' if len(lines) != 1 else ''}):",
+            file=sys.stderr,
+        )
         for line in lines:
             print(line, file=sys.stderr)
     else:

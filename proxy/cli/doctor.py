@@ -19,12 +19,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_status(findings)
 
 
-def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
-    d = with_config(sub.add_parser(
-        "doctor", help="check config, tailscaled, the gateway and this host; exit 1 on errors"))
+def register(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
+    d = with_config(
+        sub.add_parser(
+            "doctor", help="check config, tailscaled, the gateway and this host; exit 1 on errors"
+        )
+    )
     d.add_argument("--json", action="store_true", help="machine-readable output")
-    d.add_argument("--gateway-config", metavar="PATH",
-                   help="the gateway's openclaw.json (default: "
-                        "$OPENCLAW_HOME/.openclaw/openclaw.json, else ~/.openclaw/openclaw.json)")
+    d.add_argument(
+        "--gateway-config",
+        metavar="PATH",
+        help="the gateway's openclaw.json (default: "
+        "$OPENCLAW_HOME/.openclaw/openclaw.json, else ~/.openclaw/openclaw.json)",
+    )
     d.set_defaults(func=cmd_doctor)

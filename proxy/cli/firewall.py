@@ -19,10 +19,15 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
-    f = with_config(sub.add_parser(
-        "firewall", help="print host firewall rules for this config (playbook Step 5)"))
+def register(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
+    f = with_config(
+        sub.add_parser(
+            "firewall", help="print host firewall rules for this config (playbook Step 5)"
+        )
+    )
     kind = f.add_mutually_exclusive_group()
     kind.add_argument("--ufw", action="store_true", help="ufw commands (the default)")
     kind.add_argument("--nftables", action="store_true", help="an nft -f ruleset")

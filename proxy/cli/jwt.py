@@ -83,8 +83,10 @@ def _alg_for(key: Any) -> str:
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out or default_key_path())
     if out.exists() and not args.force:
-        raise ClawgateError(f"{out} exists; pass --force to replace it (tokens signed with "
-                            "the old key stop verifying once its public key is removed)")
+        raise ClawgateError(
+            f"{out} exists; pass --force to replace it (tokens signed with "
+            "the old key stop verifying once its public key is removed)"
+        )
     key: Any
     if args.alg == "EdDSA":
         key = ed25519.Ed25519PrivateKey.generate()
@@ -92,11 +94,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         key = ec.generate_private_key(ec.SECP256R1())
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    private_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     jwk = public_jwk(key)
     jwk.update({"kid": jwk_thumbprint(jwk), "alg": args.alg, "use": "sig"})
     jwks = json.dumps({"keys": [jwk]}, indent=2).encode() + b"\n"
@@ -106,11 +109,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     _write_atomic(jwks_path, jwks, 0o644)
     print(public_pem.decode(), end="")
     print(jwks.decode(), end="")
-    print(f"clawgate: private key {out} (mode 0600; keep it secret)\n"
-          f"clawgate: public key {pub_path}, JWKS {jwks_path} (kid {jwk['kid']})\n"
-          f"clawgate: verify with \"jwt\": {{\"enabled\": true, \"keyFile\": \"{jwks_path}\", "
-          "\"algorithms\": [\"" + args.alg + "\"], \"issuer\": ..., \"audience\": ...}",
-          file=sys.stderr)
+    print(
+        f"clawgate: private key {out} (mode 0600; keep it secret)\n"
+        f"clawgate: public key {pub_path}, JWKS {jwks_path} (kid {jwk['kid']})\n"
+        f'clawgate: verify with "jwt": {{"enabled": true, "keyFile": "{jwks_path}", '
+        '"algorithms": ["' + args.alg + '"], "issuer": ..., "audience": ...}',
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -119,31 +124,48 @@ def _load_private_key(path: str) -> Any:
         st = os.stat(path)
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ClawgateError(f"cannot read signing key {path}: {exc.strerror} "
-                            "(make one with: clawgate token keygen)") from None
+        raise ClawgateError(
+            f"cannot read signing key {path}: {exc.strerror} (make one with: clawgate token keygen)"
+        ) from None
     if st.st_mode & 0o077:
-        print(f"clawgate: warning: {path} is readable by group/others: chmod 600 it",
-              file=sys.stderr)
+        print(
+            f"clawgate: warning: {path} is readable by group/others: chmod 600 it", file=sys.stderr
+        )
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise ClawgateError(f"{path}: not an unencrypted PEM private key ({exc})") from None
 
 
-def issue_token(key: Any, *, sub: str, ttl: int, iss: str, aud: str,
-                scopes: list[str], scopes_claim: str = "scope",
-                now: float | None = None) -> tuple[str, dict[str, Any]]:
+def issue_token(
+    key: Any,
+    *,
+    sub: str,
+    ttl: int,
+    iss: str,
+    aud: str,
+    scopes: list[str],
+    scopes_claim: str = "scope",
+    now: float | None = None,
+) -> tuple[str, dict[str, Any]]:
     """Sign a token with ``key``; return it and its claims (for the message, never logs)."""
     alg = _alg_for(key)
     jwk = public_jwk(key)
     issued = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"iss": iss, "aud": aud, "sub": sub, "iat": issued,
-                              "nbf": issued, "exp": issued + ttl,
-                              "jti": secrets.token_urlsafe(16)}
+    claims: dict[str, Any] = {
+        "iss": iss,
+        "aud": aud,
+        "sub": sub,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ttl,
+        "jti": secrets.token_urlsafe(16),
+    }
     if scopes:
         claims[scopes_claim] = " ".join(scopes)
-    token = pyjwt.encode(claims, key, algorithm=alg,
-                         headers={"kid": jwk_thumbprint(jwk), "typ": "JWT"})
+    token = pyjwt.encode(
+        claims, key, algorithm=alg, headers={"kid": jwk_thumbprint(jwk), "typ": "JWT"}
+    )
     return token, claims
 
 
@@ -157,13 +179,23 @@ def cmd_issue(args: argparse.Namespace) -> int:
         raise ClawgateError("--sub must be a printable name of at most 256 characters")
     scopes = [s for item in args.scope or [] for s in item.split()]
     key = _load_private_key(args.key or default_key_path())
-    token, claims = issue_token(key, sub=args.sub, ttl=parse_ttl(args.ttl), iss=iss, aud=aud,
-                                scopes=scopes, scopes_claim=cfg.scopes_claim)
+    token, claims = issue_token(
+        key,
+        sub=args.sub,
+        ttl=parse_ttl(args.ttl),
+        iss=iss,
+        aud=aud,
+        scopes=scopes,
+        scopes_claim=cfg.scopes_claim,
+    )
     print(token)
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["exp"]))
-    print(f"clawgate: token for {args.sub!r} (jti {claims['jti']}) expires {expires}; "
-          "it is shown once, keep it now; revoke with: clawgate token revoke --jti "
-          f"{claims['jti']}", file=sys.stderr)
+    print(
+        f"clawgate: token for {args.sub!r} (jti {claims['jti']}) expires {expires}; "
+        "it is shown once, keep it now; revoke with: clawgate token revoke --jti "
+        f"{claims['jti']}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -199,20 +231,26 @@ def revoke_jwt(args: argparse.Namespace) -> int:
         what = f"subject {sub!r} (tokens issued up to {stamp})"
     _write_atomic(path, json.dumps(data, indent=2).encode() + b"\n", 0o600)
     if try_reload(args, quiet=True):
-        print(f"revoked {what}; the running clawgate reloaded and ended its sessions",
-              file=sys.stderr)
+        print(
+            f"revoked {what}; the running clawgate reloaded and ended its sessions", file=sys.stderr
+        )
     else:
-        print(f"revoked {what} in {path}; a running clawgate picks it up within a second",
-              file=sys.stderr)
+        print(
+            f"revoked {what} in {path}; a running clawgate picks it up within a second",
+            file=sys.stderr,
+        )
     return 0
 
 
-def register(tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             with_config: Any) -> None:
+def register(
+    tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    with_config: Any,
+) -> None:
     """Add ``token keygen`` and ``token issue`` (``revoke --jti/--sub`` is in tokens.py)."""
     kg = with_config(tsub.add_parser("keygen", help="make a JWT signing key pair"))
-    kg.add_argument("--out", metavar="PATH",
-                    help=f"private key file (default: {default_key_path()})")
+    kg.add_argument(
+        "--out", metavar="PATH", help=f"private key file (default: {default_key_path()})"
+    )
     kg.add_argument("--alg", choices=("EdDSA", "ES256", "RS256"), default="EdDSA")
     kg.add_argument("--force", action="store_true", help="replace an existing key")
     kg.set_defaults(func=cmd_keygen)

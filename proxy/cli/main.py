@@ -72,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", "-c", metavar="FILE",
-                        help=f"JSON config (default: ${ENV_CONFIG}, else embedded defaults)")
+        sp.add_argument(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help=f"JSON config (default: ${ENV_CONFIG}, else embedded defaults)",
+        )
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the proxy"))

@@ -15,6 +15,7 @@ from .common import admin_get, load
 
 __all__ = ["register", "format_sessions", "human_bytes", "human_age"]
 
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -45,27 +46,29 @@ def format_sessions(conns: Sequence[Mapping[str, Any]]) -> str:
     """The live sessions as a table, one line per connection, like `tailscale status`."""
     if not conns:
         return "no live sessions"
-    header = ("ID", "PEER", "NODE", "LOGIN", "TAGS", "TOKEN", "PATH", "KIND", "IN", "OUT",
-              "AGE")
+    header = ("ID", "PEER", "NODE", "LOGIN", "TAGS", "TOKEN", "PATH", "KIND", "IN", "OUT", "AGE")
     rows = [header]
     for c in conns:
         node = str(c.get("node") or "")
-        rows.append((
-            _clean(c.get("id")),
-            _clean(c.get("peer")),
-            _clean(node.split(".", 1)[0] if node else None),
-            _clean(c.get("login")),
-            _clean(",".join(c.get("tags") or []) or None),
-            _clean(c.get("token")),
-            _clean(c.get("peer_path")),
-            "ws" if c.get("websocket") else "http",
-            human_bytes(int(c.get("bytes_in") or 0)),
-            human_bytes(int(c.get("bytes_out") or 0)),
-            human_age(float(c.get("age_seconds") or 0)),
-        ))
+        rows.append(
+            (
+                _clean(c.get("id")),
+                _clean(c.get("peer")),
+                _clean(node.split(".", 1)[0] if node else None),
+                _clean(c.get("login")),
+                _clean(",".join(c.get("tags") or []) or None),
+                _clean(c.get("token")),
+                _clean(c.get("peer_path")),
+                "ws" if c.get("websocket") else "http",
+                human_bytes(int(c.get("bytes_in") or 0)),
+                human_bytes(int(c.get("bytes_out") or 0)),
+                human_age(float(c.get("age_seconds") or 0)),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -79,9 +82,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+def register(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
     s = with_config(sub.add_parser("status", help="live sessions of the running clawgate"))
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
-

@@ -19,8 +19,11 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     path = token_file(args)
     token = TokenFile(path).add(args.name)
     print(token)
-    print(f"clawgate: token {args.name!r} stored (digest only) in {path}; "
-          "it is shown once, keep it now", file=sys.stderr)
+    print(
+        f"clawgate: token {args.name!r} stored (digest only) in {path}; "
+        "it is shown once, keep it now",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -49,18 +52,24 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     path = token_file(args)
     if not TokenFile(path).revoke(args.name):
         raise TokenStoreError(f"no token named {args.name!r} in {path}")
-    print(f"revoked {args.name!r}; a running clawgate applies it on reload "
-          "(clawgate reload, or SIGHUP)", file=sys.stderr)
+    print(
+        f"revoked {args.name!r}; a running clawgate applies it on reload "
+        "(clawgate reload, or SIGHUP)",
+        file=sys.stderr,
+    )
     try_reload(args, quiet=True)
     return 0
 
 
-def register(tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
-             with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+def register(
+    tsub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
     tn = with_config(tsub.add_parser("new", help="create a token and print it once"))
     tn.add_argument("name")
-    tn.add_argument("--file", help="token file (default: from config, else "
-                    f"{default_token_file()})")
+    tn.add_argument(
+        "--file", help=f"token file (default: from config, else {default_token_file()})"
+    )
     tn.set_defaults(func=cmd_token_new)
     tl = with_config(tsub.add_parser("list", help="list token names"))
     tl.add_argument("--file")

@@ -24,8 +24,12 @@ _DRAINING: Refusal = ("", 503, "server shutting down", None)
 _MAX: Refusal = ("max_connections", 503, "too many connections", None)
 _FD: Refusal = ("fd_limit", 503, "too many connections (file descriptor limit)", None)
 _PER_IP: Refusal = ("per_ip", 429, "too many connections from this address", 1)
-_UNAUTH: Refusal = ("unauthenticated_per_ip", 429,
-                    "too many unauthenticated connections from this address", 1)
+_UNAUTH: Refusal = (
+    "unauthenticated_per_ip",
+    429,
+    "too many unauthenticated connections from this address",
+    1,
+)
 LOCKED_OUT = "too many failed authentications"
 OVER_IDENTITY = "too many connections for this identity"
 
@@ -53,8 +57,17 @@ class Admission:
         self.unauth_per_ip: collections.Counter[str] = collections.Counter()
         self.per_identity: collections.Counter[str] = collections.Counter()
 
-    def admit(self, ip: str, lim: Limits, *, active: int, fd_cap: int, draining: bool,
-              lockouts: LockoutTableLike, loopback: bool) -> Refusal | None:
+    def admit(
+        self,
+        ip: str,
+        lim: Limits,
+        *,
+        active: int,
+        fd_cap: int,
+        draining: bool,
+        lockouts: LockoutTableLike,
+        loopback: bool,
+    ) -> Refusal | None:
         """A refusal, or None: then ``ip`` is counted (all, and undecided) until release."""
         if draining:
             return _DRAINING

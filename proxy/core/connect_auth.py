@@ -215,8 +215,9 @@ def _shared(auth: ConnectAuth, gateway_digest: bytes | None) -> tuple[bool | Non
     return hmac.compare_digest(presented, gateway_digest), presented
 
 
-def _check_device_token(auth: ConnectAuth, candidate: str, snap: StoreSnapshot,
-                        generations: frozenset[str]) -> str | None:
+def _check_device_token(
+    auth: ConnectAuth, candidate: str, snap: StoreSnapshot, generations: frozenset[str]
+) -> str | None:
     """None if the gateway's verifyDeviceToken would accept ``candidate``; else why not."""
     assert auth.device_id is not None
     presented = digest(candidate)
@@ -243,8 +244,7 @@ def _check_device_token(auth: ConnectAuth, candidate: str, snap: StoreSnapshot,
     return None
 
 
-def _check_bootstrap(auth: ConnectAuth, token: str, snap: StoreSnapshot,
-                     now_ms: int) -> str | None:
+def _check_bootstrap(auth: ConnectAuth, token: str, snap: StoreSnapshot, now_ms: int) -> str | None:
     """None if the gateway's verifyDeviceBootstrapToken could accept it; else why not."""
     presented = digest(token)
     found: BootstrapRecord | None = None
@@ -257,20 +257,29 @@ def _check_bootstrap(auth: ConnectAuth, token: str, snap: StoreSnapshot,
         return "bootstrap token expired"
     if found.device_id is not None or found.public_key is not None:
         if found.device_id != auth.device_id or found.public_key != normalize_public_key(
-                auth.public_key or ""):
+            auth.public_key or ""
+        ):
             return "bootstrap token bound to another device"
     return None
 
 
 def needs_store(auth: ConnectAuth, gateway_digest: bytes | None) -> bool:
     """Whether deciding needs the pairing store (the shared secret alone does not admit)."""
-    return not _shared(auth, gateway_digest)[0] and auth.has_device and bool(
-        auth.device_token or auth.bootstrap_token or auth.token)
+    return (
+        not _shared(auth, gateway_digest)[0]
+        and auth.has_device
+        and bool(auth.device_token or auth.bootstrap_token or auth.token)
+    )
 
 
-def decide(auth: ConnectAuth, gateway_digest: bytes | None,
-           store: StoreSnapshot | StoreUnavailable | None, *, now_ms: int,
-           generations: frozenset[str] = frozenset()) -> Verdict:
+def decide(
+    auth: ConnectAuth,
+    gateway_digest: bytes | None,
+    store: StoreSnapshot | StoreUnavailable | None,
+    *,
+    now_ms: int,
+    generations: frozenset[str] = frozenset(),
+) -> Verdict:
     """Admit the first frame iff the gateway would accept one of its credentials.
 
     ``gateway_digest``: the gateway token in force now; None (a reload removed it while the

@@ -46,8 +46,14 @@ def request_body(head: RequestHead) -> int:
     return BODY_NONE
 
 
-def after_response(*, keep_alive: bool, body_unfinished: bool, client_eof: bool,
-                   request_keep_alive: bool | None, draining: bool) -> str | None:
+def after_response(
+    *,
+    keep_alive: bool,
+    body_unfinished: bool,
+    client_eof: bool,
+    request_keep_alive: bool | None,
+    draining: bool,
+) -> str | None:
     """None when the next request may follow on this connection, else the close reason.
 
     ``keep_alive``: the gateway's response allows it; ``body_unfinished``: the gateway

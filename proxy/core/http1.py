@@ -41,26 +41,55 @@ __all__ = [
 _CRLF = b"\r\n"
 _CTL_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEAD_END = b"\r\n\r\n"
-_METHODS = frozenset(
-    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"}
-)
+_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 # End-to-end headers a client must not get removed by listing them in Connection.
 _PROTECTED = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"sec-websocket-key",
-     b"sec-websocket-version", b"sec-websocket-protocol", b"sec-websocket-extensions",
-     b"origin", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-     # The credential the decision saw and forwarded (the gateway's own token).
-     b"authorization"}
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"upgrade",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"origin",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        # The credential the decision saw and forwarded (the gateway's own token).
+        b"authorization",
+    }
 )
 _HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
-     b"proxy-authorization", b"proxy-authenticate", b"http2-settings"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"http2-settings",
+    }
 )
 # Client-supplied claims about the client: never believed, never forwarded.
 _SPOOF_EXACT = frozenset(
-    {b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"client-ip",
-     b"x-cluster-client-ip", b"cf-connecting-ip", b"fastly-client-ip",
-     b"x-original-forwarded-for", b"x-remote-ip", b"x-remote-addr", b"x-originating-ip"}
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-original-forwarded-for",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-originating-ip",
+    }
 )
 _SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
 _UNDERSCORE_FRAMING = frozenset({b"content_length", b"transfer_encoding"})
@@ -84,11 +113,7 @@ def normalise_header_name(name: bytes) -> bytes:
 
 
 def is_spoofable_header(norm: bytes, identity_headers: frozenset[bytes]) -> bool:
-    return (
-        norm in _SPOOF_EXACT
-        or norm.startswith(_SPOOF_PREFIXES)
-        or norm in identity_headers
-    )
+    return norm in _SPOOF_EXACT or norm.startswith(_SPOOF_PREFIXES) or norm in identity_headers
 
 
 @dataclass(slots=True)
@@ -282,10 +307,7 @@ def parse_request_head(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> Reque
 
 def strip_cookie(value: bytes, cookie_name: bytes) -> bytes:
     """Remove ``cookie_name=...`` pairs from a Cookie header value, keep the rest as is."""
-    kept = [
-        p for p in value.split(b";")
-        if p.strip().partition(b"=")[0].strip() != cookie_name
-    ]
+    kept = [p for p in value.split(b";") if p.strip().partition(b"=")[0].strip() != cookie_name]
     return b";".join(kept).strip()
 
 
@@ -310,8 +332,11 @@ def rewrite_request_head(
     and the ``session_cookie`` pair in every Cookie line. ``identity_headers`` holds
     normalised names (lower case, '-').
     """
-    out: list[bytes] = [head.request_line, b"X-Forwarded-For: " + client_ip.encode("ascii"),
-                        b"X-Forwarded-Proto: " + proto]
+    out: list[bytes] = [
+        head.request_line,
+        b"X-Forwarded-For: " + client_ip.encode("ascii"),
+        b"X-Forwarded-Proto: " + proto,
+    ]
     if head.host is not None:
         out.append(b"X-Forwarded-Host: " + head.host)
     for name, value in add:
@@ -420,9 +445,22 @@ _CHUNK_BYTES_SHIFT = 12  # one more chunk allowed per 4 KiB
 # Fields that never belong in a request trailer: framing, routing, credentials, and the
 # spoof catalogue (checked with http1.is_spoofable_header).
 _TRAILER_FORBIDDEN = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"trailer", b"te", b"connection",
-     b"upgrade", b"keep-alive", b"authorization", b"proxy-authorization", b"cookie",
-     b"expect", b"content-type", b"content-encoding"}
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"trailer",
+        b"te",
+        b"connection",
+        b"upgrade",
+        b"keep-alive",
+        b"authorization",
+        b"proxy-authorization",
+        b"cookie",
+        b"expect",
+        b"content-type",
+        b"content-encoding",
+    }
 )
 
 
@@ -436,13 +474,22 @@ class ChunkedScanner:
     are refused: a gateway would read them as ``req.trailers``.
     """
 
-    __slots__ = ("_state", "_remaining", "_line", "_request", "_steps", "_free", "_data",
-                 "_identity")
+    __slots__ = (
+        "_state",
+        "_remaining",
+        "_line",
+        "_request",
+        "_steps",
+        "_free",
+        "_data",
+        "_identity",
+    )
 
     _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
 
-    def __init__(self, request: bool = False,
-                 identity_headers: frozenset[bytes] = frozenset()) -> None:
+    def __init__(
+        self, request: bool = False, identity_headers: frozenset[bytes] = frozenset()
+    ) -> None:
         self._state = self._SIZE
         self._remaining = 0
         self._line = b""
@@ -471,7 +518,7 @@ class ChunkedScanner:
                 if len(self._line) > 4096:
                     raise ValueError("chunk line too long")
                 return -1
-            line = self._line + data[pos:nl + 1]
+            line = self._line + data[pos : nl + 1]
             self._line = b""
             pos = nl + 1
             if not line.endswith(b"\r\n"):
@@ -485,12 +532,16 @@ class ChunkedScanner:
             if line:  # a chunk-size line or a trailer field: one more step
                 self._steps += 1
                 if self._steps > self._free and self._steps > REQUEST_FREE_CHUNKS + (
-                        self._data >> _CHUNK_BYTES_SHIFT):
+                    self._data >> _CHUNK_BYTES_SHIFT
+                ):
                     raise ValueError("too many chunks (use fewer, larger chunks)")
             if st == self._SIZE:
                 size_text = line.split(b";", 1)[0]
-                if not size_text or len(size_text) > 16 or size_text.strip(
-                        b"0123456789abcdefABCDEF"):
+                if (
+                    not size_text
+                    or len(size_text) > 16
+                    or size_text.strip(b"0123456789abcdefABCDEF")
+                ):
                     raise ValueError("invalid chunk size")
                 size = int(size_text, 16)
                 if size == 0:
@@ -516,5 +567,6 @@ class ChunkedScanner:
             raise ValueError("malformed trailer")
         norm = normalise_header_name(name)
         if norm in _TRAILER_FORBIDDEN or is_spoofable_header(norm, self._identity):
-            raise ValueError("trailer field not allowed (forwarding, identity, framing "
-                             "or credential header)")
+            raise ValueError(
+                "trailer field not allowed (forwarding, identity, framing or credential header)"
+            )

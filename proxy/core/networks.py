@@ -21,8 +21,15 @@ from _socket import AF_INET, AF_INET6, inet_pton
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["NetworkSet", "Network", "parse_network", "unmap_ip", "is_loopback", "hostport",
-           "canonical_ip"]
+__all__ = [
+    "NetworkSet",
+    "Network",
+    "parse_network",
+    "unmap_ip",
+    "is_loopback",
+    "hostport",
+    "canonical_ip",
+]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -42,7 +49,8 @@ def parse_network(text: str) -> Network:
         if prefix_part:
             # isascii: str.isdigit() also accepts non-ASCII digits such as '٨'.
             if not (prefix_part.isascii() and prefix_part.isdigit()) or (
-                    len(prefix_part) > 1 and prefix_part[0] == "0"):
+                len(prefix_part) > 1 and prefix_part[0] == "0"
+            ):
                 raise ValueError
             bits = int(prefix_part)
             if bits > (32 if family == AF_INET else 128):
@@ -110,8 +118,7 @@ class NetworkSet:
         mapped = [
             ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
             for net in nets
-            if net.version == 6 and int(net.network_address) >> 32 == 0xFFFF
-            and net.prefixlen >= 96
+            if net.version == 6 and int(net.network_address) >> 32 == 0xFFFF and net.prefixlen >= 96
         ]
         v4: list[tuple[int, int]] = []
         v6: list[tuple[int, int]] = []

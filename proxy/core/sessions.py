@@ -100,8 +100,9 @@ class LockoutTableLike(Protocol):
 class SessionStore:
     """The in-process store (``workers: 1``): a dict keyed by the id's digest."""
 
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.time,
-                 max_sessions: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self, ttl: float, clock: Callable[[], float] = time.time, max_sessions: int = MAX_SESSIONS
+    ) -> None:
         self.ttl = ttl
         self._clock = clock
         self._max = max_sessions
@@ -155,8 +156,9 @@ class LockoutTable:
     ``lockout`` seconds (0: never). The clock is monotonic.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = MAX_FAILURE_KEYS) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_keys: int = MAX_FAILURE_KEYS
+    ) -> None:
         self._clock = clock
         self._max = max_keys
         self._failures: dict[str, collections.deque[float]] = {}

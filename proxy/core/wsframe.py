@@ -79,9 +79,9 @@ class FrameTracker:
                 self.remaining = 0
                 return
             if ln == 126:
-                ln = int.from_bytes(data[pos + 2:pos + 4], "big")
+                ln = int.from_bytes(data[pos + 2 : pos + 4], "big")
             elif ln == 127:
-                ln = int.from_bytes(data[pos + 2:pos + 10], "big")
+                ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
             pos += hlen + ln
         self.remaining = pos - n
 
@@ -101,7 +101,7 @@ class FrameTracker:
                 take = 1
             else:
                 take = min(self.remaining, n - used)
-            self.feed(data[used:used + take])
+            self.feed(data[used : used + take])
             used += take
         return used
 
@@ -141,8 +141,8 @@ def parse_client_frame(buf: bytes, limit: int) -> tuple[str, bytes | None, int]:
     end = pos + 4 + ln
     if len(buf) < end:
         return "more", None, 0
-    mask = buf[pos:pos + 4]
-    masked = buf[pos + 4:end]
+    mask = buf[pos : pos + 4]
+    masked = buf[pos + 4 : end]
     # Unmask with one big-int XOR: fast for the <= 64 KiB we accept.
     key = (mask * (ln // 4 + 1))[:ln]
     payload = (int.from_bytes(masked, "big") ^ int.from_bytes(key, "big")).to_bytes(ln, "big")

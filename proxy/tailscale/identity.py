@@ -550,12 +550,18 @@ class TailscaleMonitor:
             self._warned_expiry = expiry
             when = expiry.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             if self.expired or seconds <= 0:
-                log.warning("tailscale node key expired at %s: run `tailscale up` to "
-                            "re-authenticate this node", when)
+                log.warning(
+                    "tailscale node key expired at %s: run `tailscale up` to "
+                    "re-authenticate this node",
+                    when,
+                )
             else:
-                log.warning("tailscale node key expires in %d days (%s): re-authenticate "
-                            "or disable key expiry for this node", math.floor(seconds / 86400),
-                            when)
+                log.warning(
+                    "tailscale node key expires in %d days (%s): re-authenticate "
+                    "or disable key expiry for this node",
+                    math.floor(seconds / 86400),
+                    when,
+                )
 
     async def _report_state(self, name: str) -> None:
         if name != self._reported_state:

@@ -47,8 +47,9 @@ def require_tools(*tools: str) -> None:
 
 
 def _script_vars(script: str) -> dict[str, str]:
-    proc = subprocess.run([str(ROOT / "scripts" / script)], capture_output=True, text=True,
-                          timeout=900, check=False)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / script)], capture_output=True, text=True, timeout=900, check=False
+    )
     if proc.returncode != 0:
         skip_or_fail(f"scripts/{script} failed: {proc.stderr[-1500:]}")
     return dict(line.split("=", 1) for line in proc.stdout.split() if "=" in line)
@@ -73,11 +74,13 @@ def build_wheelhouse(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PIP_REQUIRE_VIRTUALENV"}
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    for argv in ([*pip, "download", "--only-binary=:all:", "-d", str(dest), ".",
-                  "setuptools>=77", "wheel"],
-                 [*pip, "wheel", "--no-deps", "-w", str(dest), "."]):
-        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
+    for argv in (
+        [*pip, "download", "--only-binary=:all:", "-d", str(dest), ".", "setuptools>=77", "wheel"],
+        [*pip, "wheel", "--no-deps", "-w", str(dest), "."],
+    ):
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
         if proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv[3:5])} failed:\n{proc.stderr[-3000:]}")
     return dest
@@ -105,13 +108,22 @@ def serve_directory(directory: Path) -> Iterator[str]:
         thread.join(5)
 
 
-def run(argv: Sequence[str], *, timeout: float = 120, check: bool = True,
-        env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          check=False, env=env, **kw)
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = 120,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    **kw: Any,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, env=env, **kw
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} exited {proc.returncode}:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -122,8 +134,11 @@ def extract_rootfs(tar: Path, root: Path) -> None:
 
 def chroot(root: Path, script: str, *, timeout: float = 300) -> str:
     """Run a shell script in the rootfs with a clean environment (no host PIP_* settings)."""
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "LANG": "C.UTF-8"}
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+    }
     return run(["chroot", str(root), "/bin/sh", "-ec", script], env=env, timeout=timeout).stdout
 
 
@@ -150,19 +165,35 @@ class Machine:
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
         try:
             self.proc = subprocess.Popen(
-                ["systemd-nspawn", "--register=no", "--keep-unit", "-b", "-D", str(self.root),
-                 f"--machine={self.name}", "--private-network", "--console=passive",
-                 # IPAddressDeny= is enforced with cgroup BPF: these let systemd attach it.
-                 "--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)
+                [
+                    "systemd-nspawn",
+                    "--register=no",
+                    "--keep-unit",
+                    "-b",
+                    "-D",
+                    str(self.root),
+                    f"--machine={self.name}",
+                    "--private-network",
+                    "--console=passive",
+                    # IPAddressDeny= is enforced with cgroup BPF: these let systemd attach it.
+                    "--capability=CAP_BPF,CAP_PERFMON",
+                    "--system-call-filter=bpf",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         finally:
             log.close()
         deadline = time.monotonic() + timeout
         while not self.leader:
             if self.proc.poll() is not None:
-                raise AssertionError(f"systemd-nspawn exited {self.proc.returncode}:\n"
-                                     f"{self.log_path.read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"systemd-nspawn exited {self.proc.returncode}:\n"
+                    f"{self.log_path.read_text(errors='replace')[-3000:]}"
+                )
             assert time.monotonic() < deadline, "no container init within the timeout"
             # nspawn forks an intermediate child first: the leader is the one running systemd.
             for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
@@ -172,25 +203,35 @@ class Machine:
                             self.leader = int(kid)
             time.sleep(0.05)
         while True:  # until systemd's private bus answers, then until boot is done
-            state = self.run(["systemctl", "is-system-running", "--wait"], check=False,
-                             timeout=timeout).stdout.strip()
+            state = self.run(
+                ["systemctl", "is-system-running", "--wait"], check=False, timeout=timeout
+            ).stdout.strip()
             if state or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         assert state in ("running", "degraded"), (
-            state, self.run(["systemctl", "--failed", "--no-pager"], check=False).stdout)
+            state,
+            self.run(["systemctl", "--failed", "--no-pager"], check=False).stdout,
+        )
         run(["ip", "netns", "attach", self.netns, str(self.leader)])
 
-    def run(self, argv: Sequence[str], *, check: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         assert self.leader, "not booted"
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
-        return run(["nsenter", "-t", str(self.leader), "-a", *argv], check=check,
-                   timeout=timeout, env=env)
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "SYSTEMD_PAGER": "",
+            "SYSTEMD_COLORS": "0",
+        }
+        return run(
+            ["nsenter", "-t", str(self.leader), "-a", *argv], check=check, timeout=timeout, env=env
+        )
 
-    def systemctl(self, *args: str, check: bool = True,
-                  timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 90
+    ) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -198,8 +239,9 @@ class Machine:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self, unit: str, lines: int = 50) -> str:
-        return self.run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"],
-                        check=False).stdout
+        return self.run(
+            ["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"], check=False
+        ).stdout
 
     def close(self) -> None:
         run(["ip", "netns", "delete", self.netns], check=False)
@@ -250,20 +292,37 @@ class Dockerd:
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
         try:
             self.proc = subprocess.Popen(
-                ["dockerd", "--host", self.host, "--data-root", str(self.state),
-                 "--exec-root", str(self.run_dir / "exec"), "--pidfile", str(pidfile),
-                 "--bridge=none", "--iptables=false", "--ip6tables=false",
-                 "--ip-forward=false", "--ip-masq=false",
-                 "--default-address-pool", "base=198.19.0.0/16,size=24"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                [
+                    "dockerd",
+                    "--host",
+                    self.host,
+                    "--data-root",
+                    str(self.state),
+                    "--exec-root",
+                    str(self.run_dir / "exec"),
+                    "--pidfile",
+                    str(pidfile),
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--ip-forward=false",
+                    "--ip-masq=false",
+                    "--default-address-pool",
+                    "base=198.19.0.0/16,size=24",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         deadline = time.monotonic() + timeout
         while self.docker("version", check=False, timeout=10).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("dockerd did not come up:\n"
-                                     + self.log_path.read_text(errors="replace")[-3000:])
+                raise AssertionError(
+                    "dockerd did not come up:\n" + self.log_path.read_text(errors="replace")[-3000:]
+                )
             time.sleep(0.2)
 
     @property
@@ -272,8 +331,9 @@ class Dockerd:
         env["DOCKER_HOST"] = self.host
         return env
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 300,
-               **kw: Any) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, *args: str, check: bool = True, timeout: float = 300, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         return run([DOCKER, *args], check=check, timeout=timeout, env=self.env, **kw)
 
     def has_image(self, ref: str) -> bool:
@@ -283,9 +343,15 @@ class Dockerd:
         """`docker import` of the cached rootfs tarball, unless the tag is there already."""
         if self.has_image(ref):
             return
-        self.docker("import", "--change",
-                    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "--change", 'CMD ["/bin/sh"]', str(tar), ref)
+        self.docker(
+            "import",
+            "--change",
+            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--change",
+            'CMD ["/bin/sh"]',
+            str(tar),
+            ref,
+        )
 
     def inspect(self, ref: str) -> Any:
         return json.loads(self.docker("inspect", ref).stdout)[0]

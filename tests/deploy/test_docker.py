@@ -58,8 +58,13 @@ PROJECT = f"cgds{os.getpid()}"
 
 
 def _root_netfilter() -> tuple[str, str]:
-    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, timeout=30,
-                           check=False).stdout if shutil.which("iptables-save") else ""
+    rules = (
+        subprocess.run(
+            ["iptables-save"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+        if shutil.which("iptables-save")
+        else ""
+    )
     rules = "\n".join(ln for ln in rules.splitlines() if not ln.startswith("#"))
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
     return rules, forward
@@ -72,8 +77,9 @@ def engine() -> Iterator[Dockerd]:
         skip_or_fail(f"{DOCKER} missing (docker.io)")
     tar = rootfs_tarball()
     before = _root_netfilter()
-    d = Dockerd(Path(f"/var/tmp/clawgate-docker-{os.getpid()}"),
-                Path(f"/run/clawgate-docker-{os.getpid()}"))
+    d = Dockerd(
+        Path(f"/var/tmp/clawgate-docker-{os.getpid()}"), Path(f"/run/clawgate-docker-{os.getpid()}")
+    )
     try:
         d.start()
         d.import_rootfs(tar, BASE_REF)
@@ -92,17 +98,31 @@ def images(engine: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         with serve_directory(wheelhouse) as url:
             # The Dockerfile as shipped; the build stage's pip reads the wheelhouse over
             # loopback (--network host), nothing else differs from a user's build.
-            engine.docker("build", "--network", "host", "--build-arg", f"BASE={BASE_REF}",
-                          "--build-arg", "PIP_NO_INDEX=1", "--build-arg", f"PIP_FIND_LINKS={url}",
-                          "-t", CLAWGATE_REF, "-f", str(ROOT / "Dockerfile"), str(ROOT),
-                          timeout=900)
+            engine.docker(
+                "build",
+                "--network",
+                "host",
+                "--build-arg",
+                f"BASE={BASE_REF}",
+                "--build-arg",
+                "PIP_NO_INDEX=1",
+                "--build-arg",
+                f"PIP_FIND_LINKS={url}",
+                "-t",
+                CLAWGATE_REF,
+                "-f",
+                str(ROOT / "Dockerfile"),
+                str(ROOT),
+                timeout=900,
+            )
         ctx = base / "tailscale-image"
         shutil.copytree(ROOT / "tests" / "deploy" / "tailscale-image", ctx)
         ts, tsd = tailscale_binaries()
         shutil.copy2(ts, ctx / "tailscale")
         shutil.copy2(tsd, ctx / "tailscaled")
-        engine.docker("build", "--build-arg", f"BASE={BASE_REF}", "-t", TAILSCALE_REF, str(ctx),
-                      timeout=300)
+        engine.docker(
+            "build", "--build-arg", f"BASE={BASE_REF}", "-t", TAILSCALE_REF, str(ctx), timeout=300
+        )
         yield
     finally:
         for ref in (CLAWGATE_REF, TAILSCALE_REF):
@@ -120,17 +140,31 @@ def test_image_as_shipped(engine: Dockerd, images: None) -> None:
     hc = cfg["Healthcheck"]
     assert hc["Test"][0] == "CMD" and hc["Test"][1] == "python", hc
     assert "http://127.0.0.1:18790/health" in hc["Test"][-1]
-    assert engine.docker("run", "--rm", "--network", "none", CLAWGATE_REF,
-                         "--version").stdout.startswith("clawgate ")
+    assert engine.docker(
+        "run", "--rm", "--network", "none", CLAWGATE_REF, "--version"
+    ).stdout.startswith("clawgate ")
     cfg_mount = f"{ROOT / 'config' / 'clawgate.docker.json'}:/etc/clawgate/clawgate.json:ro"
-    out = engine.docker("run", "--rm", "--network", "none", "-v", cfg_mount, CLAWGATE_REF,
-                        "check-config", "--config", "/etc/clawgate/clawgate.json")
+    out = engine.docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        cfg_mount,
+        CLAWGATE_REF,
+        "check-config",
+        "--config",
+        "/etc/clawgate/clawgate.json",
+    )
     assert "OK" in out.stdout + out.stderr
-    probe = ("import os, sys, importlib.util as u; "
-             "print(os.getuid(), sys.prefix, u.find_spec('pip') is None, "
-             "u.find_spec('uvloop') is not None, u.find_spec('httptools') is not None)")
-    out = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "python",
-                        CLAWGATE_REF, "-c", probe)
+    probe = (
+        "import os, sys, importlib.util as u; "
+        "print(os.getuid(), sys.prefix, u.find_spec('pip') is None, "
+        "u.find_spec('uvloop') is not None, u.find_spec('httptools') is not None)"
+    )
+    out = engine.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", CLAWGATE_REF, "-c", probe
+    )
     # Unprivileged, from the venv, no pip left in the image, the fast paths installed.
     assert out.stdout.split() == ["10001", "/opt/clawgate", "True", "True", "True"], out.stdout
 
@@ -144,11 +178,16 @@ class Compose:
         self.dir = workdir
         self.env = {**engine.env, **env}
 
-    def __call__(self, *args: str, check: bool = True,
-                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return run(["docker-compose", "-p", PROJECT, "-f", "compose.yml", "-f",
-                    "override.yml", *args], cwd=self.dir, env=self.env, check=check,
-                   timeout=timeout)
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return run(
+            ["docker-compose", "-p", PROJECT, "-f", "compose.yml", "-f", "override.yml", *args],
+            cwd=self.dir,
+            env=self.env,
+            check=check,
+            timeout=timeout,
+        )
 
     def container(self, service: str) -> str:
         cid = self("ps", "-q", service).stdout.strip()
@@ -169,9 +208,11 @@ class Compose:
             if got:
                 return got
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n--- tailscale:\n"
-                                     f"{self.logs('tailscale')[-3000:]}\n--- clawgate:\n"
-                                     f"{self.logs('clawgate')[-3000:]}")
+                raise AssertionError(
+                    f"timed out waiting for {what}\n--- tailscale:\n"
+                    f"{self.logs('tailscale')[-3000:]}\n--- clawgate:\n"
+                    f"{self.logs('clawgate')[-3000:]}"
+                )
             time.sleep(0.3)
 
 
@@ -180,8 +221,9 @@ def watch_engine(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(5)
     sock.connect(path)
-    sock.sendall(b"GET /localapi/v0/watch-ipn-bus?mask=1 HTTP/1.1\r\n"
-                 b"Host: local-tailscaled.sock\r\n\r\n")
+    sock.sendall(
+        b"GET /localapi/v0/watch-ipn-bus?mask=1 HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+    )
     return sock
 
 
@@ -190,27 +232,38 @@ def override(ctl_url: str, ca_file: str, gw_record: Path) -> dict[str, Any]:
         "services": {
             "tailscale": {
                 "image": TAILSCALE_REF,
-                "environment": [f"TS_EXTRA_ARGS=--advertise-tags=tag:openclaw "
-                                f"--login-server={ctl_url}",
-                                # No log uploads to log.tailscale.com (nothing leaves here).
-                                "TS_NO_LOGS_NO_SUPPORT=true",
-                                # The control server's HTTPS fallback (port 443) uses its CA.
-                                "SSL_CERT_FILE=/etc/testcontrol-ca.pem"],
+                "environment": [
+                    f"TS_EXTRA_ARGS=--advertise-tags=tag:openclaw --login-server={ctl_url}",
+                    # No log uploads to log.tailscale.com (nothing leaves here).
+                    "TS_NO_LOGS_NO_SUPPORT=true",
+                    # The control server's HTTPS fallback (port 443) uses its CA.
+                    "SSL_CERT_FILE=/etc/testcontrol-ca.pem",
+                ],
                 "volumes": [f"{ca_file}:/etc/testcontrol-ca.pem:ro"],
             },
             "clawgate": {
                 "image": CLAWGATE_REF,
                 # The image's own HEALTHCHECK command, polled faster for the test.
-                "healthcheck": {"interval": "2s", "timeout": "5s", "retries": 2,
-                                "start_period": "2s"},
+                "healthcheck": {
+                    "interval": "2s",
+                    "timeout": "5s",
+                    "retries": 2,
+                    "start_period": "2s",
+                },
             },
             "openclaw": {
                 # The fake gateway in place of the real one (which npx would fetch).
                 "image": CLAWGATE_REF,
                 "user": "10001:10001",
                 "entrypoint": ["python", "-m", "tests.fakes.fake_gateway"],
-                "command": ["--host", "127.0.0.1", "--port", "18789",
-                            "--record", "/record/requests.jsonl"],
+                "command": [
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "18789",
+                    "--record",
+                    "/record/requests.jsonl",
+                ],
                 "working_dir": "/src",
                 "volumes": [f"{ROOT / 'tests'}:/src/tests:ro", f"{gw_record}:/record"],
             },
@@ -220,8 +273,9 @@ def override(ctl_url: str, ca_file: str, gw_record: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stack(engine: Dockerd, images: None,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def stack(
+    engine: Dockerd, images: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """compose.yml up with the sidecar joined to our control server; the phone on the net.
     Module-scoped: the tests below run in file order, the sidecar-stopping one last."""
     ts_bin, tsd_bin = tailscale_binaries()
@@ -241,14 +295,20 @@ def stack(engine: Dockerd, images: None,
     phone_ns = f"{PROJECT}-phone"
     veth = f"{PROJECT[-8:]}ph"
     ctl = ControlServer()
-    phone = Node("phone", phone_ns, PHONE_UNDERLAY, tmp_path / "phone", str(ts_bin),
-                 str(tsd_bin))
+    phone = Node("phone", phone_ns, PHONE_UNDERLAY, tmp_path / "phone", str(ts_bin), str(tsd_bin))
     compose: Compose | None = None
     made_ns = False
     ups: list[subprocess.Popen[bytes]] = []
     try:
-        engine.docker("network", "create", "--subnet", SUBNET,
-                      "-o", f"com.docker.network.bridge.name={PROJECT[-10:]}br", PROJECT)
+        engine.docker(
+            "network",
+            "create",
+            "--subnet",
+            SUBNET,
+            "-o",
+            f"com.docker.network.bridge.name={PROJECT[-10:]}br",
+            PROJECT,
+        )
         bridge = f"{PROJECT[-10:]}br"
         # The phone: a namespace whose veth is a port of the compose network's bridge.
         _ip("netns", "add", phone_ns)
@@ -263,28 +323,53 @@ def stack(engine: Dockerd, images: None,
         ctl.start(PHONE_UNDERLAY, 0, netns=phone_ns)
         server_key = ctl.create_auth_key(tags=["tag:openclaw"])
         alice_key = ctl.create_auth_key(user="alice@example.com")
-        (work / "override.yml").write_text(yaml.safe_dump(override(ctl.url, ctl.ca_file,
-                                                                   record)))
+        (work / "override.yml").write_text(yaml.safe_dump(override(ctl.url, ctl.ca_file, record)))
         phone.ca_file = ctl.ca_file
         compose = Compose(engine, work, {"TAILSCALE_AUTHKEY": server_key})
         compose("up", "-d")
         phone.start()
-        ups.append(subprocess.Popen(
-            ["ip", "netns", "exec", phone_ns, str(ts_bin), f"--socket={phone.socket_path}",
-             "up", f"--login-server={ctl.url}", f"--authkey={alice_key}", "--hostname=phone",
-             "--accept-dns=false", "--netfilter-mode=off", "--timeout=60s"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ups.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    phone_ns,
+                    str(ts_bin),
+                    f"--socket={phone.socket_path}",
+                    "up",
+                    f"--login-server={ctl.url}",
+                    f"--authkey={alice_key}",
+                    "--hostname=phone",
+                    "--accept-dns=false",
+                    "--netfilter-mode=off",
+                    "--timeout=60s",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         try:
             ctl.wait_nodes(2, timeout=60)
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}\n--- sidecar:\n{compose.logs('tailscale')[-4000:]}"
-                                 f"\n--- phone:\n{phone.log()}") from None
+            raise AssertionError(
+                f"{exc}\n--- sidecar:\n{compose.logs('tailscale')[-4000:]}"
+                f"\n--- phone:\n{phone.log()}"
+            ) from None
         server = next(n for n in ctl.nodes() if n["name"] != "phone")
-        st: dict[str, Any] = {"compose": compose, "ctl": ctl, "phone": phone, "server": server,
-                              "token": token, "record": record / "requests.jsonl"}
+        st: dict[str, Any] = {
+            "compose": compose,
+            "ctl": ctl,
+            "phone": phone,
+            "server": server,
+            "token": token,
+            "record": record / "requests.jsonl",
+        }
         link_up(st)
-        compose.wait("clawgate listening on the sidecar's tailnet address",
-                     lambda: f"listening on {server['v4']}:18789" in compose.logs("clawgate"))
+        compose.wait(
+            "clawgate listening on the sidecar's tailnet address",
+            lambda: f"listening on {server['v4']}:18789" in compose.logs("clawgate"),
+        )
         yield st
     finally:
         for p in ups:
@@ -310,17 +395,34 @@ def link_up(st: dict[str, Any]) -> None:
     compose.wait("the sidecar's socket", lambda: os.path.exists(sidecar_sock))
     watchers = [watch_engine(phone.socket_path), watch_engine(sidecar_sock)]
     try:
-        phone.cli("ping", "--tsmp", "--c=10", "--timeout=3s", st["server"]["v4"], timeout=60,
-                  check=False)
-        compose.engine.docker("exec", compose.container("tailscale"), "tailscale",
-                              "--socket=/var/run/tailscale/tailscaled.sock", "ping", "--tsmp",
-                              "--c=10", "--timeout=3s", st["ctl"].node("phone")["v4"],
-                              check=False, timeout=60)
+        phone.cli(
+            "ping", "--tsmp", "--c=10", "--timeout=3s", st["server"]["v4"], timeout=60, check=False
+        )
+        compose.engine.docker(
+            "exec",
+            compose.container("tailscale"),
+            "tailscale",
+            "--socket=/var/run/tailscale/tailscaled.sock",
+            "ping",
+            "--tsmp",
+            "--c=10",
+            "--timeout=3s",
+            st["ctl"].node("phone")["v4"],
+            check=False,
+            timeout=60,
+        )
         compose.wait("phone Running", lambda: phone.status().get("BackendState") == "Running")
+
         def sidecar_running() -> bool:
-            out = compose.engine.docker("exec", compose.container("tailscale"), "tailscale",
-                                        "--socket=/var/run/tailscale/tailscaled.sock",
-                                        "status", "--json", check=False).stdout
+            out = compose.engine.docker(
+                "exec",
+                compose.container("tailscale"),
+                "tailscale",
+                "--socket=/var/run/tailscale/tailscaled.sock",
+                "status",
+                "--json",
+                check=False,
+            ).stdout
             return '"BackendState": "Running"' in out
 
         compose.wait("sidecar Running", sidecar_running)
@@ -331,9 +433,13 @@ def link_up(st: dict[str, Any]) -> None:
 
 async def ws_echo(st: dict[str, Any], text: str) -> str:
     sock = await connect_in(st["phone"].ns, st["server"]["v4"], 18789, timeout=5)
-    async with connect(f"ws://{st['server']['v4']}:18789/ws", sock=sock, proxy=None,
-                       open_timeout=10,
-                       additional_headers={"Authorization": f"Bearer {st['token']}"}) as ws:
+    async with connect(
+        f"ws://{st['server']['v4']}:18789/ws",
+        sock=sock,
+        proxy=None,
+        open_timeout=10,
+        additional_headers={"Authorization": f"Bearer {st['token']}"},
+    ) as ws:
         await ws.send(text)
         return str(await ws.recv())
 
@@ -365,12 +471,14 @@ async def test_compose_sidecar_admits_by_identity(stack: dict[str, Any]) -> None
     assert rec["token"] == "phone" and rec["peer"] == phone_v4(stack), rec
     # The gateway (in the same namespace) got it from clawgate, without the token.
     seen = [json.loads(ln) for ln in stack["record"].read_text().splitlines()]
-    assert seen and all("authorization" not in {k.lower() for k, _ in r.get("headers", [])}
-                        for r in seen), seen
+    assert seen and all(
+        "authorization" not in {k.lower() for k, _ in r.get("headers", [])} for r in seen
+    ), seen
 
     # Only the tailnet address listens: the container's compose-network address does not.
-    ts_ip = compose.engine.inspect(compose.container("tailscale"))["NetworkSettings"][
-        "Networks"][PROJECT]["IPAddress"]
+    ts_ip = compose.engine.inspect(compose.container("tailscale"))["NetworkSettings"]["Networks"][
+        PROJECT
+    ]["IPAddress"]
     with pytest.raises(OSError):
         s = await connect_in(phone.ns, ts_ip, 18789, timeout=3)
         s.close()
@@ -384,8 +492,9 @@ async def test_healthcheck_unhealthy_when_sidecar_stops(stack: dict[str, Any]) -
     compose: Compose = stack["compose"]
     compose.wait("clawgate healthy", lambda: compose.health("clawgate") == "healthy")
     compose("stop", "--timeout", "5", "tailscale")
-    compose.wait("clawgate unhealthy", lambda: compose.health("clawgate") == "unhealthy",
-                 timeout=40)
+    compose.wait(
+        "clawgate unhealthy", lambda: compose.health("clawgate") == "unhealthy", timeout=40
+    )
     # clawgate itself keeps running (and answers 503 on /health) rather than exiting.
     state = compose.engine.inspect(compose.container("clawgate"))["State"]
     assert state["Running"] is True, state
@@ -397,10 +506,14 @@ async def test_healthcheck_unhealthy_when_sidecar_stops(stack: dict[str, Any]) -
     probe = compose.engine.docker("exec", compose.container("clawgate"), *hc[1:], check=False)
     assert probe.returncode == 1, probe
     body = compose.engine.docker(
-        "exec", compose.container("clawgate"), "python", "-c",
+        "exec",
+        compose.container("clawgate"),
+        "python",
+        "-c",
         "import urllib.request as u, urllib.error as e\n"
         "try: u.urlopen('http://127.0.0.1:18790/health', timeout=4)\n"
-        "except e.HTTPError as x: print(x.code, x.read().decode())\n").stdout
+        "except e.HTTPError as x: print(x.code, x.read().decode())\n",
+    ).stdout
     assert body.startswith("503 ") and "tailscale" in body, body
 
     # The sidecar back (same state volume, same node). clawgate is still in the sidecar's
@@ -410,17 +523,27 @@ async def test_healthcheck_unhealthy_when_sidecar_stops(stack: dict[str, Any]) -
     link_up(stack)
     with pytest.raises(OSError):
         await ws_echo(stack, "stale namespace")
-    compose.wait("clawgate unhealthy in the stale namespace",
-                 lambda: compose.health("clawgate") == "unhealthy", timeout=40)
+    compose.wait(
+        "clawgate unhealthy in the stale namespace",
+        lambda: compose.health("clawgate") == "unhealthy",
+        timeout=40,
+    )
     body = compose.engine.docker(
-        "exec", compose.container("clawgate"), "python", "-c",
+        "exec",
+        compose.container("clawgate"),
+        "python",
+        "-c",
         "import urllib.request as u, urllib.error as e\n"
         "try: u.urlopen('http://127.0.0.1:18790/health', timeout=4)\n"
-        "except e.HTTPError as x: print(x.code, x.read().decode())\n").stdout
+        "except e.HTTPError as x: print(x.code, x.read().decode())\n",
+    ).stdout
     assert "on no interface" in body, body
     # What docs/operations.md says to do: restart what shares the sidecar's namespace
     # (clawgate, and the gateway, or clawgate's upstream stays in the old one).
     compose("restart", "--timeout", "5", "openclaw", "clawgate")
-    compose.wait("clawgate healthy after its restart",
-                 lambda: compose.health("clawgate") == "healthy", timeout=60)
+    compose.wait(
+        "clawgate healthy after its restart",
+        lambda: compose.health("clawgate") == "healthy",
+        timeout=60,
+    )
     assert await ws_echo(stack, "after the restart") == "after the restart"

@@ -112,14 +112,23 @@ with open(sys.argv[1], "w") as f:
     json.dump(out, f)
 """
 
-OWNED_DIRS = ("/etc/clawgate-owned", "/usr/local/clawgate-owned", "/opt/clawgate-owned",
-              "/var/lib/clawgate-owned", "/home/clawgate-owned")
+OWNED_DIRS = (
+    "/etc/clawgate-owned",
+    "/usr/local/clawgate-owned",
+    "/opt/clawgate-owned",
+    "/var/lib/clawgate-owned",
+    "/home/clawgate-owned",
+)
 
 
 def machine_config() -> dict[str, Any]:
     return {
-        "gateway": {"host": ["127.0.0.1", MACHINE_V4], "port": PORT, "requireToken": True,
-                    "allowedNetworks": ["127.0.0.0/8", f"{MACHINE_V4.rsplit('.', 1)[0]}.0/30"]},
+        "gateway": {
+            "host": ["127.0.0.1", MACHINE_V4],
+            "port": PORT,
+            "requireToken": True,
+            "allowedNetworks": ["127.0.0.0/8", f"{MACHINE_V4.rsplit('.', 1)[0]}.0/30"],
+        },
         "upstream": {"url": f"http://127.0.0.1:{UPSTREAM}", "connectTimeout": 1.0},
         "tokens": {"file": "/etc/clawgate/tokens.json"},
         # tailscaled stays logged out here: token-only clients, identity not required.
@@ -137,24 +146,30 @@ def provision(root: Path, wheelhouse: Path) -> str:
     shutil.copy2(ts, root / "usr/bin/tailscale")
     wh = root / "tmp/wheelhouse"
     shutil.copytree(wheelhouse, wh)
-    chroot(root, "python3 -m venv /opt/clawgate\n"
-                 "/opt/clawgate/bin/pip install -q --no-index --find-links /tmp/wheelhouse "
-                 "clawgate\n"
-                 "ln -s /opt/clawgate/bin/clawgate /usr/local/bin/clawgate\n"
-                 "rm -rf /tmp/wheelhouse")
+    chroot(
+        root,
+        "python3 -m venv /opt/clawgate\n"
+        "/opt/clawgate/bin/pip install -q --no-index --find-links /tmp/wheelhouse "
+        "clawgate\n"
+        "ln -s /opt/clawgate/bin/clawgate /usr/local/bin/clawgate\n"
+        "rm -rf /tmp/wheelhouse",
+    )
     (root / "etc/systemd/system/tailscaled.service").write_text(TAILSCALED_UNIT)
     (root / "usr/local/lib/clawgate-sandbox-probe.py").write_text(PROBE)
     (root / "etc/clawgate.json").write_text(json.dumps(machine_config(), indent=2))
     owned = " ".join(OWNED_DIRS)
     # README.md's install steps, verbatim but for the config's source path.
-    out = chroot(root, f"""
+    out = chroot(
+        root,
+        f"""
 useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin clawgate
 install -d -m 0755 /etc/clawgate
 install -m 0644 /etc/clawgate.json /etc/clawgate/clawgate.json
 clawgate token new phone --file /etc/clawgate/tokens.json
 chown clawgate:clawgate /etc/clawgate/tokens.json
 install -d -o clawgate -g clawgate {owned}
-""")
+""",
+    )
     shutil.copy2(ROOT / "config" / "clawgate.service", root / "etc/systemd/system/")
     token = out.split()[-1]
     assert len(token) >= 40, out
@@ -177,8 +192,21 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         m.boot()
         m.systemctl("daemon-reload")
         # A veth from the root namespace into the machine, for the IPAddressDeny check.
-        run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", machine_if,
-             "netns", f"/proc/{m.leader}/ns/net"])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                machine_if,
+                "netns",
+                f"/proc/{m.leader}/ns/net",
+            ]
+        )
         run(["ip", "addr", "add", f"{HOST_V4}/30", "dev", host_if])
         run(["ip", "link", "set", host_if, "up"])
         run(["ip", "-n", m.netns, "addr", "add", f"{MACHINE_V4}/30", "dev", machine_if])
@@ -203,9 +231,13 @@ async def gateway(machine: Machine) -> AsyncIterator[FakeGateway]:
 
 async def open_ws(machine: Machine, token: str, host: str = "127.0.0.1") -> ClientConnection:
     sock = await connect_in(machine.netns, host, PORT)
-    return await connect(f"ws://{host}:{PORT}/ws", sock=sock, proxy=None,
-                         additional_headers={"Authorization": f"Bearer {token}"},
-                         open_timeout=10)
+    return await connect(
+        f"ws://{host}:{PORT}/ws",
+        sock=sock,
+        proxy=None,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=10,
+    )
 
 
 def token_of(machine: Machine) -> str:
@@ -228,8 +260,16 @@ def test_start_is_active_after_ready(machine: Machine) -> None:
     # Type=notify: `systemctl start` returns once clawgate sent READY=1, not at fork.
     machine.systemctl("start", "clawgate")
     took = time.monotonic() - t0
-    props = machine.show("clawgate", "ActiveState", "SubState", "StatusText", "Type",
-                         "NotifyAccess", "MainPID", "User")
+    props = machine.show(
+        "clawgate",
+        "ActiveState",
+        "SubState",
+        "StatusText",
+        "Type",
+        "NotifyAccess",
+        "MainPID",
+        "User",
+    )
     assert props["ActiveState"] == "active" and props["SubState"] == "running", props
     assert props["Type"] == "notify" and props["NotifyAccess"] == "main"
     # STATUS=serving arrives in the same datagram as READY=1.
@@ -244,8 +284,9 @@ def test_start_is_active_after_ready(machine: Machine) -> None:
     assert machine.show("tailscaled", "ActiveState")["ActiveState"] == "active"
 
 
-async def test_reload_keeps_websocket_and_applies_tokens(machine: Machine,
-                                                         gateway: FakeGateway) -> None:
+async def test_reload_keeps_websocket_and_applies_tokens(
+    machine: Machine, gateway: FakeGateway
+) -> None:
     start_clawgate(machine)
     pid = machine.show("clawgate", "MainPID")["MainPID"]
     ws = await open_ws(machine, token_of(machine))
@@ -253,8 +294,9 @@ async def test_reload_keeps_websocket_and_applies_tokens(machine: Machine,
         await ws.send("before reload")
         assert await ws.recv() == "before reload"
         # A second token, added the way an operator does it, then `systemctl reload`.
-        out = machine.run(["clawgate", "token", "new", "laptop", "--file",
-                           "/etc/clawgate/tokens.json"]).stdout
+        out = machine.run(
+            ["clawgate", "token", "new", "laptop", "--file", "/etc/clawgate/tokens.json"]
+        ).stdout
         laptop = out.split()[-1]
         machine.run(["chown", "clawgate:clawgate", "/etc/clawgate/tokens.json"])
         machine.systemctl("reload", "clawgate")
@@ -295,15 +337,25 @@ async def test_stop_drains_with_1001(machine: Machine, gateway: FakeGateway) -> 
 
 def test_sandbox_in_force(machine: Machine) -> None:
     def marker_seen() -> bool:  # in the machine's own /tmp (a tmpfs of its systemd)
-        return machine.run(["test", "-e", "/tmp/clawgate-probe-marker"],
-                           check=False).returncode == 0
+        return (
+            machine.run(["test", "-e", "/tmp/clawgate-probe-marker"], check=False).returncode == 0
+        )
 
     # Control: the probe as the clawgate user, outside the unit's sandbox, writes everywhere
     # the clawgate user owns. (/root and /var/log/clawgate are not its own.)
     machine.run(["install", "-d", "-o", "clawgate", "-g", "clawgate", "/var/tmp/probe"])
-    machine.run(["systemd-run", "--wait", "--quiet", "-p", "User=clawgate",
-                 "/opt/clawgate/bin/python3", "/usr/local/lib/clawgate-sandbox-probe.py",
-                 "/var/tmp/probe/control.json"])
+    machine.run(
+        [
+            "systemd-run",
+            "--wait",
+            "--quiet",
+            "-p",
+            "User=clawgate",
+            "/opt/clawgate/bin/python3",
+            "/usr/local/lib/clawgate-sandbox-probe.py",
+            "/var/tmp/probe/control.json",
+        ]
+    )
     control = json.loads((machine.root / "var/tmp/probe/control.json").read_text())
     for d in OWNED_DIRS:
         assert control[f"write {d}"] == "ok", control
@@ -316,7 +368,8 @@ def test_sandbox_in_force(machine: Machine) -> None:
     dropin.mkdir(exist_ok=True)
     (dropin / "50-probe.conf").write_text(
         "[Service]\nExecStartPre=/opt/clawgate/bin/python3 "
-        "/usr/local/lib/clawgate-sandbox-probe.py /var/log/clawgate/probe.json\n")
+        "/usr/local/lib/clawgate-sandbox-probe.py /var/log/clawgate/probe.json\n"
+    )
     try:
         machine.systemctl("daemon-reload")
         machine.systemctl("restart", "clawgate")
@@ -327,8 +380,12 @@ def test_sandbox_in_force(machine: Machine) -> None:
     uid = machine.run(["id", "-u", "clawgate"]).stdout.strip()
     assert str(got["uid"]) == uid, got
     # ProtectSystem=strict: /etc, /usr, /opt, /var/lib read-only even where the user owns it.
-    for d in ("/etc/clawgate-owned", "/usr/local/clawgate-owned", "/opt/clawgate-owned",
-              "/var/lib/clawgate-owned"):
+    for d in (
+        "/etc/clawgate-owned",
+        "/usr/local/clawgate-owned",
+        "/opt/clawgate-owned",
+        "/var/lib/clawgate-owned",
+    ):
         assert got[f"write {d}"] == errno.errorcode[errno.EROFS], (d, got)
     # ProtectHome=yes: /home and /root are empty and inaccessible.
     assert got["write /home/clawgate-owned"] in ("ENOENT", "EACCES"), got
@@ -344,14 +401,25 @@ def test_sandbox_in_force(machine: Machine) -> None:
     assert machine.show("clawgate", "ActiveState")["ActiveState"] == "active"
 
 
-async def test_ip_address_deny_drops_non_tailnet_clients(machine: Machine,
-                                                         gateway: FakeGateway) -> None:
+async def test_ip_address_deny_drops_non_tailnet_clients(
+    machine: Machine, gateway: FakeGateway
+) -> None:
     start_clawgate(machine)
     assert f"listening on {MACHINE_V4}:{PORT}" in machine.journal("clawgate", 200)
     # Control: a listener outside clawgate's cgroup on the same address answers the host.
-    ctl = machine.run(["systemd-run", "--unit=cgds-control", "--quiet",
-                       "/opt/clawgate/bin/python3", "-m", "http.server", "--bind", MACHINE_V4,
-                       "18801"])
+    ctl = machine.run(
+        [
+            "systemd-run",
+            "--unit=cgds-control",
+            "--quiet",
+            "/opt/clawgate/bin/python3",
+            "-m",
+            "http.server",
+            "--bind",
+            MACHINE_V4,
+            "18801",
+        ]
+    )
     assert ctl.returncode == 0
     try:
         deadline = time.monotonic() + 10

@@ -80,15 +80,21 @@ def openclaw_install() -> Iterator[OpenClawInstall]:
 @pytest.fixture(scope="session")
 def token_gateway(tailnet: Tailnet, openclaw_install: OpenClawInstall) -> Iterator[OpenClawGateway]:
     """The real gateway in token mode on the gw namespace's 127.0.0.1:18789."""
-    gw = OpenClawGateway(auth="token", token=GW_TOKEN, netns=tailnet.ns("gw"),
-                         port=TOKEN_GW_PORT, install=openclaw_install)
+    gw = OpenClawGateway(
+        auth="token",
+        token=GW_TOKEN,
+        netns=tailnet.ns("gw"),
+        port=TOKEN_GW_PORT,
+        install=openclaw_install,
+    )
     with gw:
         yield gw
 
 
 @pytest.fixture(scope="session")
-def identity_gateway(tailnet: Tailnet,
-                     openclaw_install: OpenClawInstall) -> Iterator[OpenClawGateway]:
+def identity_gateway(
+    tailnet: Tailnet, openclaw_install: OpenClawInstall
+) -> Iterator[OpenClawGateway]:
     """The real gateway in trusted-proxy mode (alice only) on the gw namespace's :18889."""
     auth = TrustedProxyAuth(
         user_header="x-forwarded-user",
@@ -97,8 +103,13 @@ def identity_gateway(tailnet: Tailnet,
         identity_scopes={ALICE: list(ALICE_SCOPES)},
         password=GW_PASSWORD,
     )
-    gw = OpenClawGateway(auth="trusted-proxy", trusted_proxy=auth, netns=tailnet.ns("gw"),
-                         port=IDENTITY_GW_PORT, install=openclaw_install)
+    gw = OpenClawGateway(
+        auth="trusted-proxy",
+        trusted_proxy=auth,
+        netns=tailnet.ns("gw"),
+        port=IDENTITY_GW_PORT,
+        install=openclaw_install,
+    )
     with gw:
         yield gw
 
@@ -106,15 +117,24 @@ def identity_gateway(tailnet: Tailnet,
 class Clawgate:
     """A ClawgateProcess started and stopped from sync (module-scoped) fixtures."""
 
-    def __init__(self, tailnet: Tailnet, name: str, config: dict[str, Any], *,
-                 port: int, admin_port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tailnet: Tailnet,
+        name: str,
+        config: dict[str, Any],
+        *,
+        port: int,
+        admin_port: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"clawgate-e2e-{name}-"))
         base: dict[str, Any] = {
             "gateway": {"host": GW_V4, "port": port},
             "log": {"refusedPerSecond": 100000},
         }
-        self.proc = ClawgateProcess(self.dir, _merge(base, config), netns=tailnet.ns("gw"),
-                                    admin_port=admin_port, env=env)
+        self.proc = ClawgateProcess(
+            self.dir, _merge(base, config), netns=tailnet.ns("gw"), admin_port=admin_port, env=env
+        )
         self.port = port
 
     @property
@@ -151,8 +171,9 @@ class Clawgate:
                 if pred(rec):
                     return rec
             if time.monotonic() >= deadline:
-                raise AssertionError(f"no matching access-log line in {timeout}s: "
-                                     f"{self.since(mark)}")
+                raise AssertionError(
+                    f"no matching access-log line in {timeout}s: {self.since(mark)}"
+                )
             time.sleep(0.05)
 
 
@@ -190,15 +211,20 @@ class FakeTailscaledProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.fakes.fake_tailscaled", "--socket",
-                 str(self.socket)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "tests.fakes.fake_tailscaled", "--socket", str(self.socket)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 15
         while b"listening on" not in self.log.read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("fake tailscaled did not start: "
-                                   + self.log.read_text(errors="replace"))
+                raise RuntimeError(
+                    "fake tailscaled did not start: " + self.log.read_text(errors="replace")
+                )
             time.sleep(0.05)
         return self
 

@@ -77,9 +77,15 @@ def https_tailscaled(test_ca: tuple[CA, Leaf]) -> Iterator[FakeTailscaledProcess
     _, leaf = test_ca
     tsd = FakeTailscaledProcess().start()
     try:
-        got = _post_unix(tsd.socket, "/fake/cert", {"domain": DOMAIN,
-                                                    "key_pem": leaf.key_pem.decode(),
-                                                    "cert_pem": leaf.cert_pem.decode()})
+        got = _post_unix(
+            tsd.socket,
+            "/fake/cert",
+            {
+                "domain": DOMAIN,
+                "key_pem": leaf.key_pem.decode(),
+                "cert_pem": leaf.cert_pem.decode(),
+            },
+        )
         assert DOMAIN in got["cert_domains"]
         yield tsd
     finally:
@@ -90,22 +96,34 @@ def https_tailscaled(test_ca: tuple[CA, Leaf]) -> Iterator[FakeTailscaledProcess
 def https_gateway(tailnet: Tailnet, openclaw_install: OpenClawInstall) -> Iterator[OpenClawGateway]:
     # Not the session token gateway: that one has no https origin, and this module leaves a
     # paired browser device behind.
-    gw = OpenClawGateway(auth="token", token=GW_TOKEN, netns=tailnet.ns("gw"), port=GW_PORT,
-                         install=openclaw_install,
-                         extra_config={"gateway.controlUi.allowedOrigins": [ORIGIN]})
+    gw = OpenClawGateway(
+        auth="token",
+        token=GW_TOKEN,
+        netns=tailnet.ns("gw"),
+        port=GW_PORT,
+        install=openclaw_install,
+        extra_config={"gateway.controlUi.allowedOrigins": [ORIGIN]},
+    )
     with gw:
         yield gw
 
 
 @pytest.fixture(scope="module")
-def https_clawgate(tailnet: Tailnet, https_gateway: OpenClawGateway,
-                   https_tailscaled: FakeTailscaledProcess) -> Iterator[Clawgate]:
+def https_clawgate(
+    tailnet: Tailnet, https_gateway: OpenClawGateway, https_tailscaled: FakeTailscaledProcess
+) -> Iterator[Clawgate]:
     # The fake's first CertDomains entry is its own default node name, so name ours.
-    cg = Clawgate(tailnet, "https", {
-        "upstream": f"http://127.0.0.1:{https_gateway.port}",
-        "tailscale": {"socket": str(https_tailscaled.socket)},
-        "tls": {"mode": "tailscale", "domain": DOMAIN},
-    }, port=HTTPS_PORT, admin_port=ADMIN_PORT).start()
+    cg = Clawgate(
+        tailnet,
+        "https",
+        {
+            "upstream": f"http://127.0.0.1:{https_gateway.port}",
+            "tailscale": {"socket": str(https_tailscaled.socket)},
+            "tls": {"mode": "tailscale", "domain": DOMAIN},
+        },
+        port=HTTPS_PORT,
+        admin_port=ADMIN_PORT,
+    ).start()
     try:
         yield cg
     finally:
@@ -123,38 +141,68 @@ class TrustingChromium(Chromium):
         nssdb.mkdir(parents=True)
         ca_pem = self.profile / "ca.pem"
         ca_pem.write_bytes(ca.cert_pem)
-        for args in (["-N", "--empty-password"],
-                     ["-A", "-t", "C,,", "-n", "clawgate-test", "-i", str(ca_pem)]):
-            proc = subprocess.run([CERTUTIL, "-d", f"sql:{nssdb}", *args],
-                                  capture_output=True, text=True, timeout=30, check=False)
+        for args in (
+            ["-N", "--empty-password"],
+            ["-A", "-t", "C,,", "-n", "clawgate-test", "-i", str(ca_pem)],
+        ):
+            proc = subprocess.run(
+                [CERTUTIL, "-d", f"sql:{nssdb}", *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             assert proc.returncode == 0, proc.stdout + proc.stderr
 
     async def start(self) -> TrustingChromium:
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(self.home),
-               "LANG": "C.UTF-8", "TMPDIR": str(self.profile)}
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.home),
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(self.profile),
+        }
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.tailnet.ns(self.ns), CHROMIUM, "--headless",
-             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={self.profile / 'data'}",
-             f"--host-resolver-rules=MAP {DOMAIN} {GW_V4}",
-             f"--remote-debugging-port={CDP_PORT}", "--remote-debugging-address=127.0.0.1",
-             "--window-size=1280,900", "about:blank"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.tailnet.ns(self.ns),
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self.profile / 'data'}",
+                f"--host-resolver-rules=MAP {DOMAIN} {GW_V4}",
+                f"--remote-debugging-port={CDP_PORT}",
+                "--remote-debugging-address=127.0.0.1",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=open(self.profile / "chromium.log", "wb"),  # noqa: SIM115
-            start_new_session=True)  # stop() kills the whole group
+            start_new_session=True,
+        )  # stop() kills the whole group
         from websockets.asyncio.client import connect
 
         targets = await self._targets()
         page = next(t for t in targets if t["type"] == "page")
         sock = await connect_in(self.tailnet.ns(self.ns), "127.0.0.1", CDP_PORT)
-        self.ws = await connect(page["webSocketDebuggerUrl"], sock=sock, proxy=None,
-                                max_size=None, open_timeout=10)
+        self.ws = await connect(
+            page["webSocketDebuggerUrl"], sock=sock, proxy=None, max_size=None, open_timeout=10
+        )
         return self
 
     async def js(self, expression: str) -> Any:
-        res = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                              awaitPromise=True)
+        res = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in res:
             raise AssertionError(f"{expression}: {res['exceptionDetails']}")
         return res["result"].get("value")
@@ -193,16 +241,17 @@ def _gw_lines(gw: OpenClawGateway, pattern: str) -> list[str]:
     return [m for m in gw.log_messages() if rx.search(m)]
 
 
-async def _wait_gw(gw: OpenClawGateway, pattern: str, at_least: int,
-                   timeout: float) -> list[str]:
+async def _wait_gw(gw: OpenClawGateway, pattern: str, at_least: int, timeout: float) -> list[str]:
     async def found() -> list[str] | None:
         lines = _gw_lines(gw, pattern)
         return lines if len(lines) >= at_least else None
+
     try:
         result: list[str] = await _poll(found, timeout, f"gateway log {pattern!r}")
     except AssertionError:
-        raise AssertionError(f"gateway log: no {pattern!r}; last: "
-                             f"{gw.log_messages()[-6:]}") from None
+        raise AssertionError(
+            f"gateway log: no {pattern!r}; last: {gw.log_messages()[-6:]}"
+        ) from None
     return result
 
 
@@ -218,8 +267,11 @@ async def _navigate(b: TrustingChromium, url: str) -> None:
 
 @pytest.mark.slow
 async def test_control_ui_over_https_connects_with_device_identity(
-        tailnet: Tailnet, https_gateway: OpenClawGateway, https_clawgate: Clawgate,
-        browser: TrustingChromium) -> None:
+    tailnet: Tailnet,
+    https_gateway: OpenClawGateway,
+    https_clawgate: Clawgate,
+    browser: TrustingChromium,
+) -> None:
     gw, cg = https_gateway, https_clawgate
     mark = cg.mark()
     await browser.call("Page.enable")
@@ -227,28 +279,40 @@ async def test_control_ui_over_https_connects_with_device_identity(
     # 1. https://web01...:18743/ -> clawgate's login page, over a certificate the browser
     #    verified against the test CA, in a secure context.
     await _navigate(browser, f"{ORIGIN}/")
-    await _poll(lambda: browser.js("!!document.querySelector('input[name=token]')"), 20,
-                "clawgate's login page")
-    page = await browser.js("({origin: location.origin, secure: window.isSecureContext,"
-                            " subtle: typeof crypto.subtle})")
+    await _poll(
+        lambda: browser.js("!!document.querySelector('input[name=token]')"),
+        20,
+        "clawgate's login page",
+    )
+    page = await browser.js(
+        "({origin: location.origin, secure: window.isSecureContext, subtle: typeof crypto.subtle})"
+    )
     assert page == {"origin": ORIGIN, "secure": True, "subtle": "object"}
 
     # 2. Sign in with clawgate's token (form fill, as a person would paste it).
     token = json.dumps(cg.tokens["phone"])
-    await browser.js(f"document.querySelector('input[name=token]').value = {token};"
-                     "document.querySelector('form').submit(); true")
+    await browser.js(
+        f"document.querySelector('input[name=token]').value = {token};"
+        "document.querySelector('form').submit(); true"
+    )
     await asyncio.to_thread(cg.wait_for, lambda r: r["event"] == "login", mark, 15)
     login = [r for r in cg.since(mark) if r["event"] == "login"]
     assert [(r["result"], r["token"], r["peer"]) for r in login] == [("ok", "phone", PHONE_V4)]
     cookies = (await browser.call("Network.getCookies", urls=[f"{ORIGIN}/"]))["cookies"]
     # clawgate's session cookie: Secure (so it never travels over plain HTTP) and HttpOnly.
     assert [(c["name"], c["secure"], c["httpOnly"]) for c in cookies] == [
-        ("clawgate_session", True, True)], cookies
+        ("clawgate_session", True, True)
+    ], cookies
 
     # 3. Hand the UI the gateway's token by URL fragment (it never reaches a server or a
     #    log), with a full load so the app reads it at boot.
-    ui = (r"^closed before connect .*origin=" + re.escape(ORIGIN)
-          + r" .*host=" + re.escape(f"{DOMAIN}:{HTTPS_PORT}") + r" .*pairing required")
+    ui = (
+        r"^closed before connect .*origin="
+        + re.escape(ORIGIN)
+        + r" .*host="
+        + re.escape(f"{DOMAIN}:{HTTPS_PORT}")
+        + r" .*pairing required"
+    )
     before = len(_gw_lines(gw, ui))
     await _navigate(browser, "about:blank")
     await _navigate(browser, f"{ORIGIN}/#token={GW_TOKEN}")
@@ -257,14 +321,20 @@ async def test_control_ui_over_https_connects_with_device_identity(
     #    identity) and the gateway asks to pair the browser's own device key.
     def ws_allowed(r: dict[str, Any]) -> bool:
         return r["event"] == "decision" and r.get("websocket") is True
+
     rec = await asyncio.to_thread(cg.wait_for, ws_allowed, mark, 30)
     assert (rec["decision"], rec["peer"], rec["token"], rec["login"]) == (
-        "allow", PHONE_V4, "phone", ALICE)
+        "allow",
+        PHONE_V4,
+        "phone",
+        ALICE,
+    )
     line = (await _wait_gw(gw, ui, before + 1, timeout=30))[-1]
     assert f"fwd={PHONE_V4} " in line
     request_id = re.search(r"requestId: ([0-9a-f-]{36})", line).group(1)  # type: ignore[union-attr]
-    listed = await asyncio.to_thread(gw.cli, "devices", "list", "--json", *gw.auth_args(),
-                                     netns=tailnet.ns("gw"))
+    listed = await asyncio.to_thread(
+        gw.cli, "devices", "list", "--json", *gw.auth_args(), netns=tailnet.ns("gw")
+    )
     assert listed.returncode == 0, listed.stdout + listed.stderr
     pending = {p["requestId"]: p for p in json.loads(listed.stdout)["pending"]}
     device = pending[request_id]
@@ -275,21 +345,24 @@ async def test_control_ui_over_https_connects_with_device_identity(
     # 5. The operator approves on the gateway host; the page connects by itself.
     connected_rx = r"^webchat connected .*openclaw-control-ui"
     before_ok = len(_gw_lines(gw, connected_rx))
-    approved = await asyncio.to_thread(gw.cli, "devices", "approve", request_id,
-                                       *gw.auth_args(), netns=tailnet.ns("gw"))
+    approved = await asyncio.to_thread(
+        gw.cli, "devices", "approve", request_id, *gw.auth_args(), netns=tailnet.ns("gw")
+    )
     assert approved.returncode == 0, approved.stdout + approved.stderr
     await _wait_gw(gw, connected_rx, before_ok + 1, timeout=45)
 
     async def connected() -> bool:
         text = await browser.text()
         return "Model Setup" in text and UI_VERSION in text and "Approve this" not in text
+
     await _poll(connected, 30, "the connected UI")
-    listed = await asyncio.to_thread(gw.cli, "devices", "list", "--json", *gw.auth_args(),
-                                     netns=tailnet.ns("gw"))
+    listed = await asyncio.to_thread(
+        gw.cli, "devices", "list", "--json", *gw.auth_args(), netns=tailnet.ns("gw")
+    )
     paired = json.loads(listed.stdout)["paired"]
-    assert [(d["deviceId"], d["clientId"]) for d in paired if
-            d["deviceId"] == device["deviceId"]] == [(device["deviceId"],
-                                                      "openclaw-control-ui")]
+    assert [
+        (d["deviceId"], d["clientId"]) for d in paired if d["deviceId"] == device["deviceId"]
+    ] == [(device["deviceId"], "openclaw-control-ui")]
     assert await browser.js("window.isSecureContext") is True
     shot = await browser.screenshot(artifact_path("control-ui-https.png"))
     print(f"\nscreenshot: {shot}")
@@ -300,10 +373,14 @@ async def test_control_ui_over_https_connects_with_device_identity(
     assert all(r["peer"] == PHONE_V4 for r in decisions)
     denied = [r for r in decisions if r["decision"] == "deny"]
     allowed = [r for r in decisions if r["decision"] == "allow"]
-    assert denied and all((r["status"], r["reason"], r["websocket"]) == (
-        401, "token required", False) for r in denied)
-    assert decisions[0] in denied and len(allowed) > 10 and all(
-        (r["reason"], r["token"]) == ("token+identity", "phone") for r in allowed)
+    assert denied and all(
+        (r["status"], r["reason"], r["websocket"]) == (401, "token required", False) for r in denied
+    )
+    assert (
+        decisions[0] in denied
+        and len(allowed) > 10
+        and all((r["reason"], r["token"]) == ("token+identity", "phone") for r in allowed)
+    )
 
 
 async def _has_text(b: TrustingChromium, needle: str) -> bool:

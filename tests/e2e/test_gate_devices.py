@@ -51,8 +51,10 @@ UI_ORIGIN = f"https://{DOMAIN}:{UI_PORT}"
 test_ca = ui_https.test_ca
 https_tailscaled = ui_https.https_tailscaled
 browser = ui_https.browser
-PRE_CONNECT = (rf"^closed before connect .*host=100\.64\.0\.1:{GATED_PORT} "
-               r".*phase=ws_upgrade_started")
+PRE_CONNECT = (
+    rf"^closed before connect .*host=100\.64\.0\.1:{GATED_PORT} "
+    r".*phase=ws_upgrade_started"
+)
 
 
 def state_dir(gw: OpenClawGateway) -> Path:
@@ -60,14 +62,23 @@ def state_dir(gw: OpenClawGateway) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gated(tailnet: Tailnet, token_gateway: OpenClawGateway,
-          gateway_token_file: Path) -> Iterator[Clawgate]:
-    cg = Clawgate(tailnet, "gate-devices", {
-        "upstream": f"http://127.0.0.1:{token_gateway.port}",
-        "gatewayToken": {"file": str(gateway_token_file),
-                         "stateDir": str(state_dir(token_gateway))},
-        "limits": {"failedAuthCount": 1000},
-    }, port=GATED_PORT, admin_port=18798).start()
+def gated(
+    tailnet: Tailnet, token_gateway: OpenClawGateway, gateway_token_file: Path
+) -> Iterator[Clawgate]:
+    cg = Clawgate(
+        tailnet,
+        "gate-devices",
+        {
+            "upstream": f"http://127.0.0.1:{token_gateway.port}",
+            "gatewayToken": {
+                "file": str(gateway_token_file),
+                "stateDir": str(state_dir(token_gateway)),
+            },
+            "limits": {"failedAuthCount": 1000},
+        },
+        port=GATED_PORT,
+        admin_port=18798,
+    ).start()
     try:
         yield cg
     finally:
@@ -80,10 +91,16 @@ def other_gated(tailnet: Tailnet, other_gateway: OpenClawGateway) -> Iterator[Cl
     token_file = other_gateway.home.parent / "other.token"
     token_file.write_text(OTHER_TOKEN)
     token_file.chmod(0o600)
-    cg = Clawgate(tailnet, "gate-devices-other", {
-        "upstream": f"http://127.0.0.1:{other_gateway.port}",
-        "gatewayToken": {"file": str(token_file), "stateDir": str(state_dir(other_gateway))},
-    }, port=OTHER_GATED_PORT, admin_port=18800).start()
+    cg = Clawgate(
+        tailnet,
+        "gate-devices-other",
+        {
+            "upstream": f"http://127.0.0.1:{other_gateway.port}",
+            "gatewayToken": {"file": str(token_file), "stateDir": str(state_dir(other_gateway))},
+        },
+        port=OTHER_GATED_PORT,
+        admin_port=18800,
+    ).start()
     try:
         yield cg
     finally:
@@ -91,18 +108,23 @@ def other_gated(tailnet: Tailnet, other_gateway: OpenClawGateway) -> Iterator[Cl
 
 
 @pytest.fixture(scope="module")
-def other_gateway(tailnet: Tailnet, openclaw_install: OpenClawInstall
-                  ) -> Iterator[OpenClawGateway]:
+def other_gateway(tailnet: Tailnet, openclaw_install: OpenClawInstall) -> Iterator[OpenClawGateway]:
     # Also the Control UI's gateway (section 4): it lists the UI's https origin.
-    gw = OpenClawGateway(auth="token", token=OTHER_TOKEN, netns=tailnet.ns("gw"),
-                         port=OTHER_GW_PORT, install=openclaw_install,
-                         extra_config={"gateway.controlUi.allowedOrigins": [UI_ORIGIN]})
+    gw = OpenClawGateway(
+        auth="token",
+        token=OTHER_TOKEN,
+        netns=tailnet.ns("gw"),
+        port=OTHER_GW_PORT,
+        install=openclaw_install,
+        extra_config={"gateway.controlUi.allowedOrigins": [UI_ORIGIN]},
+    )
     with gw:
         yield gw
 
 
-def cli(gw: OpenClawGateway, tailnet: Tailnet, *args: str, home: Path,
-        ns: str = "phone") -> tuple[int, str]:
+def cli(
+    gw: OpenClawGateway, tailnet: Tailnet, *args: str, home: Path, ns: str = "phone"
+) -> tuple[int, str]:
     proc = gw.cli(*args, netns=tailnet.ns(ns), home=home)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -122,17 +144,23 @@ def wait_gw(gw: OpenClawGateway, pattern: str, at_least: int, timeout: float = 1
     deadline = time.monotonic() + timeout
     while gw_count(gw, pattern) < at_least:
         if time.monotonic() > deadline:
-            raise AssertionError(f"gateway log: fewer than {at_least} lines match {pattern!r}; "
-                                 f"last: {gw.log_messages()[-8:]}")
+            raise AssertionError(
+                f"gateway log: fewer than {at_least} lines match {pattern!r}; "
+                f"last: {gw.log_messages()[-8:]}"
+            )
         time.sleep(0.1)
 
 
-def pair_cli(gw: OpenClawGateway, tailnet: Tailnet, url: str, token: str,
-             name: str | Path) -> tuple[Path, str]:
+def pair_cli(
+    gw: OpenClawGateway, tailnet: Tailnet, url: str, token: str, name: str | Path
+) -> tuple[Path, str]:
     """Pair a CLI (a fresh home, or an existing one) on the phone through ``url`` with the
     shared token, approved on the gateway host; return (home, deviceId)."""
-    home = name if isinstance(name, Path) else gw.client_home(
-        name, {"gateway.mode": "remote", "gateway.remote.url": url})
+    home = (
+        name
+        if isinstance(name, Path)
+        else gw.client_home(name, {"gateway.mode": "remote", "gateway.remote.url": url})
+    )
     rc, out = cli(gw, tailnet, "cron", "list", "--url", url, "--token", token, home=home)
     assert rc != 0
     m = re.search(r"device pairing required \(requestId: ([0-9a-f-]{36})\)", out)
@@ -146,10 +174,12 @@ def pair_cli(gw: OpenClawGateway, tailnet: Tailnet, url: str, token: str,
 
 
 @pytest.fixture(scope="module")
-def paired_phone(tailnet: Tailnet, token_gateway: OpenClawGateway,
-                 gated: Clawgate) -> tuple[Path, str]:
-    return pair_cli(token_gateway, tailnet, f"ws://{GW_V4}:{GATED_PORT}", GW_TOKEN,
-                    "gate-dev-phone")
+def paired_phone(
+    tailnet: Tailnet, token_gateway: OpenClawGateway, gated: Clawgate
+) -> tuple[Path, str]:
+    return pair_cli(
+        token_gateway, tailnet, f"ws://{GW_V4}:{GATED_PORT}", GW_TOKEN, "gate-dev-phone"
+    )
 
 
 @dataclass(frozen=True)
@@ -167,15 +197,19 @@ def read_device(home: Path) -> Device:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         device_id, pem = conn.execute(
-            "SELECT device_id, private_key_pem FROM device_identities").fetchone()
-        tokens = dict(conn.execute("SELECT gateway_scope, token FROM "
-                                   "gateway_origin_device_tokens WHERE role = 'operator'"))
+            "SELECT device_id, private_key_pem FROM device_identities"
+        ).fetchone()
+        tokens = dict(
+            conn.execute(
+                "SELECT gateway_scope, token FROM "
+                "gateway_origin_device_tokens WHERE role = 'operator'"
+            )
+        )
     finally:
         conn.close()
     key = serialization.load_pem_private_key(pem.encode(), password=None)
     assert isinstance(key, Ed25519PrivateKey)
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                        serialization.PublicFormat.Raw)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return Device(device_id, base64.urlsafe_b64encode(raw).rstrip(b"=").decode(), key, tokens)
 
 
@@ -183,32 +217,61 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-async def device_connect(tailnet: Tailnet, dev: Device, auth: dict[str, str],
-                         signature_token: str) -> tuple[str, Any]:
+async def device_connect(
+    tailnet: Tailnet, dev: Device, auth: dict[str, str], signature_token: str
+) -> tuple[str, Any]:
     """The real client's handshake with a signed device identity (buildDeviceAuthPayloadV3),
     from the phone through the gate: ("ok", hello) | ("closed", (code, reason)) |
     ("error", message)."""
     sock = await connect_in(tailnet.ns("phone"), GW_V4, GATED_PORT)
-    ws = await connect(f"ws://{GW_V4}:{GATED_PORT}/", sock=sock, proxy=None, compression=None,
-                       max_size=None, open_timeout=10)
+    ws = await connect(
+        f"ws://{GW_V4}:{GATED_PORT}/",
+        sock=sock,
+        proxy=None,
+        compression=None,
+        max_size=None,
+        open_timeout=10,
+    )
     try:
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 10))
         nonce = challenge["payload"]["nonce"]
         signed_at = int(time.time() * 1000)
         scopes = ["operator.read"]
-        payload = "|".join(["v3", dev.device_id, "cli", "cli", "operator", ",".join(scopes),
-                            str(signed_at), signature_token, nonce, "linux", "linux"])
+        payload = "|".join(
+            [
+                "v3",
+                dev.device_id,
+                "cli",
+                "cli",
+                "operator",
+                ",".join(scopes),
+                str(signed_at),
+                signature_token,
+                nonce,
+                "linux",
+                "linux",
+            ]
+        )
         params = {
-            "minProtocol": 4, "maxProtocol": 4, "role": "operator",
+            "minProtocol": 4,
+            "maxProtocol": 4,
+            "role": "operator",
             # What the real CLI on Linux sends (the paired metadata must match).
             "client": {**CLI_CLIENT, "deviceFamily": "Linux"},
-            "scopes": scopes, "caps": [], "auth": auth,
-            "device": {"id": dev.device_id, "publicKey": dev.public_key,
-                       "signature": _b64url(dev.private_key.sign(payload.encode())),
-                       "signedAt": signed_at, "nonce": nonce},
+            "scopes": scopes,
+            "caps": [],
+            "auth": auth,
+            "device": {
+                "id": dev.device_id,
+                "publicKey": dev.public_key,
+                "signature": _b64url(dev.private_key.sign(payload.encode())),
+                "signedAt": signed_at,
+                "nonce": nonce,
+            },
         }
-        await ws.send(json.dumps({"type": "req", "id": "c1", "method": "connect",
-                                  "params": params}))
+        await ws.send(
+            json.dumps({"type": "req", "id": "c1", "method": "connect", "params": params})
+        )
         while True:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 15))
             if frame.get("type") == "res" and frame.get("id") == "c1":
@@ -241,8 +304,11 @@ def last_gate(cg: Clawgate, mark: int) -> dict[str, Any]:
 
 
 def test_paired_cli_reconnects_through_the_gate_with_only_its_device_token(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate,
-        paired_phone: tuple[Path, str]) -> None:
+    token_gateway: OpenClawGateway,
+    tailnet: Tailnet,
+    gated: Clawgate,
+    paired_phone: tuple[Path, str],
+) -> None:
     home, device_id = paired_phone
     mark = gated.mark()
     unauthorized = gw_count(token_gateway, r"^unauthorized ")
@@ -251,19 +317,28 @@ def test_paired_cli_reconnects_through_the_gate_with_only_its_device_token(
     assert rc == 0, out
     rec = last_gate(gated, mark)
     assert (rec["result"], rec["method"], rec["device"], rec["peer"]) == (
-        "ok", "device-token", device_id, PHONE_V4)
+        "ok",
+        "device-token",
+        device_id,
+        PHONE_V4,
+    )
     assert gw_count(token_gateway, r"^unauthorized ") == unauthorized
 
 
 async def test_signed_device_client_right_token_passes_forged_one_never_reaches_the_gateway(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate,
-        paired_phone: tuple[Path, str]) -> None:
+    token_gateway: OpenClawGateway,
+    tailnet: Tailnet,
+    gated: Clawgate,
+    paired_phone: tuple[Path, str],
+) -> None:
     dev = read_device(paired_phone[0])
     token = dev.tokens[f"ws://{GW_V4}:{GATED_PORT}"]
     mark = gated.mark()
     kind, hello = await device_connect(tailnet, dev, {"deviceToken": token}, token)
-    assert kind == "ok", (hello, [m for m in token_gateway.log_messages()
-                                  if "metadata upgrade" in m][-1:])
+    assert kind == "ok", (
+        hello,
+        [m for m in token_gateway.log_messages() if "metadata upgrade" in m][-1:],
+    )
     assert hello["auth"]["role"] == "operator"
     assert last_gate(gated, mark)["method"] == "device-token"
 
@@ -289,8 +364,9 @@ def server_token(gw: OpenClawGateway, device_id: str, role: str = "operator") ->
     db = state_dir(gw) / "state" / "openclaw.sqlite"
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        row = conn.execute("SELECT tokens_json FROM device_pairing_paired WHERE device_id = ?",
-                           (device_id,)).fetchone()
+        row = conn.execute(
+            "SELECT tokens_json FROM device_pairing_paired WHERE device_id = ?", (device_id,)
+        ).fetchone()
     finally:
         conn.close()
     assert row is not None, f"{device_id} is not paired with {gw.port}"
@@ -298,8 +374,13 @@ def server_token(gw: OpenClawGateway, device_id: str, role: str = "operator") ->
 
 
 async def test_another_gateways_device_token_is_refused_at_the_edge(
-        token_gateway: OpenClawGateway, other_gateway: OpenClawGateway, tailnet: Tailnet,
-        gated: Clawgate, other_gated: Clawgate, paired_phone: tuple[Path, str]) -> None:
+    token_gateway: OpenClawGateway,
+    other_gateway: OpenClawGateway,
+    tailnet: Tailnet,
+    gated: Clawgate,
+    other_gated: Clawgate,
+    paired_phone: tuple[Path, str],
+) -> None:
     # The same phone (same device key) also paired with an unrelated gateway: that
     # gateway's device token for it is foreign here.
     home = paired_phone[0]
@@ -329,13 +410,15 @@ async def test_another_gateways_device_token_is_refused_at_the_edge(
 
 
 def test_setup_code_pairing_through_the_gate(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate) -> None:
+    token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate
+) -> None:
     gw = token_gateway
     # The operator mints a setup code on the gateway host. `qr` insists on wss:// for a
     # tailnet address (production would use the TLS name); the code is base64url JSON
     # {url, bootstrapToken, expiresAtMs}, so point its url at clawgate's plain ws:// here.
-    proc = gw.cli("qr", "--json", "--url", gw.url, *gw.auth_args()[2:],
-                  netns=tailnet.ns("gw"), home=gw.home)
+    proc = gw.cli(
+        "qr", "--json", "--url", gw.url, *gw.auth_args()[2:], netns=tailnet.ns("gw"), home=gw.home
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     setup = json.loads(base64.urlsafe_b64decode(json.loads(proc.stdout)["setupCode"] + "=="))
     assert set(setup) == {"url", "bootstrapToken", "expiresAtMs"}, setup
@@ -345,9 +428,14 @@ def test_setup_code_pairing_through_the_gate(
     mark = gated.mark()
     before_unauth = gw_count(gw, r"^unauthorized ")
     node = subprocess.Popen(
-        ["ip", "netns", "exec", tailnet.ns("phone"), str(gw.install.launcher), "connect",
-         code], env=gw.env(home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        ["ip", "netns", "exec", tailnet.ns("phone"), str(gw.install.launcher), "connect", code],
+        env=gw.env(home),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
 
     def wait_line(rx: str, timeout: float = 60) -> re.Match[str]:
@@ -394,18 +482,33 @@ def test_setup_code_pairing_through_the_gate(
 
 
 @pytest.fixture(scope="module")
-def ui_gated(tailnet: Tailnet, other_gateway: OpenClawGateway, other_gated: Clawgate,
-             https_tailscaled: FakeTailscaledProcess) -> Iterator[Clawgate]:
+def ui_gated(
+    tailnet: Tailnet,
+    other_gateway: OpenClawGateway,
+    other_gated: Clawgate,
+    https_tailscaled: FakeTailscaledProcess,
+) -> Iterator[Clawgate]:
     """HTTPS (the UI needs a secure context for its device key), pages let in by alice's
     identity, the WebSocket by the gate: no clawgate token or login anywhere."""
-    cg = Clawgate(tailnet, "gate-devices-ui", {
-        "upstream": f"http://127.0.0.1:{other_gateway.port}",
-        "gatewayToken": {"file": str(other_gateway.home.parent / "other.token"),
-                         "stateDir": str(state_dir(other_gateway))},
-        "tailscale": {"socket": str(https_tailscaled.socket), "authMode": "either",
-                      "allowUsers": [ALICE]},
-        "tls": {"mode": "tailscale", "domain": DOMAIN},
-    }, port=UI_PORT, admin_port=18748).start()
+    cg = Clawgate(
+        tailnet,
+        "gate-devices-ui",
+        {
+            "upstream": f"http://127.0.0.1:{other_gateway.port}",
+            "gatewayToken": {
+                "file": str(other_gateway.home.parent / "other.token"),
+                "stateDir": str(state_dir(other_gateway)),
+            },
+            "tailscale": {
+                "socket": str(https_tailscaled.socket),
+                "authMode": "either",
+                "allowUsers": [ALICE],
+            },
+            "tls": {"mode": "tailscale", "domain": DOMAIN},
+        },
+        port=UI_PORT,
+        admin_port=18748,
+    ).start()
     try:
         yield cg
     finally:
@@ -413,21 +516,23 @@ def ui_gated(tailnet: Tailnet, other_gateway: OpenClawGateway, other_gated: Claw
 
 
 async def _storage(b: TrustingChromium) -> dict[str, Any]:
-    return dict(await b.js(
-        "({local: Object.fromEntries(Object.entries(localStorage)),"
-        " session: Object.fromEntries(Object.entries(sessionStorage))})"))
+    return dict(
+        await b.js(
+            "({local: Object.fromEntries(Object.entries(localStorage)),"
+            " session: Object.fromEntries(Object.entries(sessionStorage))})"
+        )
+    )
 
 
 @pytest.mark.slow
 async def test_control_ui_reconnects_on_reload_with_its_device_token(
-        tailnet: Tailnet, other_gateway: OpenClawGateway, ui_gated: Clawgate,
-        browser: TrustingChromium) -> None:
+    tailnet: Tailnet, other_gateway: OpenClawGateway, ui_gated: Clawgate, browser: TrustingChromium
+) -> None:
     gw, cg = other_gateway, ui_gated
     await browser.call("Page.enable")
     mark = cg.mark()
     connected_rx = r"^webchat connected .*openclaw-control-ui"
-    pairing_rx = (r"^closed before connect .*origin=" + re.escape(UI_ORIGIN)
-                  + r" .*pairing required")
+    pairing_rx = r"^closed before connect .*origin=" + re.escape(UI_ORIGIN) + r" .*pairing required"
     before = gw_count(gw, pairing_rx)
     # The gateway's token by URL fragment (never sent to a server): the gate admits it.
     await _navigate(browser, f"{UI_ORIGIN}/#token={OTHER_TOKEN}")
@@ -439,11 +544,14 @@ async def test_control_ui_reconnects_on_reload_with_its_device_token(
     admin(gw, tailnet, "devices", "approve", request_id)
     wait_gw(gw, connected_rx, ok + 1, timeout=45)
     first = [r for r in cg.since(mark) if r["event"] == "gateway_token"]
-    assert first and all(r["result"] == "ok" and r["method"] == "gateway-token"
-                         for r in first), first
+    assert first and all(r["result"] == "ok" and r["method"] == "gateway-token" for r in first), (
+        first
+    )
+
     async def ui_connected() -> bool:
         text = await browser.text()
         return "Model Setup" in text and "Approve this" not in text
+
     await _poll(ui_connected, 30, "the connected UI")
 
     # The UI keeps the gateway's token for this browser session only (sessionStorage) and
@@ -465,8 +573,11 @@ async def test_control_ui_reconnects_on_reload_with_its_device_token(
     wait_gw(gw, connected_rx, ok + 1, timeout=45)
     await _poll(ui_connected, 30, "the UI connected again after the reload")
     gates = [r for r in cg.since(mark) if r["event"] == "gateway_token"]
-    assert gates and all((r["result"], r["method"], r["device"], r["peer"]) == (
-        "ok", "device-token", device_id, PHONE_V4) for r in gates), gates
+    assert gates and all(
+        (r["result"], r["method"], r["device"], r["peer"])
+        == ("ok", "device-token", device_id, PHONE_V4)
+        for r in gates
+    ), gates
     assert gw_count(gw, r"^unauthorized ") == unauthorized
     assert session_key not in (await _storage(browser))["session"]
     shot = await browser.screenshot(artifact_path("control-ui-gate-device-token.png"))
@@ -477,11 +588,13 @@ async def test_control_ui_reconnects_on_reload_with_its_device_token(
 
 
 def test_revoked_device_token_is_refused_at_the_edge(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate,
-        paired_phone: tuple[Path, str]) -> None:
+    token_gateway: OpenClawGateway,
+    tailnet: Tailnet,
+    gated: Clawgate,
+    paired_phone: tuple[Path, str],
+) -> None:
     home, device_id = paired_phone
-    admin(token_gateway, tailnet, "devices", "revoke", "--device", device_id, "--role",
-          "operator")
+    admin(token_gateway, tailnet, "devices", "revoke", "--device", device_id, "--role", "operator")
     mark = gated.mark()
     before = gw_marks(token_gateway)
     rc, out = cli(token_gateway, tailnet, "cron", "list", home=home)
@@ -489,5 +602,8 @@ def test_revoked_device_token_is_refused_at_the_edge(
     assert "device token revoked" in out, out
     rec = last_gate(gated, mark)
     assert (rec["result"], rec["reason"], rec["peer"]) == (
-        "refused", "device token revoked", PHONE_V4)
+        "refused",
+        "device token revoked",
+        PHONE_V4,
+    )
     nothing_reached(token_gateway, before)

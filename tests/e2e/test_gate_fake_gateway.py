@@ -33,23 +33,37 @@ PORT = 18793
 
 
 def _connect_frame(token: str) -> str:
-    return json.dumps({"type": "req", "id": "c1", "method": "connect",
-                       "params": {"minProtocol": 4, "maxProtocol": 4,
-                                  "client": {"id": "cli", "version": "1", "platform": "linux",
-                                             "mode": "cli"},
-                                  "auth": {"token": token}}})
+    return json.dumps(
+        {
+            "type": "req",
+            "id": "c1",
+            "method": "connect",
+            "params": {
+                "minProtocol": 4,
+                "maxProtocol": 4,
+                "client": {"id": "cli", "version": "1", "platform": "linux", "mode": "cli"},
+                "auth": {"token": token},
+            },
+        }
+    )
 
 
 @pytest.fixture
-async def gated_fake(tailnet: Tailnet, fake_gateway: FakeGateway,
-                     gateway_token_file: Path) -> AsyncIterator[ClawgateProcess]:
+async def gated_fake(
+    tailnet: Tailnet, fake_gateway: FakeGateway, gateway_token_file: Path
+) -> AsyncIterator[ClawgateProcess]:
     fake_gateway.token = GW_TOKEN
     d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gatefake-"))
-    cg = ClawgateProcess(d / "cg", {
-        "gateway": {"host": GW_V4, "port": PORT},
-        "upstream": f"http://127.0.0.1:{fake_gateway.port}",
-        "gatewayToken": {"file": str(gateway_token_file), "firstFrameTimeout": 1},
-    }, netns=tailnet.ns("gw"), admin_port=18794)
+    cg = ClawgateProcess(
+        d / "cg",
+        {
+            "gateway": {"host": GW_V4, "port": PORT},
+            "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+            "gatewayToken": {"file": str(gateway_token_file), "firstFrameTimeout": 1},
+        },
+        netns=tailnet.ns("gw"),
+        admin_port=18794,
+    )
     await cg.start()
     try:
         yield cg
@@ -60,12 +74,14 @@ async def gated_fake(tailnet: Tailnet, fake_gateway: FakeGateway,
 
 async def _open(tailnet: Tailnet) -> Any:
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
-    return await connect(f"ws://{GW_V4}:{PORT}/ws/openclaw", sock=sock, proxy=None,
-                         compression=None, open_timeout=10)
+    return await connect(
+        f"ws://{GW_V4}:{PORT}/ws/openclaw", sock=sock, proxy=None, compression=None, open_timeout=10
+    )
 
 
 async def test_verified_first_frame_reaches_the_gateway_unchanged(
-        tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess
+) -> None:
     frame = _connect_frame(GW_TOKEN)
     async with await _open(tailnet) as ws:
         assert json.loads(await ws.recv())["event"] == "connect.challenge"
@@ -76,16 +92,20 @@ async def test_verified_first_frame_reaches_the_gateway_unchanged(
     assert fake_gateway.ws_messages == [frame, "after the gate"]
 
 
-@pytest.mark.parametrize("first", [
-    _connect_frame("WRONG"),
-    _connect_frame(GW_TOKEN).encode(),
-    [_connect_frame(GW_TOKEN)[:20], _connect_frame(GW_TOKEN)[20:]],
-    _connect_frame(GW_TOKEN) + " " * 70_000,
-    None,  # nothing within firstFrameTimeout (1 s)
-], ids=["wrong-token", "binary", "fragmented", "oversized", "late"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        _connect_frame("WRONG"),
+        _connect_frame(GW_TOKEN).encode(),
+        [_connect_frame(GW_TOKEN)[:20], _connect_frame(GW_TOKEN)[20:]],
+        _connect_frame(GW_TOKEN) + " " * 70_000,
+        None,  # nothing within firstFrameTimeout (1 s)
+    ],
+    ids=["wrong-token", "binary", "fragmented", "oversized", "late"],
+)
 async def test_refused_first_frame_never_reaches_the_gateway(
-        tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess,
-        first: Any) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess, first: Any
+) -> None:
     ws = await _open(tailnet)
     try:
         assert json.loads(await ws.recv())["event"] == "connect.challenge"
@@ -117,8 +137,12 @@ async def _timed(port: int, headers: dict[str, str], n: int) -> float:
     frame = _connect_frame(GW_TOKEN)
     started = time.perf_counter()
     for _ in range(n):
-        async with connect(f"ws://127.0.0.1:{port}/ws/openclaw", proxy=None,
-                           compression=None, additional_headers=headers) as ws:
+        async with connect(
+            f"ws://127.0.0.1:{port}/ws/openclaw",
+            proxy=None,
+            compression=None,
+            additional_headers=headers,
+        ) as ws:
             await ws.recv()  # connect.challenge
             await ws.send(frame)
             await ws.recv()  # hello-ok: the frame went through and was answered
@@ -127,7 +151,8 @@ async def _timed(port: int, headers: dict[str, str], n: int) -> float:
 
 @pytest.mark.slow
 async def test_cost_of_the_gate_against_a_plain_splice(
-        fake_gateway_local: FakeGateway, gateway_token_file: Path) -> None:
+    fake_gateway_local: FakeGateway, gateway_token_file: Path
+) -> None:
     """N connects + first frame + answer, on loopback, with and without gatewayToken.
 
     Both clawgates run at once and the rounds alternate, so load from elsewhere on the
@@ -136,19 +161,27 @@ async def test_cost_of_the_gate_against_a_plain_splice(
     procs: dict[str, tuple[ClawgateProcess, int, dict[str, str]]] = {}
     dirs: list[Path] = []
     try:
-        for name, extra in (("splice", {}),
-                            ("gate", {"gatewayToken": {"file": str(gateway_token_file)}})):
+        for name, extra in (
+            ("splice", {}),
+            ("gate", {"gatewayToken": {"file": str(gateway_token_file)}}),
+        ):
             d = Path(tempfile.mkdtemp(prefix=f"clawgate-e2e-bench-{name}-"))
             dirs.append(d)
             port = _free_port()
-            cg = ClawgateProcess(d, {"gateway": {"host": "127.0.0.1", "port": port},
-                                     "upstream": f"http://127.0.0.1:{fake_gateway_local.port}",
-                                     "log": {"access": "off"}, "admin": {"enabled": False},
-                                     "limits": {"perSourceIp": 100000}, **extra})
+            cg = ClawgateProcess(
+                d,
+                {
+                    "gateway": {"host": "127.0.0.1", "port": port},
+                    "upstream": f"http://127.0.0.1:{fake_gateway_local.port}",
+                    "log": {"access": "off"},
+                    "admin": {"enabled": False},
+                    "limits": {"perSourceIp": 100000},
+                    **extra,
+                },
+            )
             await cg.start()
             # splice: clawgate's own token in a header; gate: the gateway token in frame one.
-            headers = {"Authorization": f"Bearer {cg.tokens['phone']}"} \
-                if name == "splice" else {}
+            headers = {"Authorization": f"Bearer {cg.tokens['phone']}"} if name == "splice" else {}
             procs[name] = (cg, port, headers)
         spent = dict.fromkeys(procs, 0.0)
         for name, (_, port, headers) in procs.items():
@@ -163,8 +196,10 @@ async def test_cost_of_the_gate_against_a_plain_splice(
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
     rates = {name: BENCH_N / t for name, t in spent.items()}
-    print(f"\nconnect+first frame+answer, N={BENCH_N} each: splice {rates['splice']:.0f}/s, "
-          f"gate {rates['gate']:.0f}/s ({rates['gate'] / rates['splice']:.2f}x)")
+    print(
+        f"\nconnect+first frame+answer, N={BENCH_N} each: splice {rates['splice']:.0f}/s, "
+        f"gate {rates['gate']:.0f}/s ({rates['gate'] / rates['splice']:.2f}x)"
+    )
     assert len(fake_gateway_local.ws_messages) == 2 * (BENCH_N + 20)
     # The check is one small parse and a digest compare per connection: it must not halve
     # the connection rate.
@@ -172,17 +207,20 @@ async def test_cost_of_the_gate_against_a_plain_splice(
 
 
 async def test_refusal_close_frame_survives_a_client_still_sending(
-        tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, gated_fake: ClawgateProcess
+) -> None:
     """A 1 MiB first frame is refused on its header while most of it is still in flight:
     the close frame must still arrive (a plain close() with unread input sends a RST, which
     throws away the close frame before the client sees it)."""
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
-        writer.write(f"GET /ws/openclaw HTTP/1.1\r\nHost: {GW_V4}:{PORT}\r\n"
-                     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        writer.write(
+            f"GET /ws/openclaw HTTP/1.1\r\nHost: {GW_V4}:{PORT}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101 ")
         b0, b1 = await reader.readexactly(2)  # the challenge: an unmasked server frame
@@ -218,28 +256,53 @@ SETUP_TOKEN = "fake-setup-token-S7kK3r0RI9lBCV2agCrfjjwknzbIsLKnSukTgKw78OM"
 
 
 def _device_frame(auth: dict[str, str], dev: FakeDevice = DEVICE, role: str = "operator") -> str:
-    return json.dumps({"type": "req", "id": "c1", "method": "connect", "params": {
-        "minProtocol": 4, "maxProtocol": 4, "role": role,
-        "client": {"id": "cli", "version": "1", "platform": "linux", "mode": "cli"},
-        "auth": auth, "device": {"id": dev.device_id, "publicKey": dev.public_key,
-                                 "signature": "sig", "signedAt": 1, "nonce": "n"}}})
+    return json.dumps(
+        {
+            "type": "req",
+            "id": "c1",
+            "method": "connect",
+            "params": {
+                "minProtocol": 4,
+                "maxProtocol": 4,
+                "role": role,
+                "client": {"id": "cli", "version": "1", "platform": "linux", "mode": "cli"},
+                "auth": auth,
+                "device": {
+                    "id": dev.device_id,
+                    "publicKey": dev.public_key,
+                    "signature": "sig",
+                    "signedAt": 1,
+                    "nonce": "n",
+                },
+            },
+        }
+    )
 
 
 @pytest.fixture
-async def store_gated(tailnet: Tailnet, fake_gateway: FakeGateway, gateway_token_file: Path
-                      ) -> AsyncIterator[tuple[ClawgateProcess, PairingStore]]:
+async def store_gated(
+    tailnet: Tailnet, fake_gateway: FakeGateway, gateway_token_file: Path
+) -> AsyncIterator[tuple[ClawgateProcess, PairingStore]]:
     fake_gateway.token = None  # the fake answers hello-ok to whatever the gate lets through
     d = Path(tempfile.mkdtemp(prefix="clawgate-e2e-gatestore-"))
     store = PairingStore(d / "openclaw-state")
     store.pair(DEVICE, DEVICE_TOKEN)
     store.bootstrap(SETUP_TOKEN, int(time.time() * 1000))
-    cg = ClawgateProcess(d / "cg", {
-        "gateway": {"host": GW_V4, "port": STORE_PORT},
-        "upstream": f"http://127.0.0.1:{fake_gateway.port}",
-        "gatewayToken": {"file": str(gateway_token_file), "firstFrameTimeout": 2,
-                         "stateDir": str(store.state_dir)},
-        "limits": {"failedAuthCount": 1000},
-    }, netns=tailnet.ns("gw"), admin_port=18802)
+    cg = ClawgateProcess(
+        d / "cg",
+        {
+            "gateway": {"host": GW_V4, "port": STORE_PORT},
+            "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+            "gatewayToken": {
+                "file": str(gateway_token_file),
+                "firstFrameTimeout": 2,
+                "stateDir": str(store.state_dir),
+            },
+            "limits": {"failedAuthCount": 1000},
+        },
+        netns=tailnet.ns("gw"),
+        admin_port=18802,
+    )
     await cg.start()
     try:
         yield cg, store
@@ -252,8 +315,9 @@ async def store_gated(tailnet: Tailnet, fake_gateway: FakeGateway, gateway_token
 async def _first_frame(tailnet: Tailnet, frame: str, port: int = STORE_PORT) -> Any:
     """Send ``frame`` first; return the hello payload, or the (code, reason) of the close."""
     sock = await connect_in(tailnet.ns("phone"), GW_V4, port)
-    async with connect(f"ws://{GW_V4}:{port}/ws/openclaw", sock=sock, proxy=None,
-                       compression=None, open_timeout=10) as ws:
+    async with connect(
+        f"ws://{GW_V4}:{port}/ws/openclaw", sock=sock, proxy=None, compression=None, open_timeout=10
+    ) as ws:
         assert json.loads(await ws.recv())["event"] == "connect.challenge"
         await ws.send(frame)
         try:
@@ -265,24 +329,39 @@ async def _first_frame(tailnet: Tailnet, frame: str, port: int = STORE_PORT) -> 
 
 REFUSED_DEVICE_FRAMES = [
     ("forged device token", _device_frame({"deviceToken": "forged"}), "device token mismatch"),
-    ("device token of another role", _device_frame({"deviceToken": DEVICE_TOKEN}, role="node"),
-     "no device token for this role"),
-    ("unpaired device", _device_frame({"deviceToken": DEVICE_TOKEN}, STRANGER),
-     "device not paired"),
-    ("device token without a device", json.dumps({"type": "req", "method": "connect",
-                                                  "params": {"auth": {"deviceToken":
-                                                                      DEVICE_TOKEN}}}),
-     "device credential without a device identity"),
-    ("forged setup token", _device_frame({"bootstrapToken": "forged"}),
-     "bootstrap token invalid"),
+    (
+        "device token of another role",
+        _device_frame({"deviceToken": DEVICE_TOKEN}, role="node"),
+        "no device token for this role",
+    ),
+    (
+        "unpaired device",
+        _device_frame({"deviceToken": DEVICE_TOKEN}, STRANGER),
+        "device not paired",
+    ),
+    (
+        "device token without a device",
+        json.dumps(
+            {"type": "req", "method": "connect", "params": {"auth": {"deviceToken": DEVICE_TOKEN}}}
+        ),
+        "device credential without a device identity",
+    ),
+    ("forged setup token", _device_frame({"bootstrapToken": "forged"}), "bootstrap token invalid"),
 ]
 
 
-@pytest.mark.parametrize(("frame", "reason"), [r[1:] for r in REFUSED_DEVICE_FRAMES],
-                         ids=[r[0] for r in REFUSED_DEVICE_FRAMES])
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [r[1:] for r in REFUSED_DEVICE_FRAMES],
+    ids=[r[0] for r in REFUSED_DEVICE_FRAMES],
+)
 async def test_refused_device_frame_never_reaches_the_gateway(
-        tailnet: Tailnet, fake_gateway: FakeGateway,
-        store_gated: tuple[ClawgateProcess, PairingStore], frame: str, reason: str) -> None:
+    tailnet: Tailnet,
+    fake_gateway: FakeGateway,
+    store_gated: tuple[ClawgateProcess, PairingStore],
+    frame: str,
+    reason: str,
+) -> None:
     got = await _first_frame(tailnet, frame)
     assert got == (1008, reason), store_gated[0].stderr()[-3000:]
     await fake_gateway.wait_until(lambda: fake_gateway.active_connections == 0)
@@ -290,8 +369,8 @@ async def test_refused_device_frame_never_reaches_the_gateway(
 
 
 async def test_store_changes_apply_to_the_next_connect(
-        tailnet: Tailnet, fake_gateway: FakeGateway,
-        store_gated: tuple[ClawgateProcess, PairingStore]) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, store_gated: tuple[ClawgateProcess, PairingStore]
+) -> None:
     _, store = store_gated
     ok = _device_frame({"deviceToken": DEVICE_TOKEN})
     setup = _device_frame({"bootstrapToken": SETUP_TOKEN})
@@ -313,8 +392,11 @@ async def test_store_changes_apply_to_the_next_connect(
 
 
 async def test_unreadable_store_fails_closed_and_says_why(
-        tailnet: Tailnet, fake_gateway: FakeGateway,
-        store_gated: tuple[ClawgateProcess, PairingStore], gateway_token_file: Path) -> None:
+    tailnet: Tailnet,
+    fake_gateway: FakeGateway,
+    store_gated: tuple[ClawgateProcess, PairingStore],
+    gateway_token_file: Path,
+) -> None:
     cg, store = store_gated
     store.db.rename(store.db.with_suffix(".moved"))
     frame = _device_frame({"deviceToken": DEVICE_TOKEN})

@@ -47,8 +47,9 @@ CDP_PORT = 9222
 ORIGIN = f"http://{GW_V4}:{IDENTITY_PORT}"
 
 
-def _identity_config(gw: OpenClawGateway, tsd: FakeTailscaledProcess,
-                     **tailscale: Any) -> dict[str, Any]:
+def _identity_config(
+    gw: OpenClawGateway, tsd: FakeTailscaledProcess, **tailscale: Any
+) -> dict[str, Any]:
     return {
         "upstream": f"http://127.0.0.1:{gw.port}",
         "tailscale": {"socket": str(tsd.socket), "authMode": "identity", **tailscale},
@@ -56,10 +57,16 @@ def _identity_config(gw: OpenClawGateway, tsd: FakeTailscaledProcess,
 
 
 @pytest.fixture(scope="module")
-def by_identity(tailnet: Tailnet, identity_gateway: OpenClawGateway,
-                fake_tailscaled: FakeTailscaledProcess) -> Iterator[Clawgate]:
-    cg = Clawgate(tailnet, "identity", _identity_config(identity_gateway, fake_tailscaled),
-                  port=IDENTITY_PORT, admin_port=18796).start()
+def by_identity(
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, fake_tailscaled: FakeTailscaledProcess
+) -> Iterator[Clawgate]:
+    cg = Clawgate(
+        tailnet,
+        "identity",
+        _identity_config(identity_gateway, fake_tailscaled),
+        port=IDENTITY_PORT,
+        admin_port=18796,
+    ).start()
     try:
         yield cg
     finally:
@@ -67,11 +74,16 @@ def by_identity(tailnet: Tailnet, identity_gateway: OpenClawGateway,
 
 
 @pytest.fixture(scope="module")
-def alice_only(tailnet: Tailnet, identity_gateway: OpenClawGateway,
-               fake_tailscaled: FakeTailscaledProcess) -> Iterator[Clawgate]:
-    cg = Clawgate(tailnet, "alice-only",
-                  _identity_config(identity_gateway, fake_tailscaled, allowUsers=[ALICE]),
-                  port=ALICE_ONLY_PORT, admin_port=18797).start()
+def alice_only(
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, fake_tailscaled: FakeTailscaledProcess
+) -> Iterator[Clawgate]:
+    cg = Clawgate(
+        tailnet,
+        "alice-only",
+        _identity_config(identity_gateway, fake_tailscaled, allowUsers=[ALICE]),
+        port=ALICE_ONLY_PORT,
+        admin_port=18797,
+    ).start()
     try:
         yield cg
     finally:
@@ -88,8 +100,7 @@ def _log_lines(gw: OpenClawGateway, pattern: str) -> list[str]:
     return [m for m in gw.log_messages() if rx.search(m)]
 
 
-def _wait_log(gw: OpenClawGateway, pattern: str, at_least: int,
-              timeout: float = 15.0) -> list[str]:
+def _wait_log(gw: OpenClawGateway, pattern: str, at_least: int, timeout: float = 15.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
         found = _log_lines(gw, pattern)
@@ -104,13 +115,15 @@ def _wait_log(gw: OpenClawGateway, pattern: str, at_least: int,
 
 
 async def test_alice_gets_her_identity_scopes_without_device_or_token(
-        tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate) -> None:
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate
+) -> None:
     # (The Control UI client id is covered by the real browser below: on a same-origin load
     # the gateway also wants the UI's own build id, which only the real page knows.)
     mark = by_identity.mark()
     before = len(_log_lines(identity_gateway, rf"^authenticated user connected .*user={ALICE}$"))
-    async with await _connect(tailnet, "phone", IDENTITY_PORT, client=CLI_CLIENT,
-                              scopes=["operator.admin"]) as gw:
+    async with await _connect(
+        tailnet, "phone", IDENTITY_PORT, client=CLI_CLIENT, scopes=["operator.admin"]
+    ) as gw:
         assert gw.hello["type"] == "hello-ok"
         assert gw.hello["auth"]["method"] == "trusted-proxy"
         # Exactly what identityScopes gives her, not what she asked for.
@@ -119,26 +132,38 @@ async def test_alice_gets_her_identity_scopes_without_device_or_token(
     _wait_log(identity_gateway, rf"^authenticated user connected .*user={ALICE}$", before + 1)
     rec = by_identity.wait_for(lambda r: r["event"] == "decision", mark)
     assert (rec["decision"], rec["peer"], rec["login"], rec["websocket"]) == (
-        "allow", PHONE_V4, ALICE, True)
+        "allow",
+        PHONE_V4,
+        ALICE,
+        True,
+    )
 
 
 async def test_alice_claiming_to_be_admin_from_loopback_is_still_alice(
-        tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate) -> None:
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate
+) -> None:
     before = len(_log_lines(identity_gateway, rf"^authenticated user connected .*user={ALICE}$"))
-    spoofed = {"X-Forwarded-User": "admin", "X-Forwarded-For": "127.0.0.1",
-               "X-Forwarded-Proto": "https", "Tailscale-User-Login": "admin"}
-    async with await _connect(tailnet, "phone", IDENTITY_PORT, headers=spoofed,
-                              client=CLI_CLIENT) as gw:
+    spoofed = {
+        "X-Forwarded-User": "admin",
+        "X-Forwarded-For": "127.0.0.1",
+        "X-Forwarded-Proto": "https",
+        "Tailscale-User-Login": "admin",
+    }
+    async with await _connect(
+        tailnet, "phone", IDENTITY_PORT, headers=spoofed, client=CLI_CLIENT
+    ) as gw:
         assert sorted(gw.scopes) == sorted(ALICE_SCOPES)
     _wait_log(identity_gateway, rf"^authenticated user connected .*user={ALICE}$", before + 1)
     assert not _log_lines(identity_gateway, r"user=admin\b")
 
 
-@pytest.mark.parametrize("spoof", [{}, {"X-Forwarded-User": ALICE}],
-                         ids=["plain", "claims-alice"])
+@pytest.mark.parametrize("spoof", [{}, {"X-Forwarded-User": ALICE}], ids=["plain", "claims-alice"])
 async def test_a_peer_outside_allow_users_is_refused_by_the_gateway(
-        tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate,
-        spoof: dict[str, str]) -> None:
+    tailnet: Tailnet,
+    identity_gateway: OpenClawGateway,
+    by_identity: Clawgate,
+    spoof: dict[str, str],
+) -> None:
     mark = by_identity.mark()
     # (the close reason depends on who closes first: the gateway's 1008 or our 1000)
     refused = r"^closed before connect .*fwd=100\.88\.12\.34 "
@@ -154,7 +179,8 @@ async def test_a_peer_outside_allow_users_is_refused_by_the_gateway(
 
 
 async def test_clawgate_allow_users_refuses_others_with_403(
-        tailnet: Tailnet, identity_gateway: OpenClawGateway, alice_only: Clawgate) -> None:
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, alice_only: Clawgate
+) -> None:
     mark = alice_only.mark()
     before = len(_log_lines(identity_gateway, r"host=100\.64\.0\.1:18795 "))
     with pytest.raises(websockets.InvalidStatus) as info:
@@ -168,13 +194,22 @@ async def test_clawgate_allow_users_refuses_others_with_403(
     assert len(_log_lines(identity_gateway, r"host=100\.64\.0\.1:18795 ")) == before
 
 
-def test_real_cli_as_alice_by_identity(tailnet: Tailnet, identity_gateway: OpenClawGateway,
-                                       by_identity: Clawgate) -> None:
+def test_real_cli_as_alice_by_identity(
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate
+) -> None:
     # The CLI insists on a credential with --url; the gateway ignores it in this mode and
     # authenticates the header identity clawgate set.
-    proc = identity_gateway.cli("gateway", "call", "status", "--json", "--url",
-                                f"ws://{GW_V4}:{IDENTITY_PORT}", "--token", "unused",
-                                netns=tailnet.ns("phone"))
+    proc = identity_gateway.cli(
+        "gateway",
+        "call",
+        "status",
+        "--json",
+        "--url",
+        f"ws://{GW_V4}:{IDENTITY_PORT}",
+        "--token",
+        "unused",
+        netns=tailnet.ns("phone"),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert isinstance(json.loads(proc.stdout), dict)
 
@@ -195,25 +230,42 @@ class Chromium:
 
     async def start(self) -> Chromium:
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.tailnet.ns(self.ns), CHROMIUM, "--headless",
-             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={self.profile}",
-             f"--remote-debugging-port={CDP_PORT}", "--remote-debugging-address=127.0.0.1",
-             "--window-size=1280,900", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.tailnet.ns(self.ns),
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self.profile}",
+                f"--remote-debugging-port={CDP_PORT}",
+                "--remote-debugging-address=127.0.0.1",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=open(self.profile / "chromium.log", "wb"),  # noqa: SIM115
             # Chromium leaves org.chromium.Chromium.* dirs in TMPDIR: keep them in the
             # profile, which stop() removes.
             env={**os.environ, "TMPDIR": str(self.profile)},
             # Its own process group: stop() must reach the zygote and renderers too, or
             # they write into the profile after it is removed.
-            start_new_session=True)
+            start_new_session=True,
+        )
         targets = await self._targets()
         page = next(t for t in targets if t["type"] == "page")
         sock = await connect_in(self.tailnet.ns(self.ns), "127.0.0.1", CDP_PORT)
-        self.ws = await connect(page["webSocketDebuggerUrl"], sock=sock, proxy=None,
-                                max_size=None, open_timeout=10)
+        self.ws = await connect(
+            page["webSocketDebuggerUrl"], sock=sock, proxy=None, max_size=None, open_timeout=10
+        )
         return self
 
     async def _targets(self) -> list[dict[str, Any]]:
@@ -221,7 +273,8 @@ class Chromium:
         while True:
             try:
                 reader, writer = await asyncio.open_connection(
-                    sock=await connect_in(self.tailnet.ns(self.ns), "127.0.0.1", CDP_PORT))
+                    sock=await connect_in(self.tailnet.ns(self.ns), "127.0.0.1", CDP_PORT)
+                )
                 break
             except OSError:
                 if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
@@ -298,8 +351,8 @@ async def _poll(check: Any, timeout: float, what: str) -> Any:
 
 @pytest.mark.slow
 async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
-        tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate,
-        chromium: Chromium) -> None:
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, by_identity: Clawgate, chromium: Chromium
+) -> None:
     mark = by_identity.mark()
     ui = r"^closed before connect .*origin=http://100\.64\.0\.1:18789 .*HeadlessChrome"
     before = len(_log_lines(identity_gateway, ui))
@@ -309,10 +362,12 @@ async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
     # The page loaded through clawgate and opened its WebSocket, allowed by alice's identity.
     def ws_allowed(r: dict[str, Any]) -> bool:
         return r["event"] == "decision" and r.get("websocket") is True
+
     rec = by_identity.wait_for(ws_allowed, mark, timeout=30)
     assert (rec["decision"], rec["peer"], rec["login"]) == ("allow", PHONE_V4, ALICE)
-    pages = [r for r in by_identity.since(mark)
-             if r["event"] == "decision" and not r.get("websocket")]
+    pages = [
+        r for r in by_identity.since(mark) if r["event"] == "decision" and not r.get("websocket")
+    ]
     assert pages and all(r["decision"] == "allow" for r in pages)
 
     # The browser makes its own device key, so the gateway asks to pair this browser; the
@@ -326,16 +381,19 @@ async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
 
     # The operator approves on the gateway host; the page connects by itself.
     before_ok = len(_log_lines(identity_gateway, r"^webchat connected "))
-    proc = identity_gateway.cli("devices", "approve", request_id,
-                                *identity_gateway.auth_args(), netns=tailnet.ns("gw"))
+    proc = identity_gateway.cli(
+        "devices", "approve", request_id, *identity_gateway.auth_args(), netns=tailnet.ns("gw")
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = _wait_log(identity_gateway, r"^webchat connected ", before_ok + 1, timeout=45)[-1]
     assert "openclaw-control-ui" in line
+
     # Connected: the settings view shows what it loaded over that WebSocket (the gateway's
     # version and its model setup), instead of the pairing page or loading skeletons.
     async def connected() -> bool:
         text = await chromium.text()
         return "Model Setup" in text and "2026.9.6" in text and "Approve this" not in text
+
     await _poll(connected, 30, "the connected UI")
     shot = await chromium.screenshot(artifact_path("control-ui.png"))
     print(f"screenshot: {shot}")
@@ -345,7 +403,6 @@ async def test_control_ui_in_chromium_reaches_the_gateway_by_identity(
 
 async def _has_text(browser: Chromium, needle: str) -> bool:
     return needle in await browser.text()
-
 
 
 # ------------------------------------------------------------------ config/openclaw.gateway.json
@@ -370,16 +427,22 @@ class FileConfigGateway(OpenClawGateway):
 
 @pytest.mark.slow
 async def test_shipped_gateway_config_is_accepted_and_works_behind_clawgate(
-        tailnet: Tailnet, identity_gateway: OpenClawGateway,
-        fake_tailscaled: FakeTailscaledProcess) -> None:
+    tailnet: Tailnet, identity_gateway: OpenClawGateway, fake_tailscaled: FakeTailscaledProcess
+) -> None:
     # Unknown keys are fatal to the real gateway: starting it is the schema check.
-    gw = FileConfigGateway(netns=tailnet.ns("gw"), port=FILE_GW_PORT,
-                           install=identity_gateway.install)
+    gw = FileConfigGateway(
+        netns=tailnet.ns("gw"), port=FILE_GW_PORT, install=identity_gateway.install
+    )
     await asyncio.to_thread(gw.start)
     cg = None
     try:
-        cg = Clawgate(tailnet, "file-config", _identity_config(gw, fake_tailscaled),
-                      port=FILE_CG_PORT, admin_port=18799)
+        cg = Clawgate(
+            tailnet,
+            "file-config",
+            _identity_config(gw, fake_tailscaled),
+            port=FILE_CG_PORT,
+            admin_port=18799,
+        )
         await asyncio.to_thread(cg.start)
         async with await _connect(tailnet, "phone", FILE_CG_PORT, client=CLI_CLIENT) as c:
             assert c.hello["auth"]["method"] == "trusted-proxy"

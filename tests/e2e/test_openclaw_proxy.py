@@ -33,8 +33,13 @@ FIRST_FRAME_TIMEOUT = 3.0
 
 @pytest.fixture(scope="module")
 def plain(tailnet: Tailnet, token_gateway: OpenClawGateway) -> Iterator[Clawgate]:
-    cg = Clawgate(tailnet, "plain", {"upstream": f"http://127.0.0.1:{token_gateway.port}"},
-                  port=PLAIN_PORT, admin_port=18790).start()
+    cg = Clawgate(
+        tailnet,
+        "plain",
+        {"upstream": f"http://127.0.0.1:{token_gateway.port}"},
+        port=PLAIN_PORT,
+        admin_port=18790,
+    ).start()
     try:
         yield cg
     finally:
@@ -42,23 +47,33 @@ def plain(tailnet: Tailnet, token_gateway: OpenClawGateway) -> Iterator[Clawgate
 
 
 @pytest.fixture(scope="module")
-def gated(tailnet: Tailnet, token_gateway: OpenClawGateway,
-          gateway_token_file: Path) -> Iterator[Clawgate]:
-    cg = Clawgate(tailnet, "gated", {
-        "upstream": f"http://127.0.0.1:{token_gateway.port}",
-        "gatewayToken": {"file": str(gateway_token_file),
-                         "firstFrameTimeout": FIRST_FRAME_TIMEOUT},
-        # Many refusals from one phone in this module: the lockout is tested elsewhere.
-        "limits": {"failedAuthCount": 1000},
-    }, port=GATED_PORT, admin_port=18792).start()
+def gated(
+    tailnet: Tailnet, token_gateway: OpenClawGateway, gateway_token_file: Path
+) -> Iterator[Clawgate]:
+    cg = Clawgate(
+        tailnet,
+        "gated",
+        {
+            "upstream": f"http://127.0.0.1:{token_gateway.port}",
+            "gatewayToken": {
+                "file": str(gateway_token_file),
+                "firstFrameTimeout": FIRST_FRAME_TIMEOUT,
+            },
+            # Many refusals from one phone in this module: the lockout is tested elsewhere.
+            "limits": {"failedAuthCount": 1000},
+        },
+        port=GATED_PORT,
+        admin_port=18792,
+    ).start()
     try:
         yield cg
     finally:
         cg.stop()
 
 
-def cli(gw: OpenClawGateway, tailnet: Tailnet, *args: str,
-        home: Path | None = None) -> tuple[int, str]:
+def cli(
+    gw: OpenClawGateway, tailnet: Tailnet, *args: str, home: Path | None = None
+) -> tuple[int, str]:
     """The real CLI on the phone; returns (exit status, stdout+stderr)."""
     proc = gw.cli(*args, netns=tailnet.ns("phone"), home=home)
     return proc.returncode, proc.stdout + proc.stderr
@@ -76,8 +91,9 @@ def gw_log_count(gw: OpenClawGateway, pattern: str) -> int:
     return sum(1 for m in gw.log_messages() if rx.search(m))
 
 
-def wait_gw_log(gw: OpenClawGateway, pattern: str, *, at_least: int,
-                timeout: float = 10.0) -> list[str]:
+def wait_gw_log(
+    gw: OpenClawGateway, pattern: str, *, at_least: int, timeout: float = 10.0
+) -> list[str]:
     rx = re.compile(pattern)
     deadline = time.monotonic() + timeout
     while True:
@@ -85,8 +101,10 @@ def wait_gw_log(gw: OpenClawGateway, pattern: str, *, at_least: int,
         if len(found) >= at_least:
             return found
         if time.monotonic() >= deadline:
-            raise AssertionError(f"gateway log: {len(found)} < {at_least} lines match "
-                                 f"{pattern!r}; last lines: {gw.log_messages()[-8:]}")
+            raise AssertionError(
+                f"gateway log: {len(found)} < {at_least} lines match "
+                f"{pattern!r}; last lines: {gw.log_messages()[-8:]}"
+            )
         time.sleep(0.1)
 
 
@@ -97,25 +115,31 @@ def bearer(cg: Clawgate) -> dict[str, str]:
 # ------------------------------------------------------------------ 1. the real CLI
 
 
-def test_cli_health_through_clawgate(token_gateway: OpenClawGateway, tailnet: Tailnet,
-                                     plain: Clawgate) -> None:
+def test_cli_health_through_clawgate(
+    token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate
+) -> None:
     mark = plain.mark()
     url = f"ws://phone:{plain.tokens['phone']}@{GW_V4}:{PLAIN_PORT}"
-    rc, out = cli(token_gateway, tailnet, "gateway", "health", "--url", url,
-                  "--token", GW_TOKEN)
+    rc, out = cli(token_gateway, tailnet, "gateway", "health", "--url", url, "--token", GW_TOKEN)
     assert rc == 0, out
     assert "Gateway Health" in out and "OK" in out
     rec = plain.wait_for(lambda r: r["event"] == "decision", mark)
     assert (rec["decision"], rec["peer"], rec["token"], rec["websocket"]) == (
-        "allow", PHONE_V4, "phone", True)
+        "allow",
+        PHONE_V4,
+        "phone",
+        True,
+    )
 
 
 def test_cli_wrong_gateway_token_is_the_gateways_own_answer(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate) -> None:
+    token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate
+) -> None:
     before = gw_log_count(token_gateway, r"^unauthorized .*reason=token_mismatch")
     url = f"ws://phone:{plain.tokens['phone']}@{GW_V4}:{PLAIN_PORT}"
-    rc, out = cli(token_gateway, tailnet, "gateway", "health", "--url", url,
-                  "--token", "WRONG-GATEWAY-TOKEN")
+    rc, out = cli(
+        token_gateway, tailnet, "gateway", "health", "--url", url, "--token", "WRONG-GATEWAY-TOKEN"
+    )
     assert rc != 0
     assert "gateway token mismatch" in out, out
     # It was the gateway that said so: clawgate let the connection through.
@@ -123,11 +147,20 @@ def test_cli_wrong_gateway_token_is_the_gateways_own_answer(
 
 
 def test_cli_without_clawgate_token_is_refused_with_401(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate) -> None:
+    token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate
+) -> None:
     mark = plain.mark()
     upgrades = gw_log_count(token_gateway, r"host=100\.64\.0\.1:18789 ")
-    rc, out = cli(token_gateway, tailnet, "gateway", "health", "--url",
-                  f"ws://{GW_V4}:{PLAIN_PORT}", "--token", GW_TOKEN)
+    rc, out = cli(
+        token_gateway,
+        tailnet,
+        "gateway",
+        "health",
+        "--url",
+        f"ws://{GW_V4}:{PLAIN_PORT}",
+        "--token",
+        GW_TOKEN,
+    )
     assert rc != 0
     assert "HTTP 401" in out, out
     rec = plain.wait_for(lambda r: r["event"] == "decision", mark)
@@ -138,15 +171,26 @@ def test_cli_without_clawgate_token_is_refused_with_401(
 
 # ------------------------------------------------------------------ 2. the token at the edge
 
-GATED_PHASE_PRE_CONNECT = (r"^closed before connect .*host=100\.64\.0\.1:18791 "
-                           r".*phase=ws_upgrade_started")
+GATED_PHASE_PRE_CONNECT = (
+    r"^closed before connect .*host=100\.64\.0\.1:18791 "
+    r".*phase=ws_upgrade_started"
+)
 
 
-def test_edge_gate_cli_right_token_passes(token_gateway: OpenClawGateway, tailnet: Tailnet,
-                                         gated: Clawgate) -> None:
+def test_edge_gate_cli_right_token_passes(
+    token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate
+) -> None:
     mark = gated.mark()
-    rc, out = cli(token_gateway, tailnet, "gateway", "health", "--url",
-                  f"ws://{GW_V4}:{GATED_PORT}", "--token", GW_TOKEN)
+    rc, out = cli(
+        token_gateway,
+        tailnet,
+        "gateway",
+        "health",
+        "--url",
+        f"ws://{GW_V4}:{GATED_PORT}",
+        "--token",
+        GW_TOKEN,
+    )
     assert rc == 0, out
     assert "Gateway Health" in out
     rec = gated.wait_for(lambda r: r["event"] == "gateway_token", mark)
@@ -154,17 +198,29 @@ def test_edge_gate_cli_right_token_passes(token_gateway: OpenClawGateway, tailne
 
 
 def test_edge_gate_cli_wrong_token_never_reaches_the_gateway(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate) -> None:
+    token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate
+) -> None:
     mark = gated.mark()
     unauthorized = gw_log_count(token_gateway, r"^unauthorized ")
     pre_connect = gw_log_count(token_gateway, GATED_PHASE_PRE_CONNECT)
-    rc, out = cli(token_gateway, tailnet, "gateway", "health", "--url",
-                  f"ws://{GW_V4}:{GATED_PORT}", "--token", "WRONG-GATEWAY-TOKEN")
+    rc, out = cli(
+        token_gateway,
+        tailnet,
+        "gateway",
+        "health",
+        "--url",
+        f"ws://{GW_V4}:{GATED_PORT}",
+        "--token",
+        "WRONG-GATEWAY-TOKEN",
+    )
     assert rc != 0
     assert "gateway closed (1008): gateway token mismatch" in out, out
     rec = gated.wait_for(lambda r: r["event"] == "gateway_token", mark)
     assert (rec["result"], rec["reason"], rec["peer"]) == (
-        "refused", "gateway token mismatch", PHONE_V4)
+        "refused",
+        "gateway token mismatch",
+        PHONE_V4,
+    )
     # The gateway saw the upgrade and then the socket close, never a connect request.
     wait_gw_log(token_gateway, GATED_PHASE_PRE_CONNECT, at_least=pre_connect + 1)
     assert gw_log_count(token_gateway, r"^unauthorized ") == unauthorized
@@ -172,14 +228,25 @@ def test_edge_gate_cli_wrong_token_never_reaches_the_gateway(
 
 async def _gated_ws(tailnet: Tailnet, port: int = GATED_PORT) -> Any:
     sock = await connect_in(tailnet.ns("phone"), GW_V4, port)
-    return await connect(f"ws://{GW_V4}:{port}/", sock=sock, proxy=None, compression=None,
-                         max_size=None, open_timeout=10)
+    return await connect(
+        f"ws://{GW_V4}:{port}/",
+        sock=sock,
+        proxy=None,
+        compression=None,
+        max_size=None,
+        open_timeout=10,
+    )
 
 
 def _connect_frame(token: str | None, pad: int = 0) -> str:
     params: dict[str, Any] = {
-        "minProtocol": 4, "maxProtocol": 4, "client": dict(CLI_CLIENT), "role": "operator",
-        "scopes": ["operator.read"], "caps": [], "pad": "x" * pad,
+        "minProtocol": 4,
+        "maxProtocol": 4,
+        "client": dict(CLI_CLIENT),
+        "role": "operator",
+        "scopes": ["operator.read"],
+        "caps": [],
+        "pad": "x" * pad,
     }
     if token is not None:
         params["auth"] = {"token": token}
@@ -187,24 +254,33 @@ def _connect_frame(token: str | None, pad: int = 0) -> str:
 
 
 BAD_FIRST_FRAMES: list[tuple[str, Any, str]] = [
-    ("fragmented", ["{\"type\":\"req\",", "\"method\":\"connect\"}"],
-     "first frame must not be fragmented"),
+    ("fragmented", ['{"type":"req",', '"method":"connect"}'], "first frame must not be fragmented"),
     ("binary", _connect_frame(GW_TOKEN).encode(), "first frame must be a text frame"),
     ("oversized", _connect_frame(GW_TOKEN, pad=70 * 1024), "first frame too large"),
     ("no token", _connect_frame(None), "connect request carries no gateway token"),
     ("wrong token", _connect_frame("WRONG"), "gateway token mismatch"),
-    ("not connect", json.dumps({"type": "req", "id": "1", "method": "health",
-                                "params": {"auth": {"token": GW_TOKEN}}}),
-     "first frame must be the connect request"),
+    (
+        "not connect",
+        json.dumps(
+            {"type": "req", "id": "1", "method": "health", "params": {"auth": {"token": GW_TOKEN}}}
+        ),
+        "first frame must be the connect request",
+    ),
     ("late", None, "no connect request within the time limit"),
 ]
 
 
-@pytest.mark.parametrize(("kind", "frame", "reason"), BAD_FIRST_FRAMES,
-                         ids=[k for k, _, _ in BAD_FIRST_FRAMES])
+@pytest.mark.parametrize(
+    ("kind", "frame", "reason"), BAD_FIRST_FRAMES, ids=[k for k, _, _ in BAD_FIRST_FRAMES]
+)
 async def test_edge_gate_bad_first_frame_closes_1008_before_the_gateway(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, gated: Clawgate,
-        kind: str, frame: Any, reason: str) -> None:
+    token_gateway: OpenClawGateway,
+    tailnet: Tailnet,
+    gated: Clawgate,
+    kind: str,
+    frame: Any,
+    reason: str,
+) -> None:
     mark = gated.mark()
     unauthorized = gw_log_count(token_gateway, r"^unauthorized ")
     pre_connect = gw_log_count(token_gateway, GATED_PHASE_PRE_CONNECT)
@@ -230,11 +306,16 @@ async def test_edge_gate_bad_first_frame_closes_1008_before_the_gateway(
 
 
 async def test_edge_gate_python_client_right_token_then_plain_splice(
-        tailnet: Tailnet, gated: Clawgate) -> None:
+    tailnet: Tailnet, gated: Clawgate
+) -> None:
     sock = await connect_in(tailnet.ns("phone"), GW_V4, GATED_PORT)
-    async with GatewayClient.connect(f"ws://{GW_V4}:{GATED_PORT}", sock=sock,
-                                     client=CLI_CLIENT, scopes=["operator.read"],
-                                     token=GW_TOKEN) as gw:
+    async with GatewayClient.connect(
+        f"ws://{GW_V4}:{GATED_PORT}",
+        sock=sock,
+        client=CLI_CLIENT,
+        scopes=["operator.read"],
+        token=GW_TOKEN,
+    ) as gw:
         assert gw.hello["type"] == "hello-ok"
         assert gw.hello["auth"]["method"] == "token"
         # After the gate the connection is a plain splice: later frames flow both ways.
@@ -255,18 +336,25 @@ SPOOFED = {
 
 
 async def test_spoofed_forwarding_headers_do_not_make_a_phone_local(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate) -> None:
+    token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate
+) -> None:
     # Control: a truly local token client gets the scopes it asks for.
     local = await connect_in(tailnet.ns("gw"), "127.0.0.1", token_gateway.port)
-    async with GatewayClient.connect(token_gateway.url, sock=local, client=CLI_CLIENT,
-                                     scopes=["operator.read"], token=GW_TOKEN) as gw:
+    async with GatewayClient.connect(
+        token_gateway.url, sock=local, client=CLI_CLIENT, scopes=["operator.read"], token=GW_TOKEN
+    ) as gw:
         assert gw.scopes == ["operator.read"]
     # Through clawgate, claiming to be 127.0.0.1 and "admin": still the phone, a remote
     # token-only client, which the gateway gives no scopes.
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PLAIN_PORT)
-    async with GatewayClient.connect(f"ws://{GW_V4}:{PLAIN_PORT}", sock=sock,
-                                     headers={**bearer(plain), **SPOOFED}, client=CLI_CLIENT,
-                                     scopes=["operator.read"], token=GW_TOKEN) as gw:
+    async with GatewayClient.connect(
+        f"ws://{GW_V4}:{PLAIN_PORT}",
+        sock=sock,
+        headers={**bearer(plain), **SPOOFED},
+        client=CLI_CLIENT,
+        scopes=["operator.read"],
+        token=GW_TOKEN,
+    ) as gw:
         assert gw.hello["auth"]["method"] == "token"
         assert gw.scopes == []
         with pytest.raises(RuntimeError, match="missing scope: operator.read"):
@@ -274,15 +362,22 @@ async def test_spoofed_forwarding_headers_do_not_make_a_phone_local(
 
 
 async def test_gateway_sees_only_the_real_address_in_x_forwarded_for(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate) -> None:
-    pattern = (r"^closed before connect .*fwd=(\S+) .*host=100\.64\.0\.1:18789 "
-               r".*phase=auth_credentials_received")
+    token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate
+) -> None:
+    pattern = (
+        r"^closed before connect .*fwd=(\S+) .*host=100\.64\.0\.1:18789 "
+        r".*phase=auth_credentials_received"
+    )
     before = gw_log_count(token_gateway, pattern)
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PLAIN_PORT)
     with pytest.raises(HandshakeError) as info:
-        await GatewayClient.connect(f"ws://{GW_V4}:{PLAIN_PORT}", sock=sock,
-                                    headers={**bearer(plain), **SPOOFED}, client=CLI_CLIENT,
-                                    token="WRONG-GATEWAY-TOKEN")
+        await GatewayClient.connect(
+            f"ws://{GW_V4}:{PLAIN_PORT}",
+            sock=sock,
+            headers={**bearer(plain), **SPOOFED},
+            client=CLI_CLIENT,
+            token="WRONG-GATEWAY-TOKEN",
+        )
     assert "gateway token mismatch" in str(info.value)
     lines = wait_gw_log(token_gateway, pattern, at_least=before + 1)
     # The gateway logs the raw X-Forwarded-For it received: ours alone, never appended to.
@@ -295,12 +390,14 @@ async def test_gateway_sees_only_the_real_address_in_x_forwarded_for(
 
 
 def test_pairing_through_clawgate_is_attributed_to_the_phone(
-        token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate) -> None:
+    token_gateway: OpenClawGateway, tailnet: Tailnet, plain: Clawgate
+) -> None:
     home = token_gateway.client_home("pairing-phone")
     url = f"ws://phone:{plain.tokens['phone']}@{GW_V4}:{PLAIN_PORT}"
     # `cron list` makes a device identity; a new device must be paired first.
-    rc, out = cli(token_gateway, tailnet, "cron", "list", "--url", url, "--token", GW_TOKEN,
-                  home=home)
+    rc, out = cli(
+        token_gateway, tailnet, "cron", "list", "--url", url, "--token", GW_TOKEN, home=home
+    )
     assert rc != 0
     m = re.search(r"device pairing required \(requestId: ([0-9a-f-]{36})\)", out)
     assert m is not None, out
@@ -313,8 +410,9 @@ def test_pairing_through_clawgate_is_attributed_to_the_phone(
 
     out = admin_cli(token_gateway, tailnet, "devices", "approve", request_id)
     assert request_id in out
-    rc, out = cli(token_gateway, tailnet, "cron", "list", "--url", url, "--token", GW_TOKEN,
-                  home=home)
+    rc, out = cli(
+        token_gateway, tailnet, "cron", "list", "--url", url, "--token", GW_TOKEN, home=home
+    )
     assert rc == 0, out
     paired = json.loads(admin_cli(token_gateway, tailnet, "devices", "list", "--json"))
     (device,) = [d for d in paired["paired"] if d["deviceId"] == entry["deviceId"]]
@@ -322,13 +420,24 @@ def test_pairing_through_clawgate_is_attributed_to_the_phone(
 
     # Asking for more (devices list needs operator.pairing) is a scope upgrade, which the
     # gateway logs with the address it attributed: the phone's.
-    rc, out = cli(token_gateway, tailnet, "devices", "list", "--json", "--url", url,
-                  "--token", GW_TOKEN, home=home)
+    rc, out = cli(
+        token_gateway,
+        tailnet,
+        "devices",
+        "list",
+        "--json",
+        "--url",
+        url,
+        "--token",
+        GW_TOKEN,
+        home=home,
+    )
     assert rc != 0 and "scope upgrade pending approval" in out, out
     (line,) = wait_gw_log(
         token_gateway,
         rf"device access upgrade requested reason=scope-upgrade device={entry['deviceId'][:8]}",
-        at_least=1)
+        at_least=1,
+    )
     assert f"ip={PHONE_V4} " in line, line
     assert "ip=127.0.0.1" not in line
 
@@ -338,12 +447,18 @@ def test_pairing_through_clawgate_is_attributed_to_the_phone(
 
 @pytest.mark.slow
 async def test_session_survives_70s_of_gateway_pings_and_ticks(
-        tailnet: Tailnet, plain: Clawgate) -> None:
+    tailnet: Tailnet, plain: Clawgate
+) -> None:
     mark = plain.mark()
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PLAIN_PORT)
-    async with GatewayClient.connect(f"ws://{GW_V4}:{PLAIN_PORT}", sock=sock,
-                                     headers=bearer(plain), client=CLI_CLIENT,
-                                     scopes=["operator.read"], token=GW_TOKEN) as gw:
+    async with GatewayClient.connect(
+        f"ws://{GW_V4}:{PLAIN_PORT}",
+        sock=sock,
+        headers=bearer(plain),
+        client=CLI_CLIENT,
+        scopes=["operator.read"],
+        token=GW_TOKEN,
+    ) as gw:
         ws = gw.ws
         ticks = 0
         deadline = time.monotonic() + 70

@@ -43,8 +43,8 @@ CLOSE_TIMEOUT = 10.0
 
 HEALTH_BODY = b'{"ok":true,"status":"live"}'
 INDEX_HTML = (
-    b"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>OpenClaw Control</title>"
-    b"</head>\n<body><div id=\"app\">fake OpenClaw Control UI</div>"
+    b'<!doctype html>\n<html><head><meta charset="utf-8"><title>OpenClaw Control</title>'
+    b'</head>\n<body><div id="app">fake OpenClaw Control UI</div>'
     b"<script>/* opens ws://same-origin/ */</script></body></html>\n"
 )
 CHUNKS = (b"first chunk\n", b"second, a bit longer chunk\n", b"third\n")
@@ -355,25 +355,42 @@ class FakeGateway:
         head_only = rec.method == "HEAD"
         path = rec.path
         if path in ("/health", "/healthz"):
-            out = _response(200, HEALTH_BODY, "application/json; charset=utf-8",
-                            close=not keep, head_only=head_only)
+            out = _response(
+                200,
+                HEALTH_BODY,
+                "application/json; charset=utf-8",
+                close=not keep,
+                head_only=head_only,
+            )
         elif path == "/readyz":
-            out = _response(200, b'{"ready":true}', "application/json; charset=utf-8",
-                            close=not keep, head_only=head_only)
+            out = _response(
+                200,
+                b'{"ready":true}',
+                "application/json; charset=utf-8",
+                close=not keep,
+                head_only=head_only,
+            )
         elif path == "/":
-            out = _response(200, INDEX_HTML, "text/html; charset=utf-8",
-                            close=not keep, head_only=head_only)
+            out = _response(
+                200, INDEX_HTML, "text/html; charset=utf-8", close=not keep, head_only=head_only
+            )
         elif path == "/echo":
-            out = _response(200, rec.body, "application/octet-stream",
-                            close=not keep, head_only=head_only)
+            out = _response(
+                200, rec.body, "application/octet-stream", close=not keep, head_only=head_only
+            )
         elif path == "/headers":
             body = json.dumps({"headers": rec.headers, "peer": list(rec.peer)}).encode()
             out = _response(200, body, "application/json", close=not keep, head_only=head_only)
         elif path.startswith("/status/") and path[8:].isdigit() and 200 <= int(path[8:]) < 600:
             code = int(path[8:])
             body = json.dumps({"error": {"type": "status", "status": code}}).encode()
-            out = _response(code, body, "application/json", close=not keep,
-                            head_only=head_only or code in (204, 304))
+            out = _response(
+                code,
+                body,
+                "application/json",
+                close=not keep,
+                head_only=head_only or code in (204, 304),
+            )
         elif path == "/chunked":
             await self._send_chunked(writer, keep, head_only)
             return keep
@@ -409,7 +426,7 @@ class FakeGateway:
         if not head_only:
             body = big_body(n)
             for i in range(0, n, READ_SIZE):
-                writer.write(body[i:i + READ_SIZE])
+                writer.write(body[i : i + READ_SIZE])
                 await writer.drain()
         await writer.drain()
 

@@ -606,8 +606,14 @@ class FakeTailscaled:
         status sample), as the real 1.96.4 answers it (tests/real/test_fake_vs_real.py)."""
         v4 = next((ip for ip in self.self_ips if ":" not in ip), self.self_ips[0])
         v6 = next((ip for ip in self.self_ips if ":" in ip), None)
-        body = user_peer(v4, "alice@example.com", SELF_HOST, ipv6=v6, os_name="linux",
-                         key_expiry=self.self_key_expiry)
+        body = user_peer(
+            v4,
+            "alice@example.com",
+            SELF_HOST,
+            ipv6=v6,
+            os_name="linux",
+            key_expiry=self.self_key_expiry,
+        )
         body["Node"]["User"] = body["UserProfile"]["ID"] = SELF_USER_ID
         return body
 

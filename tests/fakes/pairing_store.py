@@ -42,8 +42,9 @@ class FakeDevice:
     def new(cls) -> FakeDevice:
         pub = Ed25519PrivateKey.generate().public_key()
         raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return cls(hashlib.sha256(raw).hexdigest(),
-                   base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+        return cls(
+            hashlib.sha256(raw).hexdigest(), base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        )
 
 
 class PairingStore:
@@ -55,11 +56,18 @@ class PairingStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.executescript(SCHEMA)
 
-    def pair(self, dev: FakeDevice, token: str, *, role: str = "operator",
-             revoked: bool = False, client_id: str = "cli", client_mode: str = "cli",
-             issuer: dict[str, str] | None = None) -> None:
-        entry: dict[str, object] = {"token": token, "role": role, "scopes": [],
-                                    "createdAtMs": 1}
+    def pair(
+        self,
+        dev: FakeDevice,
+        token: str,
+        *,
+        role: str = "operator",
+        revoked: bool = False,
+        client_id: str = "cli",
+        client_mode: str = "cli",
+        issuer: dict[str, str] | None = None,
+    ) -> None:
+        entry: dict[str, object] = {"token": token, "role": role, "scopes": [], "createdAtMs": 1}
         if revoked:
             entry["revokedAtMs"] = 2
         if issuer is not None:
@@ -68,19 +76,32 @@ class PairingStore:
             "INSERT OR REPLACE INTO device_pairing_paired (device_id, public_key, client_id, "
             "client_mode, role, tokens_json, created_at_ms, approved_at_ms) "
             "VALUES (?,?,?,?,?,?,1,1)",
-            (dev.device_id, dev.public_key, client_id, client_mode, role,
-             json.dumps({role: entry})))
+            (
+                dev.device_id,
+                dev.public_key,
+                client_id,
+                client_mode,
+                role,
+                json.dumps({role: entry}),
+            ),
+        )
 
     def unpair(self, dev: FakeDevice) -> None:
-        self.conn.execute("DELETE FROM device_pairing_paired WHERE device_id = ?",
-                          (dev.device_id,))
+        self.conn.execute("DELETE FROM device_pairing_paired WHERE device_id = ?", (dev.device_id,))
 
     def bootstrap(self, token: str, issued_at_ms: int, dev: FakeDevice | None = None) -> None:
         self.conn.execute(
             "INSERT INTO device_bootstrap_tokens (token_key, token, ts, device_id, public_key, "
             "issued_at_ms) VALUES (?,?,?,?,?,?)",
-            (token, token, issued_at_ms, dev.device_id if dev else None,
-             dev.public_key if dev else None, issued_at_ms))
+            (
+                token,
+                token,
+                issued_at_ms,
+                dev.device_id if dev else None,
+                dev.public_key if dev else None,
+                issued_at_ms,
+            ),
+        )
 
     def close(self) -> None:
         self.conn.close()

@@ -199,8 +199,13 @@ def noise_accept(server_key: X25519PrivateKey, init: bytes) -> tuple[bytes, byte
 class _NoiseConn:
     """Noise transport records over an asyncio stream pair."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tx_key: bytes, rx_key: bytes) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tx_key: bytes,
+        rx_key: bytes,
+    ) -> None:
         self.reader, self.writer = reader, writer
         self._tx, self._rx = ChaCha20Poly1305(tx_key), ChaCha20Poly1305(rx_key)
         self._tx_n = self._rx_n = 0
@@ -220,7 +225,7 @@ class _NoiseConn:
 
     def write(self, data: bytes) -> None:
         for i in range(0, len(data), MAX_PLAINTEXT):
-            chunk = data[i:i + MAX_PLAINTEXT]
+            chunk = data[i : i + MAX_PLAINTEXT]
             nonce = bytes(4) + struct.pack(">Q", self._tx_n)
             self._tx_n += 1
             ct = self._tx.encrypt(nonce, chunk, None)
@@ -322,8 +327,9 @@ class _Stream:
 
 
 class _H2Session:
-    def __init__(self, ctl: ControlServer, noise: _NoiseConn, machine_key: str,
-                 remote_ip: str) -> None:
+    def __init__(
+        self, ctl: ControlServer, noise: _NoiseConn, machine_key: str, remote_ip: str
+    ) -> None:
         self.ctl = ctl
         self.remote_ip = remote_ip
         self.noise = noise
@@ -383,8 +389,9 @@ class _H2Session:
         while data:
             if sid in self.dead:
                 raise ConnectionError("stream reset")
-            n = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size,
-                    len(data))
+            n = min(
+                self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size, len(data)
+            )
             if n <= 0:
                 self.window.clear()
                 await self.window.wait()
@@ -435,8 +442,11 @@ class _H2Session:
             self.respond(sid, 400, "text/plain")
             await self.send(sid, b"node not found\n", end=True)
             return
-        log.debug("map request from %s: %s", node.hostname,
-                  {k: v for k, v in req.items() if k != "Hostinfo"})
+        log.debug(
+            "map request from %s: %s",
+            node.hostname,
+            {k: v for k, v in req.items() if k != "Hostinfo"},
+        )
         if not req.get("ReadOnly"):
             self.ctl._update_from_map(node, req, self.remote_ip)
         compress = bool(req.get("Compress"))
@@ -480,6 +490,7 @@ class _H2Session:
 def _listen(host: str, port: int, netns: str | None) -> socket.socket:
     if netns is not None:
         from tests.netns import listen_in
+
         return listen_in(netns, host, port)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -514,8 +525,9 @@ class ControlServer:
         self.url = ""
 
     # lifecycle -----------------------------------------------------------------------------
-    def start(self, host: str, port: int = 0, *, netns: str | None = None,
-              https_port: int | None = 443) -> str:
+    def start(
+        self, host: str, port: int = 0, *, netns: str | None = None, https_port: int | None = 443
+    ) -> str:
         """Listen on host:port (inside netns when given) from a thread of its own; the URL.
 
         With https_port, also TLS on host:https_port, with a certificate for host from a CA
@@ -544,8 +556,10 @@ class ControlServer:
                 self._server = await asyncio.start_server(self._http1, sock=sock)
                 if tls_sock is not None:
                     self._tls_server = await asyncio.start_server(
-                        self._http1, sock=tls_sock, ssl=ssl_ctx)
+                        self._http1, sock=tls_sock, ssl=ssl_ctx
+                    )
                 ready.set()
+
             loop.run_until_complete(serve())
             loop.run_forever()
             loop.run_until_complete(loop.shutdown_asyncgens())
@@ -568,6 +582,7 @@ class ControlServer:
                     srv.close()
             for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
                 task.cancel()
+
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
@@ -580,27 +595,34 @@ class ControlServer:
         now = datetime.now(UTC)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "testcontrol CA")])
-        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - timedelta(hours=1))
-              .not_valid_after(now + timedelta(days=30))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .sign(ca_key, hashes.SHA256()))
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
         try:
             san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
         except ValueError:
             san = x509.DNSName(host)
         key = ec.generate_private_key(ec.SECP256R1())
-        leaf = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-                .issuer_name(ca_name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(hours=1))
-                .not_valid_after(now + timedelta(days=30))
-                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         with open(self.ca_file, "wb") as f:
             f.write(ca.public_bytes(Encoding.PEM))
         cert_path, key_path = os.path.join(self._tmp, "leaf.pem"), os.path.join(self._tmp, "k")
@@ -623,6 +645,7 @@ class ControlServer:
 
         async def wrap() -> _T:
             return fn()
+
         return asyncio.run_coroutine_threadsafe(wrap(), loop).result(10)
 
     def _notify(self) -> None:
@@ -632,8 +655,9 @@ class ControlServer:
             self._changed.set()
 
     # API -----------------------------------------------------------------------------------
-    def create_auth_key(self, user: str | None = None, tags: list[str] | tuple[str, ...] = ()
-                        ) -> str:
+    def create_auth_key(
+        self, user: str | None = None, tags: list[str] | tuple[str, ...] = ()
+    ) -> str:
         """A reusable auth key that registers nodes as `user` (a login name) or as `tags`."""
         if (user is None) == (not tags):
             raise ValueError("an auth key is for a user or for tags, not both or neither")
@@ -644,16 +668,30 @@ class ControlServer:
             if user is not None:
                 self._user(user)
             return key
+
         return self._call(add)
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node: name, id, node_key, user, tags, addresses, key_expiry, hostinfo."""
+
         def snap() -> list[dict[str, Any]]:
-            return [{"name": n.hostname, "id": n.id, "node_key": n.node_key,
-                     "user": n.user.login, "tags": list(n.tags), "v4": n.v4, "v6": n.v6,
-                     "key_expiry": n.key_expiry, "disco_key": n.disco_key,
-                     "endpoints": list(n.endpoints), "hostinfo": dict(n.hostinfo)}
-                    for n in self._nodes.values()]
+            return [
+                {
+                    "name": n.hostname,
+                    "id": n.id,
+                    "node_key": n.node_key,
+                    "user": n.user.login,
+                    "tags": list(n.tags),
+                    "v4": n.v4,
+                    "v6": n.v6,
+                    "key_expiry": n.key_expiry,
+                    "disco_key": n.disco_key,
+                    "endpoints": list(n.endpoints),
+                    "hostinfo": dict(n.hostinfo),
+                }
+                for n in self._nodes.values()
+            ]
+
         return self._call(snap)
 
     def node(self, name: str) -> dict[str, Any]:
@@ -675,48 +713,59 @@ class ControlServer:
 
     def set_tags(self, name: str, tags: list[str]) -> None:
         """Change a node's tags (a user's node with tags becomes a tagged node)."""
+
         def change() -> None:
             n = self._by_name(name)
             n.tags = list(tags)
             if tags:
                 n.user = self._tagged
             self._notify()
+
         self._call(change)
 
     def remove_node(self, name: str) -> None:
         """Delete a node: peers stop seeing it and its own map poll ends."""
+
         def remove() -> None:
             n = self._by_name(name)
             del self._nodes[n.node_key]
             self._grants = [g for g in self._grants if name not in (g.src, g.dst)]
             self._notify()
+
         self._call(remove)
 
     def set_key_expiry(self, name: str, when: datetime | None) -> None:
         """Set the node key's expiry (None: never expires), sent in the next netmap."""
+
         def change() -> None:
             n = self._by_name(name)
-            n.key_expiry = None if when is None else when.astimezone(UTC).strftime(
-                "%Y-%m-%dT%H:%M:%SZ")
+            n.key_expiry = (
+                None if when is None else when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            )
             self._notify()
+
         self._call(change)
 
     def set_endpoints(self, name: str, endpoints: list[str] | None) -> None:
         """Offer peers these "ip:port" endpoints for node `name` (None: back to automatic:
         what it reports, else <source IP of its control connection>:endpoint_port)."""
+
         def change() -> None:
             n = self._by_name(name)
             n.fixed_endpoints = list(endpoints) if endpoints is not None else None
             if endpoints is not None:
                 n.endpoints = list(endpoints)
             self._notify()
+
         self._call(change)
 
     def add_grant(self, src: str, dst: str, cap: str, values: list[Any] | None = None) -> None:
         """A grant: node `src` (hostname, or "*") gets app capability `cap` on node `dst`."""
+
         def add() -> None:
             self._grants.append(_Grant(src, dst, cap, list(values or [])))
             self._notify()
+
         self._call(add)
 
     # internals (run on the loop) ---------------------------------------------------------
@@ -750,21 +799,36 @@ class ControlServer:
                 return {"Error": "invalid authkey"}
             login, tags = grant
             user = self._tagged if tags else self._user(str(login))
-            node = _Node(id=self._next_id, node_key=node_key, machine_key=machine_key,
-                         user=user, tags=list(tags), hostinfo=dict(req.get("Hostinfo") or {}),
-                         created=_now_iso(), cap=int(req.get("Version") or 0))
+            node = _Node(
+                id=self._next_id,
+                node_key=node_key,
+                machine_key=machine_key,
+                user=user,
+                tags=list(tags),
+                hostinfo=dict(req.get("Hostinfo") or {}),
+                created=_now_iso(),
+                cap=int(req.get("Version") or 0),
+            )
             self._next_id += 1
             self._nodes[node_key] = node
-            log.info("registered %s (%s) as %s", node.hostname, node.v4,
-                     ",".join(node.tags) or node.user.login)
+            log.info(
+                "registered %s (%s) as %s",
+                node.hostname,
+                node.v4,
+                ",".join(node.tags) or node.user.login,
+            )
             self._notify()
         elif node.machine_key != machine_key:
             return {"Error": "node key registered to another machine"}
         u = node.user
         return {
             "User": {"ID": u.id, "DisplayName": u.display},
-            "Login": {"ID": u.id, "Provider": "testcontrol", "LoginName": u.login,
-                      "DisplayName": u.display},
+            "Login": {
+                "ID": u.id,
+                "Provider": "testcontrol",
+                "LoginName": u.login,
+                "DisplayName": u.display,
+            },
             "NodeKeyExpired": False,
             "MachineAuthorized": True,
             "AuthURL": "",
@@ -776,8 +840,11 @@ class ControlServer:
         if not eps and self.endpoint_port:
             # With no DERP map (no STUN) tailscaled reports no endpoints of its own: offer
             # peers the address it reached us from, on its fixed WireGuard port.
-            eps = [f"[{remote_ip}]:{self.endpoint_port}" if ":" in remote_ip
-                   else f"{remote_ip}:{self.endpoint_port}"]
+            eps = [
+                f"[{remote_ip}]:{self.endpoint_port}"
+                if ":" in remote_ip
+                else f"{remote_ip}:{self.endpoint_port}"
+            ]
         if node.fixed_endpoints is not None:
             eps = node.fixed_endpoints
         if eps != node.endpoints:
@@ -807,18 +874,28 @@ class ControlServer:
                 except KeyError:
                     continue
                 srcs = [f"{s.v4}/32", f"{s.v6}/128"]
-            rules.append({"SrcIPs": srcs, "CapGrant": [{
-                "Dsts": [f"{node.v4}/32", f"{node.v6}/128"],
-                "CapMap": {g.cap: g.values or None},
-            }]})
+            rules.append(
+                {
+                    "SrcIPs": srcs,
+                    "CapGrant": [
+                        {
+                            "Dsts": [f"{node.v4}/32", f"{node.v6}/128"],
+                            "CapMap": {g.cap: g.values or None},
+                        }
+                    ],
+                }
+            )
         return rules
 
     def _map_response(self, node_key: str) -> dict[str, Any] | None:
         node = self._nodes.get(node_key)
         if node is None:
             return None
-        peers = [p.to_tailcfg(self.domain, p.user) for p in
-                 sorted(self._nodes.values(), key=lambda p: p.id) if p is not node]
+        peers = [
+            p.to_tailcfg(self.domain, p.user)
+            for p in sorted(self._nodes.values(), key=lambda p: p.id)
+            if p is not node
+        ]
         users = {u.id: u for u in [*self._users.values(), self._tagged]}
         self_node = node.to_tailcfg(self.domain, node.user)
         # No DERP map here: keep tailscaled from probing the internet for a captive portal.
@@ -853,10 +930,17 @@ class ControlServer:
             status, payload = self._http1_route(method, target, body)
             writer.write(
                 f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError, ValueError) as exc:
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+            ValueError,
+        ) as exc:
             log.debug("http1: %r", exc)
         finally:
             writer.close()
@@ -864,8 +948,10 @@ class ControlServer:
     def _http1_route(self, method: str, target: str, body: bytes) -> tuple[int, bytes]:
         path = target.split("?", 1)[0]
         if path == "/key":
-            pub = {"legacyPublicKey": "mkey:" + _pub(self._legacy_key).hex(),
-                   "publicKey": "mkey:" + _pub(self._noise_key).hex()}
+            pub = {
+                "legacyPublicKey": "mkey:" + _pub(self._legacy_key).hex(),
+                "publicKey": "mkey:" + _pub(self._noise_key).hex(),
+            }
             return 200, json.dumps(pub).encode()
         if path == "/test/nodes":
             return 200, json.dumps(self.nodes()).encode()
@@ -882,8 +968,10 @@ class ControlServer:
                 self.remove_node(req["node"])
             elif path == "/test/expiry":
                 exp = req.get("expiry")
-                self.set_key_expiry(req["node"], None if exp is None else
-                                    datetime.fromisoformat(exp.replace("Z", "+00:00")))
+                self.set_key_expiry(
+                    req["node"],
+                    None if exp is None else datetime.fromisoformat(exp.replace("Z", "+00:00")),
+                )
             elif path == "/test/endpoints":
                 self.set_endpoints(req["node"], req.get("endpoints"))
             elif path == "/test/grant":
@@ -894,8 +982,9 @@ class ControlServer:
         except (KeyError, ValueError, TypeError) as exc:
             return 400, json.dumps({"error": repr(exc)}).encode()
 
-    async def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       hdrs: dict[str, str]) -> None:
+    async def _upgrade(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hdrs: dict[str, str]
+    ) -> None:
         if hdrs.get("upgrade", "").lower() != "tailscale-control-protocol":
             writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             return
@@ -906,33 +995,50 @@ class ControlServer:
             log.warning("noise handshake refused: %s", exc)
             writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             return
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n"
-                     b"Upgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n" + resp)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Upgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n" + resp
+        )
         noise = _NoiseConn(reader, writer, tx, rx)
         peer = writer.get_extra_info("peername") or ("", 0)
         await _H2Session(self, noise, "mkey:" + machine.hex(), str(peer[0])).run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.fakes.testcontrol",
-                                 description="Tailscale test control server")
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.fakes.testcontrol", description="Tailscale test control server"
+    )
     ap.add_argument("--listen", required=True, help="ADDR:PORT (PORT 0: any)")
     ap.add_argument("--netns", help="listen inside this network namespace")
     ap.add_argument("--domain", default="tail-test.ts.net")
-    ap.add_argument("--endpoint-port", type=int, default=41641,
-                    help="WireGuard port offered to peers with a node's source IP")
-    ap.add_argument("--https-port", type=int, default=443,
-                    help="also serve TLS here (0: not at all); its CA is printed as ca_file")
-    ap.add_argument("--authkey", action="append", default=[],
-                    help="make an auth key for a login name or for tag:a,tag:b (repeatable)")
+    ap.add_argument(
+        "--endpoint-port",
+        type=int,
+        default=41641,
+        help="WireGuard port offered to peers with a node's source IP",
+    )
+    ap.add_argument(
+        "--https-port",
+        type=int,
+        default=443,
+        help="also serve TLS here (0: not at all); its CA is printed as ca_file",
+    )
+    ap.add_argument(
+        "--authkey",
+        action="append",
+        default=[],
+        help="make an auth key for a login name or for tag:a,tag:b (repeatable)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="testcontrol: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="testcontrol: %(message)s",
+        stream=sys.stderr,
+    )
     host, _, port = args.listen.rpartition(":")
     ctl = ControlServer(args.domain, endpoint_port=args.endpoint_port)
-    ctl.start(host.strip("[]"), int(port), netns=args.netns,
-              https_port=args.https_port or None)
+    ctl.start(host.strip("[]"), int(port), netns=args.netns, https_port=args.https_port or None)
     keys = {}
     for spec in args.authkey:
         if spec.startswith("tag:"):

@@ -30,11 +30,15 @@ from tests.util import build_request, exchange
 
 # (config document or raw text, the key path the one error line must name)
 BAD_CONFIGS: list[tuple[Any, str]] = [
-    ({"gateway": {"allowedNetworks": ["100.64.0.0/10", "10.0.0.0/33"]}},
-     "gateway.allowedNetworks[1]: '10.0.0.0/33' is not a network"),
+    (
+        {"gateway": {"allowedNetworks": ["100.64.0.0/10", "10.0.0.0/33"]}},
+        "gateway.allowedNetworks[1]: '10.0.0.0/33' is not a network",
+    ),
     ({"gateway": {"allowedNetworks": ["10/8"]}}, "gateway.allowedNetworks[0]"),
-    ({"gateway": {"allowedNetworks": ["100.101.102.103/10"]}},
-     "gateway.allowedNetworks[0]: '100.101.102.103/10' has host bits set"),
+    (
+        {"gateway": {"allowedNetworks": ["100.101.102.103/10"]}},
+        "gateway.allowedNetworks[0]: '100.101.102.103/10' has host bits set",
+    ),
     ({"gateway": {"host": "0.0.0.0", "port": 18788}}, "gateway.host"),
     ({"gateway": {"host": "::", "port": 18788}}, "gateway.host"),
     ({"gateway": {"host": "127.0.0.1"}}, "gateway.host"),
@@ -63,11 +67,14 @@ def home(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", ["check-config", "serve"])
-@pytest.mark.parametrize(("doc", "fragment"), BAD_CONFIGS,
-                         ids=[f"{i}-{f.split(':')[0][:30]}" for i, (_, f) in
-                              enumerate(BAD_CONFIGS)])
-def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, home: dict[str, str], doc: Any,
-                                           fragment: str, command: str) -> None:
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    BAD_CONFIGS,
+    ids=[f"{i}-{f.split(':')[0][:30]}" for i, (_, f) in enumerate(BAD_CONFIGS)],
+)
+def test_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, home: dict[str, str], doc: Any, fragment: str, command: str
+) -> None:
     cfg = tmp_path / "clawgate.json"
     cfg.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     r = run_cli(command, "--config", str(cfg), env=home)
@@ -82,8 +89,9 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, home: dict[str, str],
 
 def test_check_config_accepts_the_playbook_block(tmp_path: Path, home: dict[str, str]) -> None:
     cfg = tmp_path / "clawgate.json"
-    cfg.write_text(json.dumps({"gateway": {"host": "100.101.102.103", "port": 18789,
-                                           "requireToken": True}}))
+    cfg.write_text(
+        json.dumps({"gateway": {"host": "100.101.102.103", "port": 18789, "requireToken": True}})
+    )
     r = run_cli("check-config", "--config", str(cfg), env=home)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout == f"{cfg}: OK\n"
@@ -145,8 +153,7 @@ def test_token_new_list_revoke(tmp_path: Path, home: dict[str, str]) -> None:
     rv = run_cli("token", "revoke", "phone", "--file", str(f), "--config", str(cfg), env=home)
     assert rv.returncode == 0, rv.stderr
     assert [e["name"] for e in json.loads(f.read_text())["tokens"]] == ["laptop"]
-    again = run_cli("token", "revoke", "phone", "--file", str(f), "--config", str(cfg),
-                    env=home)
+    again = run_cli("token", "revoke", "phone", "--file", str(f), "--config", str(cfg), env=home)
     assert again.returncode == 1 and "no token named 'phone'" in again.stderr
     assert len(again.stderr.splitlines()) == 1
 
@@ -170,8 +177,9 @@ def test_token_new_default_file_under_home(home: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------- defaults
 
 
-async def test_serve_with_embedded_defaults(tailnet: Tailnet, home: dict[str, str],
-                                            tmp_path: Path) -> None:
+async def test_serve_with_embedded_defaults(
+    tailnet: Tailnet, home: dict[str, str], tmp_path: Path
+) -> None:
     if any(os.path.exists(p) for p in DEFAULT_SOCKET_PATHS):
         pytest.skip("a tailscaled socket exists on this machine")
     ns = tailnet.ns("ci")  # a fresh loopback: nothing holds 18789 or 18790 there
@@ -181,8 +189,15 @@ async def test_serve_with_embedded_defaults(tailnet: Tailnet, home: dict[str, st
     err_path = tmp_path / "stderr.log"
     out_path = tmp_path / "stdout.log"
     with open(err_path, "wb") as err, open(out_path, "wb") as out:
-        proc = run_in(ns, [sys.executable, "-m", "proxy", "serve"], stdin=subprocess.DEVNULL,
-                      stdout=out, stderr=err, env=env, cwd=str(ROOT))
+        proc = run_in(
+            ns,
+            [sys.executable, "-m", "proxy", "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=env,
+            cwd=str(ROOT),
+        )
         try:
             deadline = time.monotonic() + 15
             while "listening on" not in err_path.read_text():
@@ -201,11 +216,13 @@ async def test_serve_with_embedded_defaults(tailnet: Tailnet, home: dict[str, st
 
             # It enforces the defaults: a token is required; /health is exempt but the
             # gateway (nothing on 18789 here) is down, so a fast 502.
-            r = await exchange(ns, "127.0.0.1", 18790,
-                               build_request("GET", "/x", host="127.0.0.1:18790"))
+            r = await exchange(
+                ns, "127.0.0.1", 18790, build_request("GET", "/x", host="127.0.0.1:18790")
+            )
             assert r.status == 401
-            r = await exchange(ns, "127.0.0.1", 18790,
-                               build_request("GET", "/health", host="127.0.0.1:18790"))
+            r = await exchange(
+                ns, "127.0.0.1", 18790, build_request("GET", "/health", host="127.0.0.1:18790")
+            )
             assert r.status == 502
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -120,8 +120,11 @@ def test_no_secrets_inline(compose: dict[str, Any]) -> None:
         elif isinstance(node, str):
             yield path, node
 
-    for doc in (compose, json.loads(DOCKER_CONFIG.read_text()),
-                json.loads(GATEWAY_CONFIG.read_text())):
+    for doc in (
+        compose,
+        json.loads(DOCKER_CONFIG.read_text()),
+        json.loads(GATEWAY_CONFIG.read_text()),
+    ):
         for path, value in strings(doc):
             key, _, val = value.partition("=") if "=" in value else ("", "", value)
             assert secret_kind(key or path.rsplit(".", 1)[-1], val) is None, path
@@ -139,11 +142,16 @@ def test_gateway_on_loopback_and_trusting_clawgate(compose: dict[str, Any]) -> N
     src, opts = mounts(oc)["/home/node/.openclaw/openclaw.json"]
     assert (COMPOSE.parent / src).resolve() == GATEWAY_CONFIG and opts == "ro"
     doc = json.loads(GATEWAY_CONFIG.read_text())
-    facts = Facts(cfg=parse_config(json.loads(DOCKER_CONFIG.read_text())),
-                  gateway_config=FileInfo(str(GATEWAY_CONFIG), True, 0o644, 0),
-                  gateway_doc=doc)
-    gw = [f for f in run_checks(facts)
-          if f.check in ("trustedProxies", "gatewayBind", "gatewayConfig")]
+    facts = Facts(
+        cfg=parse_config(json.loads(DOCKER_CONFIG.read_text())),
+        gateway_config=FileInfo(str(GATEWAY_CONFIG), True, 0o644, 0),
+        gateway_doc=doc,
+    )
+    gw = [
+        f
+        for f in run_checks(facts)
+        if f.check in ("trustedProxies", "gatewayBind", "gatewayConfig")
+    ]
     assert gw and all(f.severity == "ok" for f in gw), gw
 
 
@@ -151,8 +159,13 @@ def test_gateway_on_loopback_and_trusting_clawgate(compose: dict[str, Any]) -> N
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(CHECK), *args], capture_output=True, text=True,
-                          timeout=300, cwd=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(CHECK), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
 
 
 def test_check_docker_image_passes() -> None:
@@ -164,8 +177,13 @@ def test_check_docker_image_passes() -> None:
 BROKEN = [
     ("root", lambda t: t.replace("USER 10001:10001", "USER root")),
     ("no-user", lambda t: t.replace("USER 10001:10001\n", "")),
-    ("no-healthcheck", lambda t: t.split("HEALTHCHECK")[0] + 'ENTRYPOINT ["clawgate"]\n'
-     'CMD ["serve", "--config", "/etc/clawgate/clawgate.json"]\n'),
+    (
+        "no-healthcheck",
+        lambda t: (
+            t.split("HEALTHCHECK")[0] + 'ENTRYPOINT ["clawgate"]\n'
+            'CMD ["serve", "--config", "/etc/clawgate/clawgate.json"]\n'
+        ),
+    ),
     ("healthcheck-port", lambda t: t.replace("127.0.0.1:18790/health", "127.0.0.1:8080/health")),
     ("curl", lambda t: t.replace('CMD ["python", "-c"', 'CMD ["curl", "-f"')),
     ("entrypoint-shell", lambda t: t.replace('ENTRYPOINT ["clawgate"]', "ENTRYPOINT clawgate")),
@@ -199,8 +217,9 @@ def healthcheck_argv() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-async def test_healthcheck_against_a_real_clawgate(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                                   tmp_path: Path) -> None:
+async def test_healthcheck_against_a_real_clawgate(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     argv = healthcheck_argv()
     ns = tailnet.ns("gw")
 

@@ -45,25 +45,29 @@ def write_setup(tmp: Path, upstream_port: int, socket_path: str) -> tuple[Path, 
     tokens = tmp / "tokens.json"
     TokenFile(tokens).add("phone")
     cfg = tmp / "clawgate.json"
-    cfg.write_text(json.dumps({
-        "gateway": {"host": "tailscale", "port": 18789, "requireToken": True},
-        "upstream": f"http://127.0.0.1:{upstream_port}",
-        "tokens": {"file": str(tokens)},
-        "tailscale": {"socket": socket_path},
-        "admin": {"port": 18790},
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "gateway": {"host": "tailscale", "port": 18789, "requireToken": True},
+                "upstream": f"http://127.0.0.1:{upstream_port}",
+                "tokens": {"file": str(tokens)},
+                "tailscale": {"socket": socket_path},
+                "admin": {"port": 18790},
+            }
+        )
+    )
     return cfg, tokens
 
 
-async def doctor(tailnet: Tailnet, *args: str, env: dict[str, str] | None = None
-                 ) -> subprocess.CompletedProcess[str]:
+async def doctor(
+    tailnet: Tailnet, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run in a thread: the fake tailscaled answers from this test's event loop."""
-    full = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent",
-            **(env or {})}
-    argv = ["ip", "netns", "exec", tailnet.ns("gw"), sys.executable, "-m", "proxy", "doctor",
-            *args]
-    return await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
-                                   env=full, cwd=str(ROOT), timeout=60)
+    full = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent", **(env or {})}
+    argv = ["ip", "netns", "exec", tailnet.ns("gw"), sys.executable, "-m", "proxy", "doctor", *args]
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, env=full, cwd=str(ROOT), timeout=60
+    )
 
 
 def findings(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -73,8 +77,9 @@ def findings(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     return out
 
 
-async def test_doctor_healthy_setup(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                    tmp_path: Path) -> None:
+async def test_doctor_healthy_setup(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
         cfg, _ = write_setup(tmp_path, fake_gateway.port, ts.socket_path)
         home = tmp_path / "oc"
@@ -82,14 +87,25 @@ async def test_doctor_healthy_setup(tailnet: Tailnet, fake_gateway: FakeGateway,
         gw_cfg = home / ".openclaw" / "openclaw.json"
         gw_cfg.write_text(GATEWAY_JSON5.replace("18789", str(fake_gateway.port)))
         # The default gateway config path follows $OPENCLAW_HOME.
-        proc = await doctor(tailnet, "--json", "--config", str(cfg),
-                      env={"OPENCLAW_HOME": str(home)})
+        proc = await doctor(
+            tailnet, "--json", "--config", str(cfg), env={"OPENCLAW_HOME": str(home)}
+        )
         got = findings(proc)
         bad = [f for f in got if f["severity"] in ("error", "warning")]
         assert proc.returncode == 0 and bad == [], proc.stdout + proc.stderr
         ok = {f["check"] for f in got if f["severity"] == "ok"}
-        assert ok >= {"config", "tailscaled", "keyExpiry", "userspace", "upstream",
-                      "upstreamBind", "trustedProxies", "gatewayBind", "ports", "tokenFile"}
+        assert ok >= {
+            "config",
+            "tailscaled",
+            "keyExpiry",
+            "userspace",
+            "upstream",
+            "upstreamBind",
+            "trustedProxies",
+            "gatewayBind",
+            "ports",
+            "tokenFile",
+        }
         text = await doctor(tailnet, "--config", str(cfg), env={"OPENCLAW_HOME": str(home)})
         assert text.returncode == 0
         assert "✓ OK      tailscaled: tailscaled Running" in text.stdout
@@ -109,8 +125,9 @@ async def test_doctor_finds_what_is_broken(tailnet: Tailnet, tmp_path: Path) -> 
             tokens.chmod(0o644)
             gw_cfg = tmp_path / "openclaw.json"
             gw_cfg.write_text('{gateway: {bind: "lan", host: "0.0.0.0", requireToken: true}}')
-            proc = await doctor(tailnet, "--json", "--config", str(cfg), "--gateway-config",
-                          str(gw_cfg))
+            proc = await doctor(
+                tailnet, "--json", "--config", str(cfg), "--gateway-config", str(gw_cfg)
+            )
             assert proc.returncode == 1, proc.stdout + proc.stderr
             got = findings(proc)
             errors = {f["check"]: f for f in got if f["severity"] == "error"}
@@ -118,8 +135,9 @@ async def test_doctor_finds_what_is_broken(tailnet: Tailnet, tmp_path: Path) -> 
             assert "0644" in errors["tokenFile"]["what"]
             assert "expired" in errors["keyExpiry"]["what"]
             assert "userspace-networking" in errors["userspace"]["what"]
-            assert "0.0.0.0" in errors["upstreamBind"]["what"] and me in errors[
-                "upstreamBind"]["what"]
+            assert (
+                "0.0.0.0" in errors["upstreamBind"]["what"] and me in errors["upstreamBind"]["what"]
+            )
             assert f"{GW_V4}:18789" in errors["ports"]["what"] and me in errors["ports"]["what"]
             assert "does not trust" in errors["trustedProxies"]["what"]
             assert "'lan'" in errors["gatewayBind"]["what"]
@@ -135,8 +153,9 @@ async def test_doctor_finds_what_is_broken(tailnet: Tailnet, tmp_path: Path) -> 
 
 async def test_doctor_without_tailscaled_or_gateway(tailnet: Tailnet, tmp_path: Path) -> None:
     cfg, _ = write_setup(tmp_path, 9, str(tmp_path / "missing.sock"))
-    proc = await doctor(tailnet, "--json", "--config", str(cfg), "--gateway-config",
-                  str(tmp_path / "nope.json"))
+    proc = await doctor(
+        tailnet, "--json", "--config", str(cfg), "--gateway-config", str(tmp_path / "nope.json")
+    )
     assert proc.returncode == 1
     got = {(f["check"], f["severity"]) for f in findings(proc)}
     assert ("tailscaled", "error") in got
@@ -147,10 +166,24 @@ async def test_doctor_without_tailscaled_or_gateway(tailnet: Tailnet, tmp_path: 
 def test_doctor_bad_config_is_an_error_not_a_crash(tmp_path: Path) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text('{"gateway": {"host": "0.0.0.0"}, "tokens": {"token": "hunter2"}}')
-    proc = subprocess.run([sys.executable, "-m", "proxy", "doctor", "--json", "--config",
-                           str(cfg), "--gateway-config", str(tmp_path / "x")],
-                          capture_output=True, text=True, cwd=str(ROOT), timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "doctor",
+            "--json",
+            "--config",
+            str(cfg),
+            "--gateway-config",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     got = {(f["check"], f["severity"]) for f in findings(proc)}
@@ -161,15 +194,20 @@ def test_doctor_bad_config_is_an_error_not_a_crash(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["--nftables", "--ufw"])
 def test_firewall_command(tmp_path: Path, kind: str) -> None:
     cfg = ROOT / "config" / "clawgate.docker.json"
-    proc = subprocess.run([sys.executable, "-m", "proxy", "firewall", kind, "--config",
-                           str(cfg)], capture_output=True, text=True, cwd=str(ROOT), timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "firewall", kind, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     if kind == "--ufw":
         assert "sudo ufw allow in on tailscale0 from 100.64.0.0/10 to any port 18789" in proc.stdout
         return
     if shutil.which("nft") is None:
-        assert 'tcp dport 18789 drop' in proc.stdout
+        assert "tcp dport 18789 drop" in proc.stdout
         return
     rules = tmp_path / "rules.nft"
     rules.write_text(proc.stdout)
@@ -187,19 +225,34 @@ def test_doctor_reads_the_gateways_pairing_store(tmp_path: Path) -> None:
 
     def pairing(state_dir: Path) -> list[tuple[str, str]]:
         cfg = tmp_path / "c.json"
-        cfg.write_text(json.dumps({"gatewayToken": {"file": str(gw_token),
-                                                    "stateDir": str(state_dir)}}))
-        proc = subprocess.run([sys.executable, "-m", "proxy", "doctor", "--json", "--config",
-                               str(cfg), "--gateway-config", str(tmp_path / "x")],
-                              capture_output=True, text=True, cwd=str(ROOT), timeout=60,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cfg.write_text(
+            json.dumps({"gatewayToken": {"file": str(gw_token), "stateDir": str(state_dir)}})
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "doctor",
+                "--json",
+                "--config",
+                str(cfg),
+                "--gateway-config",
+                str(tmp_path / "x"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert "Traceback" not in proc.stderr
-        return [(f["severity"], f["what"]) for f in findings(proc)
-                if f["check"] == "pairingStore"]
+        return [(f["severity"], f["what"]) for f in findings(proc) if f["check"] == "pairingStore"]
 
     try:
         assert pairing(store.state_dir) == [
-            ("ok", "the gateway's pairing store is readable (2 paired devices)")]
+            ("ok", "the gateway's pairing store is readable (2 paired devices)")
+        ]
         ((severity, what),) = pairing(tmp_path / "elsewhere")
         assert severity == "error" and "cannot be read" in what and "elsewhere" in what
     finally:

@@ -40,7 +40,8 @@ async def exit_status(cg: ClawgateProcess, timeout: float) -> tuple[int, float]:
 
 
 async def test_sigterm_drains_then_closes_sessions_with_1001(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"drainSeconds": 2})
     cg = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
     await cg.start()
@@ -79,7 +80,8 @@ async def test_sigterm_drains_then_closes_sessions_with_1001(
 
 
 async def test_drain_ends_as_soon_as_the_last_session_does(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"drainSeconds": 30})
     cg = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
     await cg.start()
@@ -98,7 +100,8 @@ async def test_drain_ends_as_soon_as_the_last_session_does(
 
 
 async def test_sigterm_with_nothing_open_exits_at_once(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"drainSeconds": 30})
     cg = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
     await cg.start()

@@ -53,16 +53,31 @@ class StandaloneTailscaled:
     def __init__(self, socket_path: str, peers_file: Path) -> None:
         self.socket_path = socket_path
         self.peers_file = peers_file
-        peers_file.write_text(json.dumps(
-            [{"ip": ip, "body": body, "path": path} for ip, body, path in tailnet_peers()]))
+        peers_file.write_text(
+            json.dumps(
+                [{"ip": ip, "body": body, "path": path} for ip, body, path in tailnet_peers()]
+            )
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.fake_tailscaled", "--socket", self.socket_path,
-             "--peers", str(self.peers_file), "--no-default-peers"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+            [
+                sys.executable,
+                "-m",
+                "tests.fakes.fake_tailscaled",
+                "--socket",
+                self.socket_path,
+                "--peers",
+                str(self.peers_file),
+                "--no-default-peers",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 10)
         assert b"listening" in line, line
@@ -76,14 +91,18 @@ class StandaloneTailscaled:
 
 
 async def test_tailscaled_killed_and_restarted_under_load(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     sock_dir = Path(tempfile.mkdtemp(prefix="cgts-", dir="/tmp"))  # sun_path is short
     tsd = StandaloneTailscaled(str(sock_dir / "ts.sock"), tmp_path / "peers.json")
     await tsd.start()
     try:
-        cfg = clawgate_config(fake_gateway, tsd.socket_path,
-                              tailscale={"timeout": 0.5, "cacheTtl": 3600},
-                              gateway={"requireToken": True})
+        cfg = clawgate_config(
+            fake_gateway,
+            tsd.socket_path,
+            tailscale={"timeout": 0.5, "cacheTtl": 3600},
+            gateway={"requireToken": True},
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             pid = cg.pid
@@ -100,14 +119,16 @@ async def test_tailscaled_killed_and_restarted_under_load(
             await eventually(lambda: asyncio.sleep(0, len(results)), lambda n: n > 40)
             t_kill = time.monotonic()
             tsd.kill()
-            await eventually(lambda: asyncio.sleep(0, results[-1][1]), lambda s: s == 503,
-                             timeout=5)
+            await eventually(
+                lambda: asyncio.sleep(0, results[-1][1]), lambda s: s == 503, timeout=5
+            )
             t_first_503 = min(t for t, s in results if s == 503)
             await asyncio.sleep(1.0)  # down for a while, under load
             t_restart = time.monotonic()
             await tsd.start()
-            await eventually(lambda: asyncio.sleep(0, results[-1][1]), lambda s: s == 200,
-                             timeout=10)
+            await eventually(
+                lambda: asyncio.sleep(0, results[-1][1]), lambda s: s == 200, timeout=10
+            )
             t_back = min(t for t, s in results if s == 200 and t > t_restart)
             await asyncio.sleep(0.5)
             stop.set()
@@ -140,11 +161,23 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        self.proc = run_in(self.ns, [sys.executable, "-m", "tests.fakes.fake_gateway",
-                                     "--host", "127.0.0.1", "--port", str(self.port)],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, cwd=str(ROOT),
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = run_in(
+            self.ns,
+            [
+                sys.executable,
+                "-m",
+                "tests.fakes.fake_gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 10)
         assert line.startswith(b"READY"), line
@@ -195,8 +228,9 @@ async def _serve_some(tailnet: Tailnet, token: str, n: int) -> None:
         assert resp.status == 200
 
 
-async def test_access_log_on_a_full_device(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                           tmp_path: Path) -> None:
+async def test_access_log_on_a_full_device(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, log={"access": "/dev/full"})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
@@ -213,8 +247,7 @@ async def test_access_log_on_a_full_device(tailnet: Tailnet, fake_gateway: FakeG
 @contextlib.contextmanager
 def tiny_tmpfs(size: str = "64k") -> Any:
     mnt = Path(tempfile.mkdtemp(prefix="cg-tmpfs-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
@@ -222,8 +255,9 @@ def tiny_tmpfs(size: str = "64k") -> Any:
         mnt.rmdir()
 
 
-async def test_access_log_disk_full_then_freed(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                               tmp_path: Path) -> None:
+async def test_access_log_disk_full_then_freed(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     with tiny_tmpfs() as mnt:
         log = mnt / "access.log"
         cfg = base_config(fake_gateway.port, log={"access": str(log)})
@@ -243,6 +277,7 @@ async def test_access_log_disk_full_then_freed(tailnet: Tailnet, fake_gateway: F
                 os.close(fd)
             await _serve_some(tailnet, token, 20)
             assert await metric(cg, "clawgate_log_errors") >= 20
+
             def decisions() -> int:
                 n = 0
                 for line in log.read_text(errors="replace").splitlines():
@@ -254,8 +289,9 @@ async def test_access_log_disk_full_then_freed(tailnet: Tailnet, fake_gateway: F
             filler.unlink()  # space again: the log recovers by itself
             await _serve_some(tailnet, token, 4)
             # Every one of the 4 is there, none glued to a line torn by the full disk.
-            await eventually(lambda: asyncio.sleep(0, decisions()), lambda n: n >= before + 4,
-                             timeout=3)
+            await eventually(
+                lambda: asyncio.sleep(0, decisions()), lambda n: n >= before + 4, timeout=3
+            )
             assert cg.proc is not None and cg.proc.poll() is None
         finally:
             await cg.stop()
@@ -269,13 +305,18 @@ class PipedClawgate(ClawgateProcess):
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.argv("serve", "--config", str(self.config_path)),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
-            cwd=str(ROOT), env=env)
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            cwd=str(ROOT),
+            env=env,
+        )
         await self.wait_stderr(wait_for, timeout)
 
 
 async def test_access_log_on_stdout_with_the_reader_gone(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, log={"access": "stdout"})
     cg = PipedClawgate(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
     await cg.start()
@@ -330,8 +371,9 @@ async def _idle_cpu(pid: int, seconds: float = 1.0) -> float:
     return cpu_seconds(pid) - before
 
 
-async def test_file_descriptors_exhausted(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                          tmp_path: Path) -> None:
+async def test_file_descriptors_exhausted(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"perSourceIp": 10000, "perIdentity": 10000})
     async with running(tailnet, tmp_path / "cg", cfg, cls=LimitedClawgate) as cg:
         token = cg.tokens["phone"]
@@ -348,8 +390,7 @@ async def test_file_descriptors_exhausted(tailnet: Tailnet, fake_gateway: FakeGa
         assert 20 < len(held) < NOFILE // 2
         assert await _status_of_new_connection(tailnet, "ci", token) == 503
         assert await _idle_cpu(cg.pid) < 0.3  # no busy loop
-        rec = await cg.wait_log(lambda r: r.get("reason", "").endswith(
-            "(file descriptor limit)"))
+        rec = await cg.wait_log(lambda r: r.get("reason", "").endswith("(file descriptor limit)"))
         assert rec["status"] == 503
 
         # Past the 503 reserve: eat the remaining descriptors with admin connections,
@@ -372,9 +413,12 @@ async def test_file_descriptors_exhausted(tailnet: Tailnet, fake_gateway: FakeGa
             w.close()
         for ws in held[: len(held) // 2]:
             await ws.close()
-        await eventually(lambda: _status_of_new_connection(tailnet, "phone", token),
-                         lambda s: s == 200, timeout=10)
-        for ws in held[len(held) // 2:]:
+        await eventually(
+            lambda: _status_of_new_connection(tailnet, "phone", token),
+            lambda s: s == 200,
+            timeout=10,
+        )
+        for ws in held[len(held) // 2 :]:
             await echo_ok(ws)
             await ws.close()
         assert "Traceback" not in cg.stderr()

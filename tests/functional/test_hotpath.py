@@ -58,10 +58,13 @@ def stalled_gateway(tailnet: Tailnet) -> Iterator[int]:
 
 
 async def test_dial_timeout_is_a_502_and_serving_goes_on(
-        tailnet: Tailnet, stalled_gateway: int, tmp_path: Path) -> None:
+    tailnet: Tailnet, stalled_gateway: int, tmp_path: Path
+) -> None:
     cfg = base_config(stalled_gateway)
-    cfg["upstream"] = {"url": f"http://127.0.0.1:{stalled_gateway}",
-                       "connectTimeout": CONNECT_TIMEOUT}
+    cfg["upstream"] = {
+        "url": f"http://127.0.0.1:{stalled_gateway}",
+        "connectTimeout": CONNECT_TIMEOUT,
+    }
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
         for _ in range(2):  # the second one proves the first left the proxy healthy
@@ -78,7 +81,8 @@ async def test_dial_timeout_is_a_502_and_serving_goes_on(
 
 
 async def test_clients_leaving_during_a_dial_leave_nothing_behind(
-        tailnet: Tailnet, stalled_gateway: int, tmp_path: Path) -> None:
+    tailnet: Tailnet, stalled_gateway: int, tmp_path: Path
+) -> None:
     cfg = base_config(stalled_gateway)
     cfg["upstream"] = {"url": f"http://127.0.0.1:{stalled_gateway}", "connectTimeout": 1}
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
@@ -87,8 +91,10 @@ async def test_clients_leaving_during_a_dial_leave_nothing_behind(
         writers = []
         for _ in range(5):
             _, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)
-            writer.write(f"GET /echo HTTP/1.1\r\nHost: {GW_V4}\r\n"
-                         f"Authorization: Bearer {token}\r\n\r\n".encode())
+            writer.write(
+                f"GET /echo HTTP/1.1\r\nHost: {GW_V4}\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
             writers.append(writer)
         # All five are dialing (decided, the gateway socket in SYN_SENT) ...
         deadline = time.monotonic() + 5
@@ -110,13 +116,15 @@ async def test_clients_leaving_during_a_dial_leave_nothing_behind(
         assert resp.status == 502  # and it still answers
 
 
-async def test_a_burst_logs_every_line_whole(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                             tmp_path: Path) -> None:
+async def test_a_burst_logs_every_line_whole(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", base_config(fake_gateway.port)) as cg:
         token = cg.tokens["phone"]
         n = 40
-        resps = await asyncio.gather(*(get(tailnet, "phone" if i % 2 else "ci", "/echo",
-                                           token) for i in range(n)))
+        resps = await asyncio.gather(
+            *(get(tailnet, "phone" if i % 2 else "ci", "/echo", token) for i in range(n))
+        )
         assert all(r.status == 200 for r in resps)
 
         def lines() -> list[str]:

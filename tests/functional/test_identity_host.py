@@ -51,7 +51,8 @@ async def refused(tailnet: Tailnet, host: str, role: str = "phone") -> bool:
 
 
 async def test_binds_exactly_the_tailscale_addresses(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
         assert ts.self_ips == [GW_V4, GW_V6]
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
@@ -71,16 +72,16 @@ async def test_binds_exactly_the_tailscale_addresses(
 
 
 @pytest.mark.parametrize("start_state", ["NeedsLogin", "absent"])
-async def test_binds_once_tailscaled_is_up(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                           tmp_path: Path, start_state: str) -> None:
+async def test_binds_once_tailscaled_is_up(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, start_state: str
+) -> None:
     """Started before tailscaled is Running (or exists at all): no listener, never a
     wildcard; once it is up, exactly the tailnet addresses, with no restart."""
     async with fake_tailscaled(start=start_state != "absent") as ts:
         if start_state == "NeedsLogin":
             ts.set_backend_state("NeedsLogin")
         cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-        async with running(tailnet, tmp_path / "cg", cfg,
-                            wait_for="waiting for tailscaled") as cg:
+        async with running(tailnet, tmp_path / "cg", cfg, wait_for="waiting for tailscaled") as cg:
             assert listeners_of(tailnet, cg.pid) == {ADMIN_LISTENER}
             assert await refused(tailnet, GW_V4)
             status, body = await cg.admin_json("/health")
@@ -94,13 +95,14 @@ async def test_binds_once_tailscaled_is_up(tailnet: Tailnet, fake_gateway: FakeG
             else:
                 ts.set_backend_state("Running")
             await cg.wait_stderr("tailnet address appeared", timeout=10)
-            await eventually(lambda: _listeners(tailnet, cg.pid),
-                             lambda got: got == TAILNET_LISTENERS | {ADMIN_LISTENER})
+            await eventually(
+                lambda: _listeners(tailnet, cg.pid),
+                lambda got: got == TAILNET_LISTENERS | {ADMIN_LISTENER},
+            )
             resp = await request(tailnet, "phone", token=cg.tokens["phone"])
             assert resp.status == 200
             await eventually(lambda: cg.admin_json("/health"), lambda r: r[0] == 200)
-            assert not any(w in line for line in listeners_of(tailnet, cg.pid)
-                           for w in WILDCARDS)
+            assert not any(w in line for line in listeners_of(tailnet, cg.pid) for w in WILDCARDS)
 
 
 async def _listeners(tailnet: Tailnet, pid: int) -> set[str]:
@@ -108,7 +110,8 @@ async def _listeners(tailnet: Tailnet, pid: int) -> set[str]:
 
 
 async def test_new_address_is_bound_before_it_is_on_an_interface(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """tailscaled reports a new address: clawgate binds it at once (IP_FREEBIND), and it
     serves as soon as the address is configured."""
     new = "100.64.0.77"
@@ -120,18 +123,25 @@ async def test_new_address_is_bound_before_it_is_on_an_interface(
             ts.push_notify({"SelfChange": {"ID": 1}})  # the daemon's own node changed
             await cg.wait_stderr(f"listening on {new}:{PORT} (tailnet address appeared)")
             assert f"{new}:{PORT}" in listeners_of(tailnet, cg.pid)
-            subprocess.run(["ip", "-n", tailnet.ns("gw"), "addr", "add", f"{new}/32",
-                            "dev", gw_if], check=True, timeout=10)
+            subprocess.run(
+                ["ip", "-n", tailnet.ns("gw"), "addr", "add", f"{new}/32", "dev", gw_if],
+                check=True,
+                timeout=10,
+            )
             try:
                 resp = await request(tailnet, "phone", new, token=cg.tokens["phone"])
                 assert resp.status == 200
             finally:
-                subprocess.run(["ip", "-n", tailnet.ns("gw"), "addr", "del", f"{new}/32",
-                                "dev", gw_if], check=False, timeout=10)
+                subprocess.run(
+                    ["ip", "-n", tailnet.ns("gw"), "addr", "del", f"{new}/32", "dev", gw_if],
+                    check=False,
+                    timeout=10,
+                )
 
 
 async def test_no_tailscaled_serves_loopback_only(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     present = [p for p in DEFAULT_SOCKET_PATHS if os.path.exists(p)]
     if present:
         pytest.skip(f"a tailscaled socket exists on this machine: {present}")
@@ -152,20 +162,30 @@ async def test_no_tailscaled_serves_loopback_only(
         assert status == 200 and body["tailscale"] is None
 
 
-@pytest.mark.parametrize(("warn_days", "expiry_days", "expired", "expect"), [
-    (14, 5, False, "warn"),
-    (3, 5, False, "ok"),
-    (14, 60, False, "ok"),
-    (14, -1, True, "degraded"),
-])
-async def test_health_key_expiry(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path,
-                                 warn_days: int, expiry_days: int, expired: bool,
-                                 expect: str) -> None:
+@pytest.mark.parametrize(
+    ("warn_days", "expiry_days", "expired", "expect"),
+    [
+        (14, 5, False, "warn"),
+        (3, 5, False, "ok"),
+        (14, 60, False, "ok"),
+        (14, -1, True, "degraded"),
+    ],
+)
+async def test_health_key_expiry(
+    tailnet: Tailnet,
+    fake_gateway: FakeGateway,
+    tmp_path: Path,
+    warn_days: int,
+    expiry_days: int,
+    expired: bool,
+    expect: str,
+) -> None:
     async with fake_tailscaled() as ts:
         expiry = iso_in(days=expiry_days)
         ts.self_key_expiry, ts.self_expired = expiry, expired
-        cfg = clawgate_config(fake_gateway, ts.socket_path,
-                              tailscale={"keyExpiryWarnDays": warn_days})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, tailscale={"keyExpiryWarnDays": warn_days}
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             status, body = await cg.admin_json("/health")
             t = body["tailscale"]
@@ -188,8 +208,9 @@ async def test_health_key_expiry(tailnet: Tailnet, fake_gateway: FakeGateway, tm
 
 
 @pytest.mark.parametrize("state", ["Stopped", "NeedsLogin", "Starting"])
-async def test_health_degraded_when_not_running(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                                tmp_path: Path, state: str) -> None:
+async def test_health_degraded_when_not_running(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, state: str
+) -> None:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path)
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
@@ -197,8 +218,7 @@ async def test_health_degraded_when_not_running(tailnet: Tailnet, fake_gateway: 
             assert (await cg.admin_json("/health"))[0] == 200
             assert (await request(tailnet, "phone", token=token)).status == 200
             ts.set_backend_state(state)
-            status, body = await eventually(lambda: cg.admin_json("/health"),
-                                            lambda r: r[0] == 503)
+            status, body = await eventually(lambda: cg.admin_json("/health"), lambda r: r[0] == 503)
             assert body["status"] == "degraded" and body["tailscale"]["state"] == state
             assert any(state in p for p in body["problems"]), body
             # Identity is not vouched for while the backend is down: never an allow.
@@ -206,17 +226,20 @@ async def test_health_degraded_when_not_running(tailnet: Tailnet, fake_gateway: 
             assert resp.status in (403, 503), resp
             ts.set_backend_state("Running")
             await eventually(lambda: cg.admin_json("/health"), lambda r: r[0] == 200)
-            await eventually(lambda: request(tailnet, "phone", token=token),
-                             lambda r: r.status == 200)
+            await eventually(
+                lambda: request(tailnet, "phone", token=token), lambda r: r.status == 200
+            )
 
 
 async def test_userspace_networking_identity_by_loopback_port(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """tailscaled --tun=userspace-networking: peers come from 127.0.0.1:<ephemeral>."""
     async with fake_tailscaled() as ts:
         ts.tun = False
-        cfg = clawgate_config(fake_gateway, ts.socket_path, host="127.0.0.1",
-                              tailscale={"cacheTtl": 3600})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, host="127.0.0.1", tailscale={"cacheTtl": 3600}
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             # A tailnet peer proxied in by tailscaled: whois knows this exact ip:port.
@@ -229,8 +252,9 @@ async def test_userspace_networking_identity_by_loopback_port(
             assert rec.header_all("X-Forwarded-User") == [ALICE]
             asked = [unquote(r.query_string) for r in ts.requests if r.path.endswith("/whois")]
             assert asked == [f"addr=127.0.0.1:{port}"]
-            rec_log = await cg.wait_log(lambda r: r.get("event") == "decision"
-                                        and r.get("login") == ALICE)
+            rec_log = await cg.wait_log(
+                lambda r: r.get("event") == "decision" and r.get("login") == ALICE
+            )
             assert rec_log["node"] == "alice-laptop.tail3f2a1.ts.net"
             # The path is alice's, found through her tailnet addresses (not 127.0.0.1).
             assert rec_log["peer_path"] == "direct"
@@ -254,15 +278,23 @@ async def test_userspace_networking_identity_by_loopback_port(
 
 
 async def test_userspace_local_process_without_require_identity(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path, host="127.0.0.1",
-                              tailscale={"requireIdentity": False})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, host="127.0.0.1", tailscale={"requireIdentity": False}
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             sock, _ = await loopback_socket(tailnet)
             await connect_bound(sock, "127.0.0.1", PORT)
-            resp = await request(tailnet, "gw", "127.0.0.1", token=cg.tokens["phone"],
-                                 sock=sock, headers=[("X-Forwarded-User", ALICE)])
+            resp = await request(
+                tailnet,
+                "gw",
+                "127.0.0.1",
+                token=cg.tokens["phone"],
+                sock=sock,
+                headers=[("X-Forwarded-User", ALICE)],
+            )
             assert resp.status == 200
             (rec,) = fake_gateway.requests
             assert rec.header_all("X-Forwarded-User") == []  # and the spoofed one is gone

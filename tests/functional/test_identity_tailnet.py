@@ -44,43 +44,80 @@ CLIENTS = {"alice": ("phone", GW_V4), "ci": ("ci", GW_V4), "unknown": ("public",
 POLICIES: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "no-lists": ({}, {"alice": "P", "ci": "P", "unknown": "U"}),
     "allowUsers-alice": ({"allowUsers": [ALICE]}, {"alice": "P", "ci": "D", "unknown": "U"}),
-    "allowUsers-bob": ({"allowUsers": ["bob@example.com"]},
-                       {"alice": "D", "ci": "D", "unknown": "U"}),
+    "allowUsers-bob": (
+        {"allowUsers": ["bob@example.com"]},
+        {"alice": "D", "ci": "D", "unknown": "U"},
+    ),
     # A tagged node is its tags: the tagged-devices pseudo-user is never a login.
-    "allowUsers-tagged-devices": ({"allowUsers": ["tagged-devices"]},
-                                  {"alice": "D", "ci": "D", "unknown": "U"}),
+    "allowUsers-tagged-devices": (
+        {"allowUsers": ["tagged-devices"]},
+        {"alice": "D", "ci": "D", "unknown": "U"},
+    ),
     "allowTags-ci": ({"allowTags": ["tag:ci"]}, {"alice": "D", "ci": "P", "unknown": "U"}),
     "allowTags-other": ({"allowTags": ["tag:prod"]}, {"alice": "D", "ci": "D", "unknown": "U"}),
-    "allowNodes-magicdns": ({"allowNodes": [ALICE_NODE + "."]},
-                            {"alice": "P", "ci": "D", "unknown": "U"}),
+    "allowNodes-magicdns": (
+        {"allowNodes": [ALICE_NODE + "."]},
+        {"alice": "P", "ci": "D", "unknown": "U"},
+    ),
     "allowNodes-stableid": ({"allowNodes": ["@ci"]}, {"alice": "D", "ci": "P", "unknown": "U"}),
-    "users-or-tags": ({"allowUsers": [ALICE], "allowTags": ["tag:ci"]},
-                      {"alice": "P", "ci": "P", "unknown": "U"}),
+    "users-or-tags": (
+        {"allowUsers": [ALICE], "allowTags": ["tag:ci"]},
+        {"alice": "P", "ci": "P", "unknown": "U"},
+    ),
     "requireCapability": ({"requireCapability": CAP}, {"alice": "P", "ci": "D", "unknown": "U"}),
-    "requireCapability-missing": ({"requireCapability": "example.com/cap/other"},
-                                  {"alice": "D", "ci": "D", "unknown": "U"}),
-    "allowTags+requireCapability": ({"allowTags": ["tag:ci"], "requireCapability": CAP},
-                                    {"alice": "D", "ci": "D", "unknown": "U"}),
+    "requireCapability-missing": (
+        {"requireCapability": "example.com/cap/other"},
+        {"alice": "D", "ci": "D", "unknown": "U"},
+    ),
+    "allowTags+requireCapability": (
+        {"allowTags": ["tag:ci"], "requireCapability": CAP},
+        {"alice": "D", "ci": "D", "unknown": "U"},
+    ),
 }
 
 # The status for (verdict, credential) in each authMode; credential: good / none / bad token.
 STATUS = {
-    "both": {("P", "good"): 200, ("D", "good"): 403, ("U", "good"): 403,
-             ("P", "none"): 401, ("D", "none"): 401, ("U", "none"): 401,
-             ("P", "bad"): 401, ("D", "bad"): 401, ("U", "bad"): 401},
-    "either": {("P", "good"): 200, ("D", "good"): 200, ("U", "good"): 200,
-               ("P", "none"): 200, ("D", "none"): 401, ("U", "none"): 401,
-               ("P", "bad"): 401, ("D", "bad"): 401, ("U", "bad"): 401},
-    "identity": {("P", "good"): 200, ("D", "good"): 403, ("U", "good"): 403,
-                 ("P", "none"): 200, ("D", "none"): 403, ("U", "none"): 403,
-                 ("P", "bad"): 401, ("D", "bad"): 401, ("U", "bad"): 401},
+    "both": {
+        ("P", "good"): 200,
+        ("D", "good"): 403,
+        ("U", "good"): 403,
+        ("P", "none"): 401,
+        ("D", "none"): 401,
+        ("U", "none"): 401,
+        ("P", "bad"): 401,
+        ("D", "bad"): 401,
+        ("U", "bad"): 401,
+    },
+    "either": {
+        ("P", "good"): 200,
+        ("D", "good"): 200,
+        ("U", "good"): 200,
+        ("P", "none"): 200,
+        ("D", "none"): 401,
+        ("U", "none"): 401,
+        ("P", "bad"): 401,
+        ("D", "bad"): 401,
+        ("U", "bad"): 401,
+    },
+    "identity": {
+        ("P", "good"): 200,
+        ("D", "good"): 403,
+        ("U", "good"): 403,
+        ("P", "none"): 200,
+        ("D", "none"): 403,
+        ("U", "none"): 403,
+        ("P", "bad"): 401,
+        ("D", "bad"): 401,
+        ("U", "bad"): 401,
+    },
 }
 EXPECTED_USER = {"alice": ALICE, "ci": CI_NODE}
 
 
 @pytest.mark.parametrize("mode", ["both", "either", "identity"])
-async def test_policy_table(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path,
-                            mode: str) -> None:
+async def test_policy_table(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, mode: str
+) -> None:
     """Every authMode x credential x allow list x client gives its status; allowed
     requests carry the right identity header to the gateway and never a spoofed one."""
     async with fake_tailscaled() as ts:
@@ -92,21 +129,31 @@ async def test_policy_table(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_pat
             mismatches: list[str] = []
             n = itertools.count()
             for policy, (rules, verdicts) in POLICIES.items():
-                rules = {k: [ci_id if x == "@ci" else x for x in v] if isinstance(v, list)
-                         else v for k, v in rules.items()}
+                rules = {
+                    k: [ci_id if x == "@ci" else x for x in v] if isinstance(v, list) else v
+                    for k, v in rules.items()
+                }
                 await reconfigure(cg, {"tailscale": {**cfg["tailscale"], **rules}})
                 for client, (role, dst) in CLIENTS.items():
                     for cred, token in creds.items():
                         want = STATUS[mode][(verdicts[client], cred)]
                         tag = f"n={next(n)}"
-                        resp = await request(tailnet, role, dst, path=f"/headers?{tag}",
-                                             token=token,
-                                             headers=[("X-Forwarded-User", "mallory@evil"),
-                                                      ("Tailscale-User-Login", "mallory@evil")])
+                        resp = await request(
+                            tailnet,
+                            role,
+                            dst,
+                            path=f"/headers?{tag}",
+                            token=token,
+                            headers=[
+                                ("X-Forwarded-User", "mallory@evil"),
+                                ("Tailscale-User-Login", "mallory@evil"),
+                            ],
+                        )
                         where = f"{mode}/{policy}/{client}/{cred}"
                         if resp.status != want:
-                            mismatches.append(f"{where}: got {resp.status} want {want} "
-                                              f"({resp.body[:80]!r})")
+                            mismatches.append(
+                                f"{where}: got {resp.status} want {want} ({resp.body[:80]!r})"
+                            )
                             continue
                         seen = [r for r in fake_gateway.requests if r.target.endswith(tag)]
                         if want != 200:
@@ -125,23 +172,33 @@ async def test_policy_table(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_pat
 
 
 async def test_identity_headers_replace_spoofed_ones(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """alice over v4 and v6 and the tagged node: the gateway sees exactly what clawgate
     vouches for; every client-sent identity and forwarding header (any case, '_') is gone."""
     async with fake_tailscaled() as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path, host=[GW_V4, GW_V6],
-                              tailscale={"sendTailscaleHeaders": True})
+        cfg = clawgate_config(
+            fake_gateway,
+            ts.socket_path,
+            host=[GW_V4, GW_V6],
+            tailscale={"sendTailscaleHeaders": True},
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
-            spoof = [("X-Forwarded-User", "mallory@evil.example"),
-                     ("x_forwarded_user", "mallory@evil.example"),
-                     ("TAILSCALE-USER-LOGIN", "mallory@evil.example"),
-                     ("Tailscale-User-Name", "Mallory"),
-                     ("Tailscale_User_Profile_Pic", "https://evil.example/p.png"),
-                     ("Tailscale-Headers-Info", "https://evil.example"),
-                     ("X-Forwarded-For", "100.101.102.103"),
-                     ("X-Real-IP", "100.101.102.103")]
-            cases = [("alice-v4", "phone", GW_V4, PHONE_V4), ("alice-v6", "phone", GW_V6, PHONE_V6),
-                     ("ci", "ci", GW_V4, CI_V4)]
+            spoof = [
+                ("X-Forwarded-User", "mallory@evil.example"),
+                ("x_forwarded_user", "mallory@evil.example"),
+                ("TAILSCALE-USER-LOGIN", "mallory@evil.example"),
+                ("Tailscale-User-Name", "Mallory"),
+                ("Tailscale_User_Profile_Pic", "https://evil.example/p.png"),
+                ("Tailscale-Headers-Info", "https://evil.example"),
+                ("X-Forwarded-For", "100.101.102.103"),
+                ("X-Real-IP", "100.101.102.103"),
+            ]
+            cases = [
+                ("alice-v4", "phone", GW_V4, PHONE_V4),
+                ("alice-v6", "phone", GW_V6, PHONE_V6),
+                ("ci", "ci", GW_V4, CI_V4),
+            ]
             for name, role, dst, src in cases:
                 fake_gateway.clear()
                 resp = await request(tailnet, role, dst, token=cg.tokens["phone"], headers=spoof)
@@ -159,7 +216,8 @@ async def test_identity_headers_replace_spoofed_ones(
                     assert rec.header_all("Tailscale-User-Login") == [ALICE]
                     assert rec.header_all("Tailscale-User-Name") == ["Alice Example"]
                     assert rec.header_all("Tailscale-User-Profile-Pic") == [
-                        "https://lh3.googleusercontent.com/a/ACg8ocJexample=s96-c"]
+                        "https://lh3.googleusercontent.com/a/ACg8ocJexample=s96-c"
+                    ]
                 else:
                     # A tagged node: taggedIdentity ("{node}" by default), and no
                     # Tailscale-User-* at all, as `tailscale serve` does.
@@ -167,49 +225,67 @@ async def test_identity_headers_replace_spoofed_ones(
                     assert not [h for h, _ in rec.headers if h.lower().startswith("tailscale-")]
 
 
-@pytest.mark.parametrize(("template", "expect"), [
-    ("{node}", [CI_NODE]),
-    ("tag:{tags}", ["tag:tag:ci"]),
-    ("svc-{host}", ["svc-ci-runner-1"]),
-    ("", []),  # no identity header for tagged nodes at all
-])
-async def test_tagged_identity_value(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                     tmp_path: Path, template: str, expect: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("template", "expect"),
+    [
+        ("{node}", [CI_NODE]),
+        ("tag:{tags}", ["tag:tag:ci"]),
+        ("svc-{host}", ["svc-ci-runner-1"]),
+        ("", []),  # no identity header for tagged nodes at all
+    ],
+)
+async def test_tagged_identity_value(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, template: str, expect: list[str]
+) -> None:
     async with fake_tailscaled() as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path,
-                              tailscale={"taggedIdentity": template, "allowTags": ["tag:ci"]})
+        cfg = clawgate_config(
+            fake_gateway,
+            ts.socket_path,
+            tailscale={"taggedIdentity": template, "allowTags": ["tag:ci"]},
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
-            resp = await request(tailnet, "ci", token=cg.tokens["phone"],
-                                 headers=[("X-Forwarded-User", "tagged-devices")])
+            resp = await request(
+                tailnet,
+                "ci",
+                token=cg.tokens["phone"],
+                headers=[("X-Forwarded-User", "tagged-devices")],
+            )
             assert resp.status == 200
             (rec,) = fake_gateway.requests
             assert rec.header_all("X-Forwarded-User") == expect
             assert "tagged-devices" not in rec.raw_head.decode("latin-1")
 
 
-async def test_custom_identity_header(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                      tmp_path: Path) -> None:
+async def test_custom_identity_header(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path,
-                              tailscale={"identityHeader": "X-Auth-Request-User"})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, tailscale={"identityHeader": "X-Auth-Request-User"}
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
-            resp = await request(tailnet, "phone", token=cg.tokens["phone"],
-                                 headers=[("X-Auth-Request-User", "mallory"),
-                                          ("x-auth-request_user", "mallory")])
+            resp = await request(
+                tailnet,
+                "phone",
+                token=cg.tokens["phone"],
+                headers=[("X-Auth-Request-User", "mallory"), ("x-auth-request_user", "mallory")],
+            )
             assert resp.status == 200
             (rec,) = fake_gateway.requests
             assert rec.header_all("X-Auth-Request-User") == [ALICE]
             assert "mallory" not in rec.raw_head.decode("latin-1")
 
 
-async def test_non_ascii_names_are_q_encoded(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                             tmp_path: Path) -> None:
+async def test_non_ascii_names_are_q_encoded(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """Tailscale-User-* as `tailscale serve` sends them: RFC 2047 Q-encoding for non-ASCII."""
     zoe = alice_body(login="zoe@example.com", display_name="Zoë")
     zoe_full = alice_body(login="zoë@example.com", display_name="Zoë Ünal")
     async with fake_tailscaled(peers=[(PHONE_V4, zoe, "direct")]) as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path,
-                              tailscale={"sendTailscaleHeaders": True, "cacheTtl": 0})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, tailscale={"sendTailscaleHeaders": True, "cacheTtl": 0}
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             resp = await request(tailnet, "phone", token=cg.tokens["phone"])
             assert resp.status == 200
@@ -232,24 +308,29 @@ async def test_non_ascii_names_are_q_encoded(tailnet: Tailnet, fake_gateway: Fak
             assert resp.status == 200
             (rec,) = fake_gateway.requests
             assert rec.header_all("Tailscale-User-Name") == [
-                "=?utf-8?q?" + "=C3=A9" * 10 + "?= =?utf-8?q?" + "=C3=A9" * 2 + "?="]
+                "=?utf-8?q?" + "=C3=A9" * 10 + "?= =?utf-8?q?" + "=C3=A9" * 2 + "?="
+            ]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("login", "alice@example.com\r\nX-Forwarded-User: admin@example.com"),
-    ("login", "alice\n@example.com"),
-    ("login", "alice\x00@example.com"),
-    ("display_name", "Alice\r\nX-Injected: 1"),
-    ("display_name", "Alice\x00"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("login", "alice@example.com\r\nX-Forwarded-User: admin@example.com"),
+        ("login", "alice\n@example.com"),
+        ("login", "alice\x00@example.com"),
+        ("display_name", "Alice\r\nX-Injected: 1"),
+        ("display_name", "Alice\x00"),
+    ],
+)
 async def test_control_characters_in_identity_are_refused(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, field: str,
-        value: str) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, field: str, value: str
+) -> None:
     """A whois answer whose identity cannot be a header value never reaches the gateway."""
     body = alice_body(**{field: value})
     async with fake_tailscaled(peers=[(PHONE_V4, body, "direct")]) as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path,
-                              tailscale={"sendTailscaleHeaders": True})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, tailscale={"sendTailscaleHeaders": True}
+        )
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             resp = await request(tailnet, "phone", token=cg.tokens["phone"])
             assert resp.status == 403, resp
@@ -258,12 +339,12 @@ async def test_control_characters_in_identity_are_refused(
             assert fake_gateway.connections_opened == 0
 
 
-async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                           tmp_path: Path) -> None:
+async def test_access_log_names_the_device(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """Decision and close lines carry node, login, tags, OS and the path from status."""
     async with fake_tailscaled() as ts:
-        cfg = clawgate_config(fake_gateway, ts.socket_path,
-                              tailscale={"allowUsers": [ALICE]})
+        cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"allowUsers": [ALICE]})
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             # /health asks tailscaled for status on the spot: the peer paths are known after it.
             await eventually(lambda: cg.admin_json("/health"), lambda r: r[0] == 200)
@@ -271,15 +352,26 @@ async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeG
             assert (await request(tailnet, "phone", token=token)).status == 200
             assert (await request(tailnet, "ci", token=token)).status == 403
             want: dict[str, dict[str, Any]] = {
-                PHONE_V4: {"node": ALICE_NODE, "login": ALICE, "tags": [], "os": "macOS",
-                           "peer_path": "direct"},
-                CI_V4: {"node": CI_NODE, "login": None, "tags": ["tag:ci"], "os": "linux",
-                        "peer_path": "derp:nyc"},
+                PHONE_V4: {
+                    "node": ALICE_NODE,
+                    "login": ALICE,
+                    "tags": [],
+                    "os": "macOS",
+                    "peer_path": "direct",
+                },
+                CI_V4: {
+                    "node": CI_NODE,
+                    "login": None,
+                    "tags": ["tag:ci"],
+                    "os": "linux",
+                    "peer_path": "derp:nyc",
+                },
             }
             for ip, fields in want.items():
                 for event in ("decision", "close"):
-                    rec = await cg.wait_log(lambda r, ip=ip, e=event: r.get("event") == e
-                                            and r.get("peer") == ip)
+                    rec = await cg.wait_log(
+                        lambda r, ip=ip, e=event: r.get("event") == e and r.get("peer") == ip
+                    )
                     got = {k: rec.get(k) for k in fields}
                     assert got == fields, (event, rec)
             # The path follows status: alice now through a peer relay, seen at the next poll
@@ -289,16 +381,20 @@ async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeG
 
             async def path_now() -> Any:
                 await request(tailnet, "phone", token=token)
-                return [r.get("peer_path") for r in cg.access_log()
-                        if r.get("event") == "decision" and r.get("peer") == PHONE_V4]
+                return [
+                    r.get("peer_path")
+                    for r in cg.access_log()
+                    if r.get("event") == "decision" and r.get("peer") == PHONE_V4
+                ]
 
             await eventually(path_now, lambda paths: paths[-1] == "peer-relay")
             # The unknown peer: denied with a reason, no identity fields invented.
             resp = await request(tailnet, "public", token=token)
             assert resp.status == 403
             assert resp.body == b"not a known tailnet peer\n"
-            rec = await cg.wait_log(lambda r: r.get("event") == "decision"
-                                    and r.get("peer") == PUBLIC_V4)
+            rec = await cg.wait_log(
+                lambda r: r.get("event") == "decision" and r.get("peer") == PUBLIC_V4
+            )
             assert "login" not in rec and "node" not in rec
 
 
@@ -306,12 +402,18 @@ async def test_access_log_names_the_device(tailnet: Tailnet, fake_gateway: FakeG
 # refuses unknown keys at startup): reference/openclaw-gateway.md, docs/openclaw-notes.md.
 _GATEWAY_KEYS = {"mode", "port", "bind", "trustedProxies", "auth", "controlUi"}
 _AUTH_KEYS = {"mode", "password", "trustedProxy", "identityScopes"}
-_TRUSTED_PROXY_KEYS = {"userHeader", "requiredHeaders", "allowUsers", "allowLoopback",
-                       "deviceAutoApprove"}
+_TRUSTED_PROXY_KEYS = {
+    "userHeader",
+    "requiredHeaders",
+    "allowUsers",
+    "allowLoopback",
+    "deviceAutoApprove",
+}
 
 
-async def test_shipped_configs_pair_up(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                       tmp_path: Path) -> None:
+async def test_shipped_configs_pair_up(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """config/clawgate.identity.example.json in front of a gateway configured with
     config/openclaw.gateway.json: what clawgate sends is what that gateway reads."""
     repo = Path(__file__).resolve().parents[2]
@@ -331,9 +433,12 @@ async def test_shipped_configs_pair_up(tailnet: Tailnet, fake_gateway: FakeGatew
     assert sorted(tp["allowUsers"]) == sorted(ours["tailscale"]["allowUsers"])
 
     async with fake_tailscaled() as ts:
-        cfg = {**ours, "upstream": f"http://127.0.0.1:{fake_gateway.port}",
-               "gateway": {**ours["gateway"], "host": GW_V4},
-               "tailscale": {**ours["tailscale"], "socket": ts.socket_path}}
+        cfg = {
+            **ours,
+            "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+            "gateway": {**ours["gateway"], "host": GW_V4},
+            "tailscale": {**ours["tailscale"], "socket": ts.socket_path},
+        }
         del cfg["tokens"], cfg["log"], cfg["admin"]  # the harness's own
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             # alice's browser, no token: identity mode lets her in, and tells the gateway.
@@ -346,8 +451,10 @@ async def test_shipped_configs_pair_up(tailnet: Tailnet, fake_gateway: FakeGatew
             # The gateway attributes the client from X-Forwarded-For (never loopback) and
             # trusts it only because the connection comes from a trusted proxy address.
             assert rec.header_all("X-Forwarded-For") == [PHONE_V4]
-            assert any(ipaddress.ip_address(rec.peer[0]) in ipaddress.ip_network(n)
-                       for n in g["trustedProxies"])
+            assert any(
+                ipaddress.ip_address(rec.peer[0]) in ipaddress.ip_network(n)
+                for n in g["trustedProxies"]
+            )
             # The shared CI server is not alice: refused at the edge.
             assert (await request(tailnet, "ci", token=cg.tokens["phone"])).status == 403
             assert (await request(tailnet, "ci")).status == 403

@@ -48,17 +48,32 @@ class StandaloneTailscaled:
     def __init__(self, socket_path: str, workdir: Path) -> None:
         self.socket_path = socket_path
         self.peers_file = workdir / "peers.json"
-        self.peers_file.write_text(json.dumps(
-            [{"ip": ip, "body": body, "path": path} for ip, body, path in tailnet_peers()]))
+        self.peers_file.write_text(
+            json.dumps(
+                [{"ip": ip, "body": body, "path": path} for ip, body, path in tailnet_peers()]
+            )
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.fake_tailscaled", "--socket", self.socket_path,
-             "--peers", str(self.peers_file), "--no-default-peers"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            cwd=str(ROOT), env=env)
+            [
+                sys.executable,
+                "-m",
+                "tests.fakes.fake_tailscaled",
+                "--socket",
+                self.socket_path,
+                "--peers",
+                str(self.peers_file),
+                "--no-default-peers",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=str(ROOT),
+            env=env,
+        )
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 10)
         assert b"listening" in line, line
@@ -83,8 +98,9 @@ async def health(cg: ClawgateProcess) -> tuple[int, Any]:
 
 async def wait_bus(cg: ClawgateProcess) -> None:
     """Until clawgate's IPN bus watcher is connected (its connect-flush has happened)."""
-    await eventually(lambda: health(cg),
-                     lambda r: bool((r[1].get("tailscale") or {}).get("bus_connected")))
+    await eventually(
+        lambda: health(cg), lambda r: bool((r[1].get("tailscale") or {}).get("bus_connected"))
+    )
 
 
 def assert_one_line_503(resp: Any, where: str) -> None:
@@ -113,11 +129,11 @@ async def daemon(kind: str, tmp: Path) -> AsyncIterator[tuple[Any, str]]:
 
 @pytest.mark.parametrize("failure", ["killed", "socket-removed", "slow", "badjson", "503"])
 async def test_tailscaled_failure_fails_closed_then_recovers(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, failure: str) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, failure: str
+) -> None:
     async with daemon(failure, tmp_path) as (ts, sock):
         # A long TTL: only the IPN bus (or its loss) can make clawgate ask again.
-        cfg = clawgate_config(fake_gateway, sock, tailscale={"timeout": TIMEOUT,
-                                                             "cacheTtl": 3600})
+        cfg = clawgate_config(fake_gateway, sock, tailscale={"timeout": TIMEOUT, "cacheTtl": 3600})
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             pid = cg.pid
@@ -139,8 +155,9 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
                 # so the next connection must ask.
                 ts.push_notify({"PeersChanged": [alice_body()["Node"]]})
 
-            first = await eventually(lambda: request(tailnet, "phone", token=token),
-                                     lambda r: r.status != 200)
+            first = await eventually(
+                lambda: request(tailnet, "phone", token=token), lambda r: r.status != 200
+            )
             assert_one_line_503(first, "first")
             before = len(fake_gateway.requests)
             for role in ("phone", "ci", "public"):
@@ -152,8 +169,11 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
                     # tailscale.timeout bounds the wait, not the daemon's 15 s stall.
                     assert took < TIMEOUT + 4, (role, took)
             assert len(fake_gateway.requests) == before  # nothing reached the gateway
-            recs = [r for r in cg.access_log() if r.get("event") == "decision"
-                    and r.get("status") == 503]
+            recs = [
+                r
+                for r in cg.access_log()
+                if r.get("event") == "decision" and r.get("status") == 503
+            ]
             assert recs and all(r["decision"] == "deny" for r in recs)
             assert all("\n" not in r["reason"] for r in recs)
             if failure == "slow":
@@ -174,8 +194,11 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
             else:
                 ts.mode = "ok"
                 ts._release.set()  # noqa: SLF001 - let stalled slow handlers finish now
-            await eventually(lambda: request(tailnet, "phone", token=token),
-                             lambda r: r.status == 200, timeout=10)
+            await eventually(
+                lambda: request(tailnet, "phone", token=token),
+                lambda r: r.status == 200,
+                timeout=10,
+            )
             for role in ("phone", "ci"):
                 assert (await request(tailnet, role, token=token)).status == 200
             assert (await request(tailnet, "public", token=token)).status == 403
@@ -185,7 +208,8 @@ async def test_tailscaled_failure_fails_closed_then_recovers(
 
 
 async def test_removed_peer_is_refused_on_next_connection(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"cacheTtl": 3600})
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
@@ -195,21 +219,24 @@ async def test_removed_peer_is_refused_on_next_connection(
                 assert (await request(tailnet, "phone", token=token)).status == 200
             assert ts.whois_calls[PHONE_V4] == 1  # cached by peer IP
             ts.remove_peer(PHONE_V4)  # PeersRemoved on the bus
-            resp = await eventually(lambda: request(tailnet, "phone", token=token),
-                                    lambda r: r.status != 200, timeout=3)
+            resp = await eventually(
+                lambda: request(tailnet, "phone", token=token), lambda r: r.status != 200, timeout=3
+            )
             assert resp.status == 403 and resp.body == b"not a known tailnet peer\n"
             assert ts.whois_calls[PHONE_V4] == 2
             # Other peers are unaffected.
             assert (await request(tailnet, "ci", token=token)).status == 200
             assert ts.whois_calls[CI_V4] == 1
             ts.add_peer(PHONE_V4, alice_body())  # PeersChanged: back on the tailnet
-            await eventually(lambda: request(tailnet, "phone", token=token),
-                             lambda r: r.status == 200, timeout=3)
+            await eventually(
+                lambda: request(tailnet, "phone", token=token), lambda r: r.status == 200, timeout=3
+            )
 
 
 @pytest.mark.parametrize("how", ["closed", "fell-behind", "aborted"])
 async def test_bus_reconnect_flushes_the_cache(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, how: str) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, how: str
+) -> None:
     """Changes made while the bus was down were not seen: reconnect, and ask again."""
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"cacheTtl": 3600})
@@ -225,9 +252,13 @@ async def test_bus_reconnect_flushes_the_cache(
                 ts.fall_behind()
             else:
                 ts.drop_watchers(abort=True)
-            await eventually(lambda: asyncio.sleep(0, ts.requests),
-                             lambda reqs: sum(1 for r in reqs if r.path.endswith(
-                                 "watch-ipn-bus")) > bus_requests and ts.watcher_count == 1)
+            await eventually(
+                lambda: asyncio.sleep(0, ts.requests),
+                lambda reqs: (
+                    sum(1 for r in reqs if r.path.endswith("watch-ipn-bus")) > bus_requests
+                    and ts.watcher_count == 1
+                ),
+            )
             await wait_bus(cg)
             assert (await request(tailnet, "phone", token=token)).status == 200
             assert ts.whois_calls[PHONE_V4] == 2
@@ -254,7 +285,8 @@ async def test_cache_ttl(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: 
 
 
 async def test_one_whois_per_new_peer_under_concurrency(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path, tailscale={"timeout": 3})
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
@@ -263,11 +295,9 @@ async def test_one_whois_per_new_peer_under_concurrency(
             # Each whois takes 0.4 s: every connection below arrives while it is in flight.
             ts.mode, ts.slow_seconds = "slow", 0.4
             ts.whois_calls.clear()
-            jobs = [request(tailnet, role, token=token)
-                    for role in ["phone"] * 25 + ["ci"] * 15]
+            jobs = [request(tailnet, role, token=token) for role in ["phone"] * 25 + ["ci"] * 15]
             results = await asyncio.gather(*jobs)
             assert [r.status for r in results] == [200] * 40
             assert dict(ts.whois_calls) == {PHONE_V4: 1, CI_V4: 1}
             users = [r.header("X-Forwarded-User") for r in fake_gateway.requests]
             assert users.count(ALICE) == 25 and users.count(CI_NODE) == 15
-

@@ -60,23 +60,35 @@ def keys(tmp_path: Path) -> Path:
     return out
 
 
-def base_config(tmp_path: Path, gw: FakeGateway, tsd: FakeTailscaled,
-                jwt: dict[str, Any]) -> dict[str, Any]:
+def base_config(
+    tmp_path: Path, gw: FakeGateway, tsd: FakeTailscaled, jwt: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "gateway": {"host": GW_V4, "port": PORT},
         "upstream": f"http://127.0.0.1:{gw.port}",
         "tailscale": {"socket": tsd.socket_path},
-        "jwt": {"enabled": True, "issuer": ISS, "audience": AUD, "algorithms": ["EdDSA"],
-                "revokedFile": str(tmp_path / "revoked.json"), **jwt},
+        "jwt": {
+            "enabled": True,
+            "issuer": ISS,
+            "audience": AUD,
+            "algorithms": ["EdDSA"],
+            "revokedFile": str(tmp_path / "revoked.json"),
+            **jwt,
+        },
         "limits": {"failedAuthCount": 1000},
     }
 
 
 @pytest.fixture
-async def proxy(tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway,
-                tsd: FakeTailscaled, keys: Path) -> AsyncIterator[ClawgateProcess]:
-    cfg = base_config(tmp_path, fake_gateway, tsd, {
-        "keyFile": str(keys.with_name("sign.jwks.json")), "requireTailscaleUser": True})
+async def proxy(
+    tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway, tsd: FakeTailscaled, keys: Path
+) -> AsyncIterator[ClawgateProcess]:
+    cfg = base_config(
+        tmp_path,
+        fake_gateway,
+        tsd,
+        {"keyFile": str(keys.with_name("sign.jwks.json")), "requireTailscaleUser": True},
+    )
     proc = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
     try:
         await proc.start()
@@ -87,8 +99,20 @@ async def proxy(tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway,
 
 def issue(proc: ClawgateProcess, keys: Path, sub: str, ttl: str) -> tuple[str, str]:
     """(token, jti) from the real `clawgate token issue`."""
-    res = run_cli("token", "issue", "-c", str(proc.config_path), "--sub", sub, "--ttl", ttl,
-                  "--key", str(keys), "--scope", "operator.read")
+    res = run_cli(
+        "token",
+        "issue",
+        "-c",
+        str(proc.config_path),
+        "--sub",
+        sub,
+        "--ttl",
+        ttl,
+        "--key",
+        str(keys),
+        "--scope",
+        "operator.read",
+    )
     assert res.returncode == 0, res.stderr
     jti = res.stderr.split("(jti ", 1)[1].split(")", 1)[0]
     return res.stdout.strip(), jti
@@ -96,9 +120,13 @@ def issue(proc: ClawgateProcess, keys: Path, sub: str, ttl: str) -> tuple[str, s
 
 async def ws(tailnet: Tailnet, role: str, token: str) -> ClientConnection:
     sock = await connect_in(tailnet.ns(role), GW_V4, PORT)
-    return await connect(f"ws://{GW_V4}:{PORT}/ws", sock=sock, proxy=None,
-                         additional_headers={"Authorization": f"Bearer {token}"},
-                         open_timeout=5)
+    return await connect(
+        f"ws://{GW_V4}:{PORT}/ws",
+        sock=sock,
+        proxy=None,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=5,
+    )
 
 
 async def status_of(tailnet: Tailnet, role: str, token: str) -> tuple[int, bytes]:
@@ -120,8 +148,9 @@ async def closed_code(conn: ClientConnection, timeout: float) -> tuple[int | Non
             return (exc.rcvd.code if exc.rcvd else None), time.monotonic()
 
 
-async def test_session_ends_with_1008_at_exp(tailnet: Tailnet, proxy: ClawgateProcess,
-                                             keys: Path) -> None:
+async def test_session_ends_with_1008_at_exp(
+    tailnet: Tailnet, proxy: ClawgateProcess, keys: Path
+) -> None:
     token, _ = issue(proxy, keys, ALICE, "3s")
     exp = json.loads(_payload(token))["exp"]
     conn = await ws(tailnet, "phone", token)
@@ -140,7 +169,8 @@ async def test_session_ends_with_1008_at_exp(tailnet: Tailnet, proxy: ClawgatePr
 
 
 async def test_revoke_jti_ends_live_session_and_refuses_new(
-        tailnet: Tailnet, proxy: ClawgateProcess, keys: Path) -> None:
+    tailnet: Tailnet, proxy: ClawgateProcess, keys: Path
+) -> None:
     token, jti = issue(proxy, keys, ALICE, "1h")
     other, _ = issue(proxy, keys, ALICE, "1h")
     conn = await ws(tailnet, "phone", token)
@@ -149,9 +179,27 @@ async def test_revoke_jti_ends_live_session_and_refuses_new(
     assert await conn.recv() == "x"
     # `clawgate token revoke` runs where clawgate's admin listener is: the gw namespace.
     res = subprocess.run(
-        ["ip", "netns", "exec", tailnet.ns("gw"), sys.executable, "-m", "proxy", "token",
-         "revoke", "-c", str(proxy.config_path), "--jti", jti],
-        capture_output=True, text=True, cwd=str(ROOT), timeout=30, check=False)
+        [
+            "ip",
+            "netns",
+            "exec",
+            tailnet.ns("gw"),
+            sys.executable,
+            "-m",
+            "proxy",
+            "token",
+            "revoke",
+            "-c",
+            str(proxy.config_path),
+            "--jti",
+            jti,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=30,
+        check=False,
+    )
     done = time.monotonic()
     assert res.returncode == 0, res.stderr
     assert "reloaded" in res.stderr
@@ -168,7 +216,8 @@ async def test_revoke_jti_ends_live_session_and_refuses_new(
 
 
 async def test_revoked_file_edit_is_picked_up_without_reload(
-        tailnet: Tailnet, proxy: ClawgateProcess, keys: Path, tmp_path: Path) -> None:
+    tailnet: Tailnet, proxy: ClawgateProcess, keys: Path, tmp_path: Path
+) -> None:
     token, jti = issue(proxy, keys, ALICE, "1h")
     conn = await ws(tailnet, "phone", token)
     start = time.monotonic()
@@ -182,15 +231,16 @@ async def test_revoked_file_edit_is_picked_up_without_reload(
 
 
 async def test_token_must_come_from_the_subjects_device(
-        tailnet: Tailnet, proxy: ClawgateProcess, keys: Path,
-        fake_gateway: FakeGateway) -> None:
+    tailnet: Tailnet, proxy: ClawgateProcess, keys: Path, fake_gateway: FakeGateway
+) -> None:
     alice, _ = issue(proxy, keys, ALICE, "1h")
     bob, _ = issue(proxy, keys, "bob@example.com", "1h")
     assert (await status_of(tailnet, "phone", alice))[0] == 101
     assert (await status_of(tailnet, "ci", alice))[0] == 403  # tagged node: not alice's
     assert (await status_of(tailnet, "phone", bob))[0] == 403
-    rec = await proxy.wait_log(lambda r: r.get("event") == "decision"
-                               and r.get("decision") == "allow")
+    rec = await proxy.wait_log(
+        lambda r: r.get("event") == "decision" and r.get("decision") == "allow"
+    )
     assert rec["token"] == f"jwt:{ALICE}"
     # The gateway saw exactly the allowed upgrade, without the JWT, with alice's identity.
     assert [r.path for r in fake_gateway.requests] == ["/ws"]
@@ -199,17 +249,19 @@ async def test_token_must_come_from_the_subjects_device(
     assert head.header("x-forwarded-user") == ALICE
 
 
-async def test_refusals_through_the_proxy(tailnet: Tailnet, proxy: ClawgateProcess,
-                                          keys: Path) -> None:
+async def test_refusals_through_the_proxy(
+    tailnet: Tailnet, proxy: ClawgateProcess, keys: Path
+) -> None:
     key = serialization.load_pem_private_key(keys.read_bytes(), password=None)
-    wrong_aud, _ = issue_token(key, sub=ALICE, ttl=600, iss=ISS, aud="someone-else",
-                               scopes=[])
-    wrong_iss, _ = issue_token(key, sub=ALICE, ttl=600, iss=ISS + ".evil", aud=AUD,
-                               scopes=[])
+    wrong_aud, _ = issue_token(key, sub=ALICE, ttl=600, iss=ISS, aud="someone-else", scopes=[])
+    wrong_iss, _ = issue_token(key, sub=ALICE, ttl=600, iss=ISS + ".evil", aud=AUD, scopes=[])
     other_key = ed25519.Ed25519PrivateKey.generate()
     unknown, _ = issue_token(other_key, sub=ALICE, ttl=600, iss=ISS, aud=AUD, scopes=[])
-    for token, reason in ((wrong_aud, b"wrong audience"), (wrong_iss, b"wrong issuer"),
-                          (unknown, b"unknown key id")):
+    for token, reason in (
+        (wrong_aud, b"wrong audience"),
+        (wrong_iss, b"wrong issuer"),
+        (unknown, b"unknown key id"),
+    ):
         status, body = await status_of(tailnet, "phone", token)
         assert status == 401 and reason in body, body
         assert AUD.encode() not in body and b"clawgate.tail3f2a1" not in body
@@ -236,8 +288,8 @@ class Jwks:
 
 
 async def test_jwks_url_rotation_and_unknown_kid_cooldown(
-        tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway,
-        tsd: FakeTailscaled) -> None:
+    tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway, tsd: FakeTailscaled
+) -> None:
     k1, k2 = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
     jwks = Jwks()
     jwks.keys = [{**public_jwk(k1), "kid": jwk_thumbprint(public_jwk(k1))}]
@@ -249,8 +301,12 @@ async def test_jwks_url_rotation_and_unknown_kid_cooldown(
     site = web.SockSite(runner, sock)
     await site.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/jwks"
-    cfg = base_config(tmp_path, fake_gateway, tsd,
-                      {"jwksUrl": url, "jwksCooldownSeconds": 1, "jwksCacheSeconds": 300})
+    cfg = base_config(
+        tmp_path,
+        fake_gateway,
+        tsd,
+        {"jwksUrl": url, "jwksCooldownSeconds": 1, "jwksCacheSeconds": 300},
+    )
     proc = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
     try:
         await proc.start()

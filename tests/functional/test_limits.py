@@ -39,15 +39,17 @@ def refusals(cg: ClawgateProcess, reason: str) -> list[dict[str, object]]:
     return [r for r in cg.access_log() if r.get("reason") == reason]
 
 
-async def assert_other_address_unaffected(tailnet: Tailnet, token: str,
-                                          baseline: list[float]) -> None:
+async def assert_other_address_unaffected(
+    tailnet: Tailnet, token: str, baseline: list[float]
+) -> None:
     during = await timed_get(tailnet, "ci", token, 15)
     assert max(during) < 0.5, during
     assert median(during) < 3 * median(baseline) + 0.02, (baseline, during)
 
 
-async def idle_connections(tailnet: Tailnet, role: str, n: int
-                           ) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def idle_connections(
+    tailnet: Tailnet, role: str, n: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     return [await open_in(tailnet.ns(role), GW_V4, PORT) for _ in range(n)]
 
 
@@ -64,7 +66,8 @@ async def refused_with(tailnet: Tailnet, role: str, status: int) -> bytes:
 
 
 async def test_total_connections_503_then_served_again(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"maxConnections": 4})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
@@ -85,7 +88,8 @@ async def test_total_connections_503_then_served_again(
 
 
 async def test_per_source_ip_429_while_another_address_is_served(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"perSourceIp": 5})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
@@ -103,7 +107,8 @@ async def test_per_source_ip_429_while_another_address_is_served(
 
 
 async def test_unauthenticated_connections_per_ip(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"unauthenticatedPerIp": 4, "perSourceIp": 100})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
@@ -133,7 +138,8 @@ async def test_unauthenticated_connections_per_ip(
 
 
 async def test_per_identity_by_token_name(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"perIdentity": 2})
     async with running(tailnet, tmp_path / "cg", cfg, token_names=("phone", "laptop")) as cg:
         phone, laptop = cg.tokens["phone"], cg.tokens["laptop"]
@@ -159,13 +165,16 @@ async def test_per_identity_by_token_name(
 
 
 async def test_per_identity_by_tailscale_principal(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as tsd:
-        cfg = clawgate_config(fake_gateway, tsd.socket_path,
-                              gateway={"requireToken": False},
-                              tailscale={"allowUsers": ["alice@example.com"],
-                                         "allowTags": ["tag:ci"]},
-                              extra={"limits": {"perIdentity": 2, "failedAuthLockout": 0}})
+        cfg = clawgate_config(
+            fake_gateway,
+            tsd.socket_path,
+            gateway={"requireToken": False},
+            tailscale={"allowUsers": ["alice@example.com"], "allowTags": ["tag:ci"]},
+            extra={"limits": {"perIdentity": 2, "failedAuthLockout": 0}},
+        )
         cg = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
         await cg.start()
         try:
@@ -188,9 +197,11 @@ async def test_per_identity_by_tailscale_principal(
 
 
 async def test_failed_auth_lockout_429_retry_after(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
-    cfg = base_config(fake_gateway.port, {"failedAuthCount": 10, "failedAuthWindow": 60,
-                                          "failedAuthLockout": 300})
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    cfg = base_config(
+        fake_gateway.port, {"failedAuthCount": 10, "failedAuthWindow": 60, "failedAuthLockout": 300}
+    )
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
         baseline = await timed_get(tailnet, "ci", token, 15)
@@ -208,11 +219,13 @@ async def test_failed_auth_lockout_429_retry_after(
         assert len([r for r in cg.access_log() if r.get("event") == "lockout"]) == 1
         await assert_other_address_unaffected(tailnet, token, baseline)
         assert fake_gateway.requests and all(
-            r.header("X-Forwarded-For") == "100.88.12.34" for r in fake_gateway.requests)
+            r.header("X-Forwarded-For") == "100.88.12.34" for r in fake_gateway.requests
+        )
 
 
-async def test_head_too_large_431(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                  tmp_path: Path) -> None:
+async def test_head_too_large_431(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"headBytes": 2048})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
@@ -239,7 +252,8 @@ async def test_head_too_large_431(tailnet: Tailnet, fake_gateway: FakeGateway,
 
 
 async def test_slow_head_408_without_stalling_others(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, {"headTimeout": 0.5})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         token = cg.tokens["phone"]
@@ -264,10 +278,21 @@ async def test_slow_head_408_without_stalling_others(
 async def test_every_limit_is_configurable_and_validated(tmp_path: Path) -> None:
     import json
 
-    good = {"maxConnections": 7, "perSourceIp": 6, "perIdentity": 5,
-            "unauthenticatedPerIp": 4, "headBytes": 4096, "headLines": 50, "headTimeout": 2.5,
-            "idleTimeout": 60, "failedAuthCount": 3, "failedAuthWindow": 10,
-            "failedAuthLockout": 30, "drainSeconds": 1.5, "highWater": 65536}
+    good = {
+        "maxConnections": 7,
+        "perSourceIp": 6,
+        "perIdentity": 5,
+        "unauthenticatedPerIp": 4,
+        "headBytes": 4096,
+        "headLines": 50,
+        "headTimeout": 2.5,
+        "idleTimeout": 60,
+        "failedAuthCount": 3,
+        "failedAuthWindow": 10,
+        "failedAuthLockout": 30,
+        "drainSeconds": 1.5,
+        "highWater": 65536,
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"limits": good}))
     res = run_cli("check-config", "--config", str(path))
@@ -280,7 +305,8 @@ async def test_every_limit_is_configurable_and_validated(tmp_path: Path) -> None
 
 
 async def test_a_connection_refused_at_accept_is_not_read(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """Over a limit, the answer comes before (and regardless of) any request bytes."""
     cfg = base_config(fake_gateway.port, {"unauthenticatedPerIp": 1})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:

@@ -184,8 +184,10 @@ def test_socket_in_from_many_threads(tailnet: Tailnet) -> None:
         except OSError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=a)
-               for a in [("phone", PHONE_V4), ("ci", CI_V4), ("gw", GW_V4), ("public", PUBLIC_V4)]]
+    threads = [
+        threading.Thread(target=work, args=a)
+        for a in [("phone", PHONE_V4), ("ci", CI_V4), ("gw", GW_V4), ("public", PUBLIC_V4)]
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -193,9 +195,7 @@ def test_socket_in_from_many_threads(tailnet: Tailnet) -> None:
     assert errors == []
 
 
-async def test_gw_loopback_is_private_to_gw(
-    tailnet: Tailnet, fake_gateway: FakeGateway
-) -> None:
+async def test_gw_loopback_is_private_to_gw(tailnet: Tailnet, fake_gateway: FakeGateway) -> None:
     # The fixture's gateway listens on gw's own 127.0.0.1, like the real one behind the proxy.
     reader, writer = await open_connection_in(tailnet.ns("gw"), "127.0.0.1", fake_gateway.port)
     writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -232,7 +232,9 @@ def test_run_in_and_check_output_in(tailnet: Tailnet) -> None:
     proc = run_in(
         tailnet.ns("gw"),
         [sys.executable, "-m", "tests.fakes.fake_gateway", "--host", GW_V4, "--port", "0"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -277,10 +279,13 @@ def test_teardown_leaves_no_namespace(tailnet: Tailnet) -> None:
 
 
 def test_cleanup_stale_removes_a_killed_owners_tailnet(tailnet: Tailnet) -> None:
-    code = ("import time; from tests.netns import Tailnet; t = Tailnet.create(); "
-            "print(' '.join(t.namespaces), flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import time; from tests.netns import Tailnet; t = Tailnet.create(); "
+        "print(' '.join(t.namespaces), flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         names = set(proc.stdout.readline().split())

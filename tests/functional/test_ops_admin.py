@@ -45,8 +45,9 @@ def _metrics(text: str) -> dict[str, float]:
 
 
 def promtool(text: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
 
 
 async def poll(fn: Any, timeout: float = 5.0) -> Any:
@@ -62,13 +63,20 @@ async def poll(fn: Any, timeout: float = 5.0) -> Any:
 
 
 def cli_in_ns(cg: ClawgateProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cg.argv(*args)], capture_output=True, text=True, timeout=30,
-                          cwd=str(ROOT), env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [*cg.argv(*args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(ROOT),
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.fixture
-async def serving(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
-                  ) -> AsyncIterator[Running]:
+async def serving(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> AsyncIterator[Running]:
     async with fake_tailscaled() as ts:
         cfg = clawgate_config(fake_gateway, ts.socket_path)
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
@@ -76,6 +84,7 @@ async def serving(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
             async def polled() -> bool:
                 _, body = await cg.admin_json("/health")
                 return bool(body["tailscale"] and body["tailscale"]["state"] == "Running")
+
             await poll(polled)
             yield cg, ts
 
@@ -92,8 +101,12 @@ async def test_metrics_after_traffic_pass_promtool(tailnet: Tailnet, serving: Ru
     r = await request(tailnet, "ci", path="/headers")  # no token: 401
     assert r.status == 401
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
-    async with connect(f"ws://{GW_V4}:{PORT}/ws", sock=sock, proxy=None,
-                       additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+    async with connect(
+        f"ws://{GW_V4}:{PORT}/ws",
+        sock=sock,
+        proxy=None,
+        additional_headers={"Authorization": f"Bearer {token}"},
+    ) as ws:
         for _ in range(5):
             await ws.send("x" * 1000)
             assert await ws.recv() == "x" * 1000
@@ -117,16 +130,25 @@ async def test_metrics_after_traffic_pass_promtool(tailnet: Tailnet, serving: Ru
     assert "clawgate_upstream_errors_total" in m
     assert m['clawgate_decisions_total{result="deny",status="401"}'] >= 1
     assert m["clawgate_handshake_seconds_count"] >= 1
-    assert m['clawgate_handshake_seconds_bucket{le="+Inf"}'] == m[
-        "clawgate_handshake_seconds_count"]
+    assert (
+        m['clawgate_handshake_seconds_bucket{le="+Inf"}'] == m["clawgate_handshake_seconds_count"]
+    )
     assert m['clawgate_bytes_total{direction="client_to_gateway"}'] >= 5000
     # promtool is a real linter: a broken exposition fails it.
-    assert promtool(text.replace("# TYPE clawgate_connections_active gauge",
-                                 "# TYPE clawgate_connections_active bogus")).returncode != 0
+    assert (
+        promtool(
+            text.replace(
+                "# TYPE clawgate_connections_active gauge",
+                "# TYPE clawgate_connections_active bogus",
+            )
+        ).returncode
+        != 0
+    )
 
 
-async def test_refused_by_reason_and_upstream_errors(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                                     tmp_path: Path) -> None:
+async def test_refused_by_reason_and_upstream_errors(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = clawgate_config(fake_gateway, None, gateway={"allowedNetworks": ["100.64.0.0/10"]})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         sock = await connect_in(tailnet.ns("public"), GW_V4, PORT)
@@ -168,6 +190,7 @@ async def test_health_ok_then_degraded_by_tailscale(serving: Running) -> None:
     async def degraded() -> Any:
         code, b = await cg.admin_json("/health")
         return (code, b) if code == 503 else None
+
     code, b = await poll(degraded)
     assert b["tailscale"]["state"] == "NeedsLogin"
     assert any("NeedsLogin" in p for p in b["problems"]), b["problems"]
@@ -175,16 +198,22 @@ async def test_health_ok_then_degraded_by_tailscale(serving: Running) -> None:
 
     async def back() -> bool:
         return (await cg.admin_json("/health"))[0] == 200
+
     await poll(back)
 
 
-async def test_connections_and_status_show_live_sessions(tailnet: Tailnet,
-                                                         serving: Running) -> None:
+async def test_connections_and_status_show_live_sessions(
+    tailnet: Tailnet, serving: Running
+) -> None:
     cg, ts = serving
     token = cg.tokens["phone"]
     sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
-    async with connect(f"ws://{GW_V4}:{PORT}/ws", sock=sock, proxy=None,
-                       additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+    async with connect(
+        f"ws://{GW_V4}:{PORT}/ws",
+        sock=sock,
+        proxy=None,
+        additional_headers={"Authorization": f"Bearer {token}"},
+    ) as ws:
         await ws.send("hello" * 100)
         assert await ws.recv() == "hello" * 100
         status, body = await cg.admin_json("/connections")
@@ -211,15 +240,20 @@ async def test_connections_and_status_show_live_sessions(tailnet: Tailnet,
     async def gone() -> bool:
         _, b = await cg.admin_json("/connections")
         return not any(c["websocket"] for c in b["connections"])
+
     await poll(gone)
 
 
 async def test_status_without_a_running_clawgate(tmp_path: Path) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"admin": {"port": 1}}))
-    proc = subprocess.run([sys.executable, "-m", "proxy", "status", "--config", str(cfg)],
-                          capture_output=True, text=True, cwd=str(ROOT), timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "status", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert "cannot reach the running clawgate" in proc.stderr
     assert "Traceback" not in proc.stderr
-

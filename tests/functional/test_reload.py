@@ -46,8 +46,9 @@ async def reload_logged(cg: ClawgateProcess, n: int, result: str = "ok") -> None
     """Until the n-th reload line with this result is in the access log."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        recs = [r for r in cg.access_log()
-                if r.get("event") == "reload" and r.get("result") == result]
+        recs = [
+            r for r in cg.access_log() if r.get("event") == "reload" and r.get("result") == result
+        ]
         if len(recs) >= n:
             return
         await asyncio.sleep(0.02)
@@ -55,7 +56,8 @@ async def reload_logged(cg: ClawgateProcess, n: int, result: str = "ok") -> None
 
 
 async def test_sighup_and_cli_reload_keep_a_live_session(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port)
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         ws = await ws_open(tailnet, "phone", cg.tokens["phone"])
@@ -94,13 +96,17 @@ async def _refused(tailnet: Tailnet, role: str) -> bool:
         writer.close()
 
 
-@pytest.mark.parametrize("bad", [
-    "{not json",
-    json.dumps({"limits": {"maxConnections": 0}}),
-    json.dumps({"gateway": {"allowedNetworks": ["10.0.0.0/33"]}, "noSuchKey": 1}),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{not json",
+        json.dumps({"limits": {"maxConnections": 0}}),
+        json.dumps({"gateway": {"allowedNetworks": ["10.0.0.0/33"]}, "noSuchKey": 1}),
+    ],
+)
 async def test_bad_config_is_refused_and_the_old_one_kept(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, bad: str) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, bad: str
+) -> None:
     async with running(tailnet, tmp_path / "cg", base_config(fake_gateway.port)) as cg:
         token = cg.tokens["phone"]
         ws = await ws_open(tailnet, "phone", token)
@@ -132,11 +138,15 @@ async def test_bad_config_is_refused_and_the_old_one_kept(
 
 
 async def test_token_revoke_ends_its_sessions_with_1008(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
-    async with running(tailnet, tmp_path / "cg", base_config(fake_gateway.port),
-                       token_names=("phone", "laptop")) as cg:
-        doomed = [await ws_open(tailnet, "phone", cg.tokens["phone"]),
-                  await ws_open(tailnet, "ci", cg.tokens["phone"])]
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    async with running(
+        tailnet, tmp_path / "cg", base_config(fake_gateway.port), token_names=("phone", "laptop")
+    ) as cg:
+        doomed = [
+            await ws_open(tailnet, "phone", cg.tokens["phone"]),
+            await ws_open(tailnet, "ci", cg.tokens["phone"]),
+        ]
         kept = await ws_open(tailnet, "phone", cg.tokens["laptop"])
         for ws in (*doomed, kept):
             await echo_ok(ws)
@@ -157,13 +167,22 @@ async def test_token_revoke_ends_its_sessions_with_1008(
 
 
 async def test_login_session_expiry_ends_the_websocket_with_1008(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, tokens={"sessionTtl": 2})
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         body = f"token={cg.tokens['phone']}".encode()
-        resp = await exchange(tailnet.ns("phone"), GW_V4, PORT, build_request(
-            "POST", "/__clawgate/login", [("Content-Type",
-                                           "application/x-www-form-urlencoded")], body))
+        resp = await exchange(
+            tailnet.ns("phone"),
+            GW_V4,
+            PORT,
+            build_request(
+                "POST",
+                "/__clawgate/login",
+                [("Content-Type", "application/x-www-form-urlencoded")],
+                body,
+            ),
+        )
         assert resp.status == 303
         t_login = time.time()
         cookie = (resp.header("Set-Cookie") or b"").split(b";", 1)[0].decode()
@@ -182,12 +201,15 @@ async def test_login_session_expiry_ends_the_websocket_with_1008(
 
 
 async def test_policy_change_ends_the_sessions_it_no_longer_allows(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as tsd:
-        cfg = clawgate_config(fake_gateway, tsd.socket_path,
-                              gateway={"requireToken": False},
-                              tailscale={"allowUsers": ["alice@example.com"],
-                                         "allowTags": ["tag:ci"]})
+        cfg = clawgate_config(
+            fake_gateway,
+            tsd.socket_path,
+            gateway={"requireToken": False},
+            tailscale={"allowUsers": ["alice@example.com"], "allowTags": ["tag:ci"]},
+        )
         cg = ClawgateProcess(tmp_path / "cg", cfg, netns=tailnet.ns("gw"))
         await cg.start()
         try:
@@ -235,24 +257,32 @@ class StreamingGateway:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))
-        accept = base64.b64encode(hashlib.sha1(  # noqa: S324 - RFC 6455
-            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1(  # noqa: S324 - RFC 6455
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            ).digest()
+        )
+        head = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
         writer.write(head)
         self.sent += len(head)
         try:
             for k in range(1, 200):
                 payload = bytes([k % 256]) * FRAME
                 if self.hold.is_set() and not self.release.is_set():
-                    writer.write(_frame_header(FRAME) + payload[:FRAME // 2])
+                    writer.write(_frame_header(FRAME) + payload[: FRAME // 2])
                     self.sent += 10 + FRAME // 2
                     await writer.drain()
                     self.holding.set()
                     await self.release.wait()
-                    writer.write(payload[FRAME // 2:])
+                    writer.write(payload[FRAME // 2 :])
                     self.sent += FRAME - FRAME // 2
                 else:
                     writer.write(_frame_header(FRAME) + payload)
@@ -264,8 +294,9 @@ class StreamingGateway:
             writer.close()
 
     async def start(self, tailnet: Tailnet) -> int:
-        self.server = await asyncio.start_server(self.handle,
-                                                 sock=listen_in(tailnet.ns("gw"), "127.0.0.1"))
+        self.server = await asyncio.start_server(
+            self.handle, sock=listen_in(tailnet.ns("gw"), "127.0.0.1")
+        )
         return int(self.server.sockets[0].getsockname()[1])
 
 
@@ -283,8 +314,8 @@ async def streaming_gateway(tailnet: Tailnet) -> AsyncIterator[StreamingGateway]
 
 @pytest.mark.parametrize("resume", [True, False])
 async def test_close_frame_is_injected_at_a_frame_boundary(
-        tailnet: Tailnet, streaming_gateway: StreamingGateway, tmp_path: Path,
-        resume: bool) -> None:
+    tailnet: Tailnet, streaming_gateway: StreamingGateway, tmp_path: Path, resume: bool
+) -> None:
     cfg = base_config(streaming_gateway.port)  # type: ignore[attr-defined]
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         ws = await ws_open(tailnet, "phone", cg.tokens["phone"], max_size=2 * FRAME)
@@ -332,6 +363,7 @@ async def test_close_frame_is_injected_at_a_frame_boundary(
             # frame could be sent without corrupting the stream).
             assert closed.rcvd is None
             assert 0.3 < took < 3.0, took  # the grace second, less the log-poll latency
-            rec = await cg.wait_log(lambda r: r.get("event") == "close"
-                                    and "no frame boundary" in r.get("reason", ""))
+            rec = await cg.wait_log(
+                lambda r: r.get("event") == "close" and "no frame boundary" in r.get("reason", "")
+            )
             assert rec["reason"].startswith("token phone revoked")

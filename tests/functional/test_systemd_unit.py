@@ -57,20 +57,32 @@ def test_unit_directives() -> None:
     # SIGHUP to the main process, with /bin/sh's kill (no procps needed): see
     # tests/deploy/test_systemd.py, where /bin/kill was missing on a minimal Debian.
     assert one("Service.ExecReload") == "/bin/sh -c 'kill -HUP \"$MAINPID\"'"
-    assert one("Service.ExecStart").split()[1:] == ["serve", "--config",
-                                                    "/etc/clawgate/clawgate.json"]
+    assert one("Service.ExecStart").split()[1:] == [
+        "serve",
+        "--config",
+        "/etc/clawgate/clawgate.json",
+    ]
     assert one("Service.Restart") == "on-failure"
     assert one("Service.User") not in ("root", "0", "")
-    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateDevices",
-                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
-                "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality",
-                "MemoryDenyWriteExecute", "RestrictRealtime"):
+    for key in (
+        "NoNewPrivileges",
+        "PrivateTmp",
+        "ProtectHome",
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+        "RestrictRealtime",
+    ):
         assert one(f"Service.{key}") == "yes", key
     assert one("Service.ProtectSystem") == "strict"
     assert one("Service.CapabilityBoundingSet") == ""
     assert one("Service.AmbientCapabilities") == ""
-    assert set(one("Service.RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6",
-                                                                   "AF_UNIX"}
+    assert set(one("Service.RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
     assert "@system-service" in d["Service.SystemCallFilter"]
     assert one("Service.LogsDirectory") == "clawgate"
     # Long enough for the drain (limits.drainSeconds defaults to 30).
@@ -83,18 +95,22 @@ def _verifiable_unit(tmp_path: Path, text: str) -> Path:
     unit = tmp_path / "clawgate.service"
     unit.write_text(text.replace("/usr/local/bin/clawgate", exe))
     (tmp_path / "tailscaled.service").write_text(
-        "[Unit]\nDescription=stub tailscaled\n[Service]\nExecStart=/bin/true\n")
+        "[Unit]\nDescription=stub tailscaled\n[Service]\nExecStart=/bin/true\n"
+    )
     return unit
 
 
 def _analyze(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:", "SYSTEMD_LOG_COLOR": "0"}
-    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        ["systemd-analyze", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze not installed (apt package systemd)")
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (apt package systemd)",
+)
 
 
 @needs_analyze
@@ -141,13 +157,16 @@ def _recv_all(sock: socket.socket, want: str, timeout: float = 10.0) -> list[str
 
 
 def _config(gw: FakeGateway) -> dict[str, object]:
-    return {"gateway": {"host": GW_V4, "port": PORT, "allowedNetworks": ["100.64.0.0/10"]},
-            "upstream": f"http://127.0.0.1:{gw.port}"}
+    return {
+        "gateway": {"host": GW_V4, "port": PORT, "allowedNetworks": ["100.64.0.0/10"]},
+        "upstream": f"http://127.0.0.1:{gw.port}",
+    }
 
 
 @pytest.mark.parametrize("kind", ["path", "abstract"])
-async def test_sd_notify_ready_reloading_stopping(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                                  tmp_path: Path, kind: str) -> None:
+async def test_sd_notify_ready_reloading_stopping(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, kind: str
+) -> None:
     ns = tailnet.ns("gw")
     # An abstract socket lives in a network namespace: create it where clawgate runs.
     sock = socket_in(ns, socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -158,8 +177,9 @@ async def test_sd_notify_ready_reloading_stopping(tailnet: Tailnet, fake_gateway
         name = f"clawgate-test-{os.getpid()}-{time.monotonic_ns()}"
         sock.bind("\0" + name)
         addr = "@" + name
-    cg = ClawgateProcess(tmp_path / "cg", _config(fake_gateway), netns=ns,
-                         env={"NOTIFY_SOCKET": addr})
+    cg = ClawgateProcess(
+        tmp_path / "cg", _config(fake_gateway), netns=ns, env={"NOTIFY_SOCKET": addr}
+    )
     try:
         await cg.start()
         ready = await asyncio.to_thread(_recv_all, sock, "READY=1")
@@ -204,8 +224,9 @@ MDWE_EXEC = (
 
 
 def _mdwe_supported() -> bool:
-    proc = subprocess.run([sys.executable, "-c", MDWE_EXEC, "-c", "pass"], capture_output=True,
-                          timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-c", MDWE_EXEC, "-c", "pass"], capture_output=True, timeout=30
+    )
     return proc.returncode == 0
 
 
@@ -217,41 +238,62 @@ class MdweClawgate(ClawgateProcess):
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
 
 
-async def test_memory_deny_write_execute(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                         tmp_path: Path) -> None:
+async def test_memory_deny_write_execute(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     if not _mdwe_supported():
         pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
     # The wrapper really enforces W^X: a writable+executable mapping is refused.
     probe = subprocess.run(
-        [sys.executable, "-c", MDWE_EXEC, "-c",
-         "import mmap\n"
-         "try:\n"
-         "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
-         "except PermissionError:\n"
-         "    print('refused')\n"],
-        capture_output=True, text=True, timeout=30)
+        [
+            sys.executable,
+            "-c",
+            MDWE_EXEC,
+            "-c",
+            "import mmap\n"
+            "try:\n"
+            "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "except PermissionError:\n"
+            "    print('refused')\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert probe.stdout.strip() == "refused", probe.stdout + probe.stderr
     # The libraries that could want W+X memory: cffi callbacks, cryptography (JWT), uvloop.
     libs = subprocess.run(
-        [sys.executable, "-c", MDWE_EXEC, "-c",
-         "import uvloop, httptools, cffi, ctypes\n"
-         "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
-         "import jwt\n"
-         "k = ed25519.Ed25519PrivateKey.generate()\n"
-         "t = jwt.encode({'sub': 'a'}, k, algorithm='EdDSA')\n"
-         "assert jwt.decode(t, k.public_key(), algorithms=['EdDSA'])['sub'] == 'a'\n"
-         "ffi = cffi.FFI(); ffi.cdef('int abs(int);'); C = ffi.dlopen(None)\n"
-         "assert C.abs(-3) == 3\n"
-         "print('ok')\n"],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            MDWE_EXEC,
+            "-c",
+            "import uvloop, httptools, cffi, ctypes\n"
+            "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
+            "import jwt\n"
+            "k = ed25519.Ed25519PrivateKey.generate()\n"
+            "t = jwt.encode({'sub': 'a'}, k, algorithm='EdDSA')\n"
+            "assert jwt.decode(t, k.public_key(), algorithms=['EdDSA'])['sub'] == 'a'\n"
+            "ffi = cffi.FFI(); ffi.cdef('int abs(int);'); C = ffi.dlopen(None)\n"
+            "assert C.abs(-3) == 3\n"
+            "print('ok')\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert libs.stdout.strip() == "ok", libs.stderr[-2000:]
     cg = MdweClawgate(tmp_path / "cg", _config(fake_gateway), netns=tailnet.ns("gw"))
     try:
         await cg.start()
         token = cg.tokens["phone"]
         sock = await connect_in(tailnet.ns("phone"), GW_V4, PORT)
-        async with connect(f"ws://{GW_V4}:{PORT}/ws", sock=sock, proxy=None,
-                           additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        async with connect(
+            f"ws://{GW_V4}:{PORT}/ws",
+            sock=sock,
+            proxy=None,
+            additional_headers={"Authorization": f"Bearer {token}"},
+        ) as ws:
             await ws.send("under W^X")
             assert await ws.recv() == "under W^X"
         status, _ = await cg.admin("GET", "/metrics")

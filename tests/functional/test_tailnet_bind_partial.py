@@ -24,19 +24,22 @@ from tests.support import (
 
 
 async def test_unbindable_address_does_not_block_the_others(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     blocker = listen_in(tailnet.ns("gw"), GW_V6, PORT)
     try:
         async with fake_tailscaled() as ts:
             ts.set_backend_state("NeedsLogin")
             ts.self_ips = [GW_V6, GW_V4]
             cfg = clawgate_config(fake_gateway, ts.socket_path, host="tailscale")
-            async with running(tailnet, tmp_path / "cg", cfg,
-                                wait_for="waiting for tailscaled") as cg:
+            async with running(
+                tailnet, tmp_path / "cg", cfg, wait_for="waiting for tailscaled"
+            ) as cg:
                 ts.set_backend_state("Running")
                 await cg.wait_stderr(f"cannot listen on [{GW_V6}]:{PORT}", timeout=10)
-                await cg.wait_stderr(f"listening on {GW_V4}:{PORT} (tailnet address appeared)",
-                                     timeout=10)
+                await cg.wait_stderr(
+                    f"listening on {GW_V4}:{PORT} (tailnet address appeared)", timeout=10
+                )
                 resp = await request(tailnet, "phone", GW_V4, token=cg.tokens["phone"])
                 assert resp.status == 200
     finally:
@@ -44,7 +47,8 @@ async def test_unbindable_address_does_not_block_the_others(
 
 
 async def test_health_degraded_when_no_tailnet_address_is_local(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """tailscaled Running with a TUN, but none of its addresses on an interface where
     clawgate runs: clawgate is unreachable, and /health must say so. Seen for real in
     Docker: after the sidecar container restarts, clawgate stays in the old network
@@ -63,11 +67,17 @@ async def test_health_degraded_when_no_tailnet_address_is_local(
             status, body = await cg.admin_json("/health")
             assert status == 503, body
             assert any("no interface" in p and new in p for p in body["problems"]), body
-            subprocess.run(["ip", "-n", tailnet.ns("gw"), "addr", "add", f"{new}/32",
-                            "dev", gw_if], check=True, timeout=10)
+            subprocess.run(
+                ["ip", "-n", tailnet.ns("gw"), "addr", "add", f"{new}/32", "dev", gw_if],
+                check=True,
+                timeout=10,
+            )
             try:
                 status, body = await cg.admin_json("/health")
                 assert status == 200, body
             finally:
-                subprocess.run(["ip", "-n", tailnet.ns("gw"), "addr", "del", f"{new}/32",
-                                "dev", gw_if], check=False, timeout=10)
+                subprocess.run(
+                    ["ip", "-n", tailnet.ns("gw"), "addr", "del", f"{new}/32", "dev", gw_if],
+                    check=False,
+                    timeout=10,
+                )

@@ -671,14 +671,16 @@ async def test_monitor_polls_periodically(fake: FakeTailscaled, api: LocalAPICli
         await monitor.stop()
 
 
-async def test_large_status_is_parsed_off_the_event_loop(fake: FakeTailscaled,
-                                                          api: LocalAPIClient) -> None:
+async def test_large_status_is_parsed_off_the_event_loop(
+    fake: FakeTailscaled, api: LocalAPIClient
+) -> None:
     """A big tailnet's status (~1,000 peers, about 1 MB: above the inline-parse limit, so it
     goes through the worker-thread path) parses completely, and the loop keeps running."""
     for i in range(1000):
-        fake.add_peer(f"100.70.{i // 250}.{i % 250 + 1}",
-                      user_peer(f"100.70.{i // 250}.{i % 250 + 1}", f"u{i}@example.com",
-                                f"host{i}"))
+        fake.add_peer(
+            f"100.70.{i // 250}.{i % 250 + 1}",
+            user_peer(f"100.70.{i // 250}.{i % 250 + 1}", f"u{i}@example.com", f"host{i}"),
+        )
     ticks = 0
     stop = asyncio.Event()
 

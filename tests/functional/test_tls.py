@@ -84,12 +84,18 @@ async def start(tmp_path: Path, tailnet: Tailnet) -> AsyncIterator[Any]:
         await proc.stop()
 
 
-async def _tls(tailnet: Tailnet, ca: CA, *, host: str = GW_V4, alpn: list[str] | None = None,
-               ctx: ssl.SSLContext | None = None
-               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _tls(
+    tailnet: Tailnet,
+    ca: CA,
+    *,
+    host: str = GW_V4,
+    alpn: list[str] | None = None,
+    ctx: ssl.SSLContext | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = await connect_in(tailnet.ns("phone"), host, PORT)
     return await asyncio.open_connection(
-        sock=sock, ssl=ctx or client_context(ca, alpn=alpn), server_hostname=DOMAIN)
+        sock=sock, ssl=ctx or client_context(ca, alpn=alpn), server_hostname=DOMAIN
+    )
 
 
 async def _serial(tailnet: Tailnet, ca: CA) -> int:
@@ -111,11 +117,14 @@ async def _wait_serial(tailnet: Tailnet, ca: CA, want: int, timeout: float) -> N
     raise AssertionError(f"new handshakes still see serial {seen:x}, want {want:x}")
 
 
-async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
-               token: str) -> tuple[int, bytes, bytes]:
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {DOMAIN}:{PORT}\r\n"
-                 f"Authorization: Bearer {token}\r\nX-Forwarded-Proto: http\r\n"
-                 "Connection: close\r\n\r\n".encode())
+async def _get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, token: str
+) -> tuple[int, bytes, bytes]:
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {DOMAIN}:{PORT}\r\n"
+        f"Authorization: Bearer {token}\r\nX-Forwarded-Proto: http\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
@@ -123,18 +132,25 @@ async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path:
 
 
 def _wss(tailnet: Tailnet, ca: CA, token: str, sock: Any, path: str = "/ws") -> Any:
-    return connect(f"wss://{DOMAIN}:{PORT}{path}", sock=sock, ssl=client_context(ca),
-                   server_hostname=DOMAIN, proxy=None, max_size=None,
-                   additional_headers={"Authorization": f"Bearer {token}"},
-                   open_timeout=10, close_timeout=5)
+    return connect(
+        f"wss://{DOMAIN}:{PORT}{path}",
+        sock=sock,
+        ssl=client_context(ca),
+        server_hostname=DOMAIN,
+        proxy=None,
+        max_size=None,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=10,
+        close_timeout=5,
+    )
 
 
 # ------------------------------------------------------------------------------- serving
 
 
-async def test_https_and_wss_through_the_tailnet(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                                 fake_ts: FakeTailscaled, ca: CA,
-                                                 start: Any) -> None:
+async def test_https_and_wss_through_the_tailnet(
+    tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA, start: Any
+) -> None:
     cg = await start(_config(fake_gateway, fake_ts))
     token = cg.tokens["phone"]
     assert fake_ts.cert_calls == [(DOMAIN, "pair", "720h")]
@@ -183,8 +199,9 @@ async def test_https_and_wss_through_the_tailnet(tailnet: Tailnet, fake_gateway:
     await fake_gateway.wait_until(lambda: (4002, "client says bye") in fake_gateway.ws_closes)
 
 
-async def test_handshake_policy(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                fake_ts: FakeTailscaled, ca: CA, start: Any) -> None:
+async def test_handshake_policy(
+    tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA, start: Any
+) -> None:
     await start(_config(fake_gateway, fake_ts))
     # TLS 1.1 is refused, even by a client willing to go that low (SECLEVEL=0 so that
     # OpenSSL 3 on the client side actually offers it).
@@ -223,8 +240,8 @@ async def test_handshake_policy(tailnet: Tailnet, fake_gateway: FakeGateway,
 
 
 async def test_timer_renewal_swaps_the_certificate_while_a_wss_session_stays(
-        tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA,
-        start: Any) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA, start: Any
+) -> None:
     first = make_leaf(ca)
     fake_ts.set_cert(DOMAIN, *_pems(first))
     cg = await start(_config(fake_gateway, fake_ts, renewCheckSeconds=5))
@@ -253,8 +270,8 @@ async def test_timer_renewal_swaps_the_certificate_while_a_wss_session_stays(
 
 
 async def test_failed_renewal_keeps_the_old_certificate_and_warns(
-        tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA,
-        start: Any) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA, start: Any
+) -> None:
     expiring = make_leaf(ca, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=3))
     fake_ts.set_cert(DOMAIN, *_pems(expiring))
     cg = await start(_config(fake_gateway, fake_ts, minValidity="720h"))
@@ -289,8 +306,11 @@ async def test_failed_renewal_keeps_the_old_certificate_and_warns(
     wrong = make_leaf(ca)
     fake_ts.set_cert(DOMAIN, make_leaf(ca).key_pem, wrong.cert_pem)
     cg.reload()
-    await cg.wait_log(lambda r: r.get("result") == "renewal_failed"
-                      and "do not load together" in r.get("error", ""))
+    await cg.wait_log(
+        lambda r: (
+            r.get("result") == "renewal_failed" and "do not load together" in r.get("error", "")
+        )
+    )
     assert await _serial(tailnet, ca) == fresh.serial
 
 
@@ -298,7 +318,8 @@ async def test_failed_renewal_keeps_the_old_certificate_and_warns(
 
 
 async def test_cert_access_denied_at_startup_is_one_clear_line(
-        fake_gateway: FakeGateway, fake_ts: FakeTailscaled, start: Any) -> None:
+    fake_gateway: FakeGateway, fake_ts: FakeTailscaled, start: Any
+) -> None:
     fake_ts.cert_mode = "403"
     cg = await start(_config(fake_gateway, fake_ts), wait=False)
     deadline = time.monotonic() + 15
@@ -308,14 +329,14 @@ async def test_cert_access_denied_at_startup_is_one_clear_line(
     err = cg.stderr()
     assert "Traceback" not in err
     # Log lines aside, the error is exactly one line.
-    lines = [ln for ln in err.splitlines()
-             if not re.match(r"clawgate: (DEBUG|INFO|WARNING): ", ln)]
+    lines = [ln for ln in err.splitlines() if not re.match(r"clawgate: (DEBUG|INFO|WARNING): ", ln)]
     assert lines == ["clawgate: " + cert_denied_message()], err
     assert "TS_PERMIT_CERT_UID=root" in lines[0] and "tailscale set --operator=root" in lines[0]
 
 
 async def test_tailnet_without_https_certificates_says_so(
-        fake_gateway: FakeGateway, fake_ts: FakeTailscaled, start: Any) -> None:
+    fake_gateway: FakeGateway, fake_ts: FakeTailscaled, start: Any
+) -> None:
     fake_ts.cert_domains[:] = []
     cg = await start(_config(fake_gateway, fake_ts), wait=False)
     deadline = time.monotonic() + 15
@@ -324,16 +345,18 @@ async def test_tailnet_without_https_certificates_says_so(
     assert cg.proc.returncode == 1
     err = cg.stderr()
     assert "Traceback" not in err
-    assert ("clawgate: this tailnet does not issue HTTPS certificates: enable HTTPS "
-            "Certificates (with MagicDNS) in the tailnet's admin console") in err
+    assert (
+        "clawgate: this tailnet does not issue HTTPS certificates: enable HTTPS "
+        "Certificates (with MagicDNS) in the tailnet's admin console"
+    ) in err
 
 
 # ------------------------------------------------------------------------------- redirect
 
 
-async def test_redirect_port_only_redirects(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                            fake_ts: FakeTailscaled, ca: CA,
-                                            start: Any) -> None:
+async def test_redirect_port_only_redirects(
+    tailnet: Tailnet, fake_gateway: FakeGateway, fake_ts: FakeTailscaled, ca: CA, start: Any
+) -> None:
     await start(_config(fake_gateway, fake_ts, redirectPort=REDIRECT_PORT))
 
     async def plain(raw: bytes, host: str = GW_V4) -> bytes:
@@ -361,17 +384,20 @@ async def test_redirect_port_only_redirects(tailnet: Tailnet, fake_gateway: Fake
     writer.close()
 
 
-async def test_files_mode(tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway,
-                          ca: CA, start: Any) -> None:
+async def test_files_mode(
+    tmp_path: Path, tailnet: Tailnet, fake_gateway: FakeGateway, ca: CA, start: Any
+) -> None:
     from tests.tlsutil import write_pems
 
     leaf = make_leaf(ca)
     cert, key = write_pems(tmp_path / "pems", leaf)
-    cg = await start({
-        "gateway": {"host": GW_V4, "port": PORT, "requireToken": True},
-        "upstream": f"http://127.0.0.1:{fake_gateway.port}",
-        "tls": {"certFile": str(cert), "keyFile": str(key)},
-    })
+    cg = await start(
+        {
+            "gateway": {"host": GW_V4, "port": PORT, "requireToken": True},
+            "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+            "tls": {"certFile": str(cert), "keyFile": str(key)},
+        }
+    )
     reader, writer = await _tls(tailnet, ca)
     assert peer_serial(writer.get_extra_info("ssl_object")) == leaf.serial
     status, _, _ = await _get(reader, writer, "/headers", cg.tokens["phone"])

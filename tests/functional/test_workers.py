@@ -36,15 +36,23 @@ def _children(pid: int) -> list[int]:
 
 
 async def test_two_workers_serve_one_port_and_notify_once(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     ns = tailnet.ns("gw")
     notify = socket_in(ns, socket.AF_UNIX, socket.SOCK_DGRAM)
     addr = str(tmp_path / "notify.sock")
     notify.bind(addr)
-    cfg = {"gateway": {"host": GW_V4, "port": PORT, "requireToken": False,
-                       "allowedNetworks": ["100.64.0.0/10"]},
-           "upstream": f"http://127.0.0.1:{fake_gateway.port}", "workers": 2,
-           "tailscale": {"requireIdentity": False}}
+    cfg = {
+        "gateway": {
+            "host": GW_V4,
+            "port": PORT,
+            "requireToken": False,
+            "allowedNetworks": ["100.64.0.0/10"],
+        },
+        "upstream": f"http://127.0.0.1:{fake_gateway.port}",
+        "workers": 2,
+        "tailscale": {"requireIdentity": False},
+    }
     cg = ClawgateProcess(tmp_path / "cg", cfg, netns=ns, env={"NOTIFY_SOCKET": addr})
     try:
         await cg.start(wait_for="started 2 workers")
@@ -56,8 +64,9 @@ async def test_two_workers_serve_one_port_and_notify_once(
         # The kernel spreads connections over both listeners (SO_REUSEPORT): after
         # enough connections both workers have taken some.
         for _ in range(60):
-            resp = await exchange(tailnet.ns("phone"), GW_V4, PORT,
-                                  build_request("GET", "/health", []))
+            resp = await exchange(
+                tailnet.ns("phone"), GW_V4, PORT, build_request("GET", "/health", [])
+            )
             assert resp.status == 200
         assert len(fake_gateway.requests) == 60
         ports = {r.peer[1] for r in fake_gateway.requests}
@@ -77,9 +86,10 @@ async def test_two_workers_serve_one_port_and_notify_once(
         await asyncio.to_thread(_recv_all, notify, "STOPPING=1")
         assert cg.proc is not None
         assert await asyncio.to_thread(cg.proc.wait, 20) == 0
-        assert not any(os.path.exists(f"/proc/{w}") and
-                       Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"
-                       for w in workers)
+        assert not any(
+            os.path.exists(f"/proc/{w}") and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"
+            for w in workers
+        )
     finally:
         await cg.stop()
         notify.close()

@@ -75,11 +75,29 @@ class ServerClawgate(ClawgateProcess):
 
     def argv(self, *args: str) -> list[str]:
         sockdir = str(Path(self.tn.nodes["server"].socket_path).parent)
-        script = ('mount -t tmpfs tmpfs /run && mkdir -p /run/tailscale && '
-                  'mount --bind "$0" /run/tailscale && shift && exec "$@"')
-        return ["ip", "netns", "exec", self.tn.nodes["server"].ns,
-                "unshare", "-m", "--propagation", "private",
-                "sh", "-c", script, sockdir, "-", sys.executable, "-m", "proxy", *args]
+        script = (
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/tailscale && "
+            'mount --bind "$0" /run/tailscale && shift && exec "$@"'
+        )
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.tn.nodes["server"].ns,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            sockdir,
+            "-",
+            sys.executable,
+            "-m",
+            "proxy",
+            *args,
+        ]
 
 
 @pytest.fixture
@@ -103,18 +121,21 @@ def server_config(gw_port: int, **tailscale: Any) -> dict[str, Any]:
     }
 
 
-async def start_server_clawgate(tn: RealTailnet, workdir: Path, config: dict[str, Any],
-                                wait_for: str = "listening on") -> ServerClawgate:
+async def start_server_clawgate(
+    tn: RealTailnet, workdir: Path, config: dict[str, Any], wait_for: str = "listening on"
+) -> ServerClawgate:
     cg = ServerClawgate(tn, workdir, config)
     await cg.start(wait_for=wait_for, timeout=20)
     return cg
 
 
 @pytest.fixture
-async def clawgate_on_server(real_tailnet: RealTailnet, server_gateway: FakeGateway,
-                             tmp_path: Path) -> AsyncIterator[ServerClawgate]:
-    cg = await start_server_clawgate(real_tailnet, tmp_path / "cg",
-                                     server_config(server_gateway.port))
+async def clawgate_on_server(
+    real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path
+) -> AsyncIterator[ServerClawgate]:
+    cg = await start_server_clawgate(
+        real_tailnet, tmp_path / "cg", server_config(server_gateway.port)
+    )
     try:
         # Bound to the tailnet addresses: wait until both show up in the listen log.
         await asyncio.sleep(0)

@@ -37,8 +37,13 @@ CONTROL_ADDR = UNDERLAY_PREFIX + "1"
 
 def install_tailscale() -> tuple[str, str]:
     """(tailscale, tailscaled) paths, installed by scripts/install-tailscale.sh if needed."""
-    out = subprocess.run([str(ROOT / "scripts" / "install-tailscale.sh")], check=True,
-                         capture_output=True, text=True, timeout=600).stdout
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "install-tailscale.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
     paths = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return paths["TAILSCALE_BIN"], paths["TAILSCALED_BIN"]
 
@@ -69,15 +74,30 @@ class Node:
         log = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, self.tailscaled_bin,
-                 f"--statedir={self.dir / 'state'}", f"--socket={self.socket_path}",
-                 "--tun=tailscale0", "--port=41641", "--no-logs-no-support"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "TS_NO_LOGS_NO_SUPPORT": "true",
-                     # Log config here, not in /var/lib/tailscale of the host.
-                     "TS_LOGS_DIR": str(self.dir / "logs"),
-                     # The control server's HTTPS fallback listener is signed by its own CA.
-                     "SSL_CERT_FILE": self.ca_file})
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.ns,
+                    self.tailscaled_bin,
+                    f"--statedir={self.dir / 'state'}",
+                    f"--socket={self.socket_path}",
+                    "--tun=tailscale0",
+                    "--port=41641",
+                    "--no-logs-no-support",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={
+                    **os.environ,
+                    "TS_NO_LOGS_NO_SUPPORT": "true",
+                    # Log config here, not in /var/lib/tailscale of the host.
+                    "TS_LOGS_DIR": str(self.dir / "logs"),
+                    # The control server's HTTPS fallback listener is signed by its own CA.
+                    "SSL_CERT_FILE": self.ca_file,
+                },
+            )
         finally:
             log.close()
         deadline = time.monotonic() + 15
@@ -104,28 +124,49 @@ class Node:
         except FileNotFoundError:
             return ""
 
-    def cli(self, *args: str, timeout: float = 30, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """`tailscale --socket=<this node's> ARGS` inside the node's namespace."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.ns, self.tailscale_bin, f"--socket={self.socket_path}",
-             *args], capture_output=True, text=True, timeout=timeout, check=check)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                self.tailscale_bin,
+                f"--socket={self.socket_path}",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json").stdout)  # type: ignore[no-any-return]
 
     def up(self, login_server: str, authkey: str) -> None:
-        self.cli("up", f"--login-server={login_server}", f"--authkey={authkey}",
-                 f"--hostname={self.name}", "--accept-dns=false", "--netfilter-mode=off",
-                 "--timeout=30s", timeout=40)
+        self.cli(
+            "up",
+            f"--login-server={login_server}",
+            f"--authkey={authkey}",
+            f"--hostname={self.name}",
+            "--accept-dns=false",
+            "--netfilter-mode=off",
+            "--timeout=30s",
+            timeout=40,
+        )
 
     def watch_engine(self) -> socket.socket:
         """An open IPN bus watch with engine updates (tailscaled polls its engine every 2 s)."""
         sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(5)
         sock.connect(self.socket_path)
-        sock.sendall(b"GET /localapi/v0/watch-ipn-bus?mask=1 HTTP/1.1\r\n"
-                     b"Host: local-tailscaled.sock\r\n\r\n")
+        sock.sendall(
+            b"GET /localapi/v0/watch-ipn-bus?mask=1 HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+        )
         return sock
 
     def ips(self) -> list[str]:
@@ -175,19 +216,38 @@ class RealTailnet:
         self.ctl.start(CONTROL_ADDR, 0, netns=self.br_ns)
         keys: dict[str, str] = {}
         for spec in sorted(set(self.specs.values())):
-            keys[spec] = (self.ctl.create_auth_key(tags=spec.split(","))
-                          if spec.startswith("tag:") else self.ctl.create_auth_key(user=spec))
+            keys[spec] = (
+                self.ctl.create_auth_key(tags=spec.split(","))
+                if spec.startswith("tag:")
+                else self.ctl.create_auth_key(user=spec)
+            )
         for node in self.nodes.values():
             node.tailscale_bin, node.tailscaled_bin = ts, tsd
             node.ca_file = self.ctl.ca_file
             node.start()
         # `tailscale up` for all nodes at once: each waits for its own registration.
-        ups = {name: subprocess.Popen(
-            ["ip", "netns", "exec", n.ns, ts, f"--socket={n.socket_path}", "up",
-             f"--login-server={self.ctl.url}", f"--authkey={keys[self.specs[name]]}",
-             f"--hostname={name}", "--accept-dns=false", "--netfilter-mode=off",
-             f"--timeout={int(timeout)}s"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name, n in self.nodes.items()}
+        ups = {
+            name: subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    n.ns,
+                    ts,
+                    f"--socket={n.socket_path}",
+                    "up",
+                    f"--login-server={self.ctl.url}",
+                    f"--authkey={keys[self.specs[name]]}",
+                    f"--hostname={name}",
+                    "--accept-dns=false",
+                    "--netfilter-mode=off",
+                    f"--timeout={int(timeout)}s",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for name, n in self.nodes.items()
+        }
         try:
             # With no DERP map `up` only returns once a peer path is live: make them live.
             self.ctl.wait_nodes(len(self.nodes), timeout)
@@ -195,8 +255,9 @@ class RealTailnet:
             for name, p in ups.items():
                 out, _ = p.communicate(timeout=timeout)
                 if p.returncode != 0:
-                    raise RuntimeError(f"tailscale up on {name} failed: {out.decode()}\n"
-                                       f"{self.nodes[name].log()}")
+                    raise RuntimeError(
+                        f"tailscale up on {name} failed: {out.decode()}\n{self.nodes[name].log()}"
+                    )
         finally:
             for p in ups.values():
                 if p.poll() is None:
@@ -207,24 +268,52 @@ class RealTailnet:
     def _build(self) -> None:
         _ip("netns", "add", self.br_ns)
         self._created.append(self.br_ns)
-        _write_sysctls(self.br_ns, {"net.ipv6.conf.default.disable_ipv6": "1",
-                                    "net.ipv6.conf.all.disable_ipv6": "1"})
+        _write_sysctls(
+            self.br_ns,
+            {"net.ipv6.conf.default.disable_ipv6": "1", "net.ipv6.conf.all.disable_ipv6": "1"},
+        )
         _ip("-n", self.br_ns, "link", "set", "lo", "up")
         bridge = f"{self.ifprefix}rb"
-        _ip("-n", self.br_ns, "link", "add", bridge, "type", "bridge", "stp_state", "0",
-            "forward_delay", "0", "mcast_snooping", "0")
+        _ip(
+            "-n",
+            self.br_ns,
+            "link",
+            "add",
+            bridge,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            "0",
+        )
         _ip("-n", self.br_ns, "addr", "add", f"{CONTROL_ADDR}/24", "dev", bridge)
         _ip("-n", self.br_ns, "link", "set", bridge, "up")
         for i, name in enumerate(self.specs):
             ns = f"{self.tag}-{name}"
             _ip("netns", "add", ns)
             self._created.append(ns)
-            _write_sysctls(ns, {"net.ipv6.conf.all.accept_dad": "0",
-                                "net.ipv6.conf.default.accept_dad": "0"})
+            _write_sysctls(
+                ns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+            )
             _ip("-n", ns, "link", "set", "lo", "up")
             host_if, br_if = f"{self.ifprefix}r{i}", f"{self.ifprefix}r{i}b"
-            _ip("link", "add", host_if, "netns", ns, "type", "veth", "peer", "name", br_if,
-                "netns", self.br_ns)
+            _ip(
+                "link",
+                "add",
+                host_if,
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                br_if,
+                "netns",
+                self.br_ns,
+            )
             _ip("-n", self.br_ns, "link", "set", br_if, "master", bridge)
             _ip("-n", self.br_ns, "link", "set", br_if, "up")
             addr = f"{UNDERLAY_PREFIX}{10 + i}"
@@ -240,17 +329,34 @@ class RealTailnet:
         for engine updates (mask 1, what the GUIs do): hold one open on each node meanwhile.
         """
         registered = {n["name"] for n in self.ctl.nodes()}
-        live = {name: n for name, n in self.nodes.items()
-                if name in registered and n.proc is not None}
+        live = {
+            name: n for name, n in self.nodes.items() if name in registered and n.proc is not None
+        }
         watchers = [node.watch_engine() for node in live.values()]
         try:
             hub_ip = self.ctl.node(hub)["v4"]
             # All at once: each first ping waits out one WireGuard handshake retry (5 s).
-            pings = [subprocess.Popen(
-                ["ip", "netns", "exec", node.ns, node.tailscale_bin,
-                 f"--socket={node.socket_path}", "ping", "--tsmp", "--c=10", "--timeout=3s",
-                 hub_ip], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for name, node in live.items() if name != hub]
+            pings = [
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        node.ns,
+                        node.tailscale_bin,
+                        f"--socket={node.socket_path}",
+                        "ping",
+                        "--tsmp",
+                        "--c=10",
+                        "--timeout=3s",
+                        hub_ip,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for name, node in live.items()
+                if name != hub
+            ]
             try:
                 for p in pings:
                     p.wait(timeout)

@@ -32,8 +32,9 @@ pytestmark = pytest.mark.netns
 REAL_VERSION = "1.96.4-t8cf541dfd-g62bc84ce7"
 
 
-def _raw(sock_path: str, path: str, host: str = "local-tailscaled.sock",
-         read_for: float | None = None) -> tuple[int, dict[str, str], bytes]:
+def _raw(
+    sock_path: str, path: str, host: str = "local-tailscaled.sock", read_for: float | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 GET over the unix socket: (status, headers, de-chunked body)."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(0.5 if read_for else 5)
@@ -65,13 +66,18 @@ def _raw(sock_path: str, path: str, host: str = "local-tailscaled.sock",
                 break
             if n == 0:
                 break
-            out, rest = out + rest[:n], rest[n + 2:]
+            out, rest = out + rest[:n], rest[n + 2 :]
         body = out
     return int(lines[0].split(" ", 2)[1]), headers, body
 
 
-SECURITY_HEADERS = ("content-security-policy", "x-frame-options", "x-content-type-options",
-                    "tailscale-version", "tailscale-cap")
+SECURITY_HEADERS = (
+    "content-security-policy",
+    "x-frame-options",
+    "x-content-type-options",
+    "tailscale-version",
+    "tailscale-cap",
+)
 
 
 async def test_fake_tailscaled_matches_the_real_daemon(real_tailnet: RealTailnet) -> None:
@@ -82,20 +88,27 @@ async def test_fake_tailscaled_matches_the_real_daemon(real_tailnet: RealTailnet
         fake.cert_domains = []  # as our control server: no CertDomains in the netmap
         await fake.start()
         try:
+
             async def both(path: str, **kw: Any) -> tuple[Any, Any]:
-                return (await asyncio.to_thread(_raw, real_sock, path, **kw),
-                        await asyncio.to_thread(_raw, fake.socket_path, path, **kw))
+                return (
+                    await asyncio.to_thread(_raw, real_sock, path, **kw),
+                    await asyncio.to_thread(_raw, fake.socket_path, path, **kw),
+                )
 
             # Errors clawgate maps to verdicts: same status, same body.
-            for path in ("/localapi/v0/whois?addr=100.99.1.1:1",
-                         "/localapi/v0/whois?addr=nonsense",
-                         f"/localapi/v0/whois?addr=[::ffff:{tn.v4('phone')}]:1234",
-                         "/localapi/v0/cert/server.tail-test.ts.net?type=pair"):
+            for path in (
+                "/localapi/v0/whois?addr=100.99.1.1:1",
+                "/localapi/v0/whois?addr=nonsense",
+                f"/localapi/v0/whois?addr=[::ffff:{tn.v4('phone')}]:1234",
+                "/localapi/v0/cert/server.tail-test.ts.net?type=pair",
+            ):
                 real, fk = await both(path)
                 if "ffff" in path:  # the fake's peer at its own address
                     fk = await asyncio.to_thread(
-                        _raw, fake.socket_path,
-                        f"/localapi/v0/whois?addr=[::ffff:{DEFAULT_ALICE_IP}]:1234")
+                        _raw,
+                        fake.socket_path,
+                        f"/localapi/v0/whois?addr=[::ffff:{DEFAULT_ALICE_IP}]:1234",
+                    )
                 assert (real[0], real[2]) == (fk[0], fk[2]), path
             real, fk = await both("/localapi/v0/status", host="evil.example")
             assert (real[0], real[2]) == (fk[0], fk[2]) == (403, b"invalid localapi request\n")
@@ -114,21 +127,43 @@ async def test_fake_tailscaled_matches_the_real_daemon(real_tailnet: RealTailnet
             for key in ("DNSName", "HostName", "OS", "TailscaleIPs", "KeyExpiry", "Online"):
                 assert (key in rs["Self"]) or key == "KeyExpiry", key
                 assert key in fs["Self"], key
-            whois_real = json.loads((await asyncio.to_thread(
-                _raw, real_sock, f"/localapi/v0/whois?addr={tn.v4('phone')}:1"))[2])
-            whois_fake = json.loads((await asyncio.to_thread(
-                _raw, fake.socket_path, f"/localapi/v0/whois?addr={DEFAULT_ALICE_IP}:1"))[2])
+            whois_real = json.loads(
+                (
+                    await asyncio.to_thread(
+                        _raw, real_sock, f"/localapi/v0/whois?addr={tn.v4('phone')}:1"
+                    )
+                )[2]
+            )
+            whois_fake = json.loads(
+                (
+                    await asyncio.to_thread(
+                        _raw, fake.socket_path, f"/localapi/v0/whois?addr={DEFAULT_ALICE_IP}:1"
+                    )
+                )[2]
+            )
             assert set(whois_real) == set(whois_fake) == {"Node", "UserProfile", "CapMap"}
-            for key in ("ID", "StableID", "Name", "User", "Key", "Addresses", "Hostinfo",
-                        "ComputedName", "ComputedNameWithHost", "MachineAuthorized"):
+            for key in (
+                "ID",
+                "StableID",
+                "Name",
+                "User",
+                "Key",
+                "Addresses",
+                "Hostinfo",
+                "ComputedName",
+                "ComputedNameWithHost",
+                "MachineAuthorized",
+            ):
                 assert key in whois_real["Node"] and key in whois_fake["Node"], key
             assert set(whois_real["UserProfile"]) <= set(whois_fake["UserProfile"])
 
             # whois of the node's own address: the node itself (and its owner), not a 404.
             real_self = await asyncio.to_thread(
-                _raw, real_sock, f"/localapi/v0/whois?addr={tn.v4('server')}:1")
+                _raw, real_sock, f"/localapi/v0/whois?addr={tn.v4('server')}:1"
+            )
             fake_self = await asyncio.to_thread(
-                _raw, fake.socket_path, f"/localapi/v0/whois?addr={SELF_IPV4}:1")
+                _raw, fake.socket_path, f"/localapi/v0/whois?addr={SELF_IPV4}:1"
+            )
             assert real_self[0] == fake_self[0] == 200
             rn, fn = json.loads(real_self[2]), json.loads(fake_self[2])
             assert rn["Node"]["Name"] == "server.tail-test.ts.net."

@@ -46,11 +46,20 @@ def real_gateway(real_tailnet: RealTailnet) -> Iterator[OpenClawGateway]:
         if os.environ.get("CLAWGATE_REQUIRE_E2E") == "1":
             pytest.fail(f"CLAWGATE_REQUIRE_E2E=1 but the real OpenClaw is unavailable: {exc}")
         pytest.skip(f"real OpenClaw gateway unavailable: {exc}")
-    auth = TrustedProxyAuth(user_header="x-forwarded-user",
-                            required_headers=("x-forwarded-proto",), allow_users=(ALICE,),
-                            identity_scopes={ALICE: list(ALICE_SCOPES)}, password=GW_PASSWORD)
-    gw = OpenClawGateway(auth="trusted-proxy", trusted_proxy=auth, netns=real_tailnet.ns("server"),
-                         port=GW_PORT, install=install)
+    auth = TrustedProxyAuth(
+        user_header="x-forwarded-user",
+        required_headers=("x-forwarded-proto",),
+        allow_users=(ALICE,),
+        identity_scopes={ALICE: list(ALICE_SCOPES)},
+        password=GW_PASSWORD,
+    )
+    gw = OpenClawGateway(
+        auth="trusted-proxy",
+        trusted_proxy=auth,
+        netns=real_tailnet.ns("server"),
+        port=GW_PORT,
+        install=install,
+    )
     # OpenClaw creates /tmp/openclaw even when its logs go elsewhere: remove it if ours.
     tmp_logs = Path("/tmp/openclaw")  # noqa: S108 - the path OpenClaw itself uses
     existed = tmp_logs.exists()
@@ -64,8 +73,9 @@ def real_gateway(real_tailnet: RealTailnet) -> Iterator[OpenClawGateway]:
 
 
 @pytest.fixture(scope="module")
-def clawgate_for_gateway(real_tailnet: RealTailnet,
-                         real_gateway: OpenClawGateway) -> Iterator[ServerClawgate]:
+def clawgate_for_gateway(
+    real_tailnet: RealTailnet, real_gateway: OpenClawGateway
+) -> Iterator[ServerClawgate]:
     workdir = Path(tempfile.mkdtemp(prefix="clawgate-real-oc-"))
     cg = ServerClawgate(real_tailnet, workdir, server_config(GW_PORT))
     asyncio.run(cg.start(timeout=20))
@@ -82,26 +92,38 @@ async def _connect(tn: RealTailnet, node: str, **kw: Any) -> Any:
     return GatewayClient.connect(f"ws://{host}:{PORT}", sock=sock, **kw)
 
 
-def test_real_cli_from_the_phone_over_the_tailnet(real_tailnet: RealTailnet,
-                                                  real_gateway: OpenClawGateway,
-                                                  clawgate_for_gateway: ServerClawgate) -> None:
+def test_real_cli_from_the_phone_over_the_tailnet(
+    real_tailnet: RealTailnet, real_gateway: OpenClawGateway, clawgate_for_gateway: ServerClawgate
+) -> None:
     tn = real_tailnet
     # The CLI insists on a credential with --url; in trusted-proxy mode the gateway ignores
     # it and authenticates the identity clawgate set from the real whois.
-    proc = real_gateway.cli("gateway", "call", "status", "--json", "--url",
-                            f"ws://{tn.v4('server')}:{PORT}", "--token", "unused",
-                            netns=tn.ns("phone"))
+    proc = real_gateway.cli(
+        "gateway",
+        "call",
+        "status",
+        "--json",
+        "--url",
+        f"ws://{tn.v4('server')}:{PORT}",
+        "--token",
+        "unused",
+        netns=tn.ns("phone"),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert isinstance(json.loads(proc.stdout), dict)
     recs = [r for r in clawgate_for_gateway.access_log() if r.get("event") == "decision"]
     assert recs, clawgate_for_gateway.access_log()
-    assert (recs[-1]["decision"], recs[-1]["peer"], recs[-1]["login"], recs[-1]["websocket"]) \
-        == ("allow", tn.v4("phone"), ALICE, True)
+    assert (recs[-1]["decision"], recs[-1]["peer"], recs[-1]["login"], recs[-1]["websocket"]) == (
+        "allow",
+        tn.v4("phone"),
+        ALICE,
+        True,
+    )
 
 
 async def test_alice_gets_her_scopes_and_ci_is_refused(
-        real_tailnet: RealTailnet, real_gateway: OpenClawGateway,
-        clawgate_for_gateway: ServerClawgate) -> None:
+    real_tailnet: RealTailnet, real_gateway: OpenClawGateway, clawgate_for_gateway: ServerClawgate
+) -> None:
     tn = real_tailnet
     async with await _connect(tn, "phone", client=CLI_CLIENT, scopes=["operator.admin"]) as gw:
         assert gw.hello["type"] == "hello-ok"

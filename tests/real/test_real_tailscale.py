@@ -37,8 +37,13 @@ pytestmark = pytest.mark.netns
 
 
 def _listeners(tn: RealTailnet, pid: int) -> set[str]:
-    out = subprocess.run(["ip", "netns", "exec", tn.ns("server"), "ss", "-Hltnp"],
-                         capture_output=True, text=True, check=True, timeout=10).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", tn.ns("server"), "ss", "-Hltnp"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
     return {line.split()[3] for line in out.splitlines() if f"pid={pid}," in line}
 
 
@@ -59,12 +64,15 @@ def _forwarded_user(gw: FakeGateway) -> str | None:
 
 # --- binding ---------------------------------------------------------------------------------
 
-async def test_binds_the_real_tailnet_addresses(real_tailnet: RealTailnet,
-                                                clawgate_on_server: ServerClawgate) -> None:
+
+async def test_binds_the_real_tailnet_addresses(
+    real_tailnet: RealTailnet, clawgate_on_server: ServerClawgate
+) -> None:
     tn, cg = real_tailnet, clawgate_on_server
     want = {f"{tn.v4('server')}:{PORT}", f"[{tn.v6('server')}]:{PORT}"}
-    got = await eventually(lambda: _async(lambda: _listeners(tn, cg.pid)),
-                           lambda s: want <= s, timeout=10)
+    got = await eventually(
+        lambda: _async(lambda: _listeners(tn, cg.pid)), lambda s: want <= s, timeout=10
+    )
     # Only the tailnet addresses: not the underlay, not a wildcard.
     assert not [a for a in got if a.split(":")[0] in ("0.0.0.0", "*", "198.18.1.10")], got
     assert tn.nodes["server"].ips() == [tn.v4("server"), tn.v6("server")]
@@ -79,19 +87,41 @@ async def _async(fn: Any) -> Any:
 
 def _kernel_addrs(tn: RealTailnet) -> set[str]:
     """The tailnet addresses on the server's tailscale0, as the kernel has them."""
-    out = subprocess.run(["ip", "-n", tn.ns("server"), "-j", "addr", "show"],
-                         capture_output=True, text=True, check=True, timeout=10).stdout
-    return {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])
-            if a["local"].startswith(("100.", "fd7a:"))}
+    out = subprocess.run(
+        ["ip", "-n", tn.ns("server"), "-j", "addr", "show"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+    return {
+        a["local"]
+        for link in json.loads(out)
+        for a in link.get("addr_info", [])
+        if a["local"].startswith(("100.", "fd7a:"))
+    }
 
 
 async def _bring_up(tn: RealTailnet) -> None:
     """`tailscale up` on the server (it returns once Running: make a peer path live)."""
     server = tn.nodes["server"]
-    up = subprocess.Popen(["ip", "netns", "exec", server.ns, server.tailscale_bin,
-                           f"--socket={server.socket_path}", "up", f"--login-server={tn.ctl.url}",
-                           "--hostname=server", "--accept-dns=false", "--netfilter-mode=off"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            server.ns,
+            server.tailscale_bin,
+            f"--socket={server.socket_path}",
+            "up",
+            f"--login-server={tn.ctl.url}",
+            "--hostname=server",
+            "--accept-dns=false",
+            "--netfilter-mode=off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         await asyncio.to_thread(tn.connect_all, "server", 60)
         await asyncio.to_thread(up.wait, 30)
@@ -101,17 +131,21 @@ async def _bring_up(tn: RealTailnet) -> None:
             up.wait()
 
 
-async def test_binds_the_addresses_when_they_appear(real_tailnet: RealTailnet,
-                                                  server_gateway: FakeGateway,
-                                                  tmp_path: Path) -> None:
+async def test_binds_the_addresses_when_they_appear(
+    real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path
+) -> None:
     tn = real_tailnet
     server = tn.nodes["server"]
     server.cli("down")  # tailscaled runs, the node is Stopped: no tailnet address
     try:
         assert server.status()["BackendState"] == "Stopped"
         assert _kernel_addrs(tn) == set()  # the daemon took them off tailscale0
-        cg = await start_server_clawgate(tn, tmp_path / "cg", server_config(server_gateway.port),
-                                         wait_for="waiting for tailscaled to come up")
+        cg = await start_server_clawgate(
+            tn,
+            tmp_path / "cg",
+            server_config(server_gateway.port),
+            wait_for="waiting for tailscaled to come up",
+        )
         try:
             assert "is Stopped, not Running: will listen once it is up" in cg.stderr()
             await _bring_up(tn)
@@ -127,6 +161,7 @@ async def test_binds_the_addresses_when_they_appear(real_tailnet: RealTailnet,
 
 
 # --- whois of real peers -------------------------------------------------------------------
+
 
 def test_real_whois_user_tagged_node_os_capmap(real_tailnet: RealTailnet) -> None:
     tn = real_tailnet
@@ -149,8 +184,8 @@ def test_real_whois_user_tagged_node_os_capmap(real_tailnet: RealTailnet) -> Non
 
 
 async def test_identity_reaches_the_gateway_and_the_log(
-        real_tailnet: RealTailnet, clawgate_on_server: ServerClawgate,
-        server_gateway: FakeGateway) -> None:
+    real_tailnet: RealTailnet, clawgate_on_server: ServerClawgate, server_gateway: FakeGateway
+) -> None:
     tn, cg = real_tailnet, clawgate_on_server
     assert (await _get(tn, "phone")).status == 200
     assert _forwarded_user(server_gateway) == ALICE
@@ -158,14 +193,18 @@ async def test_identity_reaches_the_gateway_and_the_log(
     assert (await _get(tn, "ci")).status == 200
     fwd_ci = _forwarded_user(server_gateway)
     assert fwd_ci is not None and "ci" in fwd_ci and fwd_ci != "tagged-devices"
-    rec = await cg.wait_log(lambda r: r.get("event") == "decision"
-                            and r.get("peer") == tn.v4("phone"))
+    rec = await cg.wait_log(
+        lambda r: r.get("event") == "decision" and r.get("peer") == tn.v4("phone")
+    )
     assert (rec["login"], rec["node"], rec["tags"], rec["os"]) == (
-        ALICE, "phone.tail-test.ts.net", [], "linux")
+        ALICE,
+        "phone.tail-test.ts.net",
+        [],
+        "linux",
+    )
     # A direct WireGuard path between the namespaces (no DERP exists in this tailnet).
     assert rec["peer_path"] == "direct"
-    rec = await cg.wait_log(lambda r: r.get("event") == "decision"
-                            and r.get("peer") == tn.v4("ci"))
+    rec = await cg.wait_log(lambda r: r.get("event") == "decision" and r.get("peer") == tn.v4("ci"))
     assert (rec["login"], rec["node"], rec["tags"]) == (None, "ci.tail-test.ts.net", ["tag:ci"])
 
 
@@ -173,25 +212,37 @@ async def test_identity_reaches_the_gateway_and_the_log(
 
 POLICIES: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
     "open": ({}, {"phone": 200, "laptop": 200, "ci": 200, "bob": 200}),
-    "allowUsers-alice": ({"allowUsers": [ALICE]},
-                         {"phone": 200, "laptop": 200, "ci": 403, "bob": 403}),
+    "allowUsers-alice": (
+        {"allowUsers": [ALICE]},
+        {"phone": 200, "laptop": 200, "ci": 403, "bob": 403},
+    ),
     "allowUsers-bob": ({"allowUsers": [BOB]}, {"phone": 403, "laptop": 403, "ci": 403, "bob": 200}),
-    "allowUsers-tagged-devices": ({"allowUsers": ["tagged-devices"]},
-                                  {"phone": 403, "laptop": 403, "ci": 403, "bob": 403}),
-    "allowTags-ci": ({"allowTags": ["tag:ci"]},
-                     {"phone": 403, "laptop": 403, "ci": 200, "bob": 403}),
-    "users-or-tags": ({"allowUsers": [BOB], "allowTags": ["tag:ci"]},
-                      {"phone": 403, "laptop": 403, "ci": 200, "bob": 200}),
-    "requireCapability": ({"requireCapability": CAP},
-                          {"phone": 200, "laptop": 403, "ci": 403, "bob": 403}),
-    "allowUsers-alice+requireCapability": ({"allowUsers": [ALICE], "requireCapability": CAP},
-                                           {"phone": 200, "laptop": 403, "ci": 403, "bob": 403}),
+    "allowUsers-tagged-devices": (
+        {"allowUsers": ["tagged-devices"]},
+        {"phone": 403, "laptop": 403, "ci": 403, "bob": 403},
+    ),
+    "allowTags-ci": (
+        {"allowTags": ["tag:ci"]},
+        {"phone": 403, "laptop": 403, "ci": 200, "bob": 403},
+    ),
+    "users-or-tags": (
+        {"allowUsers": [BOB], "allowTags": ["tag:ci"]},
+        {"phone": 403, "laptop": 403, "ci": 200, "bob": 200},
+    ),
+    "requireCapability": (
+        {"requireCapability": CAP},
+        {"phone": 200, "laptop": 403, "ci": 403, "bob": 403},
+    ),
+    "allowUsers-alice+requireCapability": (
+        {"allowUsers": [ALICE], "requireCapability": CAP},
+        {"phone": 200, "laptop": 403, "ci": 403, "bob": 403},
+    ),
 }
 
 
-async def test_policy_table_on_real_identities(real_tailnet: RealTailnet,
-                                               clawgate_on_server: ServerClawgate,
-                                               server_gateway: FakeGateway) -> None:
+async def test_policy_table_on_real_identities(
+    real_tailnet: RealTailnet, clawgate_on_server: ServerClawgate, server_gateway: FakeGateway
+) -> None:
     tn, cg = real_tailnet, clawgate_on_server
     base = cg.config
     failures = []
@@ -208,9 +259,10 @@ async def test_policy_table_on_real_identities(real_tailnet: RealTailnet,
 
 # --- IPN bus: the control server changes who a peer is ------------------------------------------
 
-async def test_bus_flush_on_tag_change_and_removal(real_tailnet: RealTailnet,
-                                                   server_gateway: FakeGateway,
-                                                   tmp_path: Path) -> None:
+
+async def test_bus_flush_on_tag_change_and_removal(
+    real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path
+) -> None:
     tn = real_tailnet
     cfg = server_config(server_gateway.port, allowUsers=[ALICE], cacheTtl=3600)
     cg = await start_server_clawgate(tn, tmp_path / "cg", cfg)
@@ -220,10 +272,14 @@ async def test_bus_flush_on_tag_change_and_removal(real_tailnet: RealTailnet,
         assert (await _get(tn, "laptop")).status == 200
         tn.ctl.set_tags("laptop", ["tag:kiosk"])
         # The server's tailscaled gets the new netmap; the IPN bus tells clawgate to flush.
-        await eventually(lambda: _async(lambda: _whois(tn, "laptop")["Node"].get("Tags")),
-                         lambda t: t == ["tag:kiosk"], timeout=15)
-        got = await eventually(lambda: _get(tn, "laptop"), lambda r: r.status == 403,
-                               timeout=10, interval=0.2)
+        await eventually(
+            lambda: _async(lambda: _whois(tn, "laptop")["Node"].get("Tags")),
+            lambda t: t == ["tag:kiosk"],
+            timeout=15,
+        )
+        got = await eventually(
+            lambda: _get(tn, "laptop"), lambda r: r.status == 403, timeout=10, interval=0.2
+        )
         assert got.status == 403
         # bob is removed from the tailnet: the server's tailscaled drops him from its
         # netmap (whois: not found) and from WireGuard, so his packets no longer arrive.
@@ -232,7 +288,9 @@ async def test_bus_flush_on_tag_change_and_removal(real_tailnet: RealTailnet,
         tn.ctl.remove_node("bob")
         await eventually(
             lambda: _async(lambda: tn.nodes["server"].cli("whois", bob_ip, check=False)),
-            lambda p: p.returncode != 0, timeout=15)
+            lambda p: p.returncode != 0,
+            timeout=15,
+        )
         with pytest.raises((OSError, TimeoutError)):
             await connect_in(tn.ns("bob"), tn.v4("server"), PORT, timeout=3)
         assert tn.v4("phone") and (await _get(tn, "phone")).status == 200
@@ -242,16 +300,19 @@ async def test_bus_flush_on_tag_change_and_removal(real_tailnet: RealTailnet,
 
 # --- key expiry -----------------------------------------------------------------------------
 
-async def test_key_expiry_warning_from_the_control_server(real_tailnet: RealTailnet,
-                                                          server_gateway: FakeGateway,
-                                                          tmp_path: Path) -> None:
+
+async def test_key_expiry_warning_from_the_control_server(
+    real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path
+) -> None:
     tn = real_tailnet
     when = datetime.now(UTC) + timedelta(days=3, hours=1)
     tn.ctl.set_key_expiry("server", when)
     try:
-        await eventually(lambda: _async(lambda: tn.nodes["server"].status()["Self"].get(
-            "KeyExpiry")), lambda v: bool(v) and v.startswith(when.strftime("%Y-%m-%d")),
-            timeout=15)
+        await eventually(
+            lambda: _async(lambda: tn.nodes["server"].status()["Self"].get("KeyExpiry")),
+            lambda v: bool(v) and v.startswith(when.strftime("%Y-%m-%d")),
+            timeout=15,
+        )
         cfg = server_config(server_gateway.port, keyExpiryWarnDays=7)
         cg = await start_server_clawgate(tn, tmp_path / "cg", cfg)
         try:
@@ -267,17 +328,21 @@ async def test_key_expiry_warning_from_the_control_server(real_tailnet: RealTail
 
 # --- tailscaled killed and restarted under a running clawgate -----------------------------------
 
+
 async def test_tailscaled_killed_503_then_restarted_served_again(
-        real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path) -> None:
+    real_tailnet: RealTailnet, server_gateway: FakeGateway, tmp_path: Path
+) -> None:
     tn = real_tailnet
     server = tn.nodes["server"]
     # With kernel TUN no tailnet packet arrives while tailscaled is dead (the TUN goes with
     # it), so clawgate also listens on the server's underlay address: a peer there needs a
     # whois too, which is what shows the outage (503) and the recovery (403, not a peer).
     cfg = server_config(server_gateway.port)
-    cfg["gateway"] = {"host": ["tailscale", server.underlay], "port": PORT,
-                      "allowedNetworks": ["100.64.0.0/10", "fd7a:115c:a1e0::/48",
-                                          "198.18.1.0/24"]}
+    cfg["gateway"] = {
+        "host": ["tailscale", server.underlay],
+        "port": PORT,
+        "allowedNetworks": ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "198.18.1.0/24"],
+    }
     cg = await start_server_clawgate(tn, tmp_path / "cg", cfg)
     try:
         pid = cg.pid
@@ -288,15 +353,19 @@ async def test_tailscaled_killed_503_then_restarted_served_again(
         server.stop(signal.SIGKILL)
         down = await eventually(
             lambda: request(tn, "phone", host=server.underlay, port=PORT),  # type: ignore[arg-type]
-            lambda r: r.status == 503, timeout=10, interval=0.2)
+            lambda r: r.status == 503,
+            timeout=10,
+            interval=0.2,
+        )
         assert b"tailscale identity unavailable" in down.body, down
         status, body = await cg.admin("GET", "/health")
         assert status == 503, body
 
         server.start()  # same state dir: same node key, same addresses
         await asyncio.to_thread(tn.connect_all, "server", 60)
-        back = await eventually(lambda: _get(tn, "phone"), lambda r: r.status == 200,
-                                timeout=20, interval=0.5)
+        back = await eventually(
+            lambda: _get(tn, "phone"), lambda r: r.status == 200, timeout=20, interval=0.5
+        )
         assert back.status == 200 and _forwarded_user(server_gateway) == ALICE
         again = await request(tn, "phone", host=server.underlay, port=PORT)  # type: ignore[arg-type]
         assert again.status == 403, again

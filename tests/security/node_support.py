@@ -52,8 +52,10 @@ class NodeEcho:
         """What the Node server recorded, asked directly (not through clawgate)."""
         reader, writer = await open_in(self.tailnet.ns("gw"), "127.0.0.1", self.port)
         try:
-            writer.write(b"GET /__echo/seen HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         b"X-Echo-Control: 1\r\nConnection: close\r\n\r\n")
+            writer.write(
+                b"GET /__echo/seen HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"X-Echo-Control: 1\r\nConnection: close\r\n\r\n"
+            )
             resp = await read_response(reader, timeout=10)
         finally:
             writer.close()
@@ -63,13 +65,19 @@ class NodeEcho:
 
 
 @contextlib.asynccontextmanager
-async def node_echo(tailnet: Tailnet, max_headers_count: int | None = None
-                    ) -> AsyncIterator[NodeEcho]:
+async def node_echo(
+    tailnet: Tailnet, max_headers_count: int | None = None
+) -> AsyncIterator[NodeEcho]:
     argv = [str(node_binary()), str(ECHO_JS)]
     if max_headers_count is not None:
         argv.append(str(max_headers_count))
-    proc = run_in(tailnet.ns("gw"), argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                  stderr=subprocess.DEVNULL)
+    proc = run_in(
+        tailnet.ns("gw"),
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)

@@ -48,7 +48,8 @@ HOST_OK = f"Host: 127.0.0.1:{ADMIN_PORT}"
 
 
 async def test_admin_refuses_rebinding_origin_and_forms(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", base_config(fake_gateway.port)) as cg:
         ws = await ws_open(tailnet, "phone", cg.tokens["phone"])
         await echo_ok(ws)
@@ -57,19 +58,28 @@ async def test_admin_refuses_rebinding_origin_and_forms(
         assert status == 200 and json.loads(body)["connections"], body
 
         # DNS rebinding: the same request under the attacker's name leaks nothing.
-        for host in (f"rebind.attacker.example:{ADMIN_PORT}", "rebind.attacker.example",
-                     f"100.64.0.1:{ADMIN_PORT}", f"127.0.0.1:{ADMIN_PORT + 1}",
-                     f"localhost.attacker.example:{ADMIN_PORT}", "127.0.0.1@evil"):
+        for host in (
+            f"rebind.attacker.example:{ADMIN_PORT}",
+            "rebind.attacker.example",
+            f"100.64.0.1:{ADMIN_PORT}",
+            f"127.0.0.1:{ADMIN_PORT + 1}",
+            f"localhost.attacker.example:{ADMIN_PORT}",
+            "127.0.0.1@evil",
+        ):
             for path in ("/connections", "/metrics", "/health"):
                 status, body = await _raw(cg, [f"GET {path} HTTP/1.1", f"Host: {host}"])
                 assert status in (403, 421), (host, path, status, body)
                 assert b"100.101.102.103" not in body and b"phone" not in body
 
         # Any Origin (a page's fetch, even a same-host one) is refused.
-        for origin in ("http://rebind.attacker.example:18790", "null",
-                       f"http://127.0.0.1:{ADMIN_PORT}"):
-            status, body = await _raw(cg, ["GET /connections HTTP/1.1", HOST_OK,
-                                           f"Origin: {origin}"])
+        for origin in (
+            "http://rebind.attacker.example:18790",
+            "null",
+            f"http://127.0.0.1:{ADMIN_PORT}",
+        ):
+            status, body = await _raw(
+                cg, ["GET /connections HTTP/1.1", HOST_OK, f"Origin: {origin}"]
+            )
             assert status == 403, (origin, status, body)
             assert b"100.101.102.103" not in body
 
@@ -77,8 +87,13 @@ async def test_admin_refuses_rebinding_origin_and_forms(
         # reload happens.
         before = _reloads(cg)
         form = [
-            (["Content-Type: application/x-www-form-urlencoded",
-              "Origin: http://rebind.attacker.example"], b"a=b"),
+            (
+                [
+                    "Content-Type: application/x-www-form-urlencoded",
+                    "Origin: http://rebind.attacker.example",
+                ],
+                b"a=b",
+            ),
             (["Content-Type: application/x-www-form-urlencoded"], b"a=b"),
             (["Content-Type: text/plain"], b"{}"),
             (["Content-Type: multipart/form-data; boundary=x"], b"--x--\r\n"),
@@ -87,12 +102,17 @@ async def test_admin_refuses_rebinding_origin_and_forms(
             (["Content-Type: application/json"], b"[1]"),
         ]
         for extra, body_in in form:
-            status, body = await _raw(cg, ["POST /-/reload HTTP/1.1", HOST_OK, *extra],
-                                      body_in)
+            status, body = await _raw(cg, ["POST /-/reload HTTP/1.1", HOST_OK, *extra], body_in)
             assert status in (400, 403, 415), (extra, body_in, status, body)
-        status, body = await _raw(cg, ["POST /-/reload HTTP/1.1",
-                                       "Host: rebind.attacker.example:18790",
-                                       "Content-Type: application/json"], b"{}")
+        status, body = await _raw(
+            cg,
+            [
+                "POST /-/reload HTTP/1.1",
+                "Host: rebind.attacker.example:18790",
+                "Content-Type: application/json",
+            ],
+            b"{}",
+        )
         assert status == 421, body
         assert _reloads(cg) == before
 
@@ -110,40 +130,44 @@ async def test_admin_refuses_rebinding_origin_and_forms(
         await ws.close()
 
 
-@pytest.mark.parametrize(("method", "host", "origin", "ctype", "want"), [
-    ("GET", "127.0.0.1", None, None, None),
-    ("GET", "127.0.0.1:18790", None, None, None),
-    ("GET", "localhost:18790", None, None, None),
-    ("GET", "LOCALHOST", None, None, None),
-    ("GET", "[::1]:18790", None, None, None),
-    ("GET", "127.0.0.2:18790", None, None, None),
-    ("POST", "127.0.0.1:18790", None, "application/json", None),
-    ("POST", "127.0.0.1:18790", None, "application/json; charset=utf-8", None),
-    ("POST", "127.0.0.1:18790", None, "Application/JSON", None),
-    ("GET", None, None, None, 421),
-    ("GET", "", None, None, 421),
-    ("GET", "127.0.0.1:18791", None, None, 421),
-    ("GET", "127.0.0.1:0", None, None, 421),
-    ("GET", "::1", None, None, 421),  # IPv6 literals must be bracketed
-    ("GET", "[::1", None, None, 421),
-    ("GET", "localhost.", None, None, None),  # the FQDN form of localhost
-    ("GET", "localhost.evil.example", None, None, 421),
-    ("GET", "evil.example:18790", None, None, 421),
-    ("GET", "100.64.0.1:18790", None, None, 421),
-    ("GET", "0x7f.1:18790", None, None, 421),
-    ("GET", "2130706433:18790", None, None, 421),
-    ("GET", "127.0.0.1:18790 ", None, None, 421),
-    ("GET", "127.0.0.1:+18790", None, None, 421),
-    ("GET", "user@127.0.0.1", None, None, 421),
-    ("GET", "127.0.0.1", "null", None, 403),
-    ("GET", "127.0.0.1", "http://127.0.0.1:18790", None, 403),
-    ("POST", "127.0.0.1", None, None, 415),
-    ("POST", "127.0.0.1", None, "text/plain", 415),
-    ("POST", "127.0.0.1", None, "application/x-www-form-urlencoded", 415),
-    ("POST", "127.0.0.1", None, "application/jsonx", 415),
-    ("POST", "127.0.0.1", "http://evil", "application/json", 403),
-])
-def test_admin_refusal_table(method: str, host: str | None, origin: str | None,
-                             ctype: str | None, want: int | None) -> None:
+@pytest.mark.parametrize(
+    ("method", "host", "origin", "ctype", "want"),
+    [
+        ("GET", "127.0.0.1", None, None, None),
+        ("GET", "127.0.0.1:18790", None, None, None),
+        ("GET", "localhost:18790", None, None, None),
+        ("GET", "LOCALHOST", None, None, None),
+        ("GET", "[::1]:18790", None, None, None),
+        ("GET", "127.0.0.2:18790", None, None, None),
+        ("POST", "127.0.0.1:18790", None, "application/json", None),
+        ("POST", "127.0.0.1:18790", None, "application/json; charset=utf-8", None),
+        ("POST", "127.0.0.1:18790", None, "Application/JSON", None),
+        ("GET", None, None, None, 421),
+        ("GET", "", None, None, 421),
+        ("GET", "127.0.0.1:18791", None, None, 421),
+        ("GET", "127.0.0.1:0", None, None, 421),
+        ("GET", "::1", None, None, 421),  # IPv6 literals must be bracketed
+        ("GET", "[::1", None, None, 421),
+        ("GET", "localhost.", None, None, None),  # the FQDN form of localhost
+        ("GET", "localhost.evil.example", None, None, 421),
+        ("GET", "evil.example:18790", None, None, 421),
+        ("GET", "100.64.0.1:18790", None, None, 421),
+        ("GET", "0x7f.1:18790", None, None, 421),
+        ("GET", "2130706433:18790", None, None, 421),
+        ("GET", "127.0.0.1:18790 ", None, None, 421),
+        ("GET", "127.0.0.1:+18790", None, None, 421),
+        ("GET", "user@127.0.0.1", None, None, 421),
+        ("GET", "127.0.0.1", "null", None, 403),
+        ("GET", "127.0.0.1", "http://127.0.0.1:18790", None, 403),
+        ("POST", "127.0.0.1", None, None, 415),
+        ("POST", "127.0.0.1", None, "text/plain", 415),
+        ("POST", "127.0.0.1", None, "application/x-www-form-urlencoded", 415),
+        ("POST", "127.0.0.1", None, "application/jsonx", 415),
+        ("POST", "127.0.0.1", "http://evil", "application/json", 403),
+    ],
+)
+def test_admin_refusal_table(
+    method: str, host: str | None, origin: str | None, ctype: str | None, want: int | None
+) -> None:
     got = admin_refusal(method, host, origin, ctype, 18790)
     assert (got[0] if got else None) == want, got

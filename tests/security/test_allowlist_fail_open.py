@@ -28,18 +28,20 @@ from tests.support import (
 )
 
 
-@pytest.mark.parametrize("policy", [
-    {"allowUsers": [ALICE]},
-    {"allowTags": ["tag:ci"]},
-    {"allowNodes": ["alice-laptop"]},
-    {"requireCapability": CAP},
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"allowUsers": [ALICE]},
+        {"allowTags": ["tag:ci"]},
+        {"allowNodes": ["alice-laptop"]},
+        {"requireCapability": CAP},
+    ],
+)
 async def test_no_tailscaled_at_start_gives_503_not_admit(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path,
-        policy: dict[str, object]) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path, policy: dict[str, object]
+) -> None:
     # No socket configured and none at the platform paths: no identity source at start.
-    cfg = clawgate_config(fake_gateway, None, gateway={"requireToken": False},
-                          tailscale=policy)
+    cfg = clawgate_config(fake_gateway, None, gateway={"requireToken": False}, tailscale=policy)
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         for role in ("phone", "ci"):
             for path in ("/headers", "/"):
@@ -50,18 +52,26 @@ async def test_no_tailscaled_at_start_gives_503_not_admit(
         assert "Traceback" not in cg.stderr()
 
 
-@pytest.mark.parametrize(("policy", "key"), [
-    ({"allowUsers": [ALICE]}, "allowUsers"),
-    ({"allowTags": ["tag:ci"]}, "allowTags"),
-    ({"allowNodes": ["alice-laptop"]}, "allowNodes"),
-    ({"requireCapability": CAP}, "requireCapability"),
-])
+@pytest.mark.parametrize(
+    ("policy", "key"),
+    [
+        ({"allowUsers": [ALICE]}, "allowUsers"),
+        ({"allowTags": ["tag:ci"]}, "allowTags"),
+        ({"allowNodes": ["alice-laptop"]}, "allowNodes"),
+        ({"requireCapability": CAP}, "requireCapability"),
+    ],
+)
 def test_require_identity_false_beside_an_allow_list_is_refused(
-        tmp_path: Path, policy: dict[str, object], key: str) -> None:
+    tmp_path: Path, policy: dict[str, object], key: str
+) -> None:
     cfg = tmp_path / "clawgate.json"
-    cfg.write_text(json.dumps({"gateway": {"requireToken": False},
-                               "tailscale": {"requireIdentity": False, **policy}}))
+    cfg.write_text(
+        json.dumps(
+            {"gateway": {"requireToken": False}, "tailscale": {"requireIdentity": False, **policy}}
+        )
+    )
     r = run_cli("check-config", "--config", str(cfg))
     assert r.returncode == 2, r
-    assert f"config error: tailscale.requireIdentity: false contradicts tailscale.{key}" \
-        in r.stderr, r.stderr
+    assert (
+        f"config error: tailscale.requireIdentity: false contradicts tailscale.{key}" in r.stderr
+    ), r.stderr

@@ -28,15 +28,21 @@ from tests.support import (
 )
 from tests.util import open_in, read_response
 
-ALL_LISTED = ("Host, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, "
-              f"{IDENTITY_HEADER}, Tailscale-User-Login, Tailscale-User-Name, "
-              "Tailscale-User-Profile-Pic, Origin, Content-Length, Transfer-Encoding, "
-              "Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version, Sec-WebSocket-Protocol, "
-              "Authorization")
+ALL_LISTED = (
+    "Host, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, "
+    f"{IDENTITY_HEADER}, Tailscale-User-Login, Tailscale-User-Name, "
+    "Tailscale-User-Profile-Pic, Origin, Content-Length, Transfer-Encoding, "
+    "Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version, Sec-WebSocket-Protocol, "
+    "Authorization"
+)
 EXPECTED = {
-    "x-forwarded-for": [PHONE_V4], "x-forwarded-proto": ["http"], "x-forwarded-host": [HOST],
-    norm(IDENTITY_HEADER): [ALICE], "tailscale-user-login": [ALICE],
-    "tailscale-user-name": ["Alice Example"], "tailscale-user-profile-pic": [ALICE_PIC],
+    "x-forwarded-for": [PHONE_V4],
+    "x-forwarded-proto": ["http"],
+    "x-forwarded-host": [HOST],
+    norm(IDENTITY_HEADER): [ALICE],
+    "tailscale-user-login": [ALICE],
+    "tailscale-user-name": ["Alice Example"],
+    "tailscale-user-profile-pic": [ALICE_PIC],
 }
 
 
@@ -55,17 +61,33 @@ def _req(lines: list[str], body: bytes = b"") -> bytes:
 
 
 async def test_connection_cannot_remove_what_clawgate_sets_or_the_gateway_needs(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
-    async with fake_tailscaled() as ts, running(
-            tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    async with (
+        fake_tailscaled() as ts,
+        running(tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg,
+    ):
         auth = f"Authorization: Bearer {cg.tokens['phone']}"
         # Plain request: every header clawgate sets is still there, Host and Origin too.
-        for listed in (ALL_LISTED, ALL_LISTED.lower(), ALL_LISTED.replace("-", "_"),
-                       "keep-alive, " + ALL_LISTED + ", close"):
+        for listed in (
+            ALL_LISTED,
+            ALL_LISTED.lower(),
+            ALL_LISTED.replace("-", "_"),
+            "keep-alive, " + ALL_LISTED + ", close",
+        ):
             fake_gateway.clear()
-            status, _ = await _one(tailnet, _req([
-                "GET /headers HTTP/1.1", f"Host: {HOST}", auth, "Origin: http://ui.example",
-                f"Connection: {listed}"]))
+            status, _ = await _one(
+                tailnet,
+                _req(
+                    [
+                        "GET /headers HTTP/1.1",
+                        f"Host: {HOST}",
+                        auth,
+                        "Origin: http://ui.example",
+                        f"Connection: {listed}",
+                    ]
+                ),
+            )
             assert status == 200
             (rec,) = fake_gateway.requests
             assert forwarding_view(rec) == EXPECTED, (listed, forwarding_view(rec))
@@ -74,26 +96,56 @@ async def test_connection_cannot_remove_what_clawgate_sets_or_the_gateway_needs(
 
         # A body: its framing header survives, so the gateway reads exactly the body.
         fake_gateway.clear()
-        status, body = await _one(tailnet, _req([
-            "POST /echo HTTP/1.1", f"Host: {HOST}", auth, "Content-Length: 11",
-            "Connection: Content-Length"], b"hello world"))
+        status, body = await _one(
+            tailnet,
+            _req(
+                [
+                    "POST /echo HTTP/1.1",
+                    f"Host: {HOST}",
+                    auth,
+                    "Content-Length: 11",
+                    "Connection: Content-Length",
+                ],
+                b"hello world",
+            ),
+        )
         assert (status, body) == (200, b"hello world")
         assert fake_gateway.requests[0].header_all("Content-Length") == ["11"]
         fake_gateway.clear()
         chunked = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-        status, body = await _one(tailnet, _req([
-            "POST /echo HTTP/1.1", f"Host: {HOST}", auth, "Transfer-Encoding: chunked",
-            "Connection: Transfer-Encoding, keep-alive"], chunked))
+        status, body = await _one(
+            tailnet,
+            _req(
+                [
+                    "POST /echo HTTP/1.1",
+                    f"Host: {HOST}",
+                    auth,
+                    "Transfer-Encoding: chunked",
+                    "Connection: Transfer-Encoding, keep-alive",
+                ],
+                chunked,
+            ),
+        )
         assert (status, body) == (200, b"hello world")
 
         # The WebSocket handshake survives being listed: the gateway still answers 101.
         fake_gateway.clear()
-        status, _ = await _one(tailnet, _req([
-            "GET /ws HTTP/1.1", f"Host: {HOST}", auth, "Upgrade: websocket",
-            "Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version, Host, "
-            f"Origin, X-Forwarded-For, {IDENTITY_HEADER}, Upgrade",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
-            "Origin: http://ui.example"]))
+        status, _ = await _one(
+            tailnet,
+            _req(
+                [
+                    "GET /ws HTTP/1.1",
+                    f"Host: {HOST}",
+                    auth,
+                    "Upgrade: websocket",
+                    "Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version, Host, "
+                    f"Origin, X-Forwarded-For, {IDENTITY_HEADER}, Upgrade",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "Sec-WebSocket-Version: 13",
+                    "Origin: http://ui.example",
+                ]
+            ),
+        )
         assert status == 101
         (rec,) = fake_gateway.requests
         assert rec.header_all("Sec-WebSocket-Key") == ["dGhlIHNhbXBsZSBub25jZQ=="]
@@ -104,7 +156,8 @@ async def test_connection_cannot_remove_what_clawgate_sets_or_the_gateway_needs(
 
 
 async def test_connection_cannot_remove_the_gateway_token(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """The gateway's own token is decided on and forwarded; listing it must not drop it."""
     secret = tmp_path / "gw.token"
     secret.write_text("gateway-secret-0123456789abcdef-0123\n")
@@ -114,10 +167,19 @@ async def test_connection_cannot_remove_the_gateway_token(
     async with running(tailnet, tmp_path / "cg", cfg):
         for listed in ("Authorization", "authorization, keep-alive", "AUTHORIZATION"):
             fake_gateway.clear()
-            status, _ = await _one(tailnet, _req([
-                "GET /headers HTTP/1.1", f"Host: {HOST}", f"Connection: {listed}",
-                "Authorization: Bearer gateway-secret-0123456789abcdef-0123"]))
+            status, _ = await _one(
+                tailnet,
+                _req(
+                    [
+                        "GET /headers HTTP/1.1",
+                        f"Host: {HOST}",
+                        f"Connection: {listed}",
+                        "Authorization: Bearer gateway-secret-0123456789abcdef-0123",
+                    ]
+                ),
+            )
             assert status == 200
             (rec,) = fake_gateway.requests
             assert rec.header_all("Authorization") == [
-                "Bearer gateway-secret-0123456789abcdef-0123"], listed
+                "Bearer gateway-secret-0123456789abcdef-0123"
+            ], listed

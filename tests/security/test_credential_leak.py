@@ -30,10 +30,17 @@ COOKIE = "clawgate_session"
 
 
 async def login(tailnet: Tailnet, token: str) -> str:
-    resp = await exchange(tailnet.ns("phone"), GW_V4, PORT, build_request(
-        "POST", "/__clawgate/login",
-        [("Content-Type", "application/x-www-form-urlencoded")],
-        f"token={token}&next=/".encode()))
+    resp = await exchange(
+        tailnet.ns("phone"),
+        GW_V4,
+        PORT,
+        build_request(
+            "POST",
+            "/__clawgate/login",
+            [("Content-Type", "application/x-www-form-urlencoded")],
+            f"token={token}&next=/".encode(),
+        ),
+    )
     assert resp.status == 303, resp.raw
     cookie = (resp.header("Set-Cookie") or b"").decode()
     name, _, sid = cookie.split(";")[0].partition("=")
@@ -42,7 +49,8 @@ async def login(tailnet: Tailnet, token: str) -> str:
 
 
 async def test_no_clawgate_credential_reaches_the_gateway(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     secret = tmp_path / "gw.token"
     secret.write_text(GW_SECRET + "\n")
     secret.chmod(0o600)
@@ -55,31 +63,48 @@ async def test_no_clawgate_credential_reaches_the_gateway(
         cases: dict[str, tuple[list[str], list[str], list[str]]] = {
             # label: (client lines, Authorization the gateway must see, Cookie lines it sees)
             "session + clawgate bearer": (
-                [f"Cookie: {COOKIE}={sid}", f"Authorization: Bearer {token}"], [], []),
+                [f"Cookie: {COOKIE}={sid}", f"Authorization: Bearer {token}"],
+                [],
+                [],
+            ),
             "session + clawgate basic": (
-                [f"Cookie: a=1; {COOKIE}={sid}", f"Authorization: Basic {basic}"], [],
-                ["Cookie: a=1"]),
+                [f"Cookie: a=1; {COOKIE}={sid}", f"Authorization: Basic {basic}"],
+                [],
+                ["Cookie: a=1"],
+            ),
             "session in a second Cookie line": (
-                ["Cookie: theme=dark", f"Cookie: {COOKIE}={sid}; lang=en"], [],
-                ["Cookie: theme=dark", "Cookie: lang=en"]),
+                ["Cookie: theme=dark", f"Cookie: {COOKIE}={sid}; lang=en"],
+                [],
+                ["Cookie: theme=dark", "Cookie: lang=en"],
+            ),
             "session in a second line + bearer": (
-                ["Cookie: theme=dark", f"Cookie: {COOKIE}={sid}",
-                 f"Authorization: Bearer {token}"], [], ["Cookie: theme=dark"]),
+                ["Cookie: theme=dark", f"Cookie: {COOKIE}={sid}", f"Authorization: Bearer {token}"],
+                [],
+                ["Cookie: theme=dark"],
+            ),
             "bearer + stale session cookie": (
-                [f"Authorization: Bearer {token}", f"Cookie: x=1; {COOKIE}=stale"], [],
-                ["Cookie: x=1"]),
+                [f"Authorization: Bearer {token}", f"Cookie: x=1; {COOKIE}=stale"],
+                [],
+                ["Cookie: x=1"],
+            ),
             "session + gateway token": (
                 [f"Cookie: {COOKIE}={sid}", f"Authorization: Bearer {GW_SECRET}"],
-                [f"Bearer {GW_SECRET}"], []),
+                [f"Bearer {GW_SECRET}"],
+                [],
+            ),
             "gateway token + cookie of ours": (
                 [f"Authorization: Bearer {GW_SECRET}", f"Cookie: {COOKIE}=whatever; b=2"],
-                [f"Bearer {GW_SECRET}"], ["Cookie: b=2"]),
+                [f"Bearer {GW_SECRET}"],
+                ["Cookie: b=2"],
+            ),
         }
         problems = []
         for label, (lines, want_auth, want_cookies) in cases.items():
             fake_gateway.clear()
-            raw = ("\r\n".join(["GET /headers HTTP/1.1", f"Host: {HOST}", *lines,
-                                "Connection: close"]) + "\r\n\r\n").encode()
+            raw = (
+                "\r\n".join(["GET /headers HTTP/1.1", f"Host: {HOST}", *lines, "Connection: close"])
+                + "\r\n\r\n"
+            ).encode()
             resp = await raw_send(tailnet, "phone", raw)
             if status_of(resp) != 200:
                 problems.append(f"{label}: {resp[:80]!r}")
@@ -96,13 +121,19 @@ async def test_no_clawgate_credential_reaches_the_gateway(
 
 
 async def test_two_authorization_lines_are_refused(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", plain_config(fake_gateway)) as cg:
         token = cg.tokens["phone"]
         for second in (f"Bearer {token}", "Bearer other", f"Basic {token}"):
-            resp = await raw_send(tailnet, "phone", (
-                f"GET /headers HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
-                f"authorization: {second}\r\nConnection: close\r\n\r\n").encode())
+            resp = await raw_send(
+                tailnet,
+                "phone",
+                (
+                    f"GET /headers HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
+                    f"authorization: {second}\r\nConnection: close\r\n\r\n"
+                ).encode(),
+            )
             assert status_of(resp) == 400, resp[:120]
             assert b"more than one Authorization" in resp
         assert fake_gateway.requests == []

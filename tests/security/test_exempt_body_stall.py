@@ -43,11 +43,14 @@ async def attack(tailnet: Tailnet, path: str, auth: str = "") -> tuple[bytes, fl
 
     async def send() -> None:
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            writer.write((f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\n{auth}"
-                          "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                          ).encode())
+            writer.write(
+                (
+                    f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\n{auth}"
+                    "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                ).encode()
+            )
             for i in range(0, len(BODY), 1 << 16):
-                writer.write(BODY[i:i + (1 << 16)])
+                writer.write(BODY[i : i + (1 << 16)])
                 await writer.drain()
 
     sender = asyncio.ensure_future(send())
@@ -101,17 +104,24 @@ async def measured(tailnet: Tailnet, path: str, auth: str = "") -> dict[str, Any
         done.set()
     lat = await vtask
     statuses = {status_of(r) for r, _ in attacks}
-    return {"status": statuses.pop() if len(statuses) == 1 else statuses,
-            "resp": attacks[0][0][:300], "attacks": len(attacks),
-            "attack_s": round(max(t for _, t in attacks), 3),
-            "victim_p99_ms": round(p99(lat) * 1000, 1),
-            "victim_max_ms": round(max(lat) * 1000, 1), "victim_n": len(lat)}
+    return {
+        "status": statuses.pop() if len(statuses) == 1 else statuses,
+        "resp": attacks[0][0][:300],
+        "attacks": len(attacks),
+        "attack_s": round(max(t for _, t in attacks), 3),
+        "victim_p99_ms": round(p99(lat) * 1000, 1),
+        "victim_max_ms": round(max(lat) * 1000, 1),
+        "victim_n": len(lat),
+    }
 
 
 async def test_tiny_chunks_to_an_exempt_path_do_not_stall_other_clients(
-        tailnet: Tailnet, tmp_path: Path) -> None:
-    async with node_echo(tailnet) as node, running(
-            tailnet, tmp_path / "cg", plain_config(node)) as cg:
+    tailnet: Tailnet, tmp_path: Path
+) -> None:
+    async with (
+        node_echo(tailnet) as node,
+        running(tailnet, tmp_path / "cg", plain_config(node)) as cg,
+    ):
         idle = asyncio.Event()
         idle.set()
         alone = await victim(tailnet, asyncio.Event(), idle)
@@ -127,8 +137,10 @@ async def test_tiny_chunks_to_an_exempt_path_do_not_stall_other_clients(
 
 
 async def test_tiny_chunks_with_a_token_are_cut_off(tailnet: Tailnet, tmp_path: Path) -> None:
-    async with node_echo(tailnet) as node, running(
-            tailnet, tmp_path / "cg", plain_config(node)) as cg:
+    async with (
+        node_echo(tailnet) as node,
+        running(tailnet, tmp_path / "cg", plain_config(node)) as cg,
+    ):
         got = await measured(tailnet, "/upload", f"Authorization: Bearer {cg.tokens['phone']}\r\n")
         print("token attack:", got)
         assert got["status"] == 400, got
@@ -139,9 +151,13 @@ async def test_tiny_chunks_with_a_token_are_cut_off(tailnet: Tailnet, tmp_path: 
         pieces = b"".join(b"%x\r\n" % 4096 + b"y" * 4096 + b"\r\n" for _ in range(600))
         pieces += b"".join(b"10\r\n" + b"z" * 16 + b"\r\n" for _ in range(800)) + b"0\r\n\r\n"
         reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)
-        writer.write((f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}"
-                      "\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
-                     + pieces)
+        writer.write(
+            (
+                f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}"
+                "\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            ).encode()
+            + pieces
+        )
         resp = await read_response(reader, timeout=30)
         writer.close()
         assert resp.status == 200, resp.raw

@@ -35,9 +35,24 @@ VALID = [
     b"Tailscale-User-Login: admin\r\n\r\n",
     b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nForwarded: for=1.1.1.1\r\n\r\n",
 ]
-INSERTS = [b"\r", b"\n", b"\x00", b"\r\n", b"\r\n\r\n", b" ", b"\t", b":", b"\r\n ",
-           b"\x7f", b"\xff", b"_", b",", b"Transfer-Encoding: chunked\r\n",
-           b"Content-Length: 3\r\n", b"X_Forwarded_For: 1.1.1.1\r\n"]
+INSERTS = [
+    b"\r",
+    b"\n",
+    b"\x00",
+    b"\r\n",
+    b"\r\n\r\n",
+    b" ",
+    b"\t",
+    b":",
+    b"\r\n ",
+    b"\x7f",
+    b"\xff",
+    b"_",
+    b",",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Content-Length: 3\r\n",
+    b"X_Forwarded_For: 1.1.1.1\r\n",
+]
 
 
 @st.composite
@@ -62,7 +77,7 @@ def mutated_heads(draw: st.DrawFn) -> bytes:
             raw[pos:pos] = draw(st.binary(min_size=1, max_size=6))
     data = bytes(raw) + b"\r\n"
     end = data.find(b"\r\n\r\n")
-    return data[:end + 4] if end >= 0 else data + b"\r\n"
+    return data[: end + 4] if end >= 0 else data + b"\r\n"
 
 
 def check_forwarded(out: bytes, peer: str) -> None:
@@ -96,26 +111,40 @@ def test_parse_raises_only_bad_request_and_rewrites_cleanly(raw: bytes) -> None:
     except BadRequest as exc:
         assert 400 <= exc.status < 500
         return
-    out = rewrite_request_head(head, client_ip="100.101.102.103", proto=b"http",
-                               identity_headers=IDENTITY,
-                               add=[(b"X-Auth-Request-User", b"alice@example.com")])
+    out = rewrite_request_head(
+        head,
+        client_ip="100.101.102.103",
+        proto=b"http",
+        identity_headers=IDENTITY,
+        add=[(b"X-Auth-Request-User", b"alice@example.com")],
+    )
     check_forwarded(out, "100.101.102.103")
     again = parse_request_head(out)  # the gateway gets something we would accept too
     assert (again.method, again.target, again.content_length, again.chunked) == (
-        head.method, head.target, head.content_length, head.chunked)
+        head.method,
+        head.target,
+        head.content_length,
+        head.chunked,
+    )
 
 
 @settings(max_examples=800, deadline=None)
-@given(st.one_of(
-    st.ip_addresses(v=4).map(str),
-    # As the kernel spells a peer (inet_ntop: v4-mapped in dotted form).
-    st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed)),
-    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
-), st.integers(0, 65535))
+@given(
+    st.one_of(
+        st.ip_addresses(v=4).map(str),
+        # As the kernel spells a peer (inet_ntop: v4-mapped in dotted form).
+        st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed)),
+        st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    ),
+    st.integers(0, 65535),
+)
 def test_cache_key_agrees_with_ipaddress(ip: str, port: int) -> None:
     addr = ipaddress.ip_address(ip)
-    plain = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) and \
-        addr.ipv4_mapped is not None else addr
+    plain = (
+        addr.ipv4_mapped
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None
+        else addr
+    )
     key = cache_key(ip, port)
     if plain.is_loopback:
         host, _, p = key.rpartition(":")

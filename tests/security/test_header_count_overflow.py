@@ -35,10 +35,19 @@ from tests.support import (
 from tests.util import open_in, read_response
 
 GW = "100.64.0.1"
-UPGRADE = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
-OWN = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", IDENTITY_HEADER.lower(),
-       "tailscale-user-login", "tailscale-user-name", "tailscale-user-profile-pic"}
+UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+OWN = {
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    IDENTITY_HEADER.lower(),
+    "tailscale-user-login",
+    "tailscale-user-name",
+    "tailscale-user-profile-pic",
+}
 
 
 def node_config(node: NodeEcho, socket_path: str, **limits: Any) -> dict[str, Any]:
@@ -60,26 +69,31 @@ def ws_payload(resp_bytes: bytes) -> dict[str, Any]:
         ln, pos = int.from_bytes(body[2:4], "big"), 4
     elif ln == 127:
         ln, pos = int.from_bytes(body[2:10], "big"), 10
-    data: dict[str, Any] = json.loads(body[pos:pos + ln])
+    data: dict[str, Any] = json.loads(body[pos : pos + ln])
     return data
 
 
 async def test_a_thousand_header_lines_get_431_and_never_reach_node(
-        tailnet: Tailnet, tmp_path: Path) -> None:
-    async with node_echo(tailnet) as node, fake_tailscaled() as ts, running(
-            tailnet, tmp_path / "cg", node_config(node, ts.socket_path)) as cg:
+    tailnet: Tailnet, tmp_path: Path
+) -> None:
+    async with (
+        node_echo(tailnet) as node,
+        fake_tailscaled() as ts,
+        running(tailnet, tmp_path / "cg", node_config(node, ts.socket_path)) as cg,
+    ):
         token = cg.tokens["phone"]
         cases = {
             "exempt /health, no token": f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n",
-            "token request": (f"GET /x HTTP/1.1\r\nHost: {HOST}\r\n"
-                              f"Authorization: Bearer {token}\r\n"),
-            "token upgrade": (f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\n"
-                              f"Authorization: Bearer {token}\r\n{UPGRADE}"),
+            "token request": (
+                f"GET /x HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
+            ),
+            "token upgrade": (
+                f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n{UPGRADE}"
+            ),
         }
         for label, head in cases.items():
             for lines in (1030, 101):
-                resp = await raw_send(tailnet, "phone",
-                                      (head + flood(lines) + "\r\n").encode())
+                resp = await raw_send(tailnet, "phone", (head + flood(lines) + "\r\n").encode())
                 assert status_of(resp) == 431, (label, lines, resp[:200])
                 assert b"too many header lines" in resp, (label, lines, resp[:200])
         seen = await node.seen()
@@ -87,25 +101,34 @@ async def test_a_thousand_header_lines_get_431_and_never_reach_node(
         assert seen["connections"] == 1, seen["clientErrors"]
         assert seen["requests"] == [] and seen["upgrades"] == []
         # Just under the limit still works (100 lines including Host etc.).
-        resp = await raw_send(tailnet, "phone", (
-            cases["exempt /health, no token"] + flood(90) + "Connection: close\r\n\r\n"
-        ).encode())
+        resp = await raw_send(
+            tailnet,
+            "phone",
+            (cases["exempt /health, no token"] + flood(90) + "Connection: close\r\n\r\n").encode(),
+        )
         assert status_of(resp) == 200, resp[:200]
 
 
 async def test_clawgate_headers_come_first_even_with_headlines_raised(
-        tailnet: Tailnet, tmp_path: Path) -> None:
+    tailnet: Tailnet, tmp_path: Path
+) -> None:
     # Node told to take any number of lines, clawgate told to pass 5,000: where do
     # clawgate's own headers sit in what Node received?
-    async with node_echo(tailnet, max_headers_count=0) as node, fake_tailscaled() as ts, \
-            running(tailnet, tmp_path / "cg",
-                    node_config(node, ts.socket_path, headLines=5000, headBytes=65536)) as cg:
+    async with (
+        node_echo(tailnet, max_headers_count=0) as node,
+        fake_tailscaled() as ts,
+        running(
+            tailnet,
+            tmp_path / "cg",
+            node_config(node, ts.socket_path, headLines=5000, headBytes=65536),
+        ) as cg,
+    ):
         token = cg.tokens["phone"]
         heads = {
             "exempt": f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n{flood(1030)}"
-                      "Connection: close\r\n\r\n",
+            "Connection: close\r\n\r\n",
             "token": f"GET /x HTTP/1.1\r\nHost: {HOST}\r\n{flood(1030)}"
-                     f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+            f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n",
         }
         views = {}
         for label, head in heads.items():
@@ -113,8 +136,12 @@ async def test_clawgate_headers_come_first_even_with_headlines_raised(
             assert status_of(resp) == 200, (label, resp[:200])
             views[label] = json.loads(resp.split(b"\r\n\r\n", 1)[1])
         reader, writer = await open_in(tailnet.ns("phone"), GW, PORT)
-        writer.write((f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\n{flood(1030)}"
-                      f"Authorization: Bearer {token}\r\n{UPGRADE}\r\n").encode())
+        writer.write(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\n{flood(1030)}"
+                f"Authorization: Bearer {token}\r\n{UPGRADE}\r\n"
+            ).encode()
+        )
         first = await read_response(reader, timeout=10)
         assert first.status == 101, first.raw
         frame = await reader.read(1 << 20)

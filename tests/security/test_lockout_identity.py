@@ -34,8 +34,9 @@ COUNT = 3
 BOB = user_peer("100.77.0.9", "bob@example.com", "bob-phone")
 
 
-async def as_peer(tailnet: Tailnet, ts: FakeTailscaled, body: dict[str, Any] | None,
-                  request: bytes) -> int:
+async def as_peer(
+    tailnet: Tailnet, ts: FakeTailscaled, body: dict[str, Any] | None, request: bytes
+) -> int:
     """One request from 127.0.0.1:<ephemeral>, which whois names ``body`` (None: a local
     process)."""
     sock, port = await loopback_socket(tailnet)
@@ -56,25 +57,34 @@ async def as_peer(tailnet: Tailnet, ts: FakeTailscaled, body: dict[str, Any] | N
 
 
 def bearer(token: str) -> bytes:
-    return build_request("GET", "/echo", [("Authorization", f"Bearer {token}"),
-                                          ("Connection", "close")], host=f"127.0.0.1:{PORT}")
+    return build_request(
+        "GET",
+        "/echo",
+        [("Authorization", f"Bearer {token}"), ("Connection", "close")],
+        host=f"127.0.0.1:{PORT}",
+    )
 
 
 def login(token: str) -> bytes:
-    return build_request("POST", "/__clawgate/login",
-                         [("Content-Type", "application/x-www-form-urlencoded")],
-                         f"token={token}".encode(), host=f"127.0.0.1:{PORT}")
+    return build_request(
+        "POST",
+        "/__clawgate/login",
+        [("Content-Type", "application/x-www-form-urlencoded")],
+        f"token={token}".encode(),
+        host=f"127.0.0.1:{PORT}",
+    )
 
 
 async def test_one_userspace_peer_cannot_lock_out_the_others(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with fake_tailscaled() as ts:
         ts.tun = False
-        cfg = clawgate_config(fake_gateway, ts.socket_path, host="127.0.0.1",
-                              tailscale={"requireIdentity": False})
+        cfg = clawgate_config(
+            fake_gateway, ts.socket_path, host="127.0.0.1", tailscale={"requireIdentity": False}
+        )
         cfg["gateway"]["requireToken"] = True
-        cfg["limits"] = {"failedAuthCount": COUNT, "failedAuthWindow": 60,
-                         "failedAuthLockout": 300}
+        cfg["limits"] = {"failedAuthCount": COUNT, "failedAuthWindow": 60, "failedAuthLockout": 300}
         async with running(tailnet, tmp_path / "cg", cfg) as cg:
             token = cg.tokens["phone"]
             alice, ci = alice_body(), ci_body()

@@ -25,15 +25,20 @@ from tests.support import (
 
 
 async def test_logout_ends_live_websockets_of_that_session(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", base_config(fake_gateway.port)) as cg:
         token = cg.tokens["phone"]
         cookie = await login_cookie(tailnet, "phone", token)
         other = await login_cookie(tailnet, "phone", token)
-        doomed = [await ws_with_cookie(tailnet, "phone", cookie),
-                  await ws_with_cookie(tailnet, "ci", cookie)]
-        kept = [await ws_with_cookie(tailnet, "phone", other),
-                await ws_open(tailnet, "phone", token)]
+        doomed = [
+            await ws_with_cookie(tailnet, "phone", cookie),
+            await ws_with_cookie(tailnet, "ci", cookie),
+        ]
+        kept = [
+            await ws_with_cookie(tailnet, "phone", other),
+            await ws_open(tailnet, "phone", token),
+        ]
         for ws in (*doomed, *kept):
             await echo_ok(ws)
         t0 = time.monotonic()

@@ -27,8 +27,7 @@ AUTH = b"Authorization: Bearer {TOKEN}"
 H = b"Host: 100.64.0.1:18789"
 
 
-def req(*lines: bytes, request_line: bytes = b"GET /headers HTTP/1.1",
-        auth: bool = True) -> bytes:
+def req(*lines: bytes, request_line: bytes = b"GET /headers HTTP/1.1", auth: bool = True) -> bytes:
     head = [request_line, *lines]
     if auth:
         head.append(AUTH)
@@ -45,42 +44,115 @@ CORPUS: list[tuple[str, bytes, int]] = [
     ("obs-fold-tab", req(H, b"X-A: a", b"\tfolded"), 400),
     ("NUL-in-value", req(H, b"X-A: a\x00b"), 400),
     ("NUL-in-target", req(H, request_line=b"GET /head\x00ers HTTP/1.1"), 400),
-    ("CL-and-TE", req(H, b"Content-Length: 5", b"Transfer-Encoding: chunked",
-                      request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-and-CL", req(H, b"Transfer-Encoding: chunked", b"Content-Length: 5",
-                      request_line=b"POST /echo HTTP/1.1"), 400),
-    ("two-CL-same", req(H, b"Content-Length: 5", b"Content-Length: 5",
-                        request_line=b"POST /echo HTTP/1.1"), 400),
-    ("two-CL-different", req(H, b"Content-Length: 5", b"Content-Length: 6",
-                             request_line=b"POST /echo HTTP/1.1"), 400),
+    (
+        "CL-and-TE",
+        req(
+            H,
+            b"Content-Length: 5",
+            b"Transfer-Encoding: chunked",
+            request_line=b"POST /echo HTTP/1.1",
+        ),
+        400,
+    ),
+    (
+        "TE-and-CL",
+        req(
+            H,
+            b"Transfer-Encoding: chunked",
+            b"Content-Length: 5",
+            request_line=b"POST /echo HTTP/1.1",
+        ),
+        400,
+    ),
+    (
+        "two-CL-same",
+        req(H, b"Content-Length: 5", b"Content-Length: 5", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
+    (
+        "two-CL-different",
+        req(H, b"Content-Length: 5", b"Content-Length: 6", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
     ("CL-list", req(H, b"Content-Length: 5, 5", request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-chunked-twice", req(H, b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked",
-                             request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-chunked-chunked", req(H, b"Transfer-Encoding: chunked, chunked",
-                               request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-xchunked", req(H, b"Transfer-Encoding: xchunked",
-                        request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-gzip-chunked", req(H, b"Transfer-Encoding: gzip, chunked",
-                            request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-identity", req(H, b"Transfer-Encoding: identity",
-                        request_line=b"POST /echo HTTP/1.1"), 400),
-    ("TE-in-HTTP/1.0", req(H, b"Transfer-Encoding: chunked",
-                           request_line=b"POST /echo HTTP/1.0"), 400),
-    ("upgrade-h2c", req(H, b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
-                        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"), 400),
+    (
+        "TE-chunked-twice",
+        req(
+            H,
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding: chunked",
+            request_line=b"POST /echo HTTP/1.1",
+        ),
+        400,
+    ),
+    (
+        "TE-chunked-chunked",
+        req(H, b"Transfer-Encoding: chunked, chunked", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
+    (
+        "TE-xchunked",
+        req(H, b"Transfer-Encoding: xchunked", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
+    (
+        "TE-gzip-chunked",
+        req(H, b"Transfer-Encoding: gzip, chunked", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
+    (
+        "TE-identity",
+        req(H, b"Transfer-Encoding: identity", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
+    (
+        "TE-in-HTTP/1.0",
+        req(H, b"Transfer-Encoding: chunked", request_line=b"POST /echo HTTP/1.0"),
+        400,
+    ),
+    (
+        "upgrade-h2c",
+        req(
+            H,
+            b"Connection: Upgrade, HTTP2-Settings",
+            b"Upgrade: h2c",
+            b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        ),
+        400,
+    ),
     ("upgrade-h2c-alone", req(H, b"Connection: Upgrade", b"Upgrade: h2c"), 400),
     ("http2-settings-alone", req(H, b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"), 400),
     ("upgrade-websocket-h2c", req(H, b"Connection: Upgrade", b"Upgrade: websocket, h2c"), 400),
-    ("upgrade-two-headers", req(H, b"Connection: Upgrade", b"Upgrade: websocket",
-                                b"Upgrade: h2c"), 400),
-    ("websocket-via-POST", req(H, b"Connection: Upgrade", b"Upgrade: websocket",
-                               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                               b"Sec-WebSocket-Version: 13",
-                               request_line=b"POST /ws HTTP/1.1"), 400),
-    ("websocket-with-body", req(H, b"Connection: Upgrade", b"Upgrade: websocket",
-                                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                                b"Sec-WebSocket-Version: 13", b"Content-Length: 4",
-                                request_line=b"GET /ws HTTP/1.1"), 400),
+    (
+        "upgrade-two-headers",
+        req(H, b"Connection: Upgrade", b"Upgrade: websocket", b"Upgrade: h2c"),
+        400,
+    ),
+    (
+        "websocket-via-POST",
+        req(
+            H,
+            b"Connection: Upgrade",
+            b"Upgrade: websocket",
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            b"Sec-WebSocket-Version: 13",
+            request_line=b"POST /ws HTTP/1.1",
+        ),
+        400,
+    ),
+    (
+        "websocket-with-body",
+        req(
+            H,
+            b"Connection: Upgrade",
+            b"Upgrade: websocket",
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            b"Sec-WebSocket-Version: 13",
+            b"Content-Length: 4",
+            request_line=b"GET /ws HTTP/1.1",
+        ),
+        400,
+    ),
     ("absolute-form", req(H, request_line=b"GET http://127.0.0.1:18789/headers HTTP/1.1"), 400),
     ("authority-form-CONNECT", req(H, request_line=b"CONNECT 127.0.0.1:18789 HTTP/1.1"), 400),
     ("asterisk-form", req(H, request_line=b"OPTIONS * HTTP/1.1"), 400),
@@ -94,8 +166,11 @@ CORPUS: list[tuple[str, bytes, int]] = [
     ("invalid-CL", req(H, b"Content-Length: abc", request_line=b"POST /echo HTTP/1.1"), 400),
     ("negative-CL", req(H, b"Content-Length: -1", request_line=b"POST /echo HTTP/1.1"), 400),
     ("plus-CL", req(H, b"Content-Length: +5", request_line=b"POST /echo HTTP/1.1"), 400),
-    ("huge-CL", req(H, b"Content-Length: 99999999999999999999",
-                    request_line=b"POST /echo HTTP/1.1"), 400),
+    (
+        "huge-CL",
+        req(H, b"Content-Length: 99999999999999999999", request_line=b"POST /echo HTTP/1.1"),
+        400,
+    ),
     ("8-bit-header-name", req(H, b"X-\xe9t\xe9: 1"), 400),
     ("8-bit-target", req(H, request_line=b"GET /\xff HTTP/1.1"), 400),
     ("control-char-in-target", req(H, request_line=b"GET /a\x01b HTTP/1.1"), 400),
@@ -130,7 +205,7 @@ def test_parser_refuses(name: str, raw: bytes, status: int) -> None:
         return  # refused on size before parsing; see the process test
     end = raw.find(b"\r\n\r\n")
     with pytest.raises(BadRequest) as ei:
-        parse_request_head(raw[:end + 4])
+        parse_request_head(raw[: end + 4])
     assert ei.value.status == 400
 
 
@@ -140,11 +215,16 @@ def test_corpus_is_big_enough() -> None:
 
 
 @pytest.fixture
-async def proxy(tailnet: Tailnet, fake_gateway: FakeGateway,
-                tmp_path: Path) -> AsyncIterator[ClawgateProcess]:
+async def proxy(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> AsyncIterator[ClawgateProcess]:
     cfg = {
-        "gateway": {"host": GW_V4, "port": PORT, "requireToken": True,
-                    "allowedNetworks": ["100.64.0.0/10"]},
+        "gateway": {
+            "host": GW_V4,
+            "port": PORT,
+            "requireToken": True,
+            "allowedNetworks": ["100.64.0.0/10"],
+        },
         "upstream": f"http://127.0.0.1:{fake_gateway.port}",
         "tailscale": {"requireIdentity": False},
         "limits": {"headTimeout": 1.0},
@@ -177,14 +257,22 @@ def _status(resp: bytes) -> int | None:
 
 
 async def _good(tailnet: Tailnet, p: ClawgateProcess) -> int:
-    resp = await exchange(tailnet.ns("phone"), GW_V4, PORT, build_request(
-        "GET", "/headers", [("Authorization", f"Bearer {p.tokens['phone']}"),
-                            ("Connection", "close")]))
+    resp = await exchange(
+        tailnet.ns("phone"),
+        GW_V4,
+        PORT,
+        build_request(
+            "GET",
+            "/headers",
+            [("Authorization", f"Bearer {p.tokens['phone']}"), ("Connection", "close")],
+        ),
+    )
     return resp.status
 
 
-async def test_corpus_against_the_proxy(tailnet: Tailnet, proxy: ClawgateProcess,
-                                        fake_gateway: FakeGateway) -> None:
+async def test_corpus_against_the_proxy(
+    tailnet: Tailnet, proxy: ClawgateProcess, fake_gateway: FakeGateway
+) -> None:
     # Baseline after one good request: the lazily opened files (log, sockets) exist.
     assert await _good(tailnet, proxy) == 200
     await fake_gateway.wait_until(lambda: fake_gateway.active_connections == 0)
@@ -196,8 +284,11 @@ async def test_corpus_against_the_proxy(tailnet: Tailnet, proxy: ClawgateProcess
     for name, raw, _status_expected in CORPUS:
         resp = await _send(tailnet, _with_token(raw, proxy.tokens["phone"]))
         results[name] = (_status(resp), resp.split(b"\r\n", 1)[0])
-    wrong = {name: got for (name, _, want), got in
-             zip(CORPUS, results.values(), strict=True) if got[0] != want}
+    wrong = {
+        name: got
+        for (name, _, want), got in zip(CORPUS, results.values(), strict=True)
+        if got[0] != want
+    }
     assert wrong == {}, wrong
     assert fake_gateway.requests == [], [r.raw_head[:80] for r in fake_gateway.requests]
     assert fake_gateway.connections_opened == opened  # not even a connection
@@ -208,11 +299,14 @@ async def test_corpus_against_the_proxy(tailnet: Tailnet, proxy: ClawgateProcess
     assert proxy.proc is not None and proxy.proc.poll() is None
 
 
-async def test_slow_and_partial_heads(tailnet: Tailnet, proxy: ClawgateProcess,
-                                      fake_gateway: FakeGateway) -> None:
+async def test_slow_and_partial_heads(
+    tailnet: Tailnet, proxy: ClawgateProcess, fake_gateway: FakeGateway
+) -> None:
     baseline = proxy.fd_count()
-    partial = f"GET /headers HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer " \
-              f"{proxy.tokens['phone']}\r\n".encode()
+    partial = (
+        f"GET /headers HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer "
+        f"{proxy.tokens['phone']}\r\n".encode()
+    )
     reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)
     t0 = time.monotonic()
     writer.write(partial)  # never finished: the head deadline (1 s here) ends it

@@ -59,13 +59,25 @@ FLOOD_SCRIPT = textwrap.dedent("""
 
 
 async def test_refused_flood_does_not_hurt_the_allowed_client(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", plain_config(fake_gateway)) as cg:
         token = cg.tokens["phone"]
         baseline = await timed_get(tailnet, "phone", token, 30)
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", tailnet.ns("public"), sys.executable, "-c", FLOOD_SCRIPT,
-            GW_V4, str(PORT), str(FLOOD), "20", stdout=asyncio.subprocess.PIPE)
+            "ip",
+            "netns",
+            "exec",
+            tailnet.ns("public"),
+            sys.executable,
+            "-c",
+            FLOOD_SCRIPT,
+            GW_V4,
+            str(PORT),
+            str(FLOOD),
+            "20",
+            stdout=asyncio.subprocess.PIPE,
+        )
         try:
             assert proc.stdout is not None
             assert (await proc.stdout.readline()).strip() == b"started"
@@ -84,11 +96,21 @@ async def test_refused_flood_does_not_hurt_the_allowed_client(
         total = stats["attempts"] - stats["failed"] + 1
 
         def refused() -> list[dict[str, object]]:
-            return [r for r in cg.access_log() if r.get("event") == "refused"
-                    and r.get("peer") == PUBLIC_V4]
+            return [
+                r
+                for r in cg.access_log()
+                if r.get("event") == "refused" and r.get("peer") == PUBLIC_V4
+            ]
 
-        await cg.wait_log(lambda r: r.get("event") == "refused" and "suppressed" in r
-                          and r is not None and _sum(refused()) == total, timeout=10)
+        await cg.wait_log(
+            lambda r: (
+                r.get("event") == "refused"
+                and "suppressed" in r
+                and r is not None
+                and _sum(refused()) == total
+            ),
+            timeout=10,
+        )
         lines = refused()
         assert len(lines) < 60, len(lines)  # 10 per second (+ the burst), not 4000
         assert _sum(lines) == total

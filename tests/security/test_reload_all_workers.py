@@ -48,8 +48,9 @@ async def _worker0_tunnels(cg: ClawgateProcess) -> int:
     return sum(1 for c in body["connections"] if c.get("websocket"))
 
 
-async def _sessions_in_both_workers(tailnet: Tailnet, cg: ClawgateProcess,
-                                    token: str) -> list[ClientConnection]:
+async def _sessions_in_both_workers(
+    tailnet: Tailnet, cg: ClawgateProcess, token: str
+) -> list[ClientConnection]:
     """Open sessions of ``token`` until both workers hold some (worker 0's admin sees
     only its own connections; the rest are in worker 1)."""
     sessions: list[ClientConnection] = []
@@ -63,7 +64,8 @@ async def _sessions_in_both_workers(tailnet: Tailnet, cg: ClawgateProcess,
 
 
 async def test_token_revoke_reaches_every_worker(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, workers=2)
     async with running(tailnet, tmp_path / "cg", cfg, token_names=("phone", "laptop")) as cg:
         await _both_workers_listening(cg)
@@ -76,8 +78,7 @@ async def test_token_revoke_reaches_every_worker(
         assert res.returncode == 0, res.stderr
 
         # No sleep: when the CLI has returned, every worker has applied the revocation.
-        statuses = [(await get(tailnet, "phone", "/echo", phone)).status
-                    for _ in range(N_NEW)]
+        statuses = [(await get(tailnet, "phone", "/echo", phone)).status for _ in range(N_NEW)]
         assert statuses.count(200) == 0, statuses
         assert set(statuses) == {401}, statuses
         for ws in doomed:
@@ -94,7 +95,8 @@ async def test_token_revoke_reaches_every_worker(
 
 
 async def test_bad_config_is_refused_by_every_worker_and_the_cli_says_so(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = base_config(fake_gateway.port, workers=2)
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         await _both_workers_listening(cg)
@@ -108,24 +110,29 @@ async def test_bad_config_is_refused_by_every_worker_and_the_cli_says_so(
         res = cli_in_gw(cg, "reload", "--config", str(tmp_path / "cg" / "cli.json"))
         assert res.returncode != 0, res
         assert "reload refused" in res.stderr and "limits.maxConnections" in res.stderr
-        assert len(re.findall(r"worker \d \(pid \d+\): refused: limits.maxConnections",
-                              res.stderr)) == 2, res.stderr
+        assert (
+            len(re.findall(r"worker \d \(pid \d+\): refused: limits.maxConnections", res.stderr))
+            == 2
+        ), res.stderr
         # Every worker keeps the old config: the token works on every connection and the
         # sessions live on.
         statuses = [(await get(tailnet, "ci", "/echo", token)).status for _ in range(N_NEW)]
         assert set(statuses) == {200}, statuses
         for ws in sessions:
             await echo_ok(ws)
-        refused = [r for r in cg.access_log()
-                   if r.get("event") == "reload" and r.get("result") == "refused"]
+        refused = [
+            r
+            for r in cg.access_log()
+            if r.get("event") == "reload" and r.get("result") == "refused"
+        ]
         assert len(refused) == 2, refused  # one line per worker
-        assert not [r for r in cg.access_log()
-                    if r.get("event") == "reload" and r.get("result") == "ok"]
+        assert not [
+            r for r in cg.access_log() if r.get("event") == "reload" and r.get("result") == "ok"
+        ]
 
         # SIGHUP to the parent (systemctl reload) takes the same path: a token added to
         # the file is accepted by every worker once the parent has fanned it out.
-        cg.write_config(cfg | {"tokens": bad["tokens"], "log": bad["log"],
-                               "admin": bad["admin"]})
+        cg.write_config(cfg | {"tokens": bad["tokens"], "log": bad["log"], "admin": bad["admin"]})
         from proxy.keystore import TokenFile
 
         laptop = TokenFile(cg.token_path).add("laptop")

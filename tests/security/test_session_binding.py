@@ -38,21 +38,33 @@ async def reloaded(cg: ClawgateProcess, n: int) -> None:
     cg.reload()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if len([r for r in cg.access_log()
-                if r.get("event") == "reload" and r.get("result") == "ok"]) >= n:
+        if (
+            len(
+                [
+                    r
+                    for r in cg.access_log()
+                    if r.get("event") == "reload" and r.get("result") == "ok"
+                ]
+            )
+            >= n
+        ):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"no reload #{n}: {cg.access_log()}")
 
 
 async def test_token_recreated_under_the_same_name_ends_its_sessions(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
-    async with running(tailnet, tmp_path / "cg", base_config(fake_gateway.port),
-                       token_names=("phone", "laptop")) as cg:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    async with running(
+        tailnet, tmp_path / "cg", base_config(fake_gateway.port), token_names=("phone", "laptop")
+    ) as cg:
         cookie = await login_cookie(tailnet, "phone", cg.tokens["phone"])
         kept_cookie = await login_cookie(tailnet, "phone", cg.tokens["laptop"])
-        doomed = [await ws_with_cookie(tailnet, "phone", cookie),
-                  await ws_open(tailnet, "ci", cg.tokens["phone"])]
+        doomed = [
+            await ws_with_cookie(tailnet, "phone", cookie),
+            await ws_open(tailnet, "ci", cg.tokens["phone"]),
+        ]
         kept = await ws_with_cookie(tailnet, "phone", kept_cookie)
         for ws in (*doomed, kept):
             await echo_ok(ws)
@@ -76,7 +88,8 @@ async def test_token_recreated_under_the_same_name_ends_its_sessions(
 
 
 async def test_gateway_token_rotation_ends_sessions_and_gated_tunnels(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     gw_file = tmp_path / "gateway.token"
     old = secrets.token_urlsafe(32)
     gw_file.write_text(old + "\n")
@@ -127,14 +140,16 @@ async def test_gateway_token_rotation_ends_sessions_and_gated_tunnels(
 
 
 async def test_gate_checks_the_token_in_force_when_the_frame_arrives(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     """Upgraded under the old token, first frame sent after the rotation: refused."""
     gw_file = tmp_path / "gateway.token"
     old = secrets.token_urlsafe(32)
     gw_file.write_text(old + "\n")
     gw_file.chmod(0o600)
-    cfg = base_config(fake_gateway.port,
-                      gatewayToken={"file": str(gw_file), "firstFrameTimeout": 5})
+    cfg = base_config(
+        fake_gateway.port, gatewayToken={"file": str(gw_file), "firstFrameTimeout": 5}
+    )
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
         gated = await ws_open(tailnet, "phone")
         gw_file.write_text(secrets.token_urlsafe(32) + "\n")

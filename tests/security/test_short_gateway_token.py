@@ -21,8 +21,9 @@ LONG = "gateway-secret-0123456789abcdef-0"  # 33 bytes
 
 
 def _cfg(tmp_path: Path, **gateway_token: str) -> object:
-    return parse_config({"tokens": {"file": str(tmp_path / "tokens.json")},
-                         "gatewayToken": gateway_token})
+    return parse_config(
+        {"tokens": {"file": str(tmp_path / "tokens.json")}, "gatewayToken": gateway_token}
+    )
 
 
 @pytest.mark.parametrize("value", [SHORT, "zq", " " * 40 + "short"])
@@ -60,11 +61,17 @@ def test_serve_with_a_short_token_exits_2(tmp_path: Path) -> None:
     f.write_text(SHORT)
     f.chmod(0o600)
     cfg = tmp_path / "clawgate.json"
-    cfg.write_text(json.dumps({
-        "gateway": {"host": "127.0.0.1", "port": 1, "requireToken": True},
-        "tokens": {"file": str(tmp_path / "tokens.json")},
-        "gatewayToken": {"file": str(f)}, "admin": {"enabled": False},
-        "tailscale": {"requireIdentity": False}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "gateway": {"host": "127.0.0.1", "port": 1, "requireToken": True},
+                "tokens": {"file": str(tmp_path / "tokens.json")},
+                "gatewayToken": {"file": str(f)},
+                "admin": {"enabled": False},
+                "tailscale": {"requireIdentity": False},
+            }
+        )
+    )
     r = run_cli("serve", "--config", str(cfg), timeout=10)
     assert r.returncode == 2, r
     assert "config error: gatewayToken.file:" in r.stderr and "32 bytes" in r.stderr

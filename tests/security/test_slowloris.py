@@ -29,8 +29,9 @@ HEAD_TIMEOUT = 2.0
 SLOW = 60  # connections (from two addresses of the phone)
 
 
-async def dribble(tailnet: Tailnet, host: str, data: bytes, interval: float
-                  ) -> tuple[int | None, float]:
+async def dribble(
+    tailnet: Tailnet, host: str, data: bytes, interval: float
+) -> tuple[int | None, float]:
     """Send ``data`` one byte per ``interval`` until the proxy answers; (status, seconds)."""
     # The clock starts before the connect: the proxy's head deadline runs from accept,
     # and under load the connect can return a few hundred ms after the proxy accepted.
@@ -42,7 +43,7 @@ async def dribble(tailnet: Tailnet, host: str, data: bytes, interval: float
             if got.done():
                 break
             with contextlib.suppress(ConnectionError):
-                writer.write(data[i:i + 1])
+                writer.write(data[i : i + 1])
             await asyncio.wait([got], timeout=interval)
         resp = await got
         return status_of(resp), time.monotonic() - t0
@@ -52,7 +53,8 @@ async def dribble(tailnet: Tailnet, host: str, data: bytes, interval: float
 
 
 async def test_slowloris_is_cut_at_the_deadline_while_others_are_served(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = plain_config(fake_gateway, headTimeout=HEAD_TIMEOUT, unauthenticatedPerIp=100)
     cfg["gateway"]["host"] = [GW_V4, GW_V6]
     async with running(tailnet, tmp_path / "cg", cfg) as cg:
@@ -60,8 +62,11 @@ async def test_slowloris_is_cut_at_the_deadline_while_others_are_served(
         baseline = await timed_get(tailnet, "ci", token, 20)
         fd0 = cg.fd_count()
         endless = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10000
-        slow = [asyncio.ensure_future(dribble(tailnet, host, endless, 0.25))
-                for host in (GW_V4, GW_V6) for _ in range(SLOW // 2)]
+        slow = [
+            asyncio.ensure_future(dribble(tailnet, host, endless, 0.25))
+            for host in (GW_V4, GW_V6)
+            for _ in range(SLOW // 2)
+        ]
         await asyncio.sleep(0.5)  # all of them are dribbling now
         during = await timed_get(tailnet, "ci", token, 20)
         results = await asyncio.gather(*slow)
@@ -80,7 +85,8 @@ async def test_slowloris_is_cut_at_the_deadline_while_others_are_served(
 
 
 async def test_oversized_dribble_is_431_before_the_deadline(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     cfg = plain_config(fake_gateway, headTimeout=30.0, headBytes=4096)
     async with running(tailnet, tmp_path / "cg", cfg):
         reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)

@@ -33,10 +33,21 @@ from tests.support import (
 from tests.util import open_in, read_response
 
 SPOOF_NAMES = [
-    "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
-    "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server", "X-Forwarded-User",
-    "X-Real-IP", "True-Client-IP", "Tailscale-User-Login", "Tailscale-User-Name",
-    "Tailscale-User-Profile-Pic", "Tailscale-Headers-Info", "Tailscale-Funnel-Request",
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Server",
+    "X-Forwarded-User",
+    "X-Real-IP",
+    "True-Client-IP",
+    "Tailscale-User-Login",
+    "Tailscale-User-Name",
+    "Tailscale-User-Profile-Pic",
+    "Tailscale-Headers-Info",
+    "Tailscale-Funnel-Request",
     IDENTITY_HEADER,
 ]
 
@@ -55,8 +66,17 @@ EXPECTED = {
 def spellings(name: str) -> list[str]:
     alt = "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(name))
     alt2 = "".join(c.lower() if i % 2 else c.upper() for i, c in enumerate(name))
-    out = [name, name.lower(), name.upper(), alt, alt2, name.replace("-", "_"),
-           name.lower().replace("-", "_"), name.replace("-", "_", 1), alt.replace("-", "_")]
+    out = [
+        name,
+        name.lower(),
+        name.upper(),
+        alt,
+        alt2,
+        name.replace("-", "_"),
+        name.lower().replace("-", "_"),
+        name.replace("-", "_", 1),
+        alt.replace("-", "_"),
+    ]
     return list(dict.fromkeys(out))
 
 
@@ -87,24 +107,41 @@ def cases(token: str) -> list[tuple[str, bytes, int, str]]:
             for form in FORMS:
                 marker = f"spoof{len(out)}z"
                 lines, status = forms(s, f"10.9.8.7;{marker}")[form]
-                head = [f"GET /headers?case={len(out)} HTTP/1.1", f"Host: {HOST}",
-                        f"Authorization: Bearer {token}", "Connection: close", *lines]
-                out.append((f"{name} as {s!r} ({form})",
-                            ("\r\n".join(head) + "\r\n\r\n").encode(), status, marker))
+                head = [
+                    f"GET /headers?case={len(out)} HTTP/1.1",
+                    f"Host: {HOST}",
+                    f"Authorization: Bearer {token}",
+                    "Connection: close",
+                    *lines,
+                ]
+                out.append(
+                    (
+                        f"{name} as {s!r} ({form})",
+                        ("\r\n".join(head) + "\r\n\r\n").encode(),
+                        status,
+                        marker,
+                    )
+                )
     return out
 
 
-async def test_no_spoofed_header_reaches_the_gateway(tailnet: Tailnet,
-                                                     fake_gateway: FakeGateway,
-                                                     tmp_path: Path) -> None:
-    async with fake_tailscaled() as ts, running(
-            tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg:
+async def test_no_spoofed_header_reaches_the_gateway(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    async with (
+        fake_tailscaled() as ts,
+        running(tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg,
+    ):
         table = cases(cg.tokens["phone"])
         assert len(table) > 1000
         answers = await gather_limited(
-            [raw_send(tailnet, "phone", raw) for _, raw, _, _ in table], 8)
-        wrong_status = [(label, status_of(a), want) for (label, _, want, _), a
-                        in zip(table, answers, strict=True) if status_of(a) != want]
+            [raw_send(tailnet, "phone", raw) for _, raw, _, _ in table], 8
+        )
+        wrong_status = [
+            (label, status_of(a), want)
+            for (label, _, want, _), a in zip(table, answers, strict=True)
+            if status_of(a) != want
+        ]
         assert wrong_status == []
         by_case: dict[str, list[RecordedRequest]] = {}
         for rec in fake_gateway.requests:
@@ -128,23 +165,33 @@ async def test_no_spoofed_header_reaches_the_gateway(tailnet: Tailnet,
         assert problems == [], problems[:20]
 
 
-async def test_no_spoofed_header_rides_a_websocket_upgrade(tailnet: Tailnet,
-                                                           fake_gateway: FakeGateway,
-                                                           tmp_path: Path) -> None:
-    async with fake_tailscaled() as ts, running(
-            tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg:
+async def test_no_spoofed_header_rides_a_websocket_upgrade(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    async with (
+        fake_tailscaled() as ts,
+        running(tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)) as cg,
+    ):
         token = cg.tokens["phone"]
         table: list[bytes] = []
         for name in SPOOF_NAMES:
             for s in (name, name.lower().replace("-", "_")):
-                for extra in ([f"{s}: spoof{len(table)}z"],
-                              [f"{s}: spoof{len(table)}z", f"{s}: spoof{len(table)}z"],
-                              [f"{s}: \t spoof{len(table)}z \t"]):
+                for extra in (
+                    [f"{s}: spoof{len(table)}z"],
+                    [f"{s}: spoof{len(table)}z", f"{s}: spoof{len(table)}z"],
+                    [f"{s}: \t spoof{len(table)}z \t"],
+                ):
                     conn = "Upgrade" if len(extra) < 2 else f"Upgrade, {s}"
-                    head = [f"GET /ws?case={len(table)} HTTP/1.1", f"Host: {HOST}",
-                            f"Authorization: Bearer {token}", "Upgrade: websocket",
-                            f"Connection: {conn}", "Sec-WebSocket-Version: 13",
-                            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", *extra]
+                    head = [
+                        f"GET /ws?case={len(table)} HTTP/1.1",
+                        f"Host: {HOST}",
+                        f"Authorization: Bearer {token}",
+                        "Upgrade: websocket",
+                        f"Connection: {conn}",
+                        "Sec-WebSocket-Version: 13",
+                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                        *extra,
+                    ]
                     table.append(("\r\n".join(head) + "\r\n\r\n").encode())
 
         async def upgrade(raw: bytes) -> int:

@@ -39,13 +39,18 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
-async def test_refused_source_gets_no_server_hello(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                                   tmp_path: Path) -> None:
+async def test_refused_source_gets_no_server_hello(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     ca = make_ca()
     cert, key = write_pems(tmp_path / "pems", make_leaf(ca))
     cfg = {
-        "gateway": {"host": GW_V4, "port": TLS_PORT, "requireToken": True,
-                    "allowedNetworks": ["100.64.0.0/10"]},
+        "gateway": {
+            "host": GW_V4,
+            "port": TLS_PORT,
+            "requireToken": True,
+            "allowedNetworks": ["100.64.0.0/10"],
+        },
         "upstream": f"http://127.0.0.1:{fake_gateway.port}",
         "tailscale": {"requireIdentity": False},
         "tls": {"certFile": str(cert), "keyFile": str(key)},
@@ -73,10 +78,13 @@ async def test_refused_source_gets_no_server_hello(tailnet: Tailnet, fake_gatewa
         writer.close()
         # And a real client is served as before.
         sock = await connect_in(tailnet.ns("phone"), GW_V4, TLS_PORT)
-        r, w = await asyncio.open_connection(sock=sock, ssl=client_context(ca),
-                                             server_hostname=DOMAIN)
-        w.write(f"GET /headers HTTP/1.1\r\nHost: {DOMAIN}\r\nAuthorization: Bearer "
-                f"{cg.tokens['phone']}\r\nConnection: close\r\n\r\n".encode())
+        r, w = await asyncio.open_connection(
+            sock=sock, ssl=client_context(ca), server_hostname=DOMAIN
+        )
+        w.write(
+            f"GET /headers HTTP/1.1\r\nHost: {DOMAIN}\r\nAuthorization: Bearer "
+            f"{cg.tokens['phone']}\r\nConnection: close\r\n\r\n".encode()
+        )
         data = await asyncio.wait_for(r.read(), 10)
         w.close()
         assert data.startswith(b"HTTP/1.1 200 ")

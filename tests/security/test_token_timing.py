@@ -100,8 +100,7 @@ def test_the_method_sees_a_real_leak() -> None:
 
     d0 = bytes(b ^ 0xFF for b in stored)
     d_most = stored[:-1] + bytes([stored[-1] ^ 0xFF])
-    gap = max(relative_gap(lambda: leaky(d0), lambda: leaky(d_most), tries=1)
-              for _ in range(2))
+    gap = max(relative_gap(lambda: leaky(d0), lambda: leaky(d_most), tries=1) for _ in range(2))
     assert gap > 3 * RATIO, gap
 
 
@@ -114,8 +113,9 @@ def test_every_entry_is_compared_digest_to_digest_whatever_the_length() -> None:
 
         def hook(frame: FrameType, event: str, arg: object) -> None:
             if event == "c_call" and arg is hmac.compare_digest:
-                calls.append((len(frame.f_locals["entry"].digest),
-                              len(frame.f_locals["presented"])))
+                calls.append(
+                    (len(frame.f_locals["entry"].digest), len(frame.f_locals["presented"]))
+                )
 
         sys.setprofile(hook)
         try:

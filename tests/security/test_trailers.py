@@ -26,27 +26,40 @@ from tests.support import (
 from tests.util import open_in, read_response, read_to_close
 
 SPOOFED = [
-    "X-Forwarded-User: admin@example.com", "x-forwarded-for: 127.0.0.1",
-    "X_Forwarded_User: admin@example.com", "X-FORWARDED-PROTO: https",
-    "Forwarded: for=127.0.0.1", "X-Real-IP: 127.0.0.1", "True-Client-IP: 127.0.0.1",
-    "Tailscale-User-Login: admin@example.com", "tailscale_user_name: Admin",
-    f"{IDENTITY_HEADER}: admin@example.com", f"{IDENTITY_HEADER.lower().replace('-', '_')}: a",
-    "Authorization: Bearer x", "Cookie: clawgate_session=x", "Host: evil.example",
-    "Content-Length: 5", "Transfer-Encoding: chunked",
+    "X-Forwarded-User: admin@example.com",
+    "x-forwarded-for: 127.0.0.1",
+    "X_Forwarded_User: admin@example.com",
+    "X-FORWARDED-PROTO: https",
+    "Forwarded: for=127.0.0.1",
+    "X-Real-IP: 127.0.0.1",
+    "True-Client-IP: 127.0.0.1",
+    "Tailscale-User-Login: admin@example.com",
+    "tailscale_user_name: Admin",
+    f"{IDENTITY_HEADER}: admin@example.com",
+    f"{IDENTITY_HEADER.lower().replace('-', '_')}: a",
+    "Authorization: Bearer x",
+    "Cookie: clawgate_session=x",
+    "Host: evil.example",
+    "Content-Length: 5",
+    "Transfer-Encoding: chunked",
 ]
 
 
 def chunked(trailers: list[str], token: str) -> bytes:
-    head = (f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
-            "Transfer-Encoding: chunked\r\nTrailer: X-Checksum\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
+        "Transfer-Encoding: chunked\r\nTrailer: X-Checksum\r\nConnection: close\r\n\r\n"
+    )
     body = "5\r\nhello\r\n0\r\n" + "".join(t + "\r\n" for t in trailers) + "\r\n"
     return (head + body).encode()
 
 
 async def test_no_spoofed_trailer_reaches_node(tailnet: Tailnet, tmp_path: Path) -> None:
-    async with node_echo(tailnet) as node, fake_tailscaled() as ts, running(
-            tailnet, tmp_path / "cg",
-            identity_config(node, ts.socket_path)) as cg:
+    async with (
+        node_echo(tailnet) as node,
+        fake_tailscaled() as ts,
+        running(tailnet, tmp_path / "cg", identity_config(node, ts.socket_path)) as cg,
+    ):
         token = cg.tokens["phone"]
         got = {}
         for line in SPOOFED:
@@ -54,8 +67,11 @@ async def test_no_spoofed_trailer_reaches_node(tailnet: Tailnet, tmp_path: Path)
             writer.write(chunked(["X-Checksum: abc", line], token))
             got[line] = await read_to_close(reader, 10)
             writer.close()
-        wrong = {k: v[:120] for k, v in got.items()
-                 if status_of(v) != 400 or b"trailer field not allowed" not in v}
+        wrong = {
+            k: v[:120]
+            for k, v in got.items()
+            if status_of(v) != 400 or b"trailer field not allowed" not in v
+        }
         assert wrong == {}
         # An ordinary trailer still reaches the gateway.
         reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)

@@ -29,8 +29,10 @@ from tests.support import (
 from tests.util import open_in, read_response, read_to_close
 
 GW_SECRET = "gateway-secret-for-the-gate-0123456789abcdef"
-UPGRADE = (f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+UPGRADE = (
+    f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
 LIMIT = 3
 REFUSED = b"too many unauthenticated connections from this address"
 
@@ -43,14 +45,24 @@ def masked_text(payload: bytes) -> bytes:
 
 
 def connect_frame(token: str) -> bytes:
-    return masked_text(json.dumps({
-        "type": "req", "id": "c1", "method": "connect",
-        "params": {"minProtocol": 4, "maxProtocol": 4, "auth": {"token": token}}}).encode())
+    return masked_text(
+        json.dumps(
+            {
+                "type": "req",
+                "id": "c1",
+                "method": "connect",
+                "params": {"minProtocol": 4, "maxProtocol": 4, "auth": {"token": token}},
+            }
+        ).encode()
+    )
 
 
 async def another_is(tailnet: Tailnet, status: int) -> bytes:
-    resp = await raw_send(tailnet, "phone", (
-        f"GET /health HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").encode())
+    resp = await raw_send(
+        tailnet,
+        "phone",
+        (f"GET /health HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").encode(),
+    )
     assert status_of(resp) == status, resp[:160]
     return resp
 
@@ -65,7 +77,8 @@ def config(gw: FakeGateway, tmp_path: Path) -> dict[str, object]:
 
 
 async def test_exempt_requests_stay_unauthenticated(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", config(fake_gateway, tmp_path)) as cg:
         held = []
         for _ in range(LIMIT):
@@ -85,8 +98,10 @@ async def test_exempt_requests_stay_unauthenticated(
         await asyncio.sleep(0.3)
         # A connection that shows a token is no longer counted: room for others.
         reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)
-        writer.write(f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\n"
-                     f"Authorization: Bearer {cg.tokens['phone']}\r\n\r\n".encode())
+        writer.write(
+            f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\n"
+            f"Authorization: Bearer {cg.tokens['phone']}\r\n\r\n".encode()
+        )
         assert (await read_response(reader)).status == 200
         others = []
         for _ in range(LIMIT):
@@ -99,7 +114,8 @@ async def test_exempt_requests_stay_unauthenticated(
 
 
 async def test_gated_upgrades_stay_unauthenticated_until_the_first_frame(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", config(fake_gateway, tmp_path)):
         held = []
         for _ in range(LIMIT):

@@ -24,17 +24,27 @@ from tests.util import open_in, read_response
 KEY = ["Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="]
 
 REFUSED: list[tuple[str, list[str]]] = [
-    ("h2c", ["Upgrade: h2c", "Connection: Upgrade, HTTP2-Settings",
-             "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA"]),
+    (
+        "h2c",
+        [
+            "Upgrade: h2c",
+            "Connection: Upgrade, HTTP2-Settings",
+            "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+        ],
+    ),
     ("h2c without settings", ["Upgrade: h2c", "Connection: Upgrade"]),
     ("h2c not in Connection", ["Upgrade: h2c"]),
     ("HTTP/2.0", ["Upgrade: HTTP/2.0", "Connection: Upgrade"]),
     ("websocket, h2c", ["Upgrade: websocket, h2c", "Connection: Upgrade", *KEY]),
     ("h2c, websocket", ["Upgrade: h2c, websocket", "Connection: Upgrade", *KEY]),
-    ("websocket then h2c header", ["Upgrade: websocket", "Upgrade: h2c",
-                                   "Connection: Upgrade", *KEY]),
-    ("two websocket headers", ["Upgrade: websocket", "Upgrade: websocket",
-                               "Connection: Upgrade", *KEY]),
+    (
+        "websocket then h2c header",
+        ["Upgrade: websocket", "Upgrade: h2c", "Connection: Upgrade", *KEY],
+    ),
+    (
+        "two websocket headers",
+        ["Upgrade: websocket", "Upgrade: websocket", "Connection: Upgrade", *KEY],
+    ),
     ("TLS/1.0", ["Upgrade: TLS/1.0", "Connection: Upgrade"]),
     ("TLS/1.0, HTTP/1.1", ["Upgrade: TLS/1.0, HTTP/1.1", "Connection: Upgrade"]),
     ("websockets", ["Upgrade: websockets", "Connection: Upgrade", *KEY]),
@@ -43,8 +53,15 @@ REFUSED: list[tuple[str, list[str]]] = [
     ("websocket;x", ["Upgrade: websocket;x", "Connection: Upgrade", *KEY]),
     ("IRC/6.9", ["Upgrade: IRC/6.9", "Connection: Upgrade"]),
     ("empty", ["Upgrade:", "Connection: Upgrade"]),
-    ("websocket + h2 settings", ["Upgrade: websocket", "Connection: Upgrade, HTTP2-Settings",
-                                 "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA", *KEY]),
+    (
+        "websocket + h2 settings",
+        [
+            "Upgrade: websocket",
+            "Connection: Upgrade, HTTP2-Settings",
+            "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+            *KEY,
+        ],
+    ),
 ]
 
 ACCEPTED: list[tuple[str, list[str]]] = [
@@ -61,16 +78,27 @@ ACCEPTED: list[tuple[str, list[str]]] = [
 async def _ask(tailnet: Tailnet, lines: list[str], token: str, path: str) -> int:
     reader, writer = await open_in(tailnet.ns("phone"), GW_V4, PORT)
     try:
-        writer.write(("\r\n".join([f"GET {path} HTTP/1.1", f"Host: {HOST}",
-                                   f"Authorization: Bearer {token}", *lines])
-                      + "\r\n\r\n").encode())
+        writer.write(
+            (
+                "\r\n".join(
+                    [
+                        f"GET {path} HTTP/1.1",
+                        f"Host: {HOST}",
+                        f"Authorization: Bearer {token}",
+                        *lines,
+                    ]
+                )
+                + "\r\n\r\n"
+            ).encode()
+        )
         return (await read_response(reader, timeout=10)).status
     finally:
         writer.close()
 
 
-async def test_only_websocket_is_upgraded(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                          tmp_path: Path) -> None:
+async def test_only_websocket_is_upgraded(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", plain_config(fake_gateway)) as cg:
         t = cg.tokens["phone"]
         refused = {label: await _ask(tailnet, lines, t, "/ws") for label, lines in REFUSED}
@@ -89,11 +117,14 @@ async def test_only_websocket_is_upgraded(tailnet: Tailnet, fake_gateway: FakeGa
 
 
 async def test_upgrade_without_connection_is_not_an_upgrade(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with running(tailnet, tmp_path / "cg", plain_config(fake_gateway)) as cg:
         t = cg.tokens["phone"]
-        assert await _ask(tailnet, ["Upgrade: websocket", *KEY, "Connection: close"], t,
-                          "/headers") == 200
+        assert (
+            await _ask(tailnet, ["Upgrade: websocket", *KEY, "Connection: close"], t, "/headers")
+            == 200
+        )
         assert await _ask(tailnet, ["Connection: Upgrade, close"], t, "/headers") == 200
         assert len(fake_gateway.requests) == 2
         for rec in fake_gateway.requests:

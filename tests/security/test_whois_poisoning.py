@@ -87,9 +87,14 @@ async def ts() -> AsyncIterator[HoldingTailscaled]:
 
 async def who(tailnet: Tailnet, gw: FakeGateway, role: str, token: str) -> str | None:
     n = next(_ids)
-    resp = await raw_send(tailnet, role, (
-        f"GET /headers?n={n} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
-        "Connection: close\r\n\r\n").encode())
+    resp = await raw_send(
+        tailnet,
+        role,
+        (
+            f"GET /headers?n={n} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode(),
+    )
     assert status_of(resp) == 200, resp[:200]
     (rec,) = [r for r in gw.requests if r.target == f"/headers?n={n}"]
     users = rec.header_all(IDENTITY_HEADER)
@@ -97,8 +102,9 @@ async def who(tailnet: Tailnet, gw: FakeGateway, role: str, token: str) -> str |
     return users[0]
 
 
-async def reassign_phone_address(tailnet: Tailnet, gw: FakeGateway, ts: HoldingTailscaled,
-                                 token: str) -> None:
+async def reassign_phone_address(
+    tailnet: Tailnet, gw: FakeGateway, ts: HoldingTailscaled, token: str
+) -> None:
     """alice's node leaves, bob's arrives on the same IP; wait until clawgate flushed.
 
     The CI server's identity is cached: once asking for it makes a new whois call, the
@@ -119,10 +125,12 @@ async def reassign_phone_address(tailnet: Tailnet, gw: FakeGateway, ts: HoldingT
     raise AssertionError("the network map change was not seen")
 
 
-async def test_reused_address_is_the_new_node(tailnet: Tailnet, fake_gateway: FakeGateway,
-                                              ts: HoldingTailscaled, tmp_path: Path) -> None:
-    async with running(tailnet, tmp_path / "cg", identity_config(
-            fake_gateway, ts.socket_path)) as cg:
+async def test_reused_address_is_the_new_node(
+    tailnet: Tailnet, fake_gateway: FakeGateway, ts: HoldingTailscaled, tmp_path: Path
+) -> None:
+    async with running(
+        tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)
+    ) as cg:
         token = cg.tokens["phone"]
         assert await who(tailnet, fake_gateway, "phone", token) == ALICE
         assert await who(tailnet, fake_gateway, "phone", token) == ALICE
@@ -135,10 +143,11 @@ async def test_reused_address_is_the_new_node(tailnet: Tailnet, fake_gateway: Fa
 
 
 async def test_answer_in_flight_across_the_change_is_not_cached(
-        tailnet: Tailnet, fake_gateway: FakeGateway, ts: HoldingTailscaled,
-        tmp_path: Path) -> None:
-    async with running(tailnet, tmp_path / "cg", identity_config(
-            fake_gateway, ts.socket_path)) as cg:
+    tailnet: Tailnet, fake_gateway: FakeGateway, ts: HoldingTailscaled, tmp_path: Path
+) -> None:
+    async with running(
+        tailnet, tmp_path / "cg", identity_config(fake_gateway, ts.socket_path)
+    ) as cg:
         token = cg.tokens["phone"]
         await who(tailnet, fake_gateway, "ci", token)  # cached: the flush probe
         ts.hold_ip = PHONE_V4

@@ -38,13 +38,17 @@ COUNT = 8
 
 
 def _config(port: int) -> dict[str, object]:
-    return base_config(port, {"failedAuthCount": COUNT, "failedAuthWindow": 60,
-                              "failedAuthLockout": 300}, workers=2)
+    return base_config(
+        port,
+        {"failedAuthCount": COUNT, "failedAuthWindow": 60, "failedAuthLockout": 300},
+        workers=2,
+    )
 
 
 @contextlib.asynccontextmanager
-async def two_workers(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
-                      ) -> AsyncIterator[tuple[ClawgateProcess, set[int]]]:
+async def two_workers(
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> AsyncIterator[tuple[ClawgateProcess, set[int]]]:
     async with running(tailnet, tmp_path / "cg", _config(fake_gateway.port)) as cg:
         await poll_until(lambda: cg.stderr().count("listening on") >= 2, timeout=15)
         workers = set(_children(cg.pid))
@@ -53,7 +57,8 @@ async def two_workers(tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Pat
 
 
 async def test_a_fresh_cookie_works_on_every_worker(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with two_workers(tailnet, fake_gateway, tmp_path) as (cg, _):
         cookie = await login_cookie(tailnet, "phone", cg.tokens["phone"])
         statuses = [(await with_cookie(tailnet, "phone", cookie)).status for _ in range(40)]
@@ -62,14 +67,26 @@ async def test_a_fresh_cookie_works_on_every_worker(
         assert len(ids) == 40 and len(set(ids)) < len(ids), "one worker served everything"
         # The sessions survive a reload of every worker.
         cg.reload()
-        await poll_until(lambda: len([r for r in cg.access_log() if r.get("event") == "reload"
-                                      and r.get("result") == "ok"]) >= 2, timeout=10)
+        await poll_until(
+            lambda: (
+                len(
+                    [
+                        r
+                        for r in cg.access_log()
+                        if r.get("event") == "reload" and r.get("result") == "ok"
+                    ]
+                )
+                >= 2
+            ),
+            timeout=10,
+        )
         statuses = [(await with_cookie(tailnet, "phone", cookie)).status for _ in range(20)]
         assert statuses == [200] * 20
 
 
 async def test_logout_ends_the_sessions_websockets_in_every_worker(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with two_workers(tailnet, fake_gateway, tmp_path) as (cg, workers):
         token = cg.tokens["phone"]
         cookie = await login_cookie(tailnet, "phone", token)
@@ -93,7 +110,8 @@ async def test_logout_ends_the_sessions_websockets_in_every_worker(
 
 
 async def test_failed_logins_across_workers_lock_out_at_exactly_the_count(
-        tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    tailnet: Tailnet, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     async with two_workers(tailnet, fake_gateway, tmp_path) as (cg, _):
         token = cg.tokens["phone"]
         for i in range(COUNT):
@@ -108,6 +126,9 @@ async def test_failed_logins_across_workers_lock_out_at_exactly_the_count(
         locks = [r for r in cg.access_log() if r.get("event") == "lockout"]
         assert len(locks) == 1 and locks[0]["peer"] == "100.88.12.34"
         assert (await get(tailnet, "phone", "/echo", token)).status == 200
-        ids = [r["conn"] for r in cg.access_log()
-               if r.get("event") == "local" and r.get("status") == 401]
+        ids = [
+            r["conn"]
+            for r in cg.access_log()
+            if r.get("event") == "local" and r.get("status") == 401
+        ]
         assert len(ids) == COUNT  # (all of them in one worker: 2 in 2**COUNT runs)

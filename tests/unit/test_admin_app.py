@@ -32,8 +32,12 @@ Client = TestClient[Any, Any]
 
 def write_config(path: Path, upstream_port: int, **extra: Any) -> None:
     cfg: dict[str, Any] = {
-        "gateway": {"host": "127.0.0.1", "port": 18789, "requireToken": True,
-                    "allowedNetworks": ["127.0.0.1/32"]},
+        "gateway": {
+            "host": "127.0.0.1",
+            "port": 18789,
+            "requireToken": True,
+            "allowedNetworks": ["127.0.0.1/32"],
+        },
         "upstream": f"http://127.0.0.1:{upstream_port}",
         "tailscale": {"requireIdentity": False},
         "tokens": {"file": str(path.parent / "tokens.json")},
@@ -96,8 +100,9 @@ def dead_config(tmp_path: Path, dead_port: int) -> Config:
     return config_at(tmp_path, dead_port)
 
 
-async def test_health_503_names_the_unreachable_gateway(dead_config: Config, dead_port: int,
-                                                        aiohttp_client: AiohttpClient) -> None:
+async def test_health_503_names_the_unreachable_gateway(
+    dead_config: Config, dead_port: int, aiohttp_client: AiohttpClient
+) -> None:
     rt = Runtime(dead_config, asyncio.get_running_loop())
     rt.apply_config(dead_config)
     try:
@@ -130,15 +135,19 @@ async def test_connections_empty_without_traffic(client: Client) -> None:
     assert await resp.json() == {"connections": []}
 
 
-@pytest.mark.parametrize(("headers", "status", "reason"), [
-    ({"Host": "evil.example"}, 421, "loopback Host"),
-    ({"Host": "100.64.0.1"}, 421, "loopback Host"),
-    ({"Host": "127.0.0.1:1"}, 421, "loopback Host"),  # another port: not this listener
-    ({"Origin": "http://127.0.0.1"}, 403, "cross-origin"),
-    ({"Origin": "null"}, 403, "cross-origin"),
-])
-async def test_browser_shaped_gets_are_refused(client: Client, headers: dict[str, str],
-                                               status: int, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("headers", "status", "reason"),
+    [
+        ({"Host": "evil.example"}, 421, "loopback Host"),
+        ({"Host": "100.64.0.1"}, 421, "loopback Host"),
+        ({"Host": "127.0.0.1:1"}, 421, "loopback Host"),  # another port: not this listener
+        ({"Origin": "http://127.0.0.1"}, 403, "cross-origin"),
+        ({"Origin": "null"}, 403, "cross-origin"),
+    ],
+)
+async def test_browser_shaped_gets_are_refused(
+    client: Client, headers: dict[str, str], status: int, reason: str
+) -> None:
     for path in ("/health", "/metrics", "/connections"):
         resp = await client.get(path, headers=headers)
         assert resp.status == status, (path, headers)
@@ -154,16 +163,20 @@ async def test_loopback_names_are_answered(client: Client, host: str) -> None:
         assert resp.status == 200, value
 
 
-@pytest.mark.parametrize(("ctype", "body", "status"), [
-    (None, b"{}", 415),
-    ("application/x-www-form-urlencoded", b"a=b", 415),  # a cross-origin form
-    ("text/plain", b"{}", 415),  # the other "simple" CORS type
-    ("application/json", b"", 400),
-    ("application/json", b"[]", 400),
-    ("application/json", b"not json", 400),
-])
-async def test_reload_needs_a_json_object(client: Client, runtime: Runtime, ctype: str | None,
-                                          body: bytes, status: int) -> None:
+@pytest.mark.parametrize(
+    ("ctype", "body", "status"),
+    [
+        (None, b"{}", 415),
+        ("application/x-www-form-urlencoded", b"a=b", 415),  # a cross-origin form
+        ("text/plain", b"{}", 415),  # the other "simple" CORS type
+        ("application/json", b"", 400),
+        ("application/json", b"[]", 400),
+        ("application/json", b"not json", 400),
+    ],
+)
+async def test_reload_needs_a_json_object(
+    client: Client, runtime: Runtime, ctype: str | None, body: bytes, status: int
+) -> None:
     headers = {"Content-Type": ctype} if ctype else {}
     resp = await client.post("/-/reload", data=body, headers=headers)
     assert resp.status == status
@@ -172,7 +185,8 @@ async def test_reload_needs_a_json_object(client: Client, runtime: Runtime, ctyp
 
 
 async def test_reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one(
-        client: Client, runtime: Runtime, fake_gateway_local: FakeGateway) -> None:
+    client: Client, runtime: Runtime, fake_gateway_local: FakeGateway
+) -> None:
     resp = await client.post("/-/reload", json={})
     assert resp.status == 200
     body = await resp.json()
@@ -180,8 +194,7 @@ async def test_reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one(
     assert runtime.reloads == 1
     before = runtime.cfg
     assert runtime.cfg.source is not None
-    write_config(Path(runtime.cfg.source), fake_gateway_local.port,
-                 limits={"perSourceIp": "many"})
+    write_config(Path(runtime.cfg.source), fake_gateway_local.port, limits={"perSourceIp": "many"})
     resp = await client.post("/-/reload", json={})
     assert resp.status == 409
     body = await resp.json()
@@ -191,20 +204,24 @@ async def test_reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one(
     assert any("last reload refused" in w for w in health["warnings"]), health
 
 
-@pytest.mark.parametrize(("method", "host", "origin", "ctype", "want"), [
-    ("GET", "127.0.0.1", None, None, None),
-    ("GET", "127.0.0.1:18790", None, None, None),
-    ("GET", None, None, None, 421),
-    ("GET", "", None, None, 421),
-    ("GET", "127.0.0.1:18791", None, None, 421),
-    ("GET", "clawgate.example:18790", None, None, 421),
-    ("GET", "127.0.0.1", "http://localhost", None, 403),
-    ("POST", "127.0.0.1", None, "application/json", None),
-    ("POST", "127.0.0.1", None, "Application/JSON; charset=utf-8", None),
-    ("POST", "127.0.0.1", None, "application/jsonx", 415),
-    ("POST", "127.0.0.1", None, None, 415),
-])
-def test_admin_refusal_table(method: str, host: str | None, origin: str | None,
-                             ctype: str | None, want: int | None) -> None:
+@pytest.mark.parametrize(
+    ("method", "host", "origin", "ctype", "want"),
+    [
+        ("GET", "127.0.0.1", None, None, None),
+        ("GET", "127.0.0.1:18790", None, None, None),
+        ("GET", None, None, None, 421),
+        ("GET", "", None, None, 421),
+        ("GET", "127.0.0.1:18791", None, None, 421),
+        ("GET", "clawgate.example:18790", None, None, 421),
+        ("GET", "127.0.0.1", "http://localhost", None, 403),
+        ("POST", "127.0.0.1", None, "application/json", None),
+        ("POST", "127.0.0.1", None, "Application/JSON; charset=utf-8", None),
+        ("POST", "127.0.0.1", None, "application/jsonx", 415),
+        ("POST", "127.0.0.1", None, None, 415),
+    ],
+)
+def test_admin_refusal_table(
+    method: str, host: str | None, origin: str | None, ctype: str | None, want: int | None
+) -> None:
     got = admin_refusal(method, host, origin, ctype, 18790)
     assert (got[0] if got else None) == want, got

@@ -26,24 +26,43 @@ class Clock:
         return self.now
 
 
-def _admit(adm: Admission, ip: str = "100.64.0.1", *, lim: Lim = Lim(), active: int = 0,
-           fd_cap: int = 100, draining: bool = False, lockouts: LockoutTable | None = None,
-           loopback: bool = False) -> tuple[str, int, str, int | None] | None:
-    return adm.admit(ip, lim, active=active, fd_cap=fd_cap, draining=draining,
-                     lockouts=lockouts if lockouts is not None else LockoutTable(),
-                     loopback=loopback)
+def _admit(
+    adm: Admission,
+    ip: str = "100.64.0.1",
+    *,
+    lim: Lim = Lim(),
+    active: int = 0,
+    fd_cap: int = 100,
+    draining: bool = False,
+    lockouts: LockoutTable | None = None,
+    loopback: bool = False,
+) -> tuple[str, int, str, int | None] | None:
+    return adm.admit(
+        ip,
+        lim,
+        active=active,
+        fd_cap=fd_cap,
+        draining=draining,
+        lockouts=lockouts if lockouts is not None else LockoutTable(),
+        loopback=loopback,
+    )
 
 
-@pytest.mark.parametrize(("kwargs", "expect"), [
-    ({}, None),
-    ({"draining": True}, ("", 503, "server shutting down", None)),
-    ({"active": 10}, ("max_connections", 503, "too many connections", None)),
-    ({"active": 5, "fd_cap": 5},
-     ("fd_limit", 503, "too many connections (file descriptor limit)", None)),
-    # Draining wins over every limit; the connection cap over the descriptor budget.
-    ({"draining": True, "active": 10, "fd_cap": 0}, ("", 503, "server shutting down", None)),
-    ({"active": 10, "fd_cap": 0}, ("max_connections", 503, "too many connections", None)),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "expect"),
+    [
+        ({}, None),
+        ({"draining": True}, ("", 503, "server shutting down", None)),
+        ({"active": 10}, ("max_connections", 503, "too many connections", None)),
+        (
+            {"active": 5, "fd_cap": 5},
+            ("fd_limit", 503, "too many connections (file descriptor limit)", None),
+        ),
+        # Draining wins over every limit; the connection cap over the descriptor budget.
+        ({"draining": True, "active": 10, "fd_cap": 0}, ("", 503, "server shutting down", None)),
+        ({"active": 10, "fd_cap": 0}, ("max_connections", 503, "too many connections", None)),
+    ],
+)
 def test_accept_refusals_in_order(kwargs: dict[str, object], expect: object) -> None:
     adm = Admission()
     assert _admit(adm, **kwargs) == expect  # type: ignore[arg-type]
@@ -56,8 +75,12 @@ def test_per_ip_and_unauthenticated_counts() -> None:
     adm = Admission()
     assert _admit(adm) is None and _admit(adm) is None
     # Two undecided from this address: the third waits for one of them to be decided.
-    assert _admit(adm) == ("unauthenticated_per_ip", 429,
-                           "too many unauthenticated connections from this address", 1)
+    assert _admit(adm) == (
+        "unauthenticated_per_ip",
+        429,
+        "too many unauthenticated connections from this address",
+        1,
+    )
     adm.decided("100.64.0.1")
     assert _admit(adm) is None
     adm.decided("100.64.0.1")
@@ -80,14 +103,12 @@ def test_source_lockout_at_accept_with_injected_clock() -> None:
     for _ in range(3):
         table.fail("ip:100.64.0.1", count=3, window=60, lockout=30)
     adm = Admission()
-    assert _admit(adm, lockouts=table) == ("locked_out", 429,
-                                            "too many failed authentications", 31)
+    assert _admit(adm, lockouts=table) == ("locked_out", 429, "too many failed authentications", 31)
     # A loopback peer is never refused by an address lockout (a shared 127.0.0.1).
     assert _admit(adm, "100.64.0.1", lockouts=table, loopback=True) is None
     assert _admit(adm, "100.64.0.2", lockouts=table) is None
     clock.now += 20.5
-    assert _admit(adm, lockouts=table) == ("locked_out", 429,
-                                            "too many failed authentications", 10)
+    assert _admit(adm, lockouts=table) == ("locked_out", 429, "too many failed authentications", 10)
     clock.now += 10
     assert _admit(adm, lockouts=table) is None
 

@@ -45,16 +45,27 @@ GOOD_JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJjaSJ9.c2ln"
 
 
 def _authz(verifier: Verifier | None = None) -> Authorizer:
-    cfg = parse_config({"log": {"access": "off"},
-                        "gateway": {"host": "127.0.0.1", "port": 8443, "requireToken": True}})
+    cfg = parse_config(
+        {
+            "log": {"access": "off"},
+            "gateway": {"host": "127.0.0.1", "port": 8443, "requireToken": True},
+        }
+    )
     ts = TokenSet([TokenEntry("phone", digest("p-secret-1"))])
-    return Authorizer(cfg, ts, SessionStore(60), identity=None, identity_present=False,
-                      jwt=verifier or Verifier(GOOD_JWT))
+    return Authorizer(
+        cfg,
+        ts,
+        SessionStore(60),
+        identity=None,
+        identity_present=False,
+        jwt=verifier or Verifier(GOOD_JWT),
+    )
 
 
 def _conn() -> Any:
-    rt = SimpleNamespace(check_host=lambda conn, head: None,
-                         check_lockout=lambda conn, identity: None)
+    rt = SimpleNamespace(
+        check_host=lambda conn, head: None, check_lockout=lambda conn, identity: None
+    )
     return SimpleNamespace(rt=rt, peer_ip="100.64.0.9", peer_port=40000)
 
 
@@ -78,15 +89,19 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize(("auth", "allow", "name"), [
-    ("Bearer p-secret-1", True, "phone"),
-    (f"Bearer {GOOD_JWT}", True, "ci"),
-    ("Bearer wrong", False, None),
-    ("Bearer eyJx.eyJy.z", False, None),  # JWT-shaped, refused by the verifier
-    ("Basic !!!", False, None),
-])
-def test_authorization_is_parsed_once_sync(reads: list[str], auth: str, allow: bool,
-                                           name: str | None) -> None:
+@pytest.mark.parametrize(
+    ("auth", "allow", "name"),
+    [
+        ("Bearer p-secret-1", True, "phone"),
+        (f"Bearer {GOOD_JWT}", True, "ci"),
+        ("Bearer wrong", False, None),
+        ("Bearer eyJx.eyJy.z", False, None),  # JWT-shaped, refused by the verifier
+        ("Basic !!!", False, None),
+    ],
+)
+def test_authorization_is_parsed_once_sync(
+    reads: list[str], auth: str, allow: bool, name: str | None
+) -> None:
     grant = _authz().authorize_sync(_conn(), _head(auth))
     assert grant is not None
     assert grant.decision.allow is allow

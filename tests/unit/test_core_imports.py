@@ -70,8 +70,17 @@ def _core_files() -> list[Path]:
 
 def test_core_package_exists_with_its_modules() -> None:
     names = {p.stem for p in _core_files()}
-    assert {"networks", "http1", "policy", "wsframe", "tokens", "sessions", "admission",
-            "connect_auth", "exchange"} <= names
+    assert {
+        "networks",
+        "http1",
+        "policy",
+        "wsframe",
+        "tokens",
+        "sessions",
+        "admission",
+        "connect_auth",
+        "exchange",
+    } <= names
 
 
 @pytest.mark.parametrize("path", _core_files(), ids=lambda p: p.stem)
@@ -83,8 +92,7 @@ def test_core_module_names_no_io_module(path: Path) -> None:
             continue
         assert top not in BLOCKED, (path.name, module)
         if top == "proxy":
-            assert module.startswith("proxy.core") or module in ALLOWED_OUTSIDE, (
-                path.name, module)
+            assert module.startswith("proxy.core") or module in ALLOWED_OUTSIDE, (path.name, module)
         elif top not in sys.stdlib_module_names:
             assert top in ALLOWED_OUTSIDE, (path.name, module)
 
@@ -118,13 +126,23 @@ def test_core_imports_with_io_modules_blocked() -> None:
     # (some of them, dataclasses for one, use os internally); then the I/O modules are
     # dropped and refused, so a proxy.core module reaching one, directly or through
     # another proxy module, fails to import.
-    preload = sorted({
-        module for p in _core_files() for module, _ in _imports(p)
-        if not module.startswith("proxy") and module.split(".")[0] not in BLOCKED
-    } | {"proxy", "proxy.errors"})
+    preload = sorted(
+        {
+            module
+            for p in _core_files()
+            for module, _ in _imports(p)
+            if not module.startswith("proxy") and module.split(".")[0] not in BLOCKED
+        }
+        | {"proxy", "proxy.errors"}
+    )
     out = subprocess.run(
         [sys.executable, "-I", "-c", _PROBE, json.dumps([list(BLOCKED), modules, preload])],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
 
@@ -133,9 +151,19 @@ def test_probe_refuses_a_module_that_does_io(tmp_path: Path) -> None:
     """The probe itself can fail: a module importing asyncio is refused."""
     (tmp_path / "leaky.py").write_text("import asyncio\n")
     out = subprocess.run(
-        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-         + _PROBE, json.dumps([list(BLOCKED), ["leaky"], []])],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + _PROBE,
+            json.dumps([list(BLOCKED), ["leaky"], []]),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode != 0
     assert "must not import asyncio" in out.stderr
 

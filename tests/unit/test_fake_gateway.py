@@ -49,9 +49,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers, body
 
 
-async def _request(
-    gw: FakeGateway, raw: bytes
-) -> tuple[int, dict[str, str], bytes]:
+async def _request(gw: FakeGateway, raw: bytes) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
         writer.write(raw)
@@ -87,7 +85,11 @@ async def test_records_raw_head_byte_for_byte(fake_gateway_local: FakeGateway) -
     [rec] = fake_gateway_local.requests
     assert rec.raw_head == head
     assert (rec.method, rec.target, rec.path, rec.version) == (
-        "GET", "/health?x=1", "/health", "HTTP/1.1")
+        "GET",
+        "/health?x=1",
+        "/health",
+        "HTTP/1.1",
+    )
     assert rec.query == {"x": ["1"]}
     assert rec.headers == [
         ("hOsT", "gateway.example:18789"),
@@ -125,8 +127,12 @@ async def test_malformed_head_is_recorded_and_refused(fake_gateway_local: FakeGa
 @pytest.mark.parametrize(
     ("target", "status", "ctype", "check"),
     [
-        ("/health", 200, "application/json", lambda b: json.loads(b) == {"ok": True,
-                                                                          "status": "live"}),
+        (
+            "/health",
+            200,
+            "application/json",
+            lambda b: json.loads(b) == {"ok": True, "status": "live"},
+        ),
         ("/healthz", 200, "application/json", lambda b: b == HEALTH_BODY),
         ("/", 200, "text/html", lambda b: b.startswith(b"<!doctype html>")),
         ("/status/403", 403, "application/json", lambda b: b"403" in b),
@@ -166,8 +172,10 @@ async def test_keep_alive_serves_several_requests_on_one_connection(
 
 
 async def test_connection_close_and_http10_close(fake_gateway_local: FakeGateway) -> None:
-    for raw in (b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                b"GET /health HTTP/1.0\r\n\r\n"):
+    for raw in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /health HTTP/1.0\r\n\r\n",
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", fake_gateway_local.port)
         writer.write(raw)
         status, headers, _ = await _read_response(reader)
@@ -200,8 +208,9 @@ async def test_post_echo_chunked(fake_gateway_local: FakeGateway) -> None:
 
 async def test_expect_100_continue(fake_gateway_local: FakeGateway) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", fake_gateway_local.port)
-    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                 b"Content-Length: 2\r\n\r\n")
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
     assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b"ok")
     assert (await _read_response(reader))[2] == b"ok"
@@ -212,8 +221,10 @@ async def test_expect_100_continue(fake_gateway_local: FakeGateway) -> None:
 async def test_content_length_with_transfer_encoding_is_refused(
     fake_gateway_local: FakeGateway,
 ) -> None:
-    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    raw = (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     status, headers, _ = await _request(fake_gateway_local, raw)
     assert status == 400 and headers["connection"] == "close"
 
@@ -243,9 +254,11 @@ async def test_big_body(fake_gateway_local: FakeGateway, n: int) -> None:
 async def test_head_and_204_carry_no_body(fake_gateway_local: FakeGateway) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", fake_gateway_local.port)
     try:
-        writer.write(b"HEAD /big?n=100 HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"GET /status/204 HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(
+            b"HEAD /big?n=100 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /status/204 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 100\r\n" in head
         head = await reader.readuntil(b"\r\n\r\n")
@@ -365,8 +378,16 @@ async def test_ws_openclaw_handshake(fake_gateway_local: FakeGateway) -> None:
         challenge = json.loads(await ws.recv())
         assert challenge["type"] == "event" and challenge["event"] == "connect.challenge"
         assert {"nonce", "ts"} <= challenge["payload"].keys()
-        await ws.send(json.dumps({"type": "req", "id": "1", "method": "connect",
-                                  "params": {"auth": {"token": "TEST-TOKEN"}}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "req",
+                    "id": "1",
+                    "method": "connect",
+                    "params": {"auth": {"token": "TEST-TOKEN"}},
+                }
+            )
+        )
         hello = json.loads(await ws.recv())
         assert hello["id"] == "1" and hello["ok"] and hello["payload"]["type"] == "hello-ok"
 
@@ -375,8 +396,16 @@ async def test_ws_openclaw_wrong_token_closes_1008(fake_gateway_local: FakeGatew
     fake_gateway_local.token = "TEST-TOKEN"
     async with _ws(fake_gateway_local, "/ws/openclaw") as ws:
         await ws.recv()
-        await ws.send(json.dumps({"type": "req", "id": "1", "method": "connect",
-                                  "params": {"auth": {"token": "nope"}}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "req",
+                    "id": "1",
+                    "method": "connect",
+                    "params": {"auth": {"token": "nope"}},
+                }
+            )
+        )
         with pytest.raises(ConnectionClosed) as info:
             await ws.recv()
     assert info.value.rcvd is not None
@@ -406,9 +435,20 @@ def test_standalone_starts_fast_and_stops_on_sigterm(tmp_path: Path) -> None:
     record = tmp_path / "requests.jsonl"
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.fake_gateway", "--host", "127.0.0.1", "--port", "0",
-         "--record", str(record)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.fake_gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--record",
+            str(record),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

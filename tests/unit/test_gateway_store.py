@@ -82,7 +82,8 @@ def test_the_store_is_never_written(gw: PairingStore) -> None:
 
 
 def test_missing_store_fails_closed_with_one_log_line(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = GatewayStore(str(tmp_path / "nowhere"))
     with caplog.at_level(logging.ERROR, logger="clawgate"):
         for _ in range(3):
@@ -90,8 +91,7 @@ def test_missing_store_fails_closed_with_one_log_line(
             assert isinstance(snap, StoreUnavailable)
     assert isinstance(snap, StoreUnavailable)  # (for mypy: the loop ran)
     assert "does not exist" in snap.reason
-    lines = [r.getMessage() for r in caplog.records if "device store unavailable" in
-             r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "device store unavailable" in r.getMessage()]
     assert len(lines) == 1 and str(tmp_path / "nowhere") in lines[0]
     assert not (tmp_path / "nowhere").exists()  # mode=ro never creates it
 
@@ -125,18 +125,23 @@ def read_or_error(db: Path) -> object:
 
 
 def test_garbage_rows_are_skipped(gw: PairingStore) -> None:
-    gw.conn.execute("INSERT INTO device_pairing_paired (device_id, public_key, tokens_json, "
-                    "created_at_ms, approved_at_ms) VALUES ('a', 'k', 'not json', 1, 1), "
-                    "('b', 'k', '{\"operator\": 5}', 1, 1), "
-                    "('c', 'k', '{\"operator\": {\"token\": \"  \"}}', 1, 1)")
+    gw.conn.execute(
+        "INSERT INTO device_pairing_paired (device_id, public_key, tokens_json, "
+        "created_at_ms, approved_at_ms) VALUES ('a', 'k', 'not json', 1, 1), "
+        "('b', 'k', '{\"operator\": 5}', 1, 1), "
+        "('c', 'k', '{\"operator\": {\"token\": \"  \"}}', 1, 1)"
+    )
     snap = read_snapshot(str(gw.db))
     assert {k: dict(v.tokens) for k, v in snap.devices.items()} == {"a": {}, "b": {}, "c": {}}
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({"OPENCLAW_STATE_DIR": "/srv/oc"}, "/srv/oc"),
-    ({"OPENCLAW_HOME": "/home/gw"}, "/home/gw/.openclaw"),
-    ({"OPENCLAW_STATE_DIR": " ", "OPENCLAW_HOME": "/h"}, "/h/.openclaw"),
-])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"OPENCLAW_STATE_DIR": "/srv/oc"}, "/srv/oc"),
+        ({"OPENCLAW_HOME": "/home/gw"}, "/home/gw/.openclaw"),
+        ({"OPENCLAW_STATE_DIR": " ", "OPENCLAW_HOME": "/h"}, "/h/.openclaw"),
+    ],
+)
 def test_default_state_dir(env: dict[str, str], expected: str) -> None:
     assert default_state_dir(env) == expected

@@ -33,14 +33,12 @@ PEER = "100.101.102.103"
 
 
 def head(*lines: str | bytes, request_line: bytes = b"GET /chat?x=1 HTTP/1.1") -> bytes:
-    raw = [request_line] + [ln.encode("latin-1") if isinstance(ln, str) else ln
-                            for ln in lines]
+    raw = [request_line] + [ln.encode("latin-1") if isinstance(ln, str) else ln for ln in lines]
     return b"\r\n".join(raw) + b"\r\n\r\n"
 
 
 def rewrite(raw: bytes, **kw: object) -> bytes:
-    opts: dict[str, object] = {"client_ip": PEER, "proto": b"http",
-                               "identity_headers": IDENTITY}
+    opts: dict[str, object] = {"client_ip": PEER, "proto": b"http", "identity_headers": IDENTITY}
     opts.update(kw)
     return rewrite_request_head(parse_request_head(raw), **opts)  # type: ignore[arg-type]
 
@@ -55,8 +53,11 @@ def out_names(out: bytes) -> list[bytes]:
 
 
 def values(out: bytes, name: bytes) -> list[bytes]:
-    return [ln.split(b":", 1)[1].strip() for ln in out_lines(out)[1:]
-            if ln.split(b":", 1)[0].lower() == name]
+    return [
+        ln.split(b":", 1)[1].strip()
+        for ln in out_lines(out)[1:]
+        if ln.split(b":", 1)[0].lower() == name
+    ]
 
 
 def assert_no_spoofable(out: bytes) -> None:
@@ -91,7 +92,7 @@ SPOOFS: list[tuple[str, ...]] = [
     ("X_Forwarded_User: admin@example.com",),
     ("Forwarded: for=127.0.0.1",),
     ("forwarded: for=127.0.0.1;proto=https",),
-    ("FORWARDED: for=\"[::1]\"",),
+    ('FORWARDED: for="[::1]"',),
     ("X-Real-IP: 127.0.0.1",),
     ("x_real_ip: 127.0.0.1",),
     ("X-Client-IP: 127.0.0.1",),
@@ -116,8 +117,12 @@ SPOOFS: list[tuple[str, ...]] = [
 def test_spoofed_headers_never_survive(spoof: tuple[str, ...], websocket: bool) -> None:
     extra: tuple[str, ...] = ()
     if websocket:
-        extra = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13",
-                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+        extra = (
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        )
     out = rewrite(head("Host: gw.example:18789", *spoof, *extra))
     assert_no_spoofable(out)
     assert values(out, b"x-forwarded-for") == [PEER.encode()]
@@ -182,24 +187,45 @@ def test_other_headers_pass_byte_for_byte() -> None:
     assert lines[0] == b"GET /chat?x=1 HTTP/1.1"
     # Same lines, same order, same bytes, after clawgate's own (which come first: a
     # gateway keeping only the first N lines must not lose them).
-    assert lines[-len(PRESERVED):] == PRESERVED
+    assert lines[-len(PRESERVED) :] == PRESERVED
     assert lines[1].startswith(b"X-Forwarded-For: ")
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
-    out = rewrite(head("Host: h", "Connection: keep-alive, X-Debug, Cookie", "Keep-Alive: 5",
-                       "Proxy-Connection: keep-alive", "TE: trailers", "Trailer: X",
-                       "Proxy-Authorization: Basic eDp5", "X-Debug: 1", "Cookie: a=1",
-                       "Upgrade: websocket", "X-Stays: 1"))
+    out = rewrite(
+        head(
+            "Host: h",
+            "Connection: keep-alive, X-Debug, Cookie",
+            "Keep-Alive: 5",
+            "Proxy-Connection: keep-alive",
+            "TE: trailers",
+            "Trailer: X",
+            "Proxy-Authorization: Basic eDp5",
+            "X-Debug: 1",
+            "Cookie: a=1",
+            "Upgrade: websocket",
+            "X-Stays: 1",
+        )
+    )
     names = out_names(out)
-    for gone in [b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                 b"proxy-authorization", b"x-debug", b"cookie", b"upgrade"]:
+    for gone in [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"proxy-authorization",
+        b"x-debug",
+        b"cookie",
+        b"upgrade",
+    ]:
         assert gone not in names, gone
     assert b"x-stays" in names
 
 
-@pytest.mark.parametrize("protected", ["Host", "Content-Length", "Origin",
-                                       "Sec-WebSocket-Key", "Transfer-Encoding"])
+@pytest.mark.parametrize(
+    "protected", ["Host", "Content-Length", "Origin", "Sec-WebSocket-Key", "Transfer-Encoding"]
+)
 def test_connection_cannot_remove_end_to_end_headers(protected: str) -> None:
     lines = ["Host: h", "Origin: https://h", "Sec-WebSocket-Key: k"]
     request_line = b"GET / HTTP/1.1"
@@ -214,9 +240,15 @@ def test_connection_cannot_remove_end_to_end_headers(protected: str) -> None:
 
 
 def test_websocket_upgrade_is_forwarded_with_a_clean_connection_header() -> None:
-    out = rewrite(head("Host: h", "Connection: keep-alive, Upgrade", "Upgrade: websocket",
-                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                       "Sec-WebSocket-Version: 13"))
+    out = rewrite(
+        head(
+            "Host: h",
+            "Connection: keep-alive, Upgrade",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        )
+    )
     assert values(out, b"upgrade") == [b"websocket"]
     assert values(out, b"connection") == [b"Upgrade"]
     assert b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==" in out_lines(out)
@@ -238,15 +270,18 @@ def test_proxy_authorization_is_removed_when_asked() -> None:
     assert b"clawgate-token" not in out
 
 
-@pytest.mark.parametrize(("cookie", "expected"), [
-    (b"clawgate_session=SID", None),
-    (b"clawgate_session=SID; theme=dark", b"Cookie: theme=dark"),
-    (b"theme=dark; clawgate_session=SID", b"Cookie: theme=dark"),
-    (b"a=1; clawgate_session=SID; b=2", b"Cookie: a=1; b=2"),
-    (b"a=1;clawgate_session=SID;b=2", b"Cookie: a=1;b=2"),
-    (b"xclawgate_session=keep; a=1", b"Cookie: xclawgate_session=keep; a=1"),
-    (b"theme=dark", b"Cookie: theme=dark"),
-])
+@pytest.mark.parametrize(
+    ("cookie", "expected"),
+    [
+        (b"clawgate_session=SID", None),
+        (b"clawgate_session=SID; theme=dark", b"Cookie: theme=dark"),
+        (b"theme=dark; clawgate_session=SID", b"Cookie: theme=dark"),
+        (b"a=1; clawgate_session=SID; b=2", b"Cookie: a=1; b=2"),
+        (b"a=1;clawgate_session=SID;b=2", b"Cookie: a=1;b=2"),
+        (b"xclawgate_session=keep; a=1", b"Cookie: xclawgate_session=keep; a=1"),
+        (b"theme=dark", b"Cookie: theme=dark"),
+    ],
+)
 def test_session_cookie_removed_others_kept(cookie: bytes, expected: bytes | None) -> None:
     out = rewrite(head("Host: h", b"Cookie: " + cookie), session_cookie=b"clawgate_session")
     cookies = [ln for ln in out_lines(out) if ln.lower().startswith(b"cookie:")]
@@ -264,8 +299,9 @@ def test_injected_values_must_not_carry_control_characters() -> None:
     for bad in [b"a\r\nX-Forwarded-For: 1.1.1.1", b"a\nb", b"a\x00"]:
         with pytest.raises(ValueError):
             rewrite(head("Host: h"), add=[(b"X-Openclaw-User", bad)])
-    out = rewrite(head("Host: h", "X-Openclaw-User: spoof"),
-                  add=[(b"X-Openclaw-User", b"alice@example.com")])
+    out = rewrite(
+        head("Host: h", "X-Openclaw-User: spoof"), add=[(b"X-Openclaw-User", b"alice@example.com")]
+    )
     assert values(out, b"x-openclaw-user") == [b"alice@example.com"]
 
 
@@ -273,22 +309,25 @@ def test_injected_values_must_not_carry_control_characters() -> None:
 
 
 def test_parse_fields() -> None:
-    h = parse_request_head(head("Host: h", "Content-Length: 12",
-                                request_line=b"POST /api/x?y=1 HTTP/1.1"))
-    assert (h.method, h.target, h.path, h.version) == (b"POST", b"/api/x?y=1", b"/api/x",
-                                                       (1, 1))
+    h = parse_request_head(
+        head("Host: h", "Content-Length: 12", request_line=b"POST /api/x?y=1 HTTP/1.1")
+    )
+    assert (h.method, h.target, h.path, h.version) == (b"POST", b"/api/x?y=1", b"/api/x", (1, 1))
     assert h.content_length == 12 and not h.chunked and h.has_body()
     assert h.keep_alive and not h.websocket
     assert h.header(b"host") == b"h" and h.header(b"nope") is None
 
 
-@pytest.mark.parametrize(("lines", "request_line", "keep_alive"), [
-    ((), b"GET / HTTP/1.0", False),
-    (("Connection: keep-alive",), b"GET / HTTP/1.0", True),
-    (("Host: h",), b"GET / HTTP/1.1", True),
-    (("Host: h", "Connection: close"), b"GET / HTTP/1.1", False),
-    (("Host: h", "Connection: Keep-Alive, CLOSE"), b"GET / HTTP/1.1", False),
-])
+@pytest.mark.parametrize(
+    ("lines", "request_line", "keep_alive"),
+    [
+        ((), b"GET / HTTP/1.0", False),
+        (("Connection: keep-alive",), b"GET / HTTP/1.0", True),
+        (("Host: h",), b"GET / HTTP/1.1", True),
+        (("Host: h", "Connection: close"), b"GET / HTTP/1.1", False),
+        (("Host: h", "Connection: Keep-Alive, CLOSE"), b"GET / HTTP/1.1", False),
+    ],
+)
 def test_keep_alive(lines: tuple[str, ...], request_line: bytes, keep_alive: bool) -> None:
     assert parse_request_head(head(*lines, request_line=request_line)).keep_alive is keep_alive
 
@@ -299,30 +338,45 @@ def test_websocket_detection() -> None:
     assert not parse_request_head(head("Host: h", "Upgrade: websocket")).websocket
 
 
-@pytest.mark.parametrize("raw", [
-    head("Host: h", "Content-Length: 1", "Transfer-Encoding: chunked",
-         request_line=b"POST / HTTP/1.1"),
-    head("Host: h", "Content-Length: 1", "Content-Length: 1", request_line=b"POST / HTTP/1.1"),
-    head("Host: h", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked",
-         request_line=b"POST / HTTP/1.1"),
-    head("Host: h", "Transfer-Encoding: xchunked", request_line=b"POST / HTTP/1.1"),
-    head("Host: h", "Upgrade: h2c", "Connection: Upgrade, HTTP2-Settings",
-         "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA"),
-    head("Host: h", "Upgrade: websocket, h2c", "Connection: Upgrade"),
-    head("Host: h", "X: a\nY: b"),
-    head("Host: h", "X: a\rY: b"),
-    head("Host: h", "X: a", " folded"),
-    head("Host: h", "X: a\x00"),
-    head("Host: h", request_line=b"GET http://evil/ HTTP/1.1"),
-    head("Host: h", request_line=b"CONNECT h:443 HTTP/1.1"),
-    head("Host: h", request_line=b"OPTIONS * HTTP/1.1"),
-    head("Host: h", request_line=b"GET / HTTP/2.0"),
-    head(request_line=b"GET /"),
-    head("X: a"),  # HTTP/1.1 without Host
-    head("Host: a", "Host: b"),
-    head("Host: a", "Authorization: Bearer x", "authorization: Bearer y"),
-    head("Host: a", "Authorization: Bearer x", "AUTHORIZATION: Bearer x"),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head(
+            "Host: h",
+            "Content-Length: 1",
+            "Transfer-Encoding: chunked",
+            request_line=b"POST / HTTP/1.1",
+        ),
+        head("Host: h", "Content-Length: 1", "Content-Length: 1", request_line=b"POST / HTTP/1.1"),
+        head(
+            "Host: h",
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: chunked",
+            request_line=b"POST / HTTP/1.1",
+        ),
+        head("Host: h", "Transfer-Encoding: xchunked", request_line=b"POST / HTTP/1.1"),
+        head(
+            "Host: h",
+            "Upgrade: h2c",
+            "Connection: Upgrade, HTTP2-Settings",
+            "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+        ),
+        head("Host: h", "Upgrade: websocket, h2c", "Connection: Upgrade"),
+        head("Host: h", "X: a\nY: b"),
+        head("Host: h", "X: a\rY: b"),
+        head("Host: h", "X: a", " folded"),
+        head("Host: h", "X: a\x00"),
+        head("Host: h", request_line=b"GET http://evil/ HTTP/1.1"),
+        head("Host: h", request_line=b"CONNECT h:443 HTTP/1.1"),
+        head("Host: h", request_line=b"OPTIONS * HTTP/1.1"),
+        head("Host: h", request_line=b"GET / HTTP/2.0"),
+        head(request_line=b"GET /"),
+        head("X: a"),  # HTTP/1.1 without Host
+        head("Host: a", "Host: b"),
+        head("Host: a", "Authorization: Bearer x", "authorization: Bearer y"),
+        head("Host: a", "Authorization: Bearer x", "AUTHORIZATION: Bearer x"),
+    ],
+)
 def test_smuggling_shapes_are_bad_requests(raw: bytes) -> None:
     with pytest.raises(BadRequest) as ei:
         parse_request_head(raw)
@@ -333,10 +387,18 @@ def test_head_too_large_is_431() -> None:
     assert HeadTooLarge("x").status == 431
 
 
-@pytest.mark.parametrize(("extra", "limit", "ok"), [
-    (98, 100, True), (99, 100, True), (100, 100, False), (1030, 100, False),
-    (1030, 5000, True), (7, 8, True), (8, 8, False),
-])
+@pytest.mark.parametrize(
+    ("extra", "limit", "ok"),
+    [
+        (98, 100, True),
+        (99, 100, True),
+        (100, 100, False),
+        (1030, 100, False),
+        (1030, 5000, True),
+        (7, 8, True),
+        (8, 8, False),
+    ],
+)
 def test_more_header_lines_than_the_limit_is_431(extra: int, limit: int, ok: bool) -> None:
     # Host plus ``extra`` lines of ``a:``: the flood that once pushed clawgate's own
     # headers past the 1,000 lines a Node gateway keeps.
@@ -350,21 +412,30 @@ def test_more_header_lines_than_the_limit_is_431(extra: int, limit: int, ok: boo
 
 
 def test_clawgate_headers_come_right_after_the_request_line() -> None:
-    out = rewrite(head("Host: h", *["a:"] * 50, "Cookie: x=1"),
-                  add=[(b"X-Forwarded-User", b"alice@example.com")])
+    out = rewrite(
+        head("Host: h", *["a:"] * 50, "Cookie: x=1"),
+        add=[(b"X-Forwarded-User", b"alice@example.com")],
+    )
     lines = out_lines(out)
-    assert lines[1:5] == [b"X-Forwarded-For: " + PEER.encode(), b"X-Forwarded-Proto: http",
-                          b"X-Forwarded-Host: h", b"X-Forwarded-User: alice@example.com"]
+    assert lines[1:5] == [
+        b"X-Forwarded-For: " + PEER.encode(),
+        b"X-Forwarded-Proto: http",
+        b"X-Forwarded-Host: h",
+        b"X-Forwarded-User: alice@example.com",
+    ]
     assert lines[5] == b"Host: h"
 
 
-@pytest.mark.parametrize(("buf", "start", "end"), [
-    (b"GET / HTTP/1.1\r\n\r\n", 0, 18),
-    (b"GET / HTTP/1.1\r\n\r\nrest", 0, 18),
-    (b"GET / HTTP/1.1\r\n\r\n", 17, 18),
-    (b"GET / HTTP/1.1\r\n", 0, -1),
-    (b"\r\n\r\n", 0, 4),
-])
+@pytest.mark.parametrize(
+    ("buf", "start", "end"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 0, 18),
+        (b"GET / HTTP/1.1\r\n\r\nrest", 0, 18),
+        (b"GET / HTTP/1.1\r\n\r\n", 17, 18),
+        (b"GET / HTTP/1.1\r\n", 0, -1),
+        (b"\r\n\r\n", 0, 4),
+    ],
+)
 def test_find_head_end(buf: bytes, start: int, end: int) -> None:
     assert find_head_end(buf, start) == end
 
@@ -372,16 +443,38 @@ def test_find_head_end(buf: bytes, start: int, end: int) -> None:
 # ----------------------------------------------------------------------------- fuzz
 
 _SPOOF_NAMES = [
-    b"X-Forwarded-For", b"x_forwarded_for", b"X-FORWARDED-HOST", b"X-Forwarded-Proto",
-    b"Forwarded", b"X-Real-IP", b"x_real_ip", b"Tailscale-User-Login", b"tailscale_user_name",
-    b"X-Openclaw-User", b"x_openclaw_user", b"X-Forwarded-User", b"True-Client-IP",
+    b"X-Forwarded-For",
+    b"x_forwarded_for",
+    b"X-FORWARDED-HOST",
+    b"X-Forwarded-Proto",
+    b"Forwarded",
+    b"X-Real-IP",
+    b"x_real_ip",
+    b"Tailscale-User-Login",
+    b"tailscale_user_name",
+    b"X-Openclaw-User",
+    b"x_openclaw_user",
+    b"X-Forwarded-User",
+    b"True-Client-IP",
 ]
 _OTHER_NAMES = [
-    b"Host", b"Origin", b"User-Agent", b"Cookie", b"Accept", b"X-Custom", b"Authorization",
-    b"Content-Type", b"Sec-WebSocket-Key", b"Connection", b"Keep-Alive", b"TE", b"Upgrade",
+    b"Host",
+    b"Origin",
+    b"User-Agent",
+    b"Cookie",
+    b"Accept",
+    b"X-Custom",
+    b"Authorization",
+    b"Content-Type",
+    b"Sec-WebSocket-Key",
+    b"Connection",
+    b"Keep-Alive",
+    b"TE",
+    b"Upgrade",
 ]
-_token_chars = st.sampled_from(list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                    b"0123456789-_!#$%&'*+.^`|~"))
+_token_chars = st.sampled_from(
+    list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~")
+)
 _names = st.one_of(
     st.sampled_from(_SPOOF_NAMES + _OTHER_NAMES),
     st.lists(_token_chars, min_size=1, max_size=20).map(bytes),
@@ -389,27 +482,45 @@ _names = st.one_of(
 )
 _values = st.one_of(
     st.binary(max_size=30).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7F)),
-    st.sampled_from([b"127.0.0.1", b"X-Forwarded-For", b"close", b"Upgrade, X-Real-IP",
-                     b"websocket", b"a=1; clawgate_session=S", b"Bearer t", b"\t x \t"]),
+    st.sampled_from(
+        [
+            b"127.0.0.1",
+            b"X-Forwarded-For",
+            b"close",
+            b"Upgrade, X-Real-IP",
+            b"websocket",
+            b"a=1; clawgate_session=S",
+            b"Bearer t",
+            b"\t x \t",
+        ]
+    ),
     st.binary(max_size=10),  # control characters too: parse must refuse those
 )
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.lists(st.tuples(_names, _values), max_size=12),
-       st.sampled_from([b"GET /x HTTP/1.1", b"POST /y HTTP/1.1", b"GET / HTTP/1.0"]),
-       st.booleans(), st.booleans())
-def test_random_heads_rewrite_safely(pairs: list[tuple[bytes, bytes]], request_line: bytes,
-                                     drop_auth: bool, strip_session: bool) -> None:
+@given(
+    st.lists(st.tuples(_names, _values), max_size=12),
+    st.sampled_from([b"GET /x HTTP/1.1", b"POST /y HTTP/1.1", b"GET / HTTP/1.0"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_random_heads_rewrite_safely(
+    pairs: list[tuple[bytes, bytes]], request_line: bytes, drop_auth: bool, strip_session: bool
+) -> None:
     raw = head(*[n + b": " + v for n, v in pairs], request_line=request_line)
     try:
         parsed = parse_request_head(raw)
     except BadRequest:
         return
     out = rewrite_request_head(
-        parsed, client_ip=PEER, proto=b"http", identity_headers=IDENTITY,
+        parsed,
+        client_ip=PEER,
+        proto=b"http",
+        identity_headers=IDENTITY,
         drop_authorization=drop_auth,
-        session_cookie=b"clawgate_session" if strip_session else None)
+        session_cookie=b"clawgate_session" if strip_session else None,
+    )
     lines = out_lines(out)
     for ln in lines:
         assert b"\r" not in ln and b"\n" not in ln and ln
@@ -420,15 +531,15 @@ def test_random_heads_rewrite_safely(pairs: list[tuple[bytes, bytes]], request_l
     if drop_auth:
         assert b"authorization" not in out_names(out)
     if strip_session:
-        assert not any(b"clawgate_session=" in ln for ln in lines if
-                       ln.lower().startswith(b"cookie:"))
+        assert not any(
+            b"clawgate_session=" in ln for ln in lines if ln.lower().startswith(b"cookie:")
+        )
     # Every surviving client line is one of the original lines, unchanged, in order.
     originals = parsed.lines
     ours = len(lines) - 1
     # (Connection is hop-by-hop: the client's is always dropped and clawgate writes its
     # own, which may equal a client line byte for byte, so it is not "kept".)
-    kept = [ln for ln in lines[1:] if ln in originals
-            and not ln.lower().startswith(b"connection:")]
+    kept = [ln for ln in lines[1:] if ln in originals and not ln.lower().startswith(b"connection:")]
     assert kept == [ln for ln in originals if ln in kept]
     assert ours >= 2
     # And parsing the rewrite again succeeds: the gateway gets a well-formed head.
@@ -439,51 +550,76 @@ def test_random_heads_rewrite_safely(pairs: list[tuple[bytes, bytes]], request_l
 
 def test_http10_keep_alive_is_passed_on() -> None:
     raw = b"GET /x HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n\r\n"
-    out = rewrite_request_head(parse_request_head(raw), client_ip=PEER, proto=b"http",
-                               identity_headers=IDENTITY)
+    out = rewrite_request_head(
+        parse_request_head(raw), client_ip=PEER, proto=b"http", identity_headers=IDENTITY
+    )
     assert b"\r\nConnection: keep-alive\r\n" in out
     raw10 = b"GET /x HTTP/1.0\r\nHost: gw\r\n\r\n"
-    out10 = rewrite_request_head(parse_request_head(raw10), client_ip=PEER, proto=b"http",
-                                 identity_headers=IDENTITY)
+    out10 = rewrite_request_head(
+        parse_request_head(raw10), client_ip=PEER, proto=b"http", identity_headers=IDENTITY
+    )
     assert b"\r\nConnection: close\r\n" in out10
 
 
 # ---- response framing (core.http1.response_framing) ---------------------------------------
 
-@pytest.mark.parametrize(("head", "head_request", "expect"), [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False, (200, True, 5)),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False, (200, True, 0)),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True, (200, True, BODY_NONE)),
-    (b"HTTP/1.1 204 No Content\r\n\r\n", False, (204, True, BODY_NONE)),
-    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", False, (304, True, BODY_NONE)),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", False,
-     (200, True, BODY_CHUNKED)),
-    (b"HTTP/1.1 200 OK\r\n\r\n", False, (200, False, BODY_UNTIL_CLOSE)),
-    (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", False, (200, False, 1)),
-    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n", False,
-     (200, True, 1)),
-    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", False,
-     (200, False, 1)),
-    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", False,
-     (101, True, BODY_NONE)),
-    (b"HTTP/1.1 100 Continue\r\n\r\n", False, (100, True, BODY_NONE)),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", False,
-     (200, True, 5)),
-])
-def test_response_framing_table(head: bytes, head_request: bool,
-                                expect: tuple[int, bool, int]) -> None:
+
+@pytest.mark.parametrize(
+    ("head", "head_request", "expect"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False, (200, True, 5)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False, (200, True, 0)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True, (200, True, BODY_NONE)),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False, (204, True, BODY_NONE)),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", False, (304, True, BODY_NONE)),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            False,
+            (200, True, BODY_CHUNKED),
+        ),
+        (b"HTTP/1.1 200 OK\r\n\r\n", False, (200, False, BODY_UNTIL_CLOSE)),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", False, (200, False, 1)),
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            False,
+            (200, True, 1),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            False,
+            (200, False, 1),
+        ),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            False,
+            (101, True, BODY_NONE),
+        ),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", False, (100, True, BODY_NONE)),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            False,
+            (200, True, 5),
+        ),
+    ],
+)
+def test_response_framing_table(
+    head: bytes, head_request: bool, expect: tuple[int, bool, int]
+) -> None:
     assert response_framing(head, head_request) == expect
 
 
-@pytest.mark.parametrize(("head", "reason"), [
-    (b"HTTP/2 200 OK\r\n\r\n", "status line"),
-    (b"ICY 200 OK\r\n\r\n", "status line"),
-    (b"HTTP/1.1 2xx OK\r\n\r\n", "status line"),
-    (b"HTTP/1.1\r\n\r\n", "status line"),
-    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "header"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "Content-Length"),
-])
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"HTTP/2 200 OK\r\n\r\n", "status line"),
+        (b"ICY 200 OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1 2xx OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1\r\n\r\n", "status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "Content-Length"),
+    ],
+)
 def test_response_framing_refuses(head: bytes, reason: str) -> None:
     with pytest.raises(ResponseError, match=reason):
         response_framing(head, False)

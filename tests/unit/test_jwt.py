@@ -56,21 +56,27 @@ def kid_of(key: Any) -> str:
 
 def entry(key: Any, kid: str | None = "default", source: str = "file") -> KeyEntry:
     pub = key.public_key()
-    return KeyEntry(kid_of(key) if kid == "default" else kid, pub, algorithms_for_key(pub),
-                    source)
+    return KeyEntry(kid_of(key) if kid == "default" else kid, pub, algorithms_for_key(pub), source)
 
 
 def config(**kw: Any) -> JwtConfig:
-    base: dict[str, Any] = dict(enabled=True, algorithms=("EdDSA", "ES256", "RS256"),
-                                issuer=ISS, audience=AUD, leeway=30.0)
+    base: dict[str, Any] = dict(
+        enabled=True, algorithms=("EdDSA", "ES256", "RS256"), issuer=ISS, audience=AUD, leeway=30.0
+    )
     base.update(kw)
     return JwtConfig(**base)
 
 
 def claims(**kw: Any) -> dict[str, Any]:
     now = int(time.time())
-    c: dict[str, Any] = {"iss": ISS, "aud": AUD, "sub": "alice", "iat": now,
-                         "exp": now + 600, "jti": "j-1"}
+    c: dict[str, Any] = {
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "alice",
+        "iat": now,
+        "exp": now + 600,
+        "jti": "j-1",
+    }
     for k, v in kw.items():
         if v is None:
             c.pop(k, None)
@@ -79,8 +85,13 @@ def claims(**kw: Any) -> dict[str, Any]:
     return c
 
 
-def sign(key: Any, alg: str, kid: str | None = "default", headers: dict[str, Any] | None = None,
-         **kw: Any) -> str:
+def sign(
+    key: Any,
+    alg: str,
+    kid: str | None = "default",
+    headers: dict[str, Any] | None = None,
+    **kw: Any,
+) -> str:
     hdr = dict(headers or {})
     if kid == "default":
         kid = kid_of(key)
@@ -102,8 +113,9 @@ def forge(header: dict[str, Any], payload: dict[str, Any], secret: bytes | None)
 
 
 def rsa_public_pem() -> bytes:
-    return RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    return RSA_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 @pytest.fixture
@@ -117,8 +129,16 @@ def refused(v: JwtVerifier, token: str) -> str:
     assert info.value.status == 401
     reason = info.value.reason
     # The reason never names what was expected (issuer, audience, key ids, algorithms).
-    for secret_ish in (ISS, AUD, "idp.example", kid_of(RSA_KEY), kid_of(ED_KEY), "RS256",
-                       "EdDSA", "ES256"):
+    for secret_ish in (
+        ISS,
+        AUD,
+        "idp.example",
+        kid_of(RSA_KEY),
+        kid_of(ED_KEY),
+        "RS256",
+        "EdDSA",
+        "ES256",
+    ):
         assert secret_ish not in reason
     return reason
 
@@ -126,8 +146,7 @@ def refused(v: JwtVerifier, token: str) -> str:
 # ------------------------------------------------------------------------------ accepts
 
 
-@pytest.mark.parametrize(("key", "alg"), [(RSA_KEY, "RS256"), (EC_KEY, "ES256"),
-                                          (ED_KEY, "EdDSA")])
+@pytest.mark.parametrize(("key", "alg"), [(RSA_KEY, "RS256"), (EC_KEY, "ES256"), (ED_KEY, "EdDSA")])
 def test_valid_token_becomes_credential(verifier: JwtVerifier, key: Any, alg: str) -> None:
     exp = int(time.time()) + 120
     token = sign(key, alg, scope="read  write", exp=exp)
@@ -139,12 +158,12 @@ def test_valid_token_becomes_credential(verifier: JwtVerifier, key: Any, alg: st
 
 
 def test_scopes_from_list_and_custom_claims() -> None:
-    v = JwtVerifier(config(subject_claim="email", scopes_claim="groups"),
-                    keys=[entry(ED_KEY)])
+    v = JwtVerifier(config(subject_claim="email", scopes_claim="groups"), keys=[entry(ED_KEY)])
     cred = v.verify(sign(ED_KEY, "EdDSA", email="bob@example.com", groups=["ops", "dev"]))
     assert cred.name == "jwt:bob@example.com" and cred.scopes == ("ops", "dev")
-    assert refused(v, sign(ED_KEY, "EdDSA", email="b@x", groups={"a": 1})) == \
-        "malformed scopes claim"
+    assert (
+        refused(v, sign(ED_KEY, "EdDSA", email="b@x", groups={"a": 1})) == "malformed scopes claim"
+    )
 
 
 def test_audience_list_containing_ours_is_accepted(verifier: JwtVerifier) -> None:
@@ -169,50 +188,88 @@ def _none_token(alg: str) -> str:
 REFUSALS: list[tuple[str, Callable[[], str], str]] = [
     ("alg none", lambda: _none_token("none"), "unsigned token refused"),
     ("alg None", lambda: _none_token("None"), "unsigned token refused"),
-    ("alg NONE with a signature", lambda: forge({"alg": "NONE"}, claims(), b"x"),
-     "unsigned token refused"),
-    ("HS256 signed with the RSA public key (HS256 not enabled)",
-     lambda: forge({"alg": "HS256", "kid": kid_of(RSA_KEY)}, claims(), rsa_public_pem()),
-     "algorithm not allowed"),
-    ("HS384 not allowed", lambda: pyjwt.encode(claims(), HMAC_SECRET * 2, algorithm="HS384"),
-     "algorithm not allowed"),
+    (
+        "alg NONE with a signature",
+        lambda: forge({"alg": "NONE"}, claims(), b"x"),
+        "unsigned token refused",
+    ),
+    (
+        "HS256 signed with the RSA public key (HS256 not enabled)",
+        lambda: forge({"alg": "HS256", "kid": kid_of(RSA_KEY)}, claims(), rsa_public_pem()),
+        "algorithm not allowed",
+    ),
+    (
+        "HS384 not allowed",
+        lambda: pyjwt.encode(claims(), HMAC_SECRET * 2, algorithm="HS384"),
+        "algorithm not allowed",
+    ),
     ("wrong audience", lambda: sign(ED_KEY, "EdDSA", aud="someone-else"), "wrong audience"),
-    ("audience that contains ours", lambda: sign(ED_KEY, "EdDSA", aud=AUD + "-evil"),
-     "wrong audience"),
-    ("audience list without ours", lambda: sign(ED_KEY, "EdDSA", aud=["a", "b"]),
-     "wrong audience"),
+    (
+        "audience that contains ours",
+        lambda: sign(ED_KEY, "EdDSA", aud=AUD + "-evil"),
+        "wrong audience",
+    ),
+    ("audience list without ours", lambda: sign(ED_KEY, "EdDSA", aud=["a", "b"]), "wrong audience"),
     ("no audience", lambda: sign(ED_KEY, "EdDSA", aud=None), "token has no audience"),
-    ("wrong issuer", lambda: sign(ED_KEY, "EdDSA", iss="https://evil.example"),
-     "wrong issuer"),
-    ("issuer that contains ours (suffix)", lambda: sign(ED_KEY, "EdDSA", iss=ISS + ".evil.io"),
-     "wrong issuer"),
-    ("issuer that contains ours (both sides)",
-     lambda: sign(ED_KEY, "EdDSA", iss="x" + ISS + "/x"), "wrong issuer"),
+    ("wrong issuer", lambda: sign(ED_KEY, "EdDSA", iss="https://evil.example"), "wrong issuer"),
+    (
+        "issuer that contains ours (suffix)",
+        lambda: sign(ED_KEY, "EdDSA", iss=ISS + ".evil.io"),
+        "wrong issuer",
+    ),
+    (
+        "issuer that contains ours (both sides)",
+        lambda: sign(ED_KEY, "EdDSA", iss="x" + ISS + "/x"),
+        "wrong issuer",
+    ),
     ("issuer as a list holding ours", lambda: forge_iss_list(), "wrong issuer"),
     ("no issuer", lambda: sign(ED_KEY, "EdDSA", iss=None), "token has no issuer"),
     ("expired", lambda: sign(ED_KEY, "EdDSA", exp=int(time.time()) - 3600), "token expired"),
-    ("expired, inside the leeway", lambda: sign(ED_KEY, "EdDSA", exp=int(time.time()) - 5),
-     "token expired"),
+    (
+        "expired, inside the leeway",
+        lambda: sign(ED_KEY, "EdDSA", exp=int(time.time()) - 5),
+        "token expired",
+    ),
     ("no exp", lambda: sign(ED_KEY, "EdDSA", exp=None), "token has no expiry"),
-    ("not yet valid", lambda: sign(ED_KEY, "EdDSA", nbf=int(time.time()) + 3600),
-     "token not yet valid"),
-    ("unknown crit", lambda: sign(ED_KEY, "EdDSA", headers={"crit": ["x-bind"], "x-bind": 1}),
-     "unsupported critical header"),
-    ("b64 crit", lambda: sign(ED_KEY, "EdDSA", headers={"crit": ["b64"], "b64": True}),
-     "unsupported critical header"),
-    ("kid of another key", lambda: sign(ED_KEY2, "EdDSA", kid=kid_of(ED_KEY)),
-     "invalid signature"),
+    (
+        "not yet valid",
+        lambda: sign(ED_KEY, "EdDSA", nbf=int(time.time()) + 3600),
+        "token not yet valid",
+    ),
+    (
+        "unknown crit",
+        lambda: sign(ED_KEY, "EdDSA", headers={"crit": ["x-bind"], "x-bind": 1}),
+        "unsupported critical header",
+    ),
+    (
+        "b64 crit",
+        lambda: sign(ED_KEY, "EdDSA", headers={"crit": ["b64"], "b64": True}),
+        "unsupported critical header",
+    ),
+    ("kid of another key", lambda: sign(ED_KEY2, "EdDSA", kid=kid_of(ED_KEY)), "invalid signature"),
     ("unknown kid", lambda: sign(ED_KEY2, "EdDSA"), "unknown key id"),
-    ("key type differs from alg (ES256 header, Ed25519 kid)",
-     lambda: sign(EC_KEY, "ES256", kid=kid_of(ED_KEY)), "algorithm does not match the key"),
-    ("RS256 header, EC kid", lambda: sign(RSA_KEY, "RS256", kid=kid_of(EC_KEY)),
-     "algorithm does not match the key"),
-    ("kidless, signed by an unknown key", lambda: sign(ED_KEY2, "EdDSA", kid=None),
-     "invalid signature"),
+    (
+        "key type differs from alg (ES256 header, Ed25519 kid)",
+        lambda: sign(EC_KEY, "ES256", kid=kid_of(ED_KEY)),
+        "algorithm does not match the key",
+    ),
+    (
+        "RS256 header, EC kid",
+        lambda: sign(RSA_KEY, "RS256", kid=kid_of(EC_KEY)),
+        "algorithm does not match the key",
+    ),
+    (
+        "kidless, signed by an unknown key",
+        lambda: sign(ED_KEY2, "EdDSA", kid=None),
+        "invalid signature",
+    ),
     ("tampered payload", lambda: tamper(sign(ED_KEY, "EdDSA")), "invalid signature"),
     ("no subject", lambda: sign(ED_KEY, "EdDSA", sub=None), "token has no usable subject"),
-    ("subject with a newline", lambda: sign(ED_KEY, "EdDSA", sub="alice\nx"),
-     "token has no usable subject"),
+    (
+        "subject with a newline",
+        lambda: sign(ED_KEY, "EdDSA", sub="alice\nx"),
+        "token has no usable subject",
+    ),
     ("garbage", lambda: "eyJhbGciOi.nope.nope", "malformed token"),
     ("too large", lambda: "eyJ" + "a" * 9000 + ".b.c", "token too large"),
 ]
@@ -233,8 +290,7 @@ def tamper(token: str) -> str:
 
 
 @pytest.mark.parametrize(("what", "make", "reason"), REFUSALS, ids=[r[0] for r in REFUSALS])
-def test_refusal(verifier: JwtVerifier, what: str, make: Callable[[], str],
-                 reason: str) -> None:
+def test_refusal(verifier: JwtVerifier, what: str, make: Callable[[], str], reason: str) -> None:
     assert refused(verifier, make()) == reason
     assert verifier.cache_size == 0  # nothing refused is ever cached
 
@@ -247,9 +303,10 @@ async def test_hs256_with_rsa_public_key_when_hs256_enabled(tmp_path: Path) -> N
     secret = tmp_path / "hs.secret"
     secret.write_bytes(HMAC_SECRET)
     secret.chmod(0o600)
-    v = JwtVerifier.from_config(config(algorithms=("RS256", "HS256"), key_file=str(pem),
-                                       hs256_secret_file=str(secret)),
-                                loop=asyncio.get_running_loop())
+    v = JwtVerifier.from_config(
+        config(algorithms=("RS256", "HS256"), key_file=str(pem), hs256_secret_file=str(secret)),
+        loop=asyncio.get_running_loop(),
+    )
     with_kid = forge({"alg": "HS256", "kid": kid_of(RSA_KEY)}, claims(), rsa_public_pem())
     assert refused(v, with_kid) == "algorithm does not match the key"
     kidless = forge({"alg": "HS256"}, claims(), rsa_public_pem())
@@ -349,8 +406,9 @@ def test_malformed_revocation_file_fails_closed(tmp_path: Path) -> None:
     assert info.value.path == "jwt.revokedFile"
     write_json(path, {"jti": {}})
     mono = Clock()
-    v = JwtVerifier(config(), keys=[entry(ED_KEY)],
-                    revocations=RevocationList(str(path), monotonic=mono))
+    v = JwtVerifier(
+        config(), keys=[entry(ED_KEY)], revocations=RevocationList(str(path), monotonic=mono)
+    )
     cred = v.verify(sign(ED_KEY, "EdDSA"))
     path.write_text('{"jti": {}, "surprise": 1}')
     mono.t += 2
@@ -366,31 +424,40 @@ def test_malformed_revocation_file_fails_closed(tmp_path: Path) -> None:
 async def test_key_files(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     priv = tmp_path / "priv.pem"
-    priv.write_bytes(ED_KEY.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    priv.write_bytes(
+        ED_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     with pytest.raises(ConfigError, match="private key"):
         JwtVerifier.from_config(config(key_file=str(priv)), loop=loop)
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     jwks = tmp_path / "keys.json"
-    jwks.write_text(json.dumps({"keys": [
-        {**public_jwk(small), "kid": "small"},
-        {"kty": "oct", "k": b64(HMAC_SECRET), "kid": "sym"},
-        {**public_jwk(ED_KEY), "kid": "ed", "use": "enc"},
-        {**public_jwk(EC_KEY), "kid": "ec", "alg": "ES256"},
-        {**public_jwk(RSA_KEY), "kid": "rsa-ps", "alg": "PS256"},
-    ]}))
-    v = JwtVerifier.from_config(config(key_file=str(jwks), algorithms=("ES256", "RS256",
-                                                                         "PS256", "EdDSA")),
-                                loop=loop)
+    jwks.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {**public_jwk(small), "kid": "small"},
+                    {"kty": "oct", "k": b64(HMAC_SECRET), "kid": "sym"},
+                    {**public_jwk(ED_KEY), "kid": "ed", "use": "enc"},
+                    {**public_jwk(EC_KEY), "kid": "ec", "alg": "ES256"},
+                    {**public_jwk(RSA_KEY), "kid": "rsa-ps", "alg": "PS256"},
+                ]
+            }
+        )
+    )
+    v = JwtVerifier.from_config(
+        config(key_file=str(jwks), algorithms=("ES256", "RS256", "PS256", "EdDSA")), loop=loop
+    )
     assert v.verify(sign(EC_KEY, "ES256", kid="ec")).subject == "alice"
     with pytest.warns(InsecureKeyLengthWarning):
         short = sign(small, "RS256", kid="small")
     assert refused(v, short) == "unknown key id"  # too short to be loaded
     assert refused(v, sign(ED_KEY, "EdDSA", kid="ed")) == "unknown key id"  # use: enc
     # A JWK that declares its alg is bound to it: PS256 key, RS256 header.
-    assert refused(v, sign(RSA_KEY, "RS256", kid="rsa-ps")) == \
-        "algorithm does not match the key"
+    assert refused(v, sign(RSA_KEY, "RS256", kid="rsa-ps")) == "algorithm does not match the key"
     assert v.verify(sign(RSA_KEY, "PS256", kid="rsa-ps")).subject == "alice"
     with pytest.raises(ConfigError, match="jwt.jwksUrl"):
         JwtVerifier.from_config(config(jwks_url="http://idp.example.com/jwks"), loop=loop)
@@ -406,8 +473,9 @@ def test_parse_ttl() -> None:
 
 
 def test_issued_token_verifies_with_public_pem(tmp_path: Path) -> None:
-    token, c = issue_token(ED_KEY, sub="ci-bot", ttl=60, iss=ISS, aud=AUD,
-                           scopes=["deploy", "read"])
+    token, c = issue_token(
+        ED_KEY, sub="ci-bot", ttl=60, iss=ISS, aud=AUD, scopes=["deploy", "read"]
+    )
     v = JwtVerifier(config(), keys=[entry(ED_KEY)])
     cred = v.verify(token)
     assert cred.subject == "ci-bot" and cred.scopes == ("deploy", "read")
@@ -429,8 +497,9 @@ class JwksServer:
         self.url = ""
 
     def serve(self, *keys: Any, kids: list[str] | None = None) -> None:
-        self.keys = [{**public_jwk(k), "kid": (kids[i] if kids else kid_of(k))}
-                     for i, k in enumerate(keys)]
+        self.keys = [
+            {**public_jwk(k), "kid": (kids[i] if kids else kid_of(k))} for i, k in enumerate(keys)
+        ]
 
     async def handler(self, request: web.Request) -> web.Response:
         self.fetches += 1
@@ -462,10 +531,16 @@ async def jwks_server() -> AsyncIterator[JwksServer]:
         await srv.runner.cleanup()
 
 
-def remote(srv: JwksServer, mono: Clock, *, cooldown: float = 30.0,
-           cache: float = 300.0) -> tuple[JwtVerifier, JwksSource]:
-    source = JwksSource(srv.url, loop=asyncio.get_running_loop(), cache_seconds=cache,
-                        cooldown_seconds=cooldown, monotonic=mono)
+def remote(
+    srv: JwksServer, mono: Clock, *, cooldown: float = 30.0, cache: float = 300.0
+) -> tuple[JwtVerifier, JwksSource]:
+    source = JwksSource(
+        srv.url,
+        loop=asyncio.get_running_loop(),
+        cache_seconds=cache,
+        cooldown_seconds=cooldown,
+        monotonic=mono,
+    )
     return JwtVerifier(config(jwks_url=srv.url), jwks=source), source
 
 
@@ -478,16 +553,16 @@ async def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> None:
 
 async def test_first_request_awaits_the_initial_fetch(jwks_server: JwksServer) -> None:
     jwks_server.serve(ED_KEY)
-    v = JwtVerifier.from_config(config(jwks_url=jwks_server.url),
-                                loop=asyncio.get_running_loop())
+    v = JwtVerifier.from_config(config(jwks_url=jwks_server.url), loop=asyncio.get_running_loop())
     token = sign(ED_KEY, "EdDSA")
     assert v.needs_keys(token)  # the fetch started by from_config is still running
     cred = await v.verify_async(token)
     assert cred.subject == "alice" and jwks_server.fetches == 1
     assert not v.needs_keys(token)
     # A reload that keeps the URL keeps the keys: no new fetch.
-    v2 = JwtVerifier.from_config(config(jwks_url=jwks_server.url),
-                                 loop=asyncio.get_running_loop(), previous=v)
+    v2 = JwtVerifier.from_config(
+        config(jwks_url=jwks_server.url), loop=asyncio.get_running_loop(), previous=v
+    )
     assert v2.jwks is v.jwks and v2.verify(token).subject == "alice"
     assert jwks_server.fetches == 1
 
@@ -528,14 +603,15 @@ async def test_flood_of_unknown_kids_costs_one_fetch(jwks_server: JwksServer) ->
     assert jwks_server.fetches == 1
     mono.t += 31
     jwks_server.gate = asyncio.Event()  # hold the fetch so every request overlaps it
-    flood = [asyncio.ensure_future(v.verify_async(sign(ED_KEY2, "EdDSA", kid=f"made-up-{i}")))
-             for i in range(50)]
+    flood = [
+        asyncio.ensure_future(v.verify_async(sign(ED_KEY2, "EdDSA", kid=f"made-up-{i}")))
+        for i in range(50)
+    ]
     await wait_for(lambda: jwks_server.fetches == 2)
     await asyncio.sleep(0.05)  # let every request reach the shared fetch
     jwks_server.gate.set()
     results = await asyncio.gather(*flood, return_exceptions=True)
-    assert all(isinstance(r, Unauthenticated) and r.reason == "unknown key id"
-               for r in results)
+    assert all(isinstance(r, Unauthenticated) and r.reason == "unknown key id" for r in results)
     assert jwks_server.fetches == 2
     # Still in the cooldown: more made-up kids fetch nothing.
     for i in range(20):
@@ -548,8 +624,7 @@ async def test_flood_of_unknown_kids_costs_one_fetch(jwks_server: JwksServer) ->
     assert jwks_server.fetches == 3
 
 
-async def test_stale_keys_refresh_in_background_and_survive_errors(
-        jwks_server: JwksServer) -> None:
+async def test_stale_keys_refresh_in_background_and_survive_errors(jwks_server: JwksServer) -> None:
     mono = Clock()
     jwks_server.serve(ED_KEY)
     v, source = remote(jwks_server, mono, cooldown=5.0, cache=60.0)
@@ -567,10 +642,14 @@ async def test_stale_keys_refresh_in_background_and_survive_errors(
 async def test_symmetric_key_in_remote_jwks_is_ignored(jwks_server: JwksServer) -> None:
     jwks_server.keys = [{"kty": "oct", "k": b64(HMAC_SECRET), "kid": "sym"}]
     mono = Clock()
-    source = JwksSource(jwks_server.url, loop=asyncio.get_running_loop(), cache_seconds=300,
-                        cooldown_seconds=30, monotonic=mono)
-    v = JwtVerifier(config(jwks_url=jwks_server.url, algorithms=("HS256", "EdDSA")),
-                    jwks=source)
+    source = JwksSource(
+        jwks_server.url,
+        loop=asyncio.get_running_loop(),
+        cache_seconds=300,
+        cooldown_seconds=30,
+        monotonic=mono,
+    )
+    v = JwtVerifier(config(jwks_url=jwks_server.url, algorithms=("HS256", "EdDSA")), jwks=source)
     token = pyjwt.encode(claims(), HMAC_SECRET, algorithm="HS256", headers={"kid": "sym"})
     with pytest.raises(Unauthenticated, match="unknown key id"):
         await v.verify_async(token)
@@ -606,12 +685,15 @@ class Ident:
         ("both", True, IdentityOutcome("unavailable", reason="down"), 503),
     ],
 )
-def test_token_subject_must_match_tailscale_user(mode: str, require_identity: bool,
-                                                 outcome: IdentityOutcome,
-                                                 status: int) -> None:
-    s = PolicySettings(require_token=True, require_identity=require_identity, auth_mode=mode,
-                       require_token_user_match=True)
-    d = decide(s, token_name="jwt:alice", token_error=None, token_subject="alice",
-               identity=outcome)
+def test_token_subject_must_match_tailscale_user(
+    mode: str, require_identity: bool, outcome: IdentityOutcome, status: int
+) -> None:
+    s = PolicySettings(
+        require_token=True,
+        require_identity=require_identity,
+        auth_mode=mode,
+        require_token_user_match=True,
+    )
+    d = decide(s, token_name="jwt:alice", token_error=None, token_subject="alice", identity=outcome)
     assert d.status == status, d
     assert d.allow == (status == 200)

@@ -27,7 +27,8 @@ def oracle(nets: list[Net], ip: str) -> bool:
     """
     try:
         addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-            ip.split("%", 1)[0])
+            ip.split("%", 1)[0]
+        )
     except ValueError:
         return False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -35,10 +36,13 @@ def oracle(nets: list[Net], ip: str) -> bool:
     for n in nets:
         if n.version == addr.version and addr in n:
             return True
-        if (addr.version == 4 and isinstance(n, ipaddress.IPv6Network)
-                and n.prefixlen >= 96 and n.subnet_of(_MAPPED)):
-            as_v4 = ipaddress.IPv4Network(
-                (int(n.network_address) & 0xFFFFFFFF, n.prefixlen - 96))
+        if (
+            addr.version == 4
+            and isinstance(n, ipaddress.IPv6Network)
+            and n.prefixlen >= 96
+            and n.subnet_of(_MAPPED)
+        ):
+            as_v4 = ipaddress.IPv4Network((int(n.network_address) & 0xFFFFFFFF, n.prefixlen - 96))
             if addr in as_v4:
                 return True
     return False
@@ -52,7 +56,8 @@ _v6_int = st.integers(0, 2**128 - 1)
 _v4_near = st.one_of(
     _v4_int,
     st.sampled_from([0x64400000, 0x0A000000, 0x7F000001, 0xCB007107]).flatmap(
-        lambda base: st.integers(max(0, base - 300), min(2**32 - 1, base + 300))),
+        lambda base: st.integers(max(0, base - 300), min(2**32 - 1, base + 300))
+    ),
 )
 _v6_near = st.one_of(
     _v6_int,
@@ -119,8 +124,9 @@ def test_boundaries_of_each_network(nets: list[Net]) -> None:
         first, last = int(n.network_address), int(n.broadcast_address)
         top = 2**32 - 1 if n.version == 4 else 2**128 - 1
         for value in {first, last, max(first - 1, 0), min(last + 1, top)}:
-            ip = str(ipaddress.IPv4Address(value) if n.version == 4
-                     else ipaddress.IPv6Address(value))
+            ip = str(
+                ipaddress.IPv4Address(value) if n.version == 4 else ipaddress.IPv6Address(value)
+            )
             assert ns.contains(ip) is oracle(nets, ip), (nets, ip)
 
 
@@ -137,7 +143,8 @@ def test_cidrs_round_trip(nets: list[Net]) -> None:
 def test_random_text_is_outside_unless_it_is_an_address(text: str) -> None:
     everything = NetworkSet.from_strings(["0.0.0.0/0", "::/0"])
     assert everything.contains(text) is oracle(
-        [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")], text)
+        [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")], text
+    )
 
 
 # ----------------------------------------------------------------------------- the table
@@ -210,29 +217,49 @@ EDGES: list[tuple[list[str], object, bool]] = [
 ]
 
 
-@pytest.mark.parametrize(("nets", "ip", "inside"), EDGES,
-                         ids=[f"{i}-{ip!r}" for i, (_, ip, _) in enumerate(EDGES)])
+@pytest.mark.parametrize(
+    ("nets", "ip", "inside"), EDGES, ids=[f"{i}-{ip!r}" for i, (_, ip, _) in enumerate(EDGES)]
+)
 def test_edges(nets: list[str], ip: object, inside: bool) -> None:
     ns = NetworkSet.from_strings(nets)
     assert ns.contains(ip) is inside  # type: ignore[arg-type]
     assert (ip in ns) is inside  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("text", [
-    "10.0.0.0/33", "10/8", "127.1", "10.0.0.0/08", "10.0.0.0/-1", "10.0.0.0/", "::/129",
-    "fd7a::1%eth0/128", " 10.0.0.0/8", "10.0.0.0/8 ", "example.com", "", "10.0.0.0/8/8",
-    "10.0.0.0/+8", "10.0.0.0/0x8", "10.0.0.0/٨",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.0/33",
+        "10/8",
+        "127.1",
+        "10.0.0.0/08",
+        "10.0.0.0/-1",
+        "10.0.0.0/",
+        "::/129",
+        "fd7a::1%eth0/128",
+        " 10.0.0.0/8",
+        "10.0.0.0/8 ",
+        "example.com",
+        "",
+        "10.0.0.0/8/8",
+        "10.0.0.0/+8",
+        "10.0.0.0/0x8",
+        "10.0.0.0/٨",
+    ],
+)
 def test_parse_network_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="is not a network"):
         parse_network(text)
 
 
-@pytest.mark.parametrize(("text", "suggestion"), [
-    ("100.101.102.103/10", "100.64.0.0/10"),
-    ("fd7a:115c:a1e0::1/48", "fd7a:115c:a1e0::/48"),
-    ("10.0.0.1/0", "0.0.0.0/0"),
-])
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [
+        ("100.101.102.103/10", "100.64.0.0/10"),
+        ("fd7a:115c:a1e0::1/48", "fd7a:115c:a1e0::/48"),
+        ("10.0.0.1/0", "0.0.0.0/0"),
+    ],
+)
 def test_parse_network_host_bits(text: str, suggestion: str) -> None:
     with pytest.raises(ValueError, match=f"has host bits set .did you mean '{suggestion}'"):
         parse_network(text)
@@ -244,14 +271,17 @@ def test_empty_set_is_false_and_contains_nothing() -> None:
     assert not ns.contains("127.0.0.1")
 
 
-@pytest.mark.parametrize(("ip", "unmapped", "loopback"), [
-    ("::ffff:100.1.2.3", "100.1.2.3", False),
-    ("::ffff:127.0.0.1", "127.0.0.1", True),
-    ("fe80::1%eth0", "fe80::1", False),
-    ("127.0.0.53", "127.0.0.53", True),
-    ("::1", "::1", True),
-    ("100.64.0.1", "100.64.0.1", False),
-])
+@pytest.mark.parametrize(
+    ("ip", "unmapped", "loopback"),
+    [
+        ("::ffff:100.1.2.3", "100.1.2.3", False),
+        ("::ffff:127.0.0.1", "127.0.0.1", True),
+        ("fe80::1%eth0", "fe80::1", False),
+        ("127.0.0.53", "127.0.0.53", True),
+        ("::1", "::1", True),
+        ("100.64.0.1", "100.64.0.1", False),
+    ],
+)
 def test_unmap_and_loopback(ip: str, unmapped: str, loopback: bool) -> None:
     assert unmap_ip(ip) == unmapped
     assert is_loopback(ip) is loopback

@@ -60,14 +60,27 @@ LISTS: dict[str, dict[str, Any]] = {
 TOKENS = {"token": ("phone", None), "none": (None, None), "bad": (None, "invalid token")}
 
 
-def run(require_token: bool, require_identity: bool, mode: str, lists: str, token: str,
-        outcome: str, subject: str | None = None, user_match: bool = False) -> Decision:
-    s = PolicySettings(require_token=require_token, require_identity=require_identity,
-                       auth_mode=mode, require_token_user_match=user_match,
-                       **LISTS[lists])
+def run(
+    require_token: bool,
+    require_identity: bool,
+    mode: str,
+    lists: str,
+    token: str,
+    outcome: str,
+    subject: str | None = None,
+    user_match: bool = False,
+) -> Decision:
+    s = PolicySettings(
+        require_token=require_token,
+        require_identity=require_identity,
+        auth_mode=mode,
+        require_token_user_match=user_match,
+        **LISTS[lists],
+    )
     name, err = TOKENS[token]
-    return decide(s, token_name=name, token_error=err, token_subject=subject,
-                  identity=OUTCOMES[outcome])
+    return decide(
+        s, token_name=name, token_error=err, token_subject=subject, identity=OUTCOMES[outcome]
+    )
 
 
 # (require_token, require_identity, mode, lists, token, outcome) -> (allow, status, reason)
@@ -82,39 +95,59 @@ TABLE: list[tuple[tuple[bool, bool, str, str, str, str], tuple[bool, int, str]]]
     # both: token and identity
     ((True, True, "both", "open", "token", "alice"), (True, 200, "token+identity")),
     ((True, True, "both", "open", "none", "alice"), (False, 401, "token required")),
-    ((True, True, "both", "open", "token", "unavailable"),
-     (False, 503, "tailscale identity unavailable: x")),
+    (
+        (True, True, "both", "open", "token", "unavailable"),
+        (False, 503, "tailscale identity unavailable: x"),
+    ),
     ((True, True, "both", "open", "token", "unknown"), (False, 403, "not a known tailnet peer")),
-    ((True, True, "both", "open", "token", "none"),
-     (False, 403, "local process, not a tailnet peer")),
+    (
+        (True, True, "both", "open", "token", "none"),
+        (False, 403, "local process, not a tailnet peer"),
+    ),
     ((False, True, "both", "open", "none", "alice"), (True, 200, "identity")),
     # tailscaled down is a 503 even without a token: not a 401 that sends users hunting
-    ((True, True, "both", "open", "none", "unavailable"),
-     (False, 503, "tailscale identity unavailable: x")),
-    ((False, True, "both", "open", "none", "unavailable"),
-     (False, 503, "tailscale identity unavailable: x")),
+    (
+        (True, True, "both", "open", "none", "unavailable"),
+        (False, 503, "tailscale identity unavailable: x"),
+    ),
+    (
+        (False, True, "both", "open", "none", "unavailable"),
+        (False, 503, "tailscale identity unavailable: x"),
+    ),
     ((True, True, "both", "users", "token", "alice"), (True, 200, "token+identity")),
-    ((True, True, "both", "users", "token", "bob"),
-     (False, 403, "bob@example.com on laptop.tail1234.ts.net is not allowed by policy")),
-    ((True, True, "both", "users", "token", "ci"),
-     (False, 403, "tag:ci on ci.tail1234.ts.net is not allowed by policy")),
+    (
+        (True, True, "both", "users", "token", "bob"),
+        (False, 403, "bob@example.com on laptop.tail1234.ts.net is not allowed by policy"),
+    ),
+    (
+        (True, True, "both", "users", "token", "ci"),
+        (False, 403, "tag:ci on ci.tail1234.ts.net is not allowed by policy"),
+    ),
     ((True, True, "both", "tags", "token", "ci"), (True, 200, "token+identity")),
     ((True, True, "both", "tags", "token", "alice"), (False, 403, "")),
     ((True, True, "both", "nodes", "token", "bob"), (True, 200, "token+identity")),
     ((True, True, "both", "nodes", "token", "alice"), (False, 403, "")),
     ((True, True, "both", "cap", "token", "capped"), (True, 200, "token+identity")),
-    ((True, True, "both", "cap", "token", "alice"),
-     (False, 403, "phone.tail1234.ts.net lacks capability example.com/cap/openclaw")),
+    (
+        (True, True, "both", "cap", "token", "alice"),
+        (False, 403, "phone.tail1234.ts.net lacks capability example.com/cap/openclaw"),
+    ),
     # either: a token, or an allowed identity
     ((True, True, "either", "open", "token", "unavailable"), (True, 200, "token")),
     ((True, True, "either", "open", "token", "unknown"), (True, 200, "token")),
     ((True, True, "either", "open", "none", "alice"), (True, 200, "identity")),
-    ((True, True, "either", "users", "none", "bob"),
-     (False, 401, "token or an allowed tailnet identity required")),
-    ((True, True, "either", "open", "none", "unknown"),
-     (False, 401, "token or an allowed tailnet identity required")),
-    ((True, True, "either", "open", "none", "unavailable"),
-     (False, 503, "tailscale identity unavailable: x")),
+    (
+        (True, True, "either", "users", "none", "bob"),
+        (False, 401, "token or an allowed tailnet identity required"),
+    ),
+    (
+        (True, True, "either", "open", "none", "unknown"),
+        (False, 401, "token or an allowed tailnet identity required"),
+    ),
+    (
+        (True, True, "either", "open", "none", "unavailable"),
+        (False, 503, "tailscale identity unavailable: x"),
+    ),
     ((True, True, "either", "open", "bad", "alice"), (False, 401, "invalid token")),
     # identity only: a token does not help
     ((True, True, "identity", "open", "none", "alice"), (True, 200, "identity")),
@@ -125,10 +158,12 @@ TABLE: list[tuple[tuple[bool, bool, str, str, str, str], tuple[bool, int, str]]]
 ]
 
 
-@pytest.mark.parametrize(("args", "expected"), TABLE,
-                         ids=["-".join(str(a) for a in row) for row, _ in TABLE])
-def test_decision_table(args: tuple[bool, bool, str, str, str, str],
-                        expected: tuple[bool, int, str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "expected"), TABLE, ids=["-".join(str(a) for a in row) for row, _ in TABLE]
+)
+def test_decision_table(
+    args: tuple[bool, bool, str, str, str, str], expected: tuple[bool, int, str]
+) -> None:
     d = run(*args)
     assert (d.allow, d.status) == expected[:2]
     if expected[2]:
@@ -138,11 +173,20 @@ def test_decision_table(args: tuple[bool, bool, str, str, str, str],
 
 @pytest.mark.parametrize(
     ("require_token", "require_identity", "mode", "lists", "token", "outcome"),
-    list(itertools.product([True, False], [True, False], ["both", "either", "identity"],
-                           sorted(LISTS), sorted(TOKENS), sorted(OUTCOMES))),
+    list(
+        itertools.product(
+            [True, False],
+            [True, False],
+            ["both", "either", "identity"],
+            sorted(LISTS),
+            sorted(TOKENS),
+            sorted(OUTCOMES),
+        )
+    ),
 )
-def test_invariants(require_token: bool, require_identity: bool, mode: str, lists: str,
-                    token: str, outcome: str) -> None:
+def test_invariants(
+    require_token: bool, require_identity: bool, mode: str, lists: str, token: str, outcome: str
+) -> None:
     d = run(require_token, require_identity, mode, lists, token, outcome)
     assert d.status in (200, 401, 403, 503)
     assert d.allow is (d.status == 200)
@@ -152,8 +196,13 @@ def test_invariants(require_token: bool, require_identity: bool, mode: str, list
     if d.status == 503:
         assert outcome == "unavailable" and require_identity
     ident = OUTCOMES[outcome].identity
-    ident_ok = ident is not None and check_identity(ident, PolicySettings(
-        require_token, require_identity, mode, **LISTS[lists])) is None
+    ident_ok = (
+        ident is not None
+        and check_identity(
+            ident, PolicySettings(require_token, require_identity, mode, **LISTS[lists])
+        )
+        is None
+    )
     if require_identity and mode in ("both", "identity") and not ident_ok:
         assert not d.allow  # fail closed: no identity, no entry
     if mode == "both" and require_token and token != "token":
@@ -165,17 +214,21 @@ def test_invariants(require_token: bool, require_identity: bool, mode: str, list
 
 
 @pytest.mark.parametrize("mode", ["both", "either", "identity"])
-@pytest.mark.parametrize(("subject", "outcome", "status"), [
-    ("alice@example.com", "alice", 200),
-    ("bob@example.com", "alice", 403),
-    (None, "alice", 200),  # a static token has no subject
-    ("someone", "ci", 403),  # a tagged device cannot prove it belongs to the subject
-    ("alice@example.com", "unknown", 403),
-    ("alice@example.com", "none", 403),
-    ("alice@example.com", "unavailable", 503),
-])
-def test_token_user_must_match_the_device(mode: str, subject: str | None, outcome: str,
-                                          status: int) -> None:
+@pytest.mark.parametrize(
+    ("subject", "outcome", "status"),
+    [
+        ("alice@example.com", "alice", 200),
+        ("bob@example.com", "alice", 403),
+        (None, "alice", 200),  # a static token has no subject
+        ("someone", "ci", 403),  # a tagged device cannot prove it belongs to the subject
+        ("alice@example.com", "unknown", 403),
+        ("alice@example.com", "none", 403),
+        ("alice@example.com", "unavailable", 503),
+    ],
+)
+def test_token_user_must_match_the_device(
+    mode: str, subject: str | None, outcome: str, status: int
+) -> None:
     d = run(True, True, mode, "open", "token", outcome, subject=subject, user_match=True)
     if mode == "identity" and status == 200:
         assert d.allow

@@ -61,9 +61,14 @@ POLICIES: dict[str, dict[str, Any]] = {
 CREDENTIALS = ["none", "valid", "invalid"]
 
 
-def written_policy_admits(require_token: bool, mode: str, require_identity: bool | None,
-                          policy: dict[str, Any], credential: str,
-                          ident: IdentityLike | None) -> bool:
+def written_policy_admits(
+    require_token: bool,
+    mode: str,
+    require_identity: bool | None,
+    policy: dict[str, Any],
+    credential: str,
+    ident: IdentityLike | None,
+) -> bool:
     """The policy as written; ``ident`` None: no identity was established."""
     if credential == "invalid":
         return False  # a wrong token is never ignored
@@ -76,9 +81,12 @@ def written_policy_admits(require_token: bool, mode: str, require_identity: bool
     def passes(i: IdentityLike | None) -> bool:
         if i is None:
             return False
-        if lists and not ((not i.tagged and i.login in users)
-                          or (i.tagged and bool(set(i.tags) & tags))
-                          or i.node_name in nodes or i.node_id in nodes):
+        if lists and not (
+            (not i.tagged and i.login in users)
+            or (i.tagged and bool(set(i.tags) & tags))
+            or i.node_name in nodes
+            or i.node_id in nodes
+        ):
             return False
         return cap is None or cap in i.caps
 
@@ -95,23 +103,32 @@ def written_policy_admits(require_token: bool, mode: str, require_identity: bool
     return True
 
 
-def _config(require_token: bool, mode: str, require_identity: bool | None,
-            policy: dict[str, Any]) -> dict[str, Any]:
+def _config(
+    require_token: bool, mode: str, require_identity: bool | None, policy: dict[str, Any]
+) -> dict[str, Any]:
     ts: dict[str, Any] = {"authMode": mode, **policy}
     if require_identity is not None:
         ts["requireIdentity"] = require_identity
     return {"gateway": {"requireToken": require_token}, "tailscale": ts}
 
 
-CASES = list(itertools.product([True, False], ["both", "either", "identity"],
-                               [None, True, False], list(POLICIES), [True, False]))
+CASES = list(
+    itertools.product(
+        [True, False],
+        ["both", "either", "identity"],
+        [None, True, False],
+        list(POLICIES),
+        [True, False],
+    )
+)
 
 
-@pytest.mark.parametrize(("require_token", "mode", "require_identity", "policy",
-                          "tailscaled"), CASES)
+@pytest.mark.parametrize(
+    ("require_token", "mode", "require_identity", "policy", "tailscaled"), CASES
+)
 def test_no_combination_admits_what_the_policy_refuses(
-        require_token: bool, mode: str, require_identity: bool | None, policy: str,
-        tailscaled: bool) -> None:
+    require_token: bool, mode: str, require_identity: bool | None, policy: str, tailscaled: bool
+) -> None:
     written = POLICIES[policy]
     try:
         cfg = parse_config(_config(require_token, mode, require_identity, written))
@@ -136,20 +153,25 @@ def test_no_combination_admits_what_the_policy_refuses(
         else:
             outcome = IdentityOutcome(outcome_name, reason=outcome_name)
         ident = outcome.identity if outcome.kind == "identity" else None
-        d = decide(settings,
-                   token_name="phone" if credential == "valid" else None,
-                   token_error="invalid token" if credential == "invalid" else None,
-                   token_subject=None, identity=outcome)
-        may = written_policy_admits(require_token, mode, require_identity, written,
-                                    credential, ident)
+        d = decide(
+            settings,
+            token_name="phone" if credential == "valid" else None,
+            token_error="invalid token" if credential == "invalid" else None,
+            token_subject=None,
+            identity=outcome,
+        )
+        may = written_policy_admits(
+            require_token, mode, require_identity, written, credential, ident
+        )
         where = (outcome_name, credential, d)
         if d.allow:
             assert may, f"admitted what the written policy refuses: {where}"
         if outcome.kind == "unavailable" and not d.allow and credential != "invalid":
             # An identity outage is 503 (never a 401 that sends users hunting for a
             # token, never a silent admit).
-            assert d.status == 503 or (mode == "both" and require_token
-                                       and credential == "none"), where
+            assert d.status == 503 or (mode == "both" and require_token and credential == "none"), (
+                where
+            )
 
 
 def test_allow_list_without_tailscaled_needs_identity() -> None:
@@ -157,8 +179,9 @@ def test_allow_list_without_tailscaled_needs_identity() -> None:
     cfg = parse_config(_config(False, "both", None, POLICIES["users"]))
     assert cfg.tailscale.identity_needed
     assert policy_settings(cfg, identity_present=True).require_identity
-    with pytest.raises(ConfigError, match="tailscale.requireIdentity: false contradicts "
-                                          "tailscale.allowUsers"):
+    with pytest.raises(
+        ConfigError, match="tailscale.requireIdentity: false contradicts tailscale.allowUsers"
+    ):
         parse_config(_config(False, "both", False, POLICIES["users"]))
 
 

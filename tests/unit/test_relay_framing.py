@@ -47,13 +47,18 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
     for data in draw(st.lists(st.binary(min_size=1, max_size=300), max_size=6)):
         size = f"{len(data):x}"
         size = draw(st.sampled_from([size, size.upper(), "0" * draw(st.integers(0, 3)) + size]))
-        ext = draw(st.sampled_from(["", ";a=b", ";name=\"quoted\"", ";x"]))
+        ext = draw(st.sampled_from(["", ";a=b", ';name="quoted"', ";x"]))
         out += f"{size}{ext}\r\n".encode() + data + b"\r\n"
     out += draw(st.sampled_from([b"0", b"000", b"0;last"])) + b"\r\n"
-    for name, value in draw(st.lists(st.tuples(
-            st.sampled_from([b"X-Trailer", b"Checksum", b"a"]),
-            st.binary(max_size=20).map(lambda b: bytes(c for c in b if 0x20 < c < 0x7F))),
-            max_size=3)):
+    for name, value in draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from([b"X-Trailer", b"Checksum", b"a"]),
+                st.binary(max_size=20).map(lambda b: bytes(c for c in b if 0x20 < c < 0x7F)),
+            ),
+            max_size=3,
+        )
+    ):
         out += name + b": " + value + b"\r\n"
     return out + b"\r\n"
 
@@ -62,10 +67,10 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
 
 
 @settings(max_examples=500, deadline=None)
-@given(chunked_bodies(), st.lists(st.integers(0, 3000), max_size=30),
-       st.binary(max_size=20))
-def test_chunked_end_is_independent_of_chunking(body: bytes, cuts: list[int],
-                                                following: bytes) -> None:
+@given(chunked_bodies(), st.lists(st.integers(0, 3000), max_size=30), st.binary(max_size=20))
+def test_chunked_end_is_independent_of_chunking(
+    body: bytes, cuts: list[int], following: bytes
+) -> None:
     stream = body + following  # the next message (or garbage) follows the body
     assert scan([stream]) == len(body)
     assert scan(cut(stream, cuts)) == len(body)
@@ -121,14 +126,17 @@ def tiny_chunks(n: int, size: int = 1) -> bytes:
     return (b"%x\r\n" % size + b"x" * size + b"\r\n") * n
 
 
-@pytest.mark.parametrize(("body", "ok"), [
-    (tiny_chunks(REQUEST_FREE_CHUNKS - 1) + b"0\r\n\r\n", True),
-    (tiny_chunks(REQUEST_FREE_CHUNKS) + b"0\r\n\r\n", False),  # the last-chunk is one too
-    (tiny_chunks(3000, 4096) + b"0\r\n\r\n", True),  # one more allowed per 4 KiB
-    (tiny_chunks(1000, 4096) + tiny_chunks(1000) + b"0\r\n\r\n", True),
-    (tiny_chunks(1000, 4096) + tiny_chunks(1100) + b"0\r\n\r\n", False),
-    (tiny_chunks(1) + b"0\r\n" + b"X-A: 1\r\n" * 1100 + b"\r\n", False),  # trailer lines count
-])
+@pytest.mark.parametrize(
+    ("body", "ok"),
+    [
+        (tiny_chunks(REQUEST_FREE_CHUNKS - 1) + b"0\r\n\r\n", True),
+        (tiny_chunks(REQUEST_FREE_CHUNKS) + b"0\r\n\r\n", False),  # the last-chunk is one too
+        (tiny_chunks(3000, 4096) + b"0\r\n\r\n", True),  # one more allowed per 4 KiB
+        (tiny_chunks(1000, 4096) + tiny_chunks(1000) + b"0\r\n\r\n", True),
+        (tiny_chunks(1000, 4096) + tiny_chunks(1100) + b"0\r\n\r\n", False),
+        (tiny_chunks(1) + b"0\r\n" + b"X-A: 1\r\n" * 1100 + b"\r\n", False),  # trailer lines count
+    ],
+)
 def test_request_scanner_bounds_the_number_of_chunks(body: bytes, ok: bool) -> None:
     sc = ChunkedScanner(request=True)
     if ok:
@@ -147,11 +155,22 @@ def test_request_scanner_budget_is_per_message() -> None:
         assert sc.feed(one) == len(one)
 
 
-BAD_TRAILERS = [b"X-Forwarded-User: a", b"x_forwarded_for: 1", b"Forwarded: for=x",
-                b"X-Real-IP: 1", b"Tailscale-User-Login: a", b"X-Auth-Request-User: a",
-                b"x_auth_request_user: a", b"Authorization: Bearer x", b"Cookie: a=1",
-                b"Host: h", b"Content-Length: 1", b"Transfer-Encoding: chunked",
-                b"X-Forwarded-User : a", b": a"]
+BAD_TRAILERS = [
+    b"X-Forwarded-User: a",
+    b"x_forwarded_for: 1",
+    b"Forwarded: for=x",
+    b"X-Real-IP: 1",
+    b"Tailscale-User-Login: a",
+    b"X-Auth-Request-User: a",
+    b"x_auth_request_user: a",
+    b"Authorization: Bearer x",
+    b"Cookie: a=1",
+    b"Host: h",
+    b"Content-Length: 1",
+    b"Transfer-Encoding: chunked",
+    b"X-Forwarded-User : a",
+    b": a",
+]
 
 
 @pytest.mark.parametrize("trailer", BAD_TRAILERS)
@@ -199,8 +218,9 @@ def frame(opcode: int, payload: bytes, *, masked: bool = False, fin: bool = True
     return head + payload
 
 
-_lengths = st.one_of(st.integers(0, 130), st.sampled_from([125, 126, 127, 65535, 65536]),
-                     st.integers(65530, 70000))
+_lengths = st.one_of(
+    st.integers(0, 130), st.sampled_from([125, 126, 127, 65535, 65536]), st.integers(65530, 70000)
+)
 
 
 @st.composite
@@ -209,16 +229,21 @@ def frame_streams(draw: st.DrawFn) -> tuple[bytes, set[int]]:
     edges = {0}
     for _ in range(draw(st.integers(1, 6))):
         n = draw(_lengths)
-        data += frame(draw(st.sampled_from([0x1, 0x2, 0x0, 0x8, 0x9, 0xA])), b"\xab" * n,
-                      masked=draw(st.booleans()), fin=draw(st.booleans()))
+        data += frame(
+            draw(st.sampled_from([0x1, 0x2, 0x0, 0x8, 0x9, 0xA])),
+            b"\xab" * n,
+            masked=draw(st.booleans()),
+            fin=draw(st.booleans()),
+        )
         edges.add(len(data))
     return data, edges
 
 
 @settings(max_examples=300, deadline=None)
 @given(frame_streams(), st.lists(st.integers(0, 300000), max_size=40))
-def test_frame_boundaries_are_independent_of_chunking(stream: tuple[bytes, set[int]],
-                                                      cuts: list[int]) -> None:
+def test_frame_boundaries_are_independent_of_chunking(
+    stream: tuple[bytes, set[int]], cuts: list[int]
+) -> None:
     data, edges = stream
     ft = FrameTracker()
     assert ft.at_boundary
@@ -236,12 +261,13 @@ def test_frame_tracker_fast_path_inside_a_large_frame() -> None:
     ft.feed(data[:10])
     assert ft.remaining == 25 * 1024 * 1024 and not ft.at_boundary
     for i in range(10, len(data), 1 << 20):
-        ft.feed(data[i:i + (1 << 20)])
+        ft.feed(data[i : i + (1 << 20)])
     assert ft.at_boundary
 
 
-@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (1008, "token revoked"),
-                                              (1001, "server shutting down")])
+@pytest.mark.parametrize(
+    ("code", "reason"), [(1000, ""), (1008, "token revoked"), (1001, "server shutting down")]
+)
 def test_close_frame(code: int, reason: str) -> None:
     f = close_frame(code, reason)
     assert f[0] == 0x88

@@ -94,7 +94,9 @@ def test_all_prepare_then_all_commit_and_the_asker_gets_every_result(pairs: list
     assert result["op"] == "reload-result" and result["req"] == 7 and result["ok"] is True
     assert result["sessions_ended"] == 3
     assert [(w["worker"], w["pid"], w["ok"]) for w in result["workers"]] == [
-        (0, 1000, True), (1, 1001, True)]
+        (0, 1000, True),
+        (1, 1001, True),
+    ]
     assert notes == []  # not a SIGHUP: systemd is not told
     assert c.current is None
 

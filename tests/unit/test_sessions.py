@@ -39,24 +39,34 @@ class Clock:
 
 
 def ident(node_id: str = "nAL1CE1CNTRL", login: str | None = "alice@example.com") -> Identity:
-    return Identity(login=login, display_name=None, profile_pic=None, node_name="n",
-                    node_host="n", node_id=node_id)
+    return Identity(
+        login=login,
+        display_name=None,
+        profile_pic=None,
+        node_name="n",
+        node_host="n",
+        node_id=node_id,
+    )
 
 
 # ---------------------------------------------------------------------- lockout keys
 
-@pytest.mark.parametrize(("ip", "identity", "loopback", "key"), [
-    ("100.101.102.103", None, False, "ip:100.101.102.103"),
-    ("fd7a:115c:a1e0::1", None, False, "ip:fd7a:115c:a1e0::1"),
-    # Known identity: the node, whatever address it came from.
-    ("100.101.102.103", ident(), False, "node:nAL1CE1CNTRL"),
-    ("127.0.0.1", ident(), True, "node:nAL1CE1CNTRL"),
-    ("127.0.0.1", ident("nB0B"), True, "node:nB0B"),
-    ("::1", ident("nCI", login=None), True, "node:nCI"),
-    # Loopback without an identity: the local key, never the tailnet peers' keys.
-    ("127.0.0.1", None, True, LOCAL_LOCKOUT_KEY),
-    ("::1", None, True, LOCAL_LOCKOUT_KEY),
-])
+
+@pytest.mark.parametrize(
+    ("ip", "identity", "loopback", "key"),
+    [
+        ("100.101.102.103", None, False, "ip:100.101.102.103"),
+        ("fd7a:115c:a1e0::1", None, False, "ip:fd7a:115c:a1e0::1"),
+        # Known identity: the node, whatever address it came from.
+        ("100.101.102.103", ident(), False, "node:nAL1CE1CNTRL"),
+        ("127.0.0.1", ident(), True, "node:nAL1CE1CNTRL"),
+        ("127.0.0.1", ident("nB0B"), True, "node:nB0B"),
+        ("::1", ident("nCI", login=None), True, "node:nCI"),
+        # Loopback without an identity: the local key, never the tailnet peers' keys.
+        ("127.0.0.1", None, True, LOCAL_LOCKOUT_KEY),
+        ("::1", None, True, LOCAL_LOCKOUT_KEY),
+    ],
+)
 def test_lockout_key(ip: str, identity: Any, loopback: bool, key: str) -> None:
     assert lockout_key(ip, identity, loopback) == key
 
@@ -67,6 +77,7 @@ def test_userspace_peers_have_distinct_lockout_keys() -> None:
 
 
 # ---------------------------------------------------------------------- stores
+
 
 @pytest.fixture
 def state_dir() -> Iterator[str]:
@@ -81,8 +92,9 @@ def state_dir() -> Iterator[str]:
         os.rmdir(d)
 
 
-def _stores(kind: str, d: str, wall: Clock, mono: Clock, ttl: float = 60.0) -> tuple[
-        Any, Any, Any, Any, list[SharedState]]:
+def _stores(
+    kind: str, d: str, wall: Clock, mono: Clock, ttl: float = 60.0
+) -> tuple[Any, Any, Any, Any, list[SharedState]]:
     """(sessions A, sessions B, lockouts A, lockouts B): B is another worker's view."""
     if kind == "memory":
         s, lk = SessionStore(ttl, clock=wall), LockoutTable(clock=mono)
@@ -156,6 +168,7 @@ def test_sessions_bounded(kind: str, state_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------- lockouts
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_lockout_after_exactly_count_failures_across_workers(kind: str, state_dir: str) -> None:
@@ -234,6 +247,7 @@ def test_shared_lookup_cost_is_off_the_query_path(state_dir: str) -> None:
         "memory locked": per_call(lambda: memlk.locked("ip:100.101.102.103")),
         "shared locked": per_call(lambda: sh.lockouts.locked("ip:100.101.102.103")),
     }
+
     def uncached() -> None:
         sh.sessions.cache.clear()
         sh.sessions.get(sk)
@@ -246,32 +260,42 @@ def test_shared_lookup_cost_is_off_the_query_path(state_dir: str) -> None:
 
 # ---------------------------------------------------------------------- binding
 
+
 def _authz(tokens: dict[str, str], gateway: str | None) -> Authorizer:
     cfg = parse_config({"log": {"access": "off"}, "gateway": {"host": "127.0.0.1", "port": 8443}})
     ts = TokenSet(TokenEntry(n, digest(t)) for n, t in tokens.items())
-    return Authorizer(cfg, ts, SessionStore(60), identity=None, identity_present=False,
-                      gateway_token=gateway.encode() if gateway else None)
+    return Authorizer(
+        cfg,
+        ts,
+        SessionStore(60),
+        identity=None,
+        identity_present=False,
+        gateway_token=gateway.encode() if gateway else None,
+    )
 
 
 BEFORE = {"phone": "p-secret-1", "laptop": "l-secret-1"}
 
 
-@pytest.mark.parametrize(("opened_by", "name", "after_tokens", "after_gw", "valid"), [
-    ("p-secret-1", "phone", BEFORE, "gw-1", True),
-    ("p-secret-1", "phone", {"laptop": "l-secret-1"}, "gw-1", False),  # revoked
-    # Revoked and re-created under the same name: a different secret, so not valid.
-    ("p-secret-1", "phone", {"phone": "p-secret-2", "laptop": "l-secret-1"}, "gw-1", False),
-    # Renamed: the secret is there, the name is not the one the session was opened as.
-    ("p-secret-1", "phone", {"tablet": "p-secret-1"}, "gw-1", False),
-    ("gw-1", GATEWAY_TOKEN_NAME, BEFORE, "gw-1", True),
-    ("gw-1", GATEWAY_TOKEN_NAME, BEFORE, "gw-2", False),  # rotated
-    ("gw-1", GATEWAY_TOKEN_NAME, BEFORE, None, False),  # removed
-    # A static token holding the gateway's old value does not keep a gateway session.
-    ("gw-1", GATEWAY_TOKEN_NAME, {"gw-1-copy": "gw-1"}, None, False),
-])
+@pytest.mark.parametrize(
+    ("opened_by", "name", "after_tokens", "after_gw", "valid"),
+    [
+        ("p-secret-1", "phone", BEFORE, "gw-1", True),
+        ("p-secret-1", "phone", {"laptop": "l-secret-1"}, "gw-1", False),  # revoked
+        # Revoked and re-created under the same name: a different secret, so not valid.
+        ("p-secret-1", "phone", {"phone": "p-secret-2", "laptop": "l-secret-1"}, "gw-1", False),
+        # Renamed: the secret is there, the name is not the one the session was opened as.
+        ("p-secret-1", "phone", {"tablet": "p-secret-1"}, "gw-1", False),
+        ("gw-1", GATEWAY_TOKEN_NAME, BEFORE, "gw-1", True),
+        ("gw-1", GATEWAY_TOKEN_NAME, BEFORE, "gw-2", False),  # rotated
+        ("gw-1", GATEWAY_TOKEN_NAME, BEFORE, None, False),  # removed
+        # A static token holding the gateway's old value does not keep a gateway session.
+        ("gw-1", GATEWAY_TOKEN_NAME, {"gw-1-copy": "gw-1"}, None, False),
+    ],
+)
 def test_session_valid_only_while_its_secret_is_configured(
-        opened_by: str, name: str, after_tokens: dict[str, str], after_gw: str | None,
-        valid: bool) -> None:
+    opened_by: str, name: str, after_tokens: dict[str, str], after_gw: str | None, valid: bool
+) -> None:
     authz = _authz(after_tokens, after_gw)
     assert (authz.bound_name(digest(opened_by)) == name) is valid
 
@@ -282,32 +306,56 @@ def _grant(cred: Credential) -> Grant:
     return Grant(Decision(True, 200, "ok"), credential=cred)
 
 
-@pytest.mark.parametrize(("cred", "gw_after", "tokens_after", "why"), [
-    (Credential("token", "phone", binding=digest("p-secret-1")), "gw-1", BEFORE, None),
-    (Credential("token", "phone", binding=digest("p-secret-1")), "gw-1",
-     {"phone": "p-secret-2"}, "token phone revoked"),
-    (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=digest("gw-1")), "gw-1",
-     BEFORE, None),
-    (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=digest("gw-1")), "gw-2",
-     BEFORE, "token gateway-token revoked"),
-    # A tunnel admitted by the first-frame gate carries the verified secret's digest.
-    (Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)",
-                binding=digest("gw-1")), None, BEFORE, "token gateway-token revoked"),
-    # Still waiting for its first frame: the gate checks the token in force then.
-    (Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)"), "gw-2", BEFORE,
-     None),
-    # A token credential without a binding is never honoured.
-    (Credential("token", "phone"), "gw-1", BEFORE, "token phone revoked"),
-])
-async def test_live_credential_recheck(cred: Credential, gw_after: str | None,
-                                       tokens_after: dict[str, str], why: str | None) -> None:
+@pytest.mark.parametrize(
+    ("cred", "gw_after", "tokens_after", "why"),
+    [
+        (Credential("token", "phone", binding=digest("p-secret-1")), "gw-1", BEFORE, None),
+        (
+            Credential("token", "phone", binding=digest("p-secret-1")),
+            "gw-1",
+            {"phone": "p-secret-2"},
+            "token phone revoked",
+        ),
+        (
+            Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=digest("gw-1")),
+            "gw-1",
+            BEFORE,
+            None,
+        ),
+        (
+            Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=digest("gw-1")),
+            "gw-2",
+            BEFORE,
+            "token gateway-token revoked",
+        ),
+        # A tunnel admitted by the first-frame gate carries the verified secret's digest.
+        (
+            Credential(
+                "gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)", binding=digest("gw-1")
+            ),
+            None,
+            BEFORE,
+            "token gateway-token revoked",
+        ),
+        # Still waiting for its first frame: the gate checks the token in force then.
+        (Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)"), "gw-2", BEFORE, None),
+        # A token credential without a binding is never honoured.
+        (Credential("token", "phone"), "gw-1", BEFORE, "token phone revoked"),
+    ],
+)
+async def test_live_credential_recheck(
+    cred: Credential, gw_after: str | None, tokens_after: dict[str, str], why: str | None
+) -> None:
     import asyncio
 
     from proxy.server import Runtime
 
-    cfg = parse_config({"log": {"access": "off"},
-                        "gateway": {"host": "127.0.0.1", "port": 8443,
-                                    "allowedNetworks": ["0.0.0.0/0"]}})
+    cfg = parse_config(
+        {
+            "log": {"access": "off"},
+            "gateway": {"host": "127.0.0.1", "port": 8443, "allowedNetworks": ["0.0.0.0/0"]},
+        }
+    )
     rt = Runtime(cfg, asyncio.get_running_loop())
     rt.authz = _authz(tokens_after, gw_after)
 

@@ -27,10 +27,26 @@ def _http(url: str, body: dict[str, Any] | None = None) -> Any:
 def test_cli_prints_url_and_keys_and_serves_the_test_api() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.testcontrol", "--listen", "127.0.0.1:0",
-         "--https-port", "0", "--authkey", "alice@example.com", "--authkey", "tag:ci"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        cwd=ROOT, env=env, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.testcontrol",
+            "--listen",
+            "127.0.0.1:0",
+            "--https-port",
+            "0",
+            "--authkey",
+            "alice@example.com",
+            "--authkey",
+            "tag:ci",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())

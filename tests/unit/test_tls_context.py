@@ -35,8 +35,9 @@ def ca() -> CA:
     return make_ca()
 
 
-def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
-              name: str = DOMAIN) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+def handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, name: str = DOMAIN
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A full handshake in memory; raises the client's or server's SSLError."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     cli = client.wrap_bio(c_in, c_out, server_hostname=name)
@@ -139,8 +140,11 @@ def test_a_bad_pair_leaves_the_context_serving_the_old_certificate(ca: CA) -> No
     with pytest.raises(ClawgateError, match="not a PEM certificate"):
         load_pair(ctx, good.key_pem, b"-----BEGIN CERTIFICATE-----\nnope\n")
     with pytest.raises(ClawgateError, match="do not load together"):
-        load_pair(ctx, b"-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n",
-                  good.cert_pem)
+        load_pair(
+            ctx,
+            b"-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n",
+            good.cert_pem,
+        )
     cli, _ = handshake(ctx, client_context(ca))
     assert peer_serial(cli) == good.serial
 
@@ -153,8 +157,9 @@ def test_pems_never_outlive_the_load(ca: CA) -> None:
         found = set()
         for root in roots:
             if os.path.isdir(root):
-                found |= {os.path.join(root, n) for n in os.listdir(root)
-                          if n.startswith("clawgate-tls-")}
+                found |= {
+                    os.path.join(root, n) for n in os.listdir(root) if n.startswith("clawgate-tls-")
+                }
         return found
 
     before = leftovers()
@@ -187,22 +192,31 @@ def test_parse_chain_reads_the_leaf_of_a_chain(ca: CA) -> None:
     assert info.to_json()["serial"] == "c1a3"
 
 
-@pytest.mark.parametrize(("names", "name", "ok"), [
-    ((DOMAIN,), DOMAIN, True),
-    ((DOMAIN,), DOMAIN.upper() + ".", True),
-    ((DOMAIN,), "web02.tail4c3a9.ts.net", False),
-    (("*.tail4c3a9.ts.net",), DOMAIN, True),
-    (("*.tail4c3a9.ts.net",), "a.b.tail4c3a9.ts.net", False),
-    (("*.tail4c3a9.ts.net",), "tail4c3a9.ts.net", False),
-])
+@pytest.mark.parametrize(
+    ("names", "name", "ok"),
+    [
+        ((DOMAIN,), DOMAIN, True),
+        ((DOMAIN,), DOMAIN.upper() + ".", True),
+        ((DOMAIN,), "web02.tail4c3a9.ts.net", False),
+        (("*.tail4c3a9.ts.net",), DOMAIN, True),
+        (("*.tail4c3a9.ts.net",), "a.b.tail4c3a9.ts.net", False),
+        (("*.tail4c3a9.ts.net",), "tail4c3a9.ts.net", False),
+    ],
+)
 def test_covers(names: tuple[str, ...], name: str, ok: bool) -> None:
     info = CertInfo(1, dt.datetime.now(dt.UTC), names, "00")
     assert info.covers(name) is ok
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("720h", 720 * 3600.0), ("1h30m", 5400.0), ("90s", 90.0), ("2h0m5s", 7205.0),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("720h", 720 * 3600.0),
+        ("1h30m", 5400.0),
+        ("90s", 90.0),
+        ("2h0m5s", 7205.0),
+    ],
+)
 def test_go_durations(text: str, seconds: float) -> None:
     assert parse_go_duration(text) == seconds
 
@@ -216,8 +230,11 @@ def test_bad_go_durations(text: str) -> None:
 def test_denied_message_names_every_fix() -> None:
     msg = cert_denied_message()
     assert "\n" not in msg
-    assert msg.startswith("tailscaled refused this node's TLS certificate (403 cert access "
-                          "denied)")
-    for fix in ("run clawgate as root", "tailscale set --operator=", "TS_PERMIT_CERT_UID=",
-                "/etc/default/tailscaled"):
+    assert msg.startswith("tailscaled refused this node's TLS certificate (403 cert access denied)")
+    for fix in (
+        "run clawgate as root",
+        "tailscale set --operator=",
+        "TS_PERMIT_CERT_UID=",
+        "/etc/default/tailscaled",
+    ):
         assert fix in msg

@@ -21,25 +21,33 @@ TLS_ON = {"tls": "tailscale"}
 
 
 def _ts(**over: Any) -> TailscaleFacts:
-    base: dict[str, Any] = {"socket": "/run/tailscale/tailscaled.sock", "reachable": True,
-                            "backend_state": "Running", "cert_domains": (DOMAIN,),
-                            "cert_access": "ok"}
+    base: dict[str, Any] = {
+        "socket": "/run/tailscale/tailscaled.sock",
+        "reachable": True,
+        "backend_state": "Running",
+        "cert_domains": (DOMAIN,),
+        "cert_access": "ok",
+    }
     base.update(over)
     return TailscaleFacts(**base)
 
 
-@pytest.mark.parametrize(("raw", "ts", "want"), [
-    ({}, _ts(cert_access="denied"), None),  # tls off: nothing to say
-    (TLS_ON, None, None),
-    (TLS_ON, _ts(reachable=False), None),  # check_tailscaled reports that
-    (TLS_ON, _ts(backend_state="NeedsLogin"), None),
-    (TLS_ON, _ts(), ("ok", f"certificate for {DOMAIN}")),
-    (TLS_ON, _ts(cert_domains=()), ("error", "does not issue HTTPS certificates")),
-    (TLS_ON, _ts(cert_access="denied"), ("error", "403 cert access denied")),
-    (TLS_ON, _ts(cert_access="tailscaled timed out after 30.0s"), ("error", "timed out")),
-])
-def test_table(raw: dict[str, Any], ts: TailscaleFacts | None,
-               want: tuple[str, str] | None) -> None:
+@pytest.mark.parametrize(
+    ("raw", "ts", "want"),
+    [
+        ({}, _ts(cert_access="denied"), None),  # tls off: nothing to say
+        (TLS_ON, None, None),
+        (TLS_ON, _ts(reachable=False), None),  # check_tailscaled reports that
+        (TLS_ON, _ts(backend_state="NeedsLogin"), None),
+        (TLS_ON, _ts(), ("ok", f"certificate for {DOMAIN}")),
+        (TLS_ON, _ts(cert_domains=()), ("error", "does not issue HTTPS certificates")),
+        (TLS_ON, _ts(cert_access="denied"), ("error", "403 cert access denied")),
+        (TLS_ON, _ts(cert_access="tailscaled timed out after 30.0s"), ("error", "timed out")),
+    ],
+)
+def test_table(
+    raw: dict[str, Any], ts: TailscaleFacts | None, want: tuple[str, str] | None
+) -> None:
     findings = check_tls_cert_access(Facts(cfg=parse_config(raw), tailscale=ts))
     if want is None:
         assert findings == []
@@ -49,8 +57,9 @@ def test_table(raw: dict[str, Any], ts: TailscaleFacts | None,
 
 
 def test_denied_finding_says_how_to_fix() -> None:
-    (f,) = check_tls_cert_access(Facts(cfg=parse_config(TLS_ON),
-                                       tailscale=_ts(cert_access="denied")))
+    (f,) = check_tls_cert_access(
+        Facts(cfg=parse_config(TLS_ON), tailscale=_ts(cert_access="denied"))
+    )
     assert "tailscale set --operator=" in f.fix and "TS_PERMIT_CERT_UID=" in f.fix
 
 

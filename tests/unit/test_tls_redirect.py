@@ -17,40 +17,58 @@ from proxy.tls import RedirectConnection, redirect_location
 NAME = "web01.tail4c3a9.ts.net"
 
 
-@pytest.mark.parametrize(("line", "port", "want"), [
-    (b"GET / HTTP/1.1", 8443, b"https://web01.tail4c3a9.ts.net:8443/"),
-    (b"GET /chat?session=main&x=%20y HTTP/1.1", 8443,
-     b"https://web01.tail4c3a9.ts.net:8443/chat?session=main&x=%20y"),
-    (b"HEAD /a/b/ HTTP/1.0", 443, b"https://web01.tail4c3a9.ts.net/a/b/"),
-    (b"POST http://evil.example/x HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
-    (b"GET //evil.example/x HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
-    (b"GET /a\"onload HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
-    (b"GET /a\\b HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
-    (b"OPTIONS * HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
-    (b"GET /\xff HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
-])
+@pytest.mark.parametrize(
+    ("line", "port", "want"),
+    [
+        (b"GET / HTTP/1.1", 8443, b"https://web01.tail4c3a9.ts.net:8443/"),
+        (
+            b"GET /chat?session=main&x=%20y HTTP/1.1",
+            8443,
+            b"https://web01.tail4c3a9.ts.net:8443/chat?session=main&x=%20y",
+        ),
+        (b"HEAD /a/b/ HTTP/1.0", 443, b"https://web01.tail4c3a9.ts.net/a/b/"),
+        (b"POST http://evil.example/x HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
+        (b"GET //evil.example/x HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
+        (b'GET /a"onload HTTP/1.1', 443, b"https://web01.tail4c3a9.ts.net/"),
+        (b"GET /a\\b HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
+        (b"OPTIONS * HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
+        (b"GET /\xff HTTP/1.1", 443, b"https://web01.tail4c3a9.ts.net/"),
+    ],
+)
 def test_location(line: bytes, port: int, want: bytes) -> None:
     assert redirect_location(line, NAME, port) == want
 
 
-@pytest.mark.parametrize("line", [
-    b"", b"GET /", b"GET / HTTP/2", b"GET  / HTTP/1.1", b"GET / HTTP/1.1 x",
-    b"G3T / HTTP/1.1", b"\x16\x03\x01", b"PRI * HTTP/2.0",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"GET /",
+        b"GET / HTTP/2",
+        b"GET  / HTTP/1.1",
+        b"GET / HTTP/1.1 x",
+        b"G3T / HTTP/1.1",
+        b"\x16\x03\x01",
+        b"PRI * HTTP/2.0",
+    ],
+)
 def test_not_http(line: bytes) -> None:
     assert redirect_location(line, NAME, 443) is None
 
 
 @pytest.fixture
 async def redirect_port() -> AsyncIterator[tuple[int, Runtime]]:
-    cfg = parse_config({
-        "log": {"access": "off"},
-        "gateway": {"host": "127.0.0.1", "port": 8443},
-        "limits": {"headTimeout": 0.3},
-    })
+    cfg = parse_config(
+        {
+            "log": {"access": "off"},
+            "gateway": {"host": "127.0.0.1", "port": 8443},
+            "limits": {"headTimeout": 0.3},
+        }
+    )
     rt = Runtime(cfg, asyncio.get_running_loop())
-    srv = await rt.loop.create_server(lambda: RedirectConnection(rt, lambda: (NAME, 8443)),
-                                      "127.0.0.1", 0)
+    srv = await rt.loop.create_server(
+        lambda: RedirectConnection(rt, lambda: (NAME, 8443)), "127.0.0.1", 0
+    )
     try:
         yield srv.sockets[0].getsockname()[1], rt
     finally:
@@ -62,7 +80,7 @@ async def _exchange(port: int, data: bytes, *, pieces: int = 1) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     step = max(1, len(data) // pieces)
     for i in range(0, len(data), step):
-        writer.write(data[i:i + step])
+        writer.write(data[i : i + step])
         await writer.drain()
     out = await asyncio.wait_for(reader.read(), 5)
     writer.close()
@@ -89,7 +107,8 @@ async def test_garbage_gets_400_at_once(redirect_port: tuple[int, Runtime]) -> N
 
 
 async def test_silent_client_is_dropped_after_head_timeout(
-        redirect_port: tuple[int, Runtime]) -> None:
+    redirect_port: tuple[int, Runtime],
+) -> None:
     port, _ = redirect_port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET / HTTP/1.1\r\n")  # never finishes the head
@@ -99,11 +118,16 @@ async def test_silent_client_is_dropped_after_head_timeout(
 
 
 async def test_network_check_still_applies() -> None:
-    cfg = parse_config({"log": {"access": "off"}, "gateway": {
-        "host": "127.0.0.1", "port": 8443, "allowedNetworks": ["100.64.0.0/10"]}})
+    cfg = parse_config(
+        {
+            "log": {"access": "off"},
+            "gateway": {"host": "127.0.0.1", "port": 8443, "allowedNetworks": ["100.64.0.0/10"]},
+        }
+    )
     rt = Runtime(cfg, asyncio.get_running_loop())
-    srv = await rt.loop.create_server(lambda: RedirectConnection(rt, lambda: (NAME, 8443)),
-                                      "127.0.0.1", 0)
+    srv = await rt.loop.create_server(
+        lambda: RedirectConnection(rt, lambda: (NAME, 8443)), "127.0.0.1", 0
+    )
     try:
         port = srv.sockets[0].getsockname()[1]
         try:

@@ -131,19 +131,24 @@ def _doc(*entries: dict[str, str]) -> str:
     return json.dumps({"version": 1, "tokens": list(entries)})
 
 
-@pytest.mark.parametrize(("content", "fragment"), [
-    ("not json", "not JSON"),
-    ("[]", "expected an object with 'tokens'"),
-    ('{"tokens": {}}', "expected an object with 'tokens'"),
-    ('{"tokens": [1]}', "tokens[0]: expected an object"),
-    (_doc({"name": "a", "digest": _GOOD_DIGEST, "token": "clear"}), "unknown key 'token'"),
-    (_doc({"name": "a b", "digest": _GOOD_DIGEST}), "invalid token name"),
-    (_doc({"name": "a", "digest": _GOOD_DIGEST}, {"name": "a", "digest": _GOOD_DIGEST}),
-     "duplicate name 'a'"),
-    ('{"tokens": [{"name": "a", "digest": "md5:00"}]}', "expected 'sha256:<hex>'"),
-    ('{"tokens": [{"name": "a", "digest": "sha256:zz"}]}', "not hex"),
-    ('{"tokens": [{"name": "a", "digest": "sha256:abcd"}]}', "wrong length"),
-])
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("not json", "not JSON"),
+        ("[]", "expected an object with 'tokens'"),
+        ('{"tokens": {}}', "expected an object with 'tokens'"),
+        ('{"tokens": [1]}', "tokens[0]: expected an object"),
+        (_doc({"name": "a", "digest": _GOOD_DIGEST, "token": "clear"}), "unknown key 'token'"),
+        (_doc({"name": "a b", "digest": _GOOD_DIGEST}), "invalid token name"),
+        (
+            _doc({"name": "a", "digest": _GOOD_DIGEST}, {"name": "a", "digest": _GOOD_DIGEST}),
+            "duplicate name 'a'",
+        ),
+        ('{"tokens": [{"name": "a", "digest": "md5:00"}]}', "expected 'sha256:<hex>'"),
+        ('{"tokens": [{"name": "a", "digest": "sha256:zz"}]}', "not hex"),
+        ('{"tokens": [{"name": "a", "digest": "sha256:abcd"}]}', "wrong length"),
+    ],
+)
 def test_malformed_token_file(tmp_path: Path, content: str, fragment: str) -> None:
     path = tmp_path / "tokens.json"
     path.write_text(content)
@@ -227,8 +232,9 @@ EXTRACT: list[tuple[str | None, str | None, str | None]] = [
 ]
 
 
-@pytest.mark.parametrize(("header", "token", "error"), EXTRACT,
-                         ids=[f"{i}" for i in range(len(EXTRACT))])
+@pytest.mark.parametrize(
+    ("header", "token", "error"), EXTRACT, ids=[f"{i}" for i in range(len(EXTRACT))]
+)
 def test_extract_token(header: str | None, token: str | None, error: str | None) -> None:
     assert extract_token(header) == (token, error)
 

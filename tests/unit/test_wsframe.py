@@ -9,8 +9,14 @@ import pytest
 from proxy.core.wsframe import parse_client_frame
 
 
-def masked(payload: bytes, opcode: int = 0x1, fin: bool = True, rsv: int = 0,
-           mask: bool = True, key: bytes = b"\x01\x02\x03\x04") -> bytes:
+def masked(
+    payload: bytes,
+    opcode: int = 0x1,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bool = True,
+    key: bytes = b"\x01\x02\x03\x04",
+) -> bytes:
     b0 = (0x80 if fin else 0) | rsv | opcode
     n = len(payload)
     if n < 126:
@@ -25,18 +31,21 @@ def masked(payload: bytes, opcode: int = 0x1, fin: bool = True, rsv: int = 0,
     return head + key + body
 
 
-@pytest.mark.parametrize(("frame", "limit", "status"), [
-    (masked(b'{"type":"req"}'), 1024, "ok"),
-    (masked(b"x" * 200), 1024, "ok"),  # 16-bit length
-    (masked(b"x" * 70000), 1 << 20, "ok"),  # 64-bit length
-    (masked(b"x" * 200), 100, "first frame too large"),
-    (masked(b"hi", opcode=0x2), 1024, "first frame must be a text frame"),
-    (masked(b"hi", opcode=0x9), 1024, "first frame must be a text frame"),
-    (masked(b"hi", fin=False), 1024, "first frame must not be fragmented"),
-    (masked(b"hi", opcode=0x0), 1024, "first frame must not be fragmented"),
-    (masked(b"hi", rsv=0x40), 1024, "reserved bits set"),
-    (masked(b"hi", mask=False), 1024, "client frames must be masked"),
-])
+@pytest.mark.parametrize(
+    ("frame", "limit", "status"),
+    [
+        (masked(b'{"type":"req"}'), 1024, "ok"),
+        (masked(b"x" * 200), 1024, "ok"),  # 16-bit length
+        (masked(b"x" * 70000), 1 << 20, "ok"),  # 64-bit length
+        (masked(b"x" * 200), 100, "first frame too large"),
+        (masked(b"hi", opcode=0x2), 1024, "first frame must be a text frame"),
+        (masked(b"hi", opcode=0x9), 1024, "first frame must be a text frame"),
+        (masked(b"hi", fin=False), 1024, "first frame must not be fragmented"),
+        (masked(b"hi", opcode=0x0), 1024, "first frame must not be fragmented"),
+        (masked(b"hi", rsv=0x40), 1024, "reserved bits set"),
+        (masked(b"hi", mask=False), 1024, "client frames must be masked"),
+    ],
+)
 def test_first_frame_table(frame: bytes, limit: int, status: str) -> None:
     got, payload, end = parse_client_frame(frame + b"next", limit)
     assert got == status
