@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 __all__ = [
+    "add_bridge",
     "CI_V4",
     "CI_V6",
     "GW_PUBLIC_V4",
@@ -107,6 +108,30 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and proc.returncode != 0:
         raise NetnsUnavailable(f"ip {' '.join(args)}: {proc.stderr.strip()}")
     return proc
+
+
+def add_bridge(ns: str, name: str) -> None:
+    """Create bridge ``name`` in namespace ``ns`` and bring it up.
+
+    STP and snooping off: the bridge must forward, and flood ND/ARP, from the first
+    packet, with no querier.
+    """
+    _ip(
+        "-n",
+        ns,
+        "link",
+        "add",
+        name,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+        "mcast_snooping",
+        "0",
+    )
+    _ip("-n", ns, "link", "set", name, "up")
 
 
 def _list_netns() -> list[str]:
@@ -348,23 +373,7 @@ class Tailnet:
 
         br_ns = self._names[_BRIDGE_NS]
         bridge = f"{self._ifprefix}br"
-        # Snooping off: the bridge must flood ND/ARP from the first packet, with no querier.
-        _ip(
-            "-n",
-            br_ns,
-            "link",
-            "add",
-            bridge,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-            "mcast_snooping",
-            "0",
-        )
-        _ip("-n", br_ns, "link", "set", bridge, "up")
+        add_bridge(br_ns, bridge)
         for role in HOSTS:
             host_ns = self._names[role]
             host_if = self.ifname(role)

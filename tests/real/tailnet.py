@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.testcontrol import ControlServer
-from tests.netns import _counter, _ip, _write_sysctls  # the project's netns plumbing
+from tests.netns import _counter, _ip, _write_sysctls, add_bridge  # the project's netns plumbing
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 UNDERLAY_PREFIX = "198.18.1."
@@ -274,23 +274,8 @@ class RealTailnet:
         )
         _ip("-n", self.br_ns, "link", "set", "lo", "up")
         bridge = f"{self.ifprefix}rb"
-        _ip(
-            "-n",
-            self.br_ns,
-            "link",
-            "add",
-            bridge,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-            "mcast_snooping",
-            "0",
-        )
+        add_bridge(self.br_ns, bridge)
         _ip("-n", self.br_ns, "addr", "add", f"{CONTROL_ADDR}/24", "dev", bridge)
-        _ip("-n", self.br_ns, "link", "set", bridge, "up")
         for i, name in enumerate(self.specs):
             ns = f"{self.tag}-{name}"
             _ip("netns", "add", ns)
