@@ -84,7 +84,6 @@ class Grant:
     identity: Any = None  # proxy.tailscale.Identity when known
     identity_kind: str = "none"
     drop_authorization: bool = False
-    strip_session_cookie: bool = False
     retry_after: int | None = None
     gated: bool = False  # the gateway token must still be checked in the first frame
     extra: dict[str, Any] = field(default_factory=dict)
@@ -187,8 +186,11 @@ class Authorizer:
         self,
         head: RequestHead,
         presented: Presented | None = None,
-    ) -> tuple[Credential | None, str | None, bool, bool]:
-        """(credential, error, drop_authorization, strip_cookie).
+    ) -> tuple[Credential | None, str | None, bool]:
+        """(credential, error, drop_authorization).
+
+        clawgate's session cookie is stripped from every forwarded request anyway (the
+        rewrite), valid or not, so there is nothing to say about it here.
 
         ``presented``: the Authorization header as read_authorization parsed it (the caller
         parsed it already to see whether it carries a JWT): parsed once per request.
@@ -214,36 +216,35 @@ class Authorizer:
                         ),
                         None,
                         auth is not None and not self._kept_beside_session(token),
-                        True,
                     )
         if auth is None:
-            return None, None, False, has_cookie
+            return None, None, False
         if token is None:
             if not self.settings.require_token and self.jwt is None:
-                return None, None, False, False  # not ours: leave it for the gateway
-            return None, err or "malformed credential", True, False
+                return None, None, False  # not ours: leave it for the gateway
+            return None, err or "malformed credential", True
         if self.jwt is not None and looks_like_jwt(token):
             try:
                 cred = self.jwt.verify(token)
             except Unauthenticated as exc:
-                return None, exc.reason, True, False
+                return None, exc.reason, True
             if self.revoked is not None:
                 why = self.revoked(cred)
                 if why is not None:
-                    return None, why, True, False
-            return cred, None, True, False
+                    return None, why, True
+            return cred, None, True
         d = digest(token)
         name = self.tokens.verify_digest(d)
         if name is not None:
-            return Credential("token", name, binding=d), None, True, False
+            return Credential("token", name, binding=d), None, True
         if self.gateway_token_digest is not None and hmac.compare_digest(
             self.gateway_token_digest, d
         ):
             # The gateway's own token: the gateway needs it, so it is forwarded.
-            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d), None, False, False)
+            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d), None, False)
         if not self.settings.require_token and self.jwt is None:
-            return None, None, False, False
-        return None, "invalid token", True, False
+            return None, None, False
+        return None, "invalid token", True
 
     def _kept_beside_session(self, token: str | None) -> bool:
         """Whether an Authorization next to a valid session cookie goes to the gateway:
@@ -352,7 +353,7 @@ class Authorizer:
         outcome: IdentityOutcome,
         presented: Presented,
     ) -> Grant:
-        cred, err, drop_auth, strip_cookie = self.credential(head, presented)
+        cred, err, drop_auth = self.credential(head, presented)
         gated = False
         s = self.settings
         if (
@@ -379,7 +380,6 @@ class Authorizer:
             identity=outcome.identity,
             identity_kind=outcome.kind,
             drop_authorization=drop_auth,
-            strip_session_cookie=strip_cookie,
             gated=gated and decision.allow,
         )
 
