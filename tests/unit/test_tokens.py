@@ -28,10 +28,13 @@ from proxy.core.tokens import (
     TOKEN_NAME_RE,
     TokenEntry,
     TokenSet,
+    cookie_value,
     digest,
     extract_token,
     new_token,
+    session_cookie,
 )
+from proxy.core.http1 import parse_request_head
 from proxy.errors import TokenStoreError
 from proxy.keystore import TokenFile
 
@@ -273,3 +276,49 @@ def test_mode_is_0600_even_with_a_permissive_umask(tmp_path: Path, _umask: None)
     path = tmp_path / "tokens.json"
     TokenFile(path).add("x")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("cookie", "value"),
+    [
+        (b"cg=abc", "abc"),
+        (b"a=1; cg=abc; b=2", "abc"),
+        (b"a=1;cg=abc", "abc"),
+        (b"cg=first; cg=second", "first"),  # the first one counts
+        (b"cg=", ""),
+        (b"cg=a=b", "a=b"),  # only the first '=' separates
+        (b"xcg=abc", None),  # a name that merely ends in ours
+        (b"cgx=abc", None),
+        (b"cg", None),  # no '=': not a pair
+        (b"a=1; b=2", None),
+        (b"", None),
+        (b"cg=caf\xc3\xa9", None),  # not ASCII: no session id
+        (b"cg=caf\xc3\xa9; cg=abc", None),  # the first pair decides, even when unreadable
+    ],
+)
+def test_cookie_value(cookie: bytes, value: str | None) -> None:
+    assert cookie_value(cookie, b"cg") == value
+
+
+@pytest.mark.parametrize(
+    ("lines", "sid"),
+    [
+        ((), None),
+        (("Cookie: cg=abc",), "abc"),
+        (("cookie: a=1; cg=abc",), "abc"),
+        # Split Cookie lines (as HTTP/2 front ends send them): any line may carry it.
+        (("Cookie: a=1", "Cookie: cg=abc"), "abc"),
+        (("Cookie: cg=one", "Cookie: cg=two"), "one"),
+        # A line that mentions the name without the pair does not stop the search.
+        (("Cookie: xcg=1", "Cookie: cg=abc"), "abc"),
+        (("Cookie: a=cg", "Cookie: b=2"), None),
+        # Only Cookie lines count.
+        (("X-Cookie: cg=abc",), None),
+        (("Set-Cookie: cg=abc",), None),
+        (("Cookie: cg=caf\xc3\xa9", "Cookie: cg=abc"), "abc"),
+    ],
+)
+def test_session_cookie(lines: tuple[str, ...], sid: str | None) -> None:
+    raw = b"\r\n".join([b"GET / HTTP/1.1", b"Host: h", *(ln.encode("latin-1") for ln in lines)])
+    head = parse_request_head(raw + b"\r\n\r\n")
+    assert session_cookie(head, b"cg") == sid
