@@ -216,6 +216,83 @@ def test_shared_failures_bounded(state_dir: str) -> None:
     h.close()
 
 
+# In-process only: the shared store's counts skip what has expired, the in-process ones
+# hold an entry until a lookup or expire() drops it.
+
+
+@pytest.mark.parametrize(
+    ("ages", "advance", "left"),
+    [
+        ((), 100, 0),
+        ((0, 0, 0), 59, 3),
+        ((0, 0, 0), 60, 0),  # a session ends at exactly its ttl
+        ((0, 10, 20), 65, 2),
+        ((0, 10, 20), 75, 1),
+        ((0, 10, 20), 80, 0),
+    ],
+)
+def test_memory_sessions_expire_drops_ended_sessions(
+    ages: tuple[int, ...], advance: int, left: int
+) -> None:
+    wall = Clock()
+    s = SessionStore(60, clock=wall)
+    start = wall.t
+    keys = []
+    for age in ages:
+        wall.t = start + age
+        keys.append(s.create("phone", digest("secret"))[1])
+    wall.t = start + advance
+    s.expire()
+    assert len(s) == left
+    assert [s.get(k) is not None for k in keys] == [a + 60 > advance for a in ages]
+
+
+@pytest.mark.parametrize(
+    ("advance", "locked_after"),
+    [(299, 1), (300, 0), (1000, 0)],
+)
+def test_memory_lockouts_expire_drops_ended_lockouts(advance: int, locked_after: int) -> None:
+    mono = Clock()
+    lk = LockoutTable(clock=mono)
+    assert lk.fail("node:a", count=1, window=60, lockout=300)
+    mono.t += advance
+    lk.expire()
+    assert len(lk) == locked_after
+
+
+@pytest.mark.parametrize(
+    ("gap", "locks"),
+    [
+        (3600, True),  # inside a (long) window: the second failure counts
+        (86400, True),
+        (86401, False),  # older than a day: expire() forgot the first failure
+    ],
+)
+def test_memory_lockouts_expire_forgets_failures_older_than_a_day(gap: int, locks: bool) -> None:
+    mono = Clock()
+    lk = LockoutTable(clock=mono)
+    window = 2 * 86400
+    assert not lk.fail("ip:100.101.102.103", count=2, window=window, lockout=30)
+    mono.t += gap
+    lk.expire()
+    assert lk.fail("ip:100.101.102.103", count=2, window=window, lockout=30) is locks
+
+
+@pytest.mark.parametrize(
+    ("keys", "locks"),
+    [
+        (["a", "b"], True),  # under the bound: a's first failure is remembered
+        (["a", "b", "c"], True),  # exactly at the bound, a's counter is still there
+        (["a", "b", "c", "d"], False),  # d finds the table full: every count starts over
+    ],
+)
+def test_memory_failure_keys_are_bounded(keys: list[str], locks: bool) -> None:
+    lk = LockoutTable(clock=Clock(), max_keys=3)
+    for k in keys:
+        assert not lk.fail(k, count=2, window=60, lockout=30)
+    assert lk.fail("a", count=2, window=60, lockout=30) is locks
+
+
 def test_state_dir_must_be_private(tmp_path: Path) -> None:
     from proxy.core.sessions import StoreUnavailable
 
