@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from proxy.core.connect_auth import (
     BOOTSTRAP_TTL_MS,
@@ -302,6 +303,23 @@ ROWS: list[tuple[str, bytes, Any, str]] = [
         StoreUnavailable("x"),
         "gateway device store unavailable",
     ),
+    (
+        "wrong password + device, nothing else to try",
+        frame({"password": "WRONG"}),
+        STORE,
+        "gateway token mismatch",
+    ),
+    (
+        "good deviceToken, the store pairs this id with another key",
+        frame({"deviceToken": DEV_TOKEN}),
+        StoreSnapshot(
+            devices={
+                DEV: DeviceRecord(OTHER_KEY, {"operator": DeviceTokenRecord(digest(DEV_TOKEN))})
+            },
+            bootstrap=(),
+        ),
+        "device key mismatch",
+    ),
 ]
 
 
@@ -404,6 +422,23 @@ def test_needs_store(first: bytes, needed: bool) -> None:
     assert needs_store(auth, GW_D) is needed
 
 
+@pytest.mark.parametrize(
+    ("first", "needed"),
+    [
+        # No gateway token in force: the shared secret matches nothing, so a device
+        # credential (or the token as a device-token candidate) is what is left to look up.
+        (frame({"token": GW}), True),
+        (frame({"token": GW}, device=None), False),
+        (frame({"deviceToken": "x"}), True),
+        (frame({"password": GW}), False),
+    ],
+)
+def test_needs_store_without_a_gateway_token(first: bytes, needed: bool) -> None:
+    auth = parse_connect(first)
+    assert isinstance(auth, ConnectAuth)
+    assert needs_store(auth, None) is needed
+
+
 def test_public_key_forms_and_device_id() -> None:
     raw = base64.urlsafe_b64decode(KEY + "=")
     std = base64.b64encode(raw).decode()
@@ -413,6 +448,39 @@ def test_public_key_forms_and_device_id() -> None:
         assert device_id_from_public_key(form) == DEV
     for bad in ("", "abc", base64.b64encode(b"x" * 31).decode(), "-----BEGIN X-----\n!!\n"):
         assert normalize_public_key(bad) is None
+
+
+def _pem(der: bytes) -> str:
+    body = base64.b64encode(der).decode()
+    return f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n"
+
+
+X25519_PEM = (
+    X25519PrivateKey.generate()
+    .public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+_RAW = base64.urlsafe_b64decode(KEY + "=")
+_SPKI = bytes.fromhex("302a300506032b6570032100")
+
+
+@pytest.mark.parametrize(
+    ("pem", "normalized"),
+    [
+        (_pem(_SPKI + _RAW), KEY),
+        # Well-formed PEM, but not an Ed25519 key: another curve's SPKI, a bare raw key,
+        # an SPKI one byte short or long.
+        (X25519_PEM, None),
+        (_pem(_RAW), None),
+        (_pem(_SPKI + _RAW[:-1]), None),
+        (_pem(_SPKI + _RAW + b"\x00"), None),
+        (_pem(bytes.fromhex("302a300506032b6571032100") + _RAW), None),  # Ed448's OID
+    ],
+)
+def test_pem_must_be_an_ed25519_spki(pem: str, normalized: str | None) -> None:
+    assert normalize_public_key(pem) == normalized
+    assert device_id_from_public_key(pem) == (DEV if normalized else None)
 
 
 def test_shared_generations_match_the_gateway() -> None:
