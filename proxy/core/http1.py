@@ -2,7 +2,9 @@
 
 Pure functions over bytes, no I/O. httptools (llhttp, as used by uvicorn) parses; our own
 checks run first on the raw lines for the shapes that differ between parsers (bare CR or
-LF, obs-fold, NUL, duplicate or conflicting framing headers). The rewrite keeps every
+LF, obs-fold, NUL); duplicate or conflicting framing headers are llhttp's strict-mode
+errors, pinned by the unit tests, and the rest (Host, Authorization, Upgrade, '_' in
+framing names, HTTP/1.0 chunked) is checked on what it parsed. The rewrite keeps every
 surviving header line byte for byte, removes hop-by-hop, Connection-listed, forwarding and
 identity headers sent by the client, and puts the headers clawgate vouches for first, right
 after the request line: a gateway whose parser keeps only the first N header lines (Node's
@@ -12,7 +14,7 @@ after the request line: a gateway whose parser keeps only the first N header lin
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httptools
@@ -235,16 +237,14 @@ def parse_request_head(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> Reque
     upgrade: bytes | None = None
     conn_tokens: set[bytes] = set()
     for i, name in enumerate(names):
+        # A second Content-Length or Transfer-Encoding, or both, is llhttp's own strict-mode
+        # error above (tests/unit/test_http1.py pins it): one of each at most gets here.
         if name == b"content-length":
-            if content_length is not None:
-                raise BadRequest("more than one Content-Length")
             v = values[i].strip()
             if not v.isdigit() or len(v) > 15:
                 raise BadRequest("invalid Content-Length")
             content_length = int(v)
         elif name == b"transfer-encoding":
-            if chunked:
-                raise BadRequest("more than one Transfer-Encoding")
             if values[i].strip().lower() != b"chunked":
                 raise BadRequest("unsupported Transfer-Encoding")
             chunked = True
@@ -262,8 +262,6 @@ def parse_request_head(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> Reque
         elif name in _UNDERSCORE_FRAMING:
             # Servers that read '_' as '-' would frame the body by it; we would not.
             raise BadRequest("framing header spelled with '_'")
-    if chunked and content_length is not None:
-        raise BadRequest("both Content-Length and Transfer-Encoding")
     if names.count(b"authorization") > 1:  # C speed; parsers differ on which one counts
         raise BadRequest("more than one Authorization")
     if host_count > 1:
@@ -376,10 +374,6 @@ def rewrite_request_head(
     out.append(b"")
     out.append(b"")
     return _CRLF.join(out)
-
-
-def header_lines(pairs: Iterable[tuple[str, str]]) -> bytes:
-    return b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in pairs)
 
 
 class ResponseError(Exception):

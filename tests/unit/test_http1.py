@@ -338,49 +338,186 @@ def test_websocket_detection() -> None:
     assert not parse_request_head(head("Host: h", "Upgrade: websocket")).websocket
 
 
+POST = b"POST / HTTP/1.1"
+WS = ("Host: h", "Upgrade: websocket", "Connection: Upgrade")
+# llhttp's own strict checks (duplicate or conflicting framing headers, invalid lengths and
+# codings): pinned here so a parser that turned lenient would fail these rows.
+LLHTTP = "malformed request head"
+
+
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "reason"),
     [
-        head(
-            "Host: h",
-            "Content-Length: 1",
-            "Transfer-Encoding: chunked",
-            request_line=b"POST / HTTP/1.1",
+        (
+            head("Host: h", "Content-Length: 1", "Transfer-Encoding: chunked", request_line=POST),
+            LLHTTP,
         ),
-        head("Host: h", "Content-Length: 1", "Content-Length: 1", request_line=b"POST / HTTP/1.1"),
-        head(
-            "Host: h",
-            "Transfer-Encoding: chunked",
-            "Transfer-Encoding: chunked",
-            request_line=b"POST / HTTP/1.1",
+        (
+            head("Host: h", "Transfer-Encoding: chunked", "Content-Length: 1", request_line=POST),
+            LLHTTP,
         ),
-        head("Host: h", "Transfer-Encoding: xchunked", request_line=b"POST / HTTP/1.1"),
-        head(
-            "Host: h",
-            "Upgrade: h2c",
-            "Connection: Upgrade, HTTP2-Settings",
-            "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+        (head("Host: h", "Content-Length: 1", "Content-Length: 1", request_line=POST), LLHTTP),
+        (head("Host: h", "Content-Length: 1", "content-length: 2", request_line=POST), LLHTTP),
+        (head("Host: h", "Content-Length: 0", "Content-Length: 0"), LLHTTP),
+        (head(*WS, "Content-Length: 0", "Content-Length: 0"), LLHTTP),
+        (head(*WS, "Content-Length: 0", "Transfer-Encoding: chunked"), LLHTTP),
+        (
+            head(
+                "Host: h",
+                "Transfer-Encoding: chunked",
+                "Transfer-Encoding: chunked",
+                request_line=POST,
+            ),
+            LLHTTP,
         ),
-        head("Host: h", "Upgrade: websocket, h2c", "Connection: Upgrade"),
-        head("Host: h", "X: a\nY: b"),
-        head("Host: h", "X: a\rY: b"),
-        head("Host: h", "X: a", " folded"),
-        head("Host: h", "X: a\x00"),
-        head("Host: h", request_line=b"GET http://evil/ HTTP/1.1"),
-        head("Host: h", request_line=b"CONNECT h:443 HTTP/1.1"),
-        head("Host: h", request_line=b"OPTIONS * HTTP/1.1"),
-        head("Host: h", request_line=b"GET / HTTP/2.0"),
-        head(request_line=b"GET /"),
-        head("X: a"),  # HTTP/1.1 without Host
-        head("Host: a", "Host: b"),
-        head("Host: a", "Authorization: Bearer x", "authorization: Bearer y"),
-        head("Host: a", "Authorization: Bearer x", "AUTHORIZATION: Bearer x"),
+        (
+            head(
+                "Host: h",
+                "Transfer-Encoding: chunked",
+                "Transfer-Encoding: gzip",
+                request_line=POST,
+            ),
+            LLHTTP,
+        ),
+        (head("Host: h", "Transfer-Encoding: xchunked", request_line=POST), LLHTTP),
+        (head("Host: h", "Transfer-Encoding: identity", request_line=POST), LLHTTP),
+        (head("Host: h", "Content-Length: abc", request_line=POST), LLHTTP),
+        (head("Host: h", "Content-Length: +1", request_line=POST), LLHTTP),
+        (head("Host: h", "Content-Length: 1, 1", request_line=POST), LLHTTP),
+        (head("Host: h", "Content-Length:", request_line=POST), LLHTTP),
+        (head("Host: h", "X a"), LLHTTP),  # no colon
+        (head("Host: h", ": v"), LLHTTP),  # no name
+        (head("Host: h", "X : v"), LLHTTP),  # space before the colon
+        # A head cut before its blank line is never taken as complete.
+        (b"GET / HTTP/1.1\r\nHost: hxxxx", LLHTTP),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX: 1\r\n", LLHTTP),
+        # Our own checks, on the raw lines and on what llhttp let through.
+        (
+            head("Host: h", "Content-Length: 1234567890123456", request_line=POST),
+            "invalid Content-Length",
+        ),
+        (
+            head("Host: h", "Transfer-Encoding: gzip, chunked", request_line=POST),
+            "unsupported Transfer-Encoding",
+        ),
+        (
+            head(
+                "Host: h",
+                "Transfer-Encoding: gzip",
+                "Transfer-Encoding: chunked",
+                request_line=POST,
+            ),
+            "unsupported Transfer-Encoding",
+        ),
+        (
+            head("Host: h", "Content_Length: 5", request_line=POST),
+            "framing header spelled with '_'",
+        ),
+        (
+            head("Host: h", "transfer_encoding: chunked", request_line=POST),
+            "framing header spelled with '_'",
+        ),
+        (
+            head("Transfer-Encoding: chunked", request_line=b"POST / HTTP/1.0"),
+            "chunked body in HTTP/1.0",
+        ),
+        (
+            head(
+                "Host: h",
+                "Upgrade: h2c",
+                "Connection: Upgrade, HTTP2-Settings",
+                "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+            ),
+            "HTTP/2 upgrade (h2c) is not supported",
+        ),
+        (
+            head("Host: h", "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA"),
+            "HTTP/2 upgrade (h2c) is not supported",
+        ),
+        (
+            head("Host: h", "Upgrade: websocket, h2c", "Connection: Upgrade"),
+            "only the websocket upgrade is supported",
+        ),
+        (
+            head("Host: h", "Upgrade: h2c", "Connection: Upgrade"),
+            "only the websocket upgrade is supported",
+        ),
+        (head(*WS, "Upgrade: websocket"), "more than one Upgrade"),
+        (head(*WS, request_line=POST), "websocket upgrade must be GET"),
+        (head(*WS, "Content-Length: 3"), "websocket upgrade with a body"),
+        (head(*WS, "Transfer-Encoding: chunked"), "websocket upgrade with a body"),
+        (head("Host: h", "X: a\nY: b"), "bare CR or LF in request head"),
+        (head("Host: h", "X: a\rY: b"), "bare CR or LF in request head"),
+        (head("Host: h", "X: a", " folded"), "obsolete line folding in header"),
+        (head("Host: h", "X: a", "\tfolded"), "obsolete line folding in header"),
+        (head("Host: h", "X: a\x00"), "NUL byte in request head"),
+        # A blank line inside what is handed over as one head: a second request behind it.
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /x HTTP/1.1\r\n\r\n", "empty header line"),
+        # One CRLF too many after the blank line: an empty header line llhttp never reports.
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n\r\n", "malformed header line"),
+        (
+            head("Host: h", request_line=b"GET http://evil/ HTTP/1.1"),
+            "request target must be origin-form (/path)",
+        ),
+        (
+            head("Host: h", request_line=b"OPTIONS * HTTP/1.1"),
+            "request target must be origin-form (/path)",
+        ),
+        (
+            head("Host: h", request_line=b"GET /a\tb HTTP/1.1"),
+            "control character in request target",
+        ),
+        (
+            head("Host: h", request_line=b"GET /a\x01b HTTP/1.1"),
+            "control character in request target",
+        ),
+        (
+            head("Host: h", request_line=b"GET /a\x7fb HTTP/1.1"),
+            "control character in request target",
+        ),
+        (head("Host: h", request_line=b"CONNECT h:443 HTTP/1.1"), "CONNECT is not supported"),
+        (head("Host: h", request_line=b"TRACE / HTTP/1.1"), "unsupported method"),
+        (head("Host: h", request_line=b"get / HTTP/1.1"), "unsupported method"),
+        (head("Host: h", request_line=b"GET / HTTP/2.0"), "unsupported HTTP version"),
+        (head(request_line=b"GET /"), "malformed request line"),
+        (head("Host: h", request_line=b"GET  / HTTP/1.1"), "malformed request line"),
+        (head("X: a"), "missing Host"),  # HTTP/1.1 without Host
+        (head("Host: a", "Host: b"), "more than one Host"),
+        (
+            head("Host: a", "Authorization: Bearer x", "authorization: Bearer y"),
+            "more than one Authorization",
+        ),
+        (
+            head("Host: a", "Authorization: Bearer x", "AUTHORIZATION: Bearer x"),
+            "more than one Authorization",
+        ),
     ],
 )
-def test_smuggling_shapes_are_bad_requests(raw: bytes) -> None:
+def test_smuggling_shapes_are_bad_requests(raw: bytes, reason: str) -> None:
     with pytest.raises(BadRequest) as ei:
         parse_request_head(raw)
-    assert ei.value.status == 400
+    assert (ei.value.status, ei.value.reason) == (400, reason)
+
+
+@pytest.mark.parametrize(
+    ("lines", "request_line", "content_length", "chunked", "websocket"),
+    [
+        (("Host: h", "Content-Length: 123456789012345"), POST, 123456789012345, False, False),
+        (("Host: h", "Content-Length:  7 "), POST, 7, False, False),
+        (("Host: h", "Transfer-Encoding: Chunked"), POST, None, True, False),
+        ((*WS, "Content-Length: 0"), b"GET / HTTP/1.1", 0, False, True),
+        (("Content-Length: 2",), b"POST / HTTP/1.0", 2, False, False),
+    ],
+)
+def test_framing_fields(
+    lines: tuple[str, ...],
+    request_line: bytes,
+    content_length: int | None,
+    chunked: bool,
+    websocket: bool,
+) -> None:
+    h = parse_request_head(head(*lines, request_line=request_line))
+    assert (h.content_length, h.chunked, h.websocket) == (content_length, chunked, websocket)
 
 
 def test_head_too_large_is_431() -> None:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.core.http1 import parse_request_head
 from proxy.core.tokens import (
     TOKEN_NAME_RE,
     TokenEntry,
@@ -34,7 +35,6 @@ from proxy.core.tokens import (
     new_token,
     session_cookie,
 )
-from proxy.core.http1 import parse_request_head
 from proxy.errors import TokenStoreError
 from proxy.keystore import TokenFile
 
