@@ -163,3 +163,44 @@ def test_topology_builds_two_namespaces_and_removes_them() -> None:
         topo.close()
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert topo.srv not in names and topo.cli not in names
+
+
+def test_report_issue15_goals_cpu_split_and_before_figures() -> None:
+    """Issue 15's goals: ratios to nginx/HAProxy, CPU per connection and its user part
+    (from the kernel share), and "no worse than before" for 64 KiB msg/s and idle RSS."""
+    runs = [
+        _run("nginx", "conns", loadgen={"rate": 1000.0, "ok_total": 10000}, proxy_cpu_s=1.1),
+        _run("haproxy", "conns", loadgen={"rate": 900.0, "ok_total": 10000}, proxy_cpu_s=1.0),
+        # 850 conn/s: >= 0.8x nginx (800) and >= 0.9x HAProxy (810), < 1.0x nginx
+        _run(
+            "clawgate",
+            "conns",
+            loadgen={"rate": 850.0, "ok_total": 10000},
+            proxy_cpu_s=1.5,  # 150 us per connection
+            proxy_sys_s=0.9,  # 60% kernel -> 60 us user
+        ),
+        _run("nginx", "tput64k", loadgen={"rate": 100.0, "msgs_total": 1000}),
+        _run("clawgate", "tput64k", loadgen={"rate": 115.0, "msgs_total": 1000}),
+        _run("clawgate", "idle", rss_kib_per_conn=6.5),
+        _run("clawgate-tls", "conns", loadgen={"rate": 170.0}),
+        _run("nginx-tls", "conns", loadgen={"rate": 200.0}),
+    ]
+    data = report.analyse({"runs": runs})
+    st = {g["goal"]: g for g in data["goals"] if g["subject"] == "clawgate"}
+    assert st["connections/s >= 0.8x nginx"]["status"] == "PASS"
+    assert st["connections/s >= 0.9x HAProxy"]["status"] == "PASS"
+    assert st["connections/s >= 1.0x nginx (stretch)"]["status"] == "FAIL"
+    cpu = st["proxy CPU per connection <= 160 us"]
+    assert cpu["status"] == "PASS" and cpu["value"] == pytest.approx(150.0)
+    user = st["user CPU per connection <= 50 us"]
+    assert user["status"] == "FAIL" and user["value"] == pytest.approx(60.0)
+    (k64,) = [g for name, g in st.items() if name.startswith("64 KiB msg/s no worse")]
+    assert k64["status"] == "PASS"  # 1.15x >= 1.22x * 0.9
+    (rss,) = [g for name, g in st.items() if name.startswith("idle RSS per connection")]
+    assert rss["status"] == "FAIL"  # 6.5 KiB > 5.80 * 1.05
+    assert st["TLS: connections/s >= 0.8x nginx"]["status"] == "PASS"  # 0.85x
+    assert st["TLS: connections/s >= 1.0x nginx"]["status"] == "FAIL"
+    # no CPU split measured: N/A, never a PASS
+    data = report.analyse({"runs": [_run("clawgate", "conns", loadgen={"rate": 1.0})]})
+    na = {g["goal"]: g for g in data["goals"] if g["subject"] == "clawgate"}
+    assert na["user CPU per connection <= 50 us"]["status"] == "N/A"
