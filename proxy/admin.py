@@ -28,7 +28,7 @@ from .errors import ClawgateError
 from .metrics import MetricsCollector
 
 if TYPE_CHECKING:
-    from .server import Runtime
+    from .runtime import Runtime
 
 __all__ = ["start_admin", "build_admin_app", "health_report", "connections_report", "admin_refusal"]
 

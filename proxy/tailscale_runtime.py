@@ -14,7 +14,7 @@ from .errors import TailscaleError
 from .tailscale import IdentityCache, LocalAPIClient, TailscaleMonitor, find_socket
 
 if TYPE_CHECKING:
-    from .server import Runtime
+    from .runtime import Runtime
 
 __all__ = ["attach_tailscale"]
 

@@ -34,7 +34,7 @@ from .core.networks import hostport
 from .errors import ClawgateError, LocalAPIDenied, TailscaleError
 
 if TYPE_CHECKING:
-    from .server import Runtime
+    from .runtime import Runtime
 
 __all__ = [
     "INTERMEDIATE_CIPHERS",
