@@ -18,7 +18,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from .core.connect_auth import (
     ConnectAuth,
@@ -31,11 +32,7 @@ from .core.connect_auth import (
 from .core.wsframe import close_frame, parse_client_frame
 from .front import CLOSING, ClientConnection
 from .gateway_store import DB_RELATIVE, GatewayStore, store_version
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from .runtime import Connection, Runtime
+from .runtime import Connection, Runtime
 
 __all__ = ["FirstFrameGate", "make_gate_factory"]
 

@@ -16,9 +16,9 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .config import HOST_TAILSCALE, Config
 from .core.networks import hostport
@@ -26,9 +26,6 @@ from .errors import ClawgateError
 from .front import ClientConnection
 from .runtime import Runtime
 from .system import CONTROL_FD_ENV, listen_socket, raise_nofile_limit, sd_notify
-
-if TYPE_CHECKING:
-    import ssl
 
 __all__ = ["serve", "start_listeners", "drain"]
 
