@@ -792,7 +792,7 @@ class Harness:
         # one proxied connection = 2 fds in the proxy; RLIMIT_NOFILE caps the idle test
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         # clawgate answers 503 beyond (soft - 48 - soft/32) / 2 connections (its fd guard,
-        # proxy/server.py); stay under it so every proxy gets the same count, error-free
+        # proxy/runtime.py); stay under it so every proxy gets the same count, error-free
         self.maxconn = max(100, (self.nofile - 64 - self.nofile // 32) // 2)
         if args.idle_conns > self.maxconn:
             self.notes.append(

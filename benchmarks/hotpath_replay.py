@@ -86,7 +86,7 @@ def main() -> int:
     from proxy import front
     from proxy.config import load_config
     from proxy.front import ClientConnection
-    from proxy.server import Runtime
+    from proxy.runtime import Runtime
 
     try:
         from proxy.core.tokens import TokenEntry, digest, new_token

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,9 +26,7 @@ from .access.hosts import admin_host_allowed
 from .config import UpstreamConfig
 from .errors import ClawgateError
 from .metrics import MetricsCollector
-
-if TYPE_CHECKING:
-    from .server import Runtime
+from .runtime import Runtime
 
 __all__ = ["start_admin", "build_admin_app", "health_report", "connections_report", "admin_refusal"]
 

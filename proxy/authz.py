@@ -22,6 +22,7 @@ from .core.http1 import RequestHead, rewrite_request_head
 from .core.policy import (
     ALLOW_EXEMPT,
     Decision,
+    IdentityLike,
     IdentityOutcome,
     PolicySettings,
     decide,
@@ -45,12 +46,18 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from .accesslog import AccessLog
     from .config import Config
-    from .front import ClientConnection
+    from .metrics import Metrics
+    from .tailscale import TailscaleMonitor
 
 __all__ = [
     "Grant",
     "Authorizer",
+    "Peer",
+    "AuthzRuntime",
     "policy_settings",
     "JwtVerifierLike",
     "IdentityCacheLike",
@@ -73,6 +80,52 @@ class JwtVerifierLike(Protocol):
 class IdentityCacheLike(Protocol):
     def get(self, ip: str, port: int = 0) -> Any: ...
     async def lookup(self, ip: str, port: int) -> Any: ...
+
+
+class AuthzRuntime(Protocol):
+    """What authorization reaches through a connection's ``rt`` (proxy.runtime.Runtime is
+    one): the Host check, the lockout table, counters, the log, tailscaled's state."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def log(self) -> AccessLog: ...
+    @property
+    def monitor(self) -> TailscaleMonitor | None: ...
+    def check_host(self, conn: Peer, head: RequestHead) -> None: ...
+    def check_lockout(self, conn: Peer, identity: IdentityLike | None) -> None: ...
+    def lockout_left(self, conn: Peer, identity: IdentityLike | None) -> float: ...
+    def note_denied(
+        self, conn: Peer, status: int, identity: IdentityLike | None = None
+    ) -> None: ...
+    def end_logged_out(self, key: bytes | None = None) -> int: ...
+
+
+class Peer(Protocol):
+    """A client connection as authorization sees it (front.ClientConnection is one).
+
+    A Protocol, not the class: front imports this module (and proxy.runtime, which
+    imports this module too), so naming front here would close an import cycle.
+    """
+
+    @property
+    def rt(self) -> AuthzRuntime: ...
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def peer_ip(self) -> str: ...
+    @property
+    def peer_port(self) -> int: ...
+    @property
+    def is_loopback_peer(self) -> bool: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def proto(self) -> bytes: ...
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+    @property
+    def grant(self) -> Grant | None: ...
 
 
 @dataclass(slots=True)
@@ -274,7 +327,7 @@ class Authorizer:
 
     # ------------------------------------------------------------------ identity
 
-    def identity_sync(self, conn: ClientConnection) -> IdentityOutcome | None:
+    def identity_sync(self, conn: Peer) -> IdentityOutcome | None:
         """A cached outcome, or None when tailscaled must be asked."""
         cache = self.identity
         if cache is None:
@@ -284,7 +337,7 @@ class Authorizer:
             return None
         return IdentityOutcome("identity", ident)
 
-    async def identity_async(self, conn: ClientConnection) -> IdentityOutcome:
+    async def identity_async(self, conn: Peer) -> IdentityOutcome:
         cache = self.identity
         if cache is None:
             return _NONE
@@ -315,7 +368,7 @@ class Authorizer:
 
     # ------------------------------------------------------------------ decision
 
-    def authorize_sync(self, conn: ClientConnection, head: RequestHead) -> Grant | None:
+    def authorize_sync(self, conn: Peer, head: RequestHead) -> Grant | None:
         conn.rt.check_host(conn, head)  # before anything else, exempt paths included
         if head.path in self.exempt and not head.websocket:
             # Exempt means a health probe, never a gateway session: the gateway accepts
@@ -336,7 +389,7 @@ class Authorizer:
         conn.rt.check_lockout(conn, outcome.identity)
         return self._finish(conn, head, outcome, presented)
 
-    async def authorize(self, conn: ClientConnection, head: RequestHead) -> Grant:
+    async def authorize(self, conn: Peer, head: RequestHead) -> Grant:
         presented = read_authorization(head)
         if self.jwt is not None:
             token = presented[1]
@@ -348,7 +401,7 @@ class Authorizer:
 
     def _finish(
         self,
-        conn: ClientConnection,
+        conn: Peer,
         head: RequestHead,
         outcome: IdentityOutcome,
         presented: Presented,
@@ -385,7 +438,7 @@ class Authorizer:
 
     # ------------------------------------------------------------------ rewrite
 
-    def rewrite(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> bytes:
+    def rewrite(self, conn: Peer, head: RequestHead, grant: Grant) -> bytes:
         add: list[tuple[bytes, bytes]] = []
         ident = grant.identity
         ts = self.cfg.tailscale
@@ -428,14 +481,14 @@ class Authorizer:
     # ------------------------------------------------------------------ login
 
     async def login_endpoint_async(
-        self, conn: ClientConnection, head: RequestHead, body: bytes
+        self, conn: Peer, head: RequestHead, body: bytes
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """A login POST: the peer's identity first (whois), then the page."""
         outcome = await self.identity_async(conn)
         return self.login_endpoint(conn, head, body, outcome.identity)
 
     def login_endpoint(
-        self, conn: ClientConnection, head: RequestHead, body: bytes, identity: Any = None
+        self, conn: Peer, head: RequestHead, body: bytes, identity: IdentityLike | None = None
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """clawgate's own pages; ``identity``: the peer's, looked up before a login POST
         (failed logins count against the node, not against 127.0.0.1)."""
@@ -511,6 +564,10 @@ class Authorizer:
             expire = f"{self.cfg.tokens.cookie_name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
             return 303, [("Set-Cookie", expire), ("Location", "/__clawgate/login")], b""
         return 404, [("Content-Type", "text/plain")], b"not found\n"
+
+    def login_needs_identity(self, head: RequestHead) -> bool:
+        """A login POST counts failures against the peer's node: whois it first."""
+        return head.method == b"POST" and self.identity is not None
 
     def login_page(self, nxt: str, message: str) -> bytes:
         msg = f'<p class="err">{html.escape(message)}</p>' if message else ""

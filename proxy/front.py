@@ -31,7 +31,7 @@ from .upstream import BoundaryCloser, UpstreamConnection, dial
 
 if TYPE_CHECKING:
     from .authz import Grant
-    from .server import Runtime
+    from .runtime import Runtime
 
 __all__ = ["ClientConnection", "STATUS_TEXT"]
 
@@ -621,13 +621,13 @@ class ClientConnection(asyncio.Protocol):
         if refused is not None:
             self._local_send(head, refused)
             return
-        if self.rt.local_needs_identity(head):
+        if self.rt.authz.login_needs_identity(head):
             # A login POST: whois first, so failures count against the peer's node.
             self.state = DECIDING
             self._pause(True)
             self._task = self.rt.spawn(self._local_async(head, body), f"local-{self.conn_id}")
             return
-        self._local_send(head, self.rt.local_endpoint(self, head, body))
+        self._local_send(head, self.rt.authz.login_endpoint(self, head, body))
 
     async def _local_async(self, head: RequestHead, body: bytes) -> None:
         answer = await self.rt.authz.login_endpoint_async(self, head, body)

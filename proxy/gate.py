@@ -18,7 +18,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from .core.connect_auth import (
     ConnectAuth,
@@ -29,12 +30,9 @@ from .core.connect_auth import (
     parse_connect,
 )
 from .core.wsframe import close_frame, parse_client_frame
-from .front import CLOSING
+from .front import CLOSING, ClientConnection
 from .gateway_store import DB_RELATIVE, GatewayStore, store_version
-
-if TYPE_CHECKING:
-    from .front import ClientConnection
-    from .server import Runtime
+from .runtime import Connection, Runtime
 
 __all__ = ["FirstFrameGate", "make_gate_factory"]
 
@@ -186,7 +184,7 @@ class FirstFrameGate:
             self.linger.cancel()
 
 
-def make_gate_factory(rt: Runtime) -> Any:
+def make_gate_factory(rt: Runtime) -> Callable[[Connection], FirstFrameGate]:
     stores: dict[str, GatewayStore] = {}  # one per state dir: a reload keeps its cache
     g = rt.cfg.gateway_token
     if rt.authz.gateway_token_digest is not None and g.state_dir is not None:
@@ -201,7 +199,10 @@ def make_gate_factory(rt: Runtime) -> Any:
                 exc.strerror or exc,
             )
 
-    def factory(conn: ClientConnection) -> FirstFrameGate:
+    def factory(conn: Connection) -> FirstFrameGate:
+        # The registry knows connections by a Protocol; the gate drives a ClientConnection.
+        if not isinstance(conn, ClientConnection):
+            raise TypeError(f"a first-frame gate needs a ClientConnection, not {conn!r}")
         # Always a gate for a gated grant: should a reload have removed the gateway token
         # since the decision, the gate refuses (fail closed), it never splices unchecked.
         g = rt.cfg.gateway_token

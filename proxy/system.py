@@ -1,7 +1,7 @@
 """The process and its sockets: listening sockets, the open-files limit, sd_notify.
 
-Thin wrappers over the OS that the serving code (server.py, tls.py, workers.py) shares, so
-that none of them imports another for a helper.
+Thin wrappers over the OS that the serving code (serve.py, runtime.py, tls.py, workers.py)
+shares, so that none of them imports another for a helper.
 """
 
 from __future__ import annotations

@@ -8,13 +8,10 @@ and, when ``host`` is ``"tailscale"``, listeners follow this node's tailnet addr
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from .errors import TailscaleError
+from .runtime import Runtime
 from .tailscale import IdentityCache, LocalAPIClient, TailscaleMonitor, find_socket
-
-if TYPE_CHECKING:
-    from .server import Runtime
 
 __all__ = ["attach_tailscale"]
 

@@ -25,16 +25,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from .core.networks import hostport
 from .errors import ClawgateError, LocalAPIDenied, TailscaleError
-
-if TYPE_CHECKING:
-    from .server import Runtime
+from .runtime import Runtime
 
 __all__ = [
     "INTERMEDIATE_CIPHERS",

@@ -14,7 +14,7 @@ revoked, 1001 shutdown) without cutting a frame in half.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .core.http1 import (
     BODY_CHUNKED,
@@ -28,10 +28,47 @@ from .core.wsframe import FrameTracker
 from .tasks import spawn
 
 if TYPE_CHECKING:
-    from .config import UpstreamConfig
-    from .front import ClientConnection
+    from .config import Config, UpstreamConfig
 
-__all__ = ["UpstreamConnection", "BoundaryCloser", "dial"]
+__all__ = ["UpstreamConnection", "BoundaryCloser", "Client", "dial"]
+
+
+class _Configured(Protocol):
+    @property
+    def cfg(self) -> Config: ...
+
+
+class Client(Protocol):
+    """The client side as the gateway side drives it (front.ClientConnection is one).
+
+    A Protocol, not the class: front imports this module, so naming front here would
+    close an import cycle.
+    """
+
+    bytes_down: int
+
+    @property
+    def rt(self) -> _Configured: ...
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def up(self) -> UpstreamConnection | None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def awaiting_upgrade(self) -> bool: ...
+    def write_response(self, data: bytes) -> None: ...
+    def response_done(self, status: int, keep_alive: bool) -> None: ...
+    def become_tunnel(self, early: bytes) -> None: ...
+    def upstream_eof(self) -> None: ...
+    def upstream_lost(self) -> None: ...
+    def upstream_lost_during_exchange(self, got_any: bool) -> None: ...
+    def upstream_broken(self, reason: str, started: bool) -> None: ...
+    def finish_end_session(self, reason: str, clean: bool = True) -> None: ...
+    def forget_upstream(self) -> None: ...
+    def pause_reading_for_upstream(self) -> None: ...
+    def resume_reading_for_upstream(self) -> None: ...
+
 
 _MAX_RESPONSE_HEAD = 65536
 
@@ -60,9 +97,7 @@ class BoundaryCloser(asyncio.Protocol):
     closes both sides; nothing after that frame edge reaches the client.
     """
 
-    def __init__(
-        self, client: ClientConnection, up: UpstreamConnection, frame: bytes, reason: str
-    ) -> None:
+    def __init__(self, client: Client, up: UpstreamConnection, frame: bytes, reason: str) -> None:
         self.client = client
         self.up = up
         self.frame = frame
@@ -128,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
     )
 
-    def __init__(self, client: ClientConnection) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.tunnel = False

@@ -43,7 +43,7 @@ from .errors import ClawgateError
 from .system import CONTROL_FD_ENV, sd_notify
 
 if TYPE_CHECKING:
-    from .server import Prepared, Runtime
+    from .runtime import Runtime, Snapshot
 
 __all__ = ["run_workers", "WorkerControl", "ReloadCoordinator", "RELOAD_PHASE_SECONDS"]
 
@@ -75,7 +75,7 @@ class WorkerControl:
         self.index = index
         self._reader = reader
         self._writer = writer
-        self._pending: dict[int, Prepared | None] = {}
+        self._pending: dict[int, Snapshot | None] = {}
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task[Any] | None = None

@@ -124,7 +124,7 @@ def _in_process_async(item: pytest.Item) -> bool:
 # opens a session. Bounded and rare, but on the event loop (issue 14's keystore moves them).
 ALLOWED_BLOCKING = [
     ("proxy/config.py", {"load_config"}),
-    ("proxy/server.py", {"_build"}),
+    ("proxy/runtime.py", {"_build"}),
     ("proxy/access/jwt.py", {"from_config"}),
     ("proxy/tailscale/localapi.py", {"find_socket"}),
 ]

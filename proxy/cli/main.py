@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run_workers(cfg, config_path(args))
     _install_uvloop()
-    from ..server import serve
+    from ..serve import serve
 
     return asyncio.run(serve(cfg, worker_index=args.worker_index or 0))
 

@@ -18,14 +18,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from ..core.networks import hostport, is_loopback, unmap_ip
 from ..errors import TailscaleError
 from ..tasks import spawn
-
-if TYPE_CHECKING:
-    from .localapi import Status
 
 __all__ = [
     "BACKEND_STATES",
@@ -191,10 +188,34 @@ class IdentitySource(Protocol):
     async def whois(self, ip: str, port: int) -> Identity: ...
 
 
+class StatusLike(Protocol):
+    """What the monitor reads of a status answer (``localapi.Status`` is one; a Protocol
+    because localapi imports this module's ``Identity``)."""
+
+    @property
+    def backend_state(self) -> str: ...
+    @property
+    def tailscale_ips(self) -> tuple[str, ...]: ...
+    @property
+    def self_dns_name(self) -> str | None: ...
+    @property
+    def key_expiry(self) -> datetime | None: ...
+    @property
+    def expired(self) -> bool: ...
+    @property
+    def cert_domains(self) -> tuple[str, ...]: ...
+    @property
+    def tun(self) -> bool | None: ...
+    @property
+    def magic_dns_suffix(self) -> str: ...
+    @property
+    def peer_paths(self) -> Mapping[str, str]: ...
+
+
 class StatusSource(Protocol):
     """What the monitor needs from the LocalAPI."""
 
-    async def status(self, peers: bool = True) -> Status: ...
+    async def status(self, peers: bool = True) -> StatusLike: ...
 
     def watch_ipn_bus(self, mask: int) -> AsyncGenerator[dict[str, Any], None]: ...
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.server import build_authorizer_inputs
+from proxy.runtime import build_authorizer_inputs
 from tests.harness import run_cli
 
 SHORT = "gateway-secret-0123456789abcdef"  # 31 bytes

@@ -24,7 +24,7 @@ from pytest_aiohttp import AiohttpClient
 from proxy.admin import admin_refusal, build_admin_app
 from proxy.config import Config, load_config
 from proxy.keystore import TokenFile
-from proxy.server import Runtime
+from proxy.runtime import Runtime
 from tests.fakes.fake_gateway import FakeGateway
 
 Client = TestClient[Any, Any]

@@ -424,8 +424,9 @@ async def test_live_credential_recheck(
     cred: Credential, gw_after: str | None, tokens_after: dict[str, str], why: str | None
 ) -> None:
     import asyncio
+    import dataclasses
 
-    from proxy.server import Runtime
+    from proxy.runtime import Runtime
 
     cfg = parse_config(
         {
@@ -434,7 +435,7 @@ async def test_live_credential_recheck(
         }
     )
     rt = Runtime(cfg, asyncio.get_running_loop())
-    rt.authz = _authz(tokens_after, gw_after)
+    rt.snap = dataclasses.replace(rt.snap, authz=_authz(tokens_after, gw_after))
 
     class Conn:
         peer_ip = "100.101.102.103"

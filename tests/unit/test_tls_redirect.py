@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.config import parse_config
-from proxy.server import Runtime
+from proxy.runtime import Runtime
 from proxy.tls import RedirectConnection, redirect_location
 
 NAME = "web01.tail4c3a9.ts.net"

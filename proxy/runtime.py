@@ -1,34 +1,33 @@
-"""The running proxy: listeners, shared state, limits, reload and drain.
+"""The running process's state: the config snapshot in force and the registry around it.
 
-``Runtime`` is what every connection sees: the current config snapshot and everything
-derived from it (compiled networks, token set, authorizer), counters, the access log and
-the set of live connections. A reload builds a whole new snapshot and swaps it in one
-assignment; a bad config leaves the old one in place. ``serve`` binds the listeners
-(the tailnet addresses from tailscaled when ``host`` is ``"tailscale"``), runs the admin
-server, and handles SIGHUP (reload) and SIGTERM (drain).
+``Snapshot`` is what a reload swaps at once: the config and everything derived from it
+(compiled networks, token set, JWT verifier, authorizer), frozen; a reload builds a whole
+new one and swaps it in one assignment, a bad config leaves the old one in place.
+``Runtime`` is the registry every connection sees: the snapshot in force, the live
+connections and tasks, counters, the access log, admission and the lockout table, and the
+per-connection bookkeeping over them (admit, lockouts, Host check, log lines, close).
+Starting and stopping all this (listeners, signals, drain, the sweep) is ``proxy.serve``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .access.hosts import HostNames
 from .accesslog import AccessLog
-from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant
+from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant, Peer
 from .config import HOST_TAILSCALE, Config, load_config
 from .core.admission import LOCKED_OUT, OVER_IDENTITY, Admission
 from .core.http1 import RequestHead
-from .core.networks import NetworkSet, hostport
-from .core.policy import check_identity
+from .core.networks import NetworkSet
+from .core.policy import IdentityLike, check_identity
 from .core.sessions import (
     LockoutTable,
     LockoutTableLike,
@@ -36,7 +35,7 @@ from .core.sessions import (
     SessionStoreLike,
     lockout_key,
 )
-from .core.tokens import TokenEntry, TokenSet, digest
+from .core.tokens import Credential, TokenEntry, TokenSet, digest
 from .errors import (
     ClawgateError,
     ConfigError,
@@ -44,27 +43,77 @@ from .errors import (
     TokenStoreError,
     TooManyRequests,
 )
-from .front import ClientConnection
 from .keystore import TokenFile
 from .metrics import Metrics
-from .system import (
-    CONTROL_FD_ENV,
-    fd_connection_cap,
-    listen_socket,
-    raise_nofile_limit,
-    sd_notify,
-)
+from .system import fd_connection_cap, sd_notify
 from .tasks import spawn
 
 if TYPE_CHECKING:
+    from .access.jwt import JwtVerifier
     from .shared_state import SharedState
+    from .tailscale import IdentityCache, LocalAPIClient, TailscaleMonitor
 
-__all__ = ["Runtime", "serve", "build_authorizer_inputs", "read_secret"]
+__all__ = [
+    "Runtime",
+    "Snapshot",
+    "Connection",
+    "Gate",
+    "WorkerLink",
+    "build_authorizer_inputs",
+    "read_secret",
+]
 
 log = logging.getLogger("clawgate")
 # The gateway's token is a shared secret the tailnet can guess at (first-frame gate, login
 # form): shorter than this is refused at load and on reload.
 MIN_GATEWAY_TOKEN_BYTES = 32
+
+
+# What the registry needs of the objects it holds, as Protocols: the modules that make
+# them (front, gate, workers) import this one, so it cannot import them, not even for
+# annotations (tests/unit/test_core_imports.py counts those edges too).
+
+
+class Connection(Peer, Protocol):
+    """A live client connection as the registry sees it (front.ClientConnection is one):
+    what the recheck, the sweep, drain, /connections and the close bookkeeping use."""
+
+    counted_ip: bool
+    unauth_counted: bool
+    counted_identity: str | None
+
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def close_reason(self) -> str: ...
+    @property
+    def is_tunnel(self) -> bool: ...
+    @property
+    def was_tunnel(self) -> bool: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def bytes_up(self) -> int: ...
+    @property
+    def bytes_down(self) -> int: ...
+    def age(self) -> float: ...
+    def end_session(self, code: int, reason: str) -> None: ...
+    def close_if_idle(self, reason: str) -> None: ...
+    def _abort(self, reason: str) -> None: ...
+
+
+class Gate(Protocol):
+    """What front does with a first-frame gate (gate.FirstFrameGate is one)."""
+
+    def feed(self, data: bytes) -> None: ...
+    def cancel(self) -> None: ...
+
+
+class WorkerLink(Protocol):
+    """workers > 1: this worker's channel to the parent (workers.WorkerControl is one)."""
+
+    async def reload_all(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
 
 
 def read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
@@ -118,24 +167,25 @@ def build_authorizer_inputs(cfg: Config) -> tuple[TokenSet, bytes | None]:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Prepared:
-    """A validated config and what is derived from it, ready to be swapped in."""
+class Snapshot:
+    """A validated config and what is derived from it: swapped in, or out, as one."""
 
     cfg: Config
+    networks: NetworkSet
     tokens: TokenSet
-    jwt: Any
+    jwt: JwtVerifier | None
     authz: Authorizer
 
 
 class Runtime:
-    """Shared state of one proxy process."""
+    """The registry of one proxy process, around the snapshot in force (``snap``)."""
 
     def __init__(
         self, cfg: Config, loop: asyncio.AbstractEventLoop, shared: SharedState | None = None
     ) -> None:
         self.loop = loop
         self.metrics = Metrics()
-        self.conns: set[ClientConnection] = set()
+        self.conns: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.log = AccessLog(cfg.log.access, cfg.log.refused_per_second)
         # Login sessions and lockouts: in this process, or (workers > 1) the parent's
@@ -145,11 +195,11 @@ class Runtime:
             shared.sessions if shared is not None else SessionStore(cfg.tokens.session_ttl)
         )
         self.lockouts: LockoutTableLike = shared.lockouts if shared is not None else LockoutTable()
-        self.identity_cache: Any = None
-        self.monitor: Any = None
-        self.localapi: Any = None
+        # tailscaled, when there is one (proxy.tailscale_runtime.attach_tailscale).
+        self.identity_cache: IdentityCache | None = None
+        self.monitor: TailscaleMonitor | None = None
+        self.localapi: LocalAPIClient | None = None
         self.identity_present = False
-        self.jwt: Any = None
         self.admission = Admission()
         # Each proxied connection holds two descriptors (client + gateway): refuse with a
         # 503 before accept() itself fails with EMFILE, where nothing can be answered.
@@ -161,22 +211,43 @@ class Runtime:
         self.last_reload_error: str | None = None
         self.listen_addresses: list[str] = []
         self.servers: list[asyncio.base_events.Server] = []
-        self.gate_factory: Any = None
-        self.on_tailnet_addresses: Any = None
+        self.gate_factory: Callable[[Connection], Gate] | None = None
+        self.on_tailnet_addresses: Callable[[list[str]], object] | None = None
         # Hooks of optional modules (tls.py): run on SIGHUP/reload, and per bound listen
         # host (e.g. the HTTP->HTTPS redirect port on the same addresses); /health detail.
         self.reload_callbacks: list[Callable[[], object]] = []
         self.listen_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.tls_status: Callable[[], dict[str, Any]] | None = None
         self.tls_names: Callable[[], tuple[str, ...]] | None = None
-        # With workers > 1: the channel to the parent (proxy.workers.WorkerControl), through
-        # which the admin's /-/reload reaches every worker.
-        self.worker_control: Any = None
+        # With workers > 1: the channel to the parent, through which the admin's
+        # /-/reload reaches every worker.
+        self.worker_control: WorkerLink | None = None
         self._host_names = HostNames(frozenset())
-        self._host_key: tuple[Any, ...] = ()
-        self.cfg = cfg
-        self.networks: NetworkSet = cfg.gateway.allowed_networks
-        self.authz: Authorizer = None  # type: ignore[assignment]  # set by apply_config
+        self._host_key: tuple[object, ...] = ()
+        # Until apply_config (before any listener exists): the config without its secrets,
+        # so nothing needing a credential could be granted even if something asked.
+        empty = TokenSet([])
+        self.snap = Snapshot(
+            cfg,
+            cfg.gateway.allowed_networks,
+            empty,
+            None,
+            Authorizer(cfg, empty, self.sessions, identity=None, identity_present=False),
+        )
+
+    # The snapshot in force, read afresh on every access (a reload swaps ``snap``).
+
+    @property
+    def cfg(self) -> Config:
+        return self.snap.cfg
+
+    @property
+    def networks(self) -> NetworkSet:
+        return self.snap.networks
+
+    @property
+    def authz(self) -> Authorizer:
+        return self.snap.authz
 
     # ------------------------------------------------------------------ config
 
@@ -184,7 +255,7 @@ class Runtime:
         """Build everything derived from ``cfg`` and swap it in; raises on a bad config."""
         self._swap(self._build(cfg))
 
-    def _build(self, cfg: Config) -> Prepared:
+    def _build(self, cfg: Config) -> Snapshot:
         """Everything derived from ``cfg``, not yet in force; raises on a bad config."""
         tokens, gw_token = build_authorizer_inputs(cfg)
         jwt = None
@@ -192,7 +263,7 @@ class Runtime:
             from .access.jwt import JwtVerifier  # optional module (issue: JWT)
 
             # previous: an unchanged JWKS URL keeps its fetched keys and cooldown.
-            jwt = JwtVerifier.from_config(cfg.jwt, loop=self.loop, previous=self.jwt)
+            jwt = JwtVerifier.from_config(cfg.jwt, loop=self.loop, previous=self.snap.jwt)
         authz = Authorizer(
             cfg,
             tokens,
@@ -201,18 +272,14 @@ class Runtime:
             identity_present=self.identity_present,
             jwt=jwt,
             gateway_token=gw_token,
-            revoked=getattr(jwt, "revoked_reason", None),
+            revoked=jwt.revoked_reason if jwt is not None else None,
         )
-        return Prepared(cfg, tokens, jwt, authz)
+        return Snapshot(cfg, cfg.gateway.allowed_networks, tokens, jwt, authz)
 
-    def _swap(self, new: Prepared) -> None:
-        # One assignment each, nothing awaited in between: connections see old or new.
-        cfg = new.cfg
-        self.cfg = cfg
-        self.networks = cfg.gateway.allowed_networks
-        self.jwt = new.jwt
-        self.authz = new.authz
-        self.sessions.ttl = cfg.tokens.session_ttl
+    def _swap(self, new: Snapshot) -> None:
+        # One assignment, nothing awaited around it: connections see old or new.
+        self.snap = new
+        self.sessions.ttl = new.cfg.tokens.session_ttl
         # A session lives only while the secret that opened it is configured (not just
         # a token of that name: revoked and re-created, or a rotated gateway token).
         authz = new.authz
@@ -229,7 +296,7 @@ class Runtime:
         sd_notify("READY=1\nSTATUS=serving")
         return True
 
-    def prepare_reload(self) -> Prepared | None:
+    def prepare_reload(self) -> Snapshot | None:
         """Phase one of a reload: read and validate everything, change nothing.
 
         None when refused (``last_reload_error`` says why). With ``workers > 1`` the
@@ -255,7 +322,7 @@ class Runtime:
         log.error("reload refused, keeping the running config: %s", error)
         self.log.write({"event": "reload", "result": "refused", "error": error})
 
-    def commit_reload(self, prepared: Prepared) -> int:
+    def commit_reload(self, prepared: Snapshot) -> int:
         """Phase two: put a prepared config in force; returns the live sessions ended."""
         self._swap(prepared)
         self.reloads += 1
@@ -288,9 +355,7 @@ class Runtime:
                 conn.end_session(1008, why)
         return ended
 
-    def session_invalid_reason(
-        self, conn: ClientConnection, grant: Grant, now: float
-    ) -> str | None:
+    def session_invalid_reason(self, conn: Connection, grant: Grant, now: float) -> str | None:
         if not self.networks.contains(conn.peer_ip):
             return "network no longer allowed"
         cred = grant.credential
@@ -335,7 +400,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self, conn: ClientConnection) -> tuple[int, str, int | None] | None:
+    def admit(self, conn: Connection) -> tuple[int, str, int | None] | None:
         refusal = self.admission.admit(
             conn.peer_ip,
             self.cfg.limits,
@@ -354,13 +419,13 @@ class Runtime:
         conn.unauth_counted = True
         return None
 
-    def decided(self, conn: ClientConnection) -> None:
+    def decided(self, conn: Connection) -> None:
         """The connection got its first allow: it no longer counts as unauthenticated."""
         if conn.unauth_counted:
             conn.unauth_counted = False
             self.admission.decided(conn.peer_ip)
 
-    def admit_identity(self, conn: ClientConnection, grant: Grant) -> str | None:
+    def admit_identity(self, conn: Connection, grant: Grant) -> str | None:
         """Count an allowed connection against its principal; a reason when over."""
         key = _principal(grant)
         if key is None:
@@ -373,20 +438,20 @@ class Runtime:
         conn.counted_identity = key
         return None
 
-    def lockout_left(self, conn: ClientConnection, identity: Any) -> float:
+    def lockout_left(self, conn: Peer, identity: IdentityLike | None) -> float:
         """Seconds left of the lockout of this peer (its node when known), else 0."""
         lockouts = self.lockouts
         if not lockouts:  # nobody locked out: every request pays just this
             return 0.0
         return lockouts.locked(lockout_key(conn.peer_ip, identity, conn.is_loopback_peer))
 
-    def check_lockout(self, conn: ClientConnection, identity: Any) -> None:
+    def check_lockout(self, conn: Peer, identity: IdentityLike | None) -> None:
         left = self.lockout_left(conn, identity)
         if left > 0:
             self.metrics.refused["locked_out"] += 1
             raise TooManyRequests(LOCKED_OUT, int(left) + 1)
 
-    def note_denied(self, conn: ClientConnection, status: int, identity: Any = None) -> None:
+    def note_denied(self, conn: Peer, status: int, identity: IdentityLike | None = None) -> None:
         if status != 401:
             return
         if identity is None and conn.grant is not None:
@@ -462,7 +527,7 @@ class Runtime:
             self._host_key = key
         return self._host_names
 
-    def check_host(self, conn: ClientConnection, head: RequestHead) -> None:
+    def check_host(self, conn: Peer, head: RequestHead) -> None:
         """DNS rebinding: refuse (421) a Host that does not name clawgate. Every request,
         exempt paths and clawgate's own pages included: one rule, nothing to reason about."""
         names = self.host_names()
@@ -477,14 +542,14 @@ class Runtime:
         self.metrics.refused["host"] += 1
         raise MisdirectedRequest(why)
 
-    def make_gate(self, conn: ClientConnection) -> Any:
+    def make_gate(self, conn: Connection) -> Gate | None:
         grant = conn.grant
         if grant is None or not grant.gated or self.gate_factory is None:
             return None
         return self.gate_factory(conn)
 
     def local_misdirected(
-        self, conn: ClientConnection, head: RequestHead
+        self, conn: Peer, head: RequestHead
     ) -> tuple[int, list[tuple[str, str]], bytes] | None:
         """The 421 for a clawgate page (login, logout) asked under a foreign Host, else
         None. Checked before either way of answering (the login POST awaits whois)."""
@@ -493,15 +558,6 @@ class Runtime:
         except MisdirectedRequest as exc:
             return 421, [("Content-Type", "text/plain; charset=utf-8")], f"{exc.reason}\n".encode()
         return None
-
-    def local_endpoint(
-        self, conn: ClientConnection, head: RequestHead, body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        return self.authz.login_endpoint(conn, head, body)
-
-    def local_needs_identity(self, head: RequestHead) -> bool:
-        """A login POST counts failures against the peer's node: whois it first."""
-        return head.method == b"POST" and self.authz.identity is not None
 
     # ------------------------------------------------------------------ logging
 
@@ -520,7 +576,7 @@ class Runtime:
             fields["peer_path"] = path
         return fields
 
-    def log_decision(self, conn: ClientConnection, head: RequestHead, grant: Grant) -> None:
+    def log_decision(self, conn: Peer, head: RequestHead, grant: Grant) -> None:
         if not self.log.enabled:
             return
         d = grant.decision
@@ -541,7 +597,7 @@ class Runtime:
             rec.update(self.identity_fields(grant.identity, conn.peer_ip))
         self.log.write(rec)
 
-    def connection_closed(self, conn: ClientConnection, reason: str) -> None:
+    def connection_closed(self, conn: Connection, reason: str) -> None:
         self.conns.discard(conn)
         m = self.metrics
         m.active -= 1
@@ -576,34 +632,12 @@ class Runtime:
                 rec.update(self.identity_fields(grant.identity, conn.peer_ip))
         self.log.write(rec)
 
-    # ------------------------------------------------------------------ lifecycle
-
-    async def drain(self, seconds: float) -> None:
-        """Stop accepting; let sessions finish; then close each with 1001."""
-        self.draining = True
-        sd_notify("STOPPING=1")
-        for srv in self.servers:
-            srv.close()
-        for conn in list(self.conns):
-            # Idle keep-alive connections hold nothing worth waiting for.
-            conn.close_if_idle("server shutting down")
-        deadline = time.monotonic() + seconds
-        while self.conns and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.conns):
-            conn.end_session(1001, "server shutting down")
-        deadline = time.monotonic() + 2.0
-        while self.conns and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for conn in list(self.conns):
-            conn._abort("shutdown")  # noqa: SLF001 - last resort after the grace period
-
 
 def _log_task_error(task: asyncio.Task[Any], exc: BaseException) -> None:
     log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
 
-def _bound_as(cred: Any) -> str:
+def _bound_as(cred: Credential) -> str:
     """The configured name the credential's secret must still carry."""
     return GATEWAY_TOKEN_NAME if cred.kind == "gateway-token" else str(cred.name)
 
@@ -615,299 +649,3 @@ def _principal(grant: Grant) -> str | None:
     if grant.credential is not None:
         return f"token:{grant.credential.name}"
     return None
-
-
-def _protocol_factory(rt: Runtime, ssl_context: Any) -> Callable[[], asyncio.Protocol]:
-    """Plain TCP listeners in both cases: with TLS, ``TlsAcceptor`` checks the network on
-    the raw connection and only then starts the handshake (a listener with ``ssl=`` would
-    complete a full handshake before ``connection_made`` could refuse the source)."""
-    if ssl_context is None:
-        return lambda: ClientConnection(rt, tls=False)
-    from .tls import TlsAcceptor
-
-    return lambda: TlsAcceptor(rt, ssl_context)
-
-
-async def start_listeners(rt: Runtime, hosts: list[str], *, ssl_context: Any = None) -> list[str]:
-    cfg = rt.cfg
-    bound: list[str] = []
-    for host in hosts:
-        addr = hostport(host, cfg.gateway.port)
-        if addr in rt.listen_addresses:
-            continue
-        try:
-            sock = listen_socket(host, cfg.gateway.port, reuse_port=cfg.workers > 1, freebind=True)
-        except OSError as exc:
-            raise ClawgateError(f"cannot listen on {addr}: {exc.strerror}") from None
-        srv = await rt.loop.create_server(
-            _protocol_factory(rt, ssl_context), sock=sock, backlog=4096
-        )
-        rt.servers.append(srv)
-        rt.listen_addresses.append(addr)
-        bound.append(addr)
-        for hook in rt.listen_hooks:
-            await hook(host)
-    return bound
-
-
-async def serve(
-    cfg: Config,
-    *,
-    ready: asyncio.Event | None = None,
-    stop: asyncio.Event | None = None,
-    sockets: list[socket.socket] | None = None,
-    worker_index: int = 0,
-) -> int:
-    """Run the proxy until SIGTERM/SIGINT (or ``stop``); returns the exit status.
-
-    With ``workers: N`` every worker runs this on the same port (SO_REUSEPORT); only
-    worker 0 serves the admin listener.
-    """
-    loop = asyncio.get_running_loop()
-    if worker_index > 0:
-        cfg = dataclasses.replace(cfg, admin=dataclasses.replace(cfg.admin, enabled=False))
-    raise_nofile_limit()
-    shared = None
-    if cfg.workers > 1:
-        from .shared_state import STATE_DIR_ENV, SharedState
-
-        state_dir = os.environ.get(STATE_DIR_ENV)
-        if state_dir:  # started by run_workers (a lone `--worker-index` keeps its own)
-            import sqlite3
-
-            try:
-                shared = SharedState(state_dir, cfg.tokens.session_ttl)
-            except (OSError, sqlite3.Error) as exc:
-                raise ClawgateError(f"cannot open the shared session store: {exc}") from None
-    rt = Runtime(cfg, loop, shared)
-    hosts = list(cfg.gateway.hosts)
-    ts_hosts: list[str] = []
-    from .tailscale_runtime import attach_tailscale
-
-    ts_hosts = await attach_tailscale(rt, want_addresses=HOST_TAILSCALE in hosts)
-    rt.apply_config(cfg)
-    from .gate import make_gate_factory
-
-    rt.gate_factory = make_gate_factory(rt)
-    _warn_if_no_credentials(rt)
-    hosts = [h for h in hosts if h != HOST_TAILSCALE] + ts_hosts
-    if HOST_TAILSCALE in cfg.gateway.hosts and not ts_hosts and rt.monitor is None:
-        port = cfg.gateway.port
-        if cfg.upstream.host in ("127.0.0.1", "localhost") and cfg.upstream.port == port:
-            port += 1
-            rt.cfg = cfg = _with_port(cfg, port)
-        admin_note = ""
-        if (
-            cfg.admin.enabled
-            and cfg.admin.port == port
-            and cfg.admin.host in ("127.0.0.1", "localhost")
-        ):
-            # The fallback lands on the default admin port (18790): move the admin aside
-            # rather than fail to bind it after the proxy took the port.
-            rt.cfg = cfg = dataclasses.replace(
-                cfg, admin=dataclasses.replace(cfg.admin, port=port + 1)
-            )
-            admin_note = f"; admin on 127.0.0.1:{port + 1}"
-        log.warning(
-            "tailscaled not found: serving on 127.0.0.1:%d only (loopback)%s; "
-            "start tailscaled or set gateway.host",
-            port,
-            admin_note,
-        )
-        hosts.append("127.0.0.1")
-    ssl_context = None
-    if cfg.tls.mode != "off":
-        from .tls import setup_tls
-
-        try:
-            ssl_context = await setup_tls(rt)
-        except ClawgateError:
-            # Exit with the one-line error, not with aiohttp's "Unclosed client session".
-            if rt.monitor is not None:
-                await rt.monitor.stop()
-            if rt.localapi is not None:
-                await rt.localapi.close()
-            raise
-    if sockets:
-        for sock in sockets:
-            srv = await loop.create_server(
-                _protocol_factory(rt, ssl_context), sock=sock, backlog=4096
-            )
-            rt.servers.append(srv)
-            name = sock.getsockname()
-            rt.listen_addresses.append(f"{name[0]}:{name[1]}")
-    bound = await start_listeners(rt, hosts, ssl_context=ssl_context) if hosts else []
-    if rt.monitor is not None and HOST_TAILSCALE in cfg.gateway.hosts:
-        rt.on_tailnet_addresses = lambda addrs: rt.spawn(
-            _bind_new(rt, addrs, ssl_context), "bind-tailscale"
-        )
-    admin_runner = None
-    if cfg.admin.enabled:
-        from .admin import start_admin
-
-        try:
-            admin_runner = await start_admin(rt)
-        except OSError as exc:
-            raise ClawgateError(
-                f"cannot listen on {cfg.admin.host}:{cfg.admin.port} (admin): {exc.strerror}"
-            ) from None
-    control_fd = os.environ.pop(CONTROL_FD_ENV, None)
-    if control_fd is not None:
-        from .workers import WorkerControl
-
-        rt.worker_control = await WorkerControl.attach(rt, worker_index, int(control_fd))
-    stop_event = stop or asyncio.Event()
-    drain_now = asyncio.Event()
-    if stop is None:
-        # Before "listening on" is said: a SIGTERM sent as soon as that line appears
-        # must drain, not kill the process with the default action.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, drain_now.set)
-        loop.add_signal_handler(signal.SIGHUP, rt.reload)
-    for addr in bound:
-        log.info("listening on %s -> %s", addr, cfg.upstream.url)
-    if not rt.listen_addresses:
-        log.warning("no tailnet address yet: waiting for tailscaled to come up")
-    sweeper = rt.spawn(_sweep(rt), "sweep")
-    watcher = rt.spawn(_watch_shared(rt), "watch-shared") if shared is not None else None
-    # Startup objects (modules, config, aiohttp apps) live as long as the process: take
-    # them out of the cyclic GC's view, so a full collection under load no longer walks
-    # them all (measured: a ~40-65 ms stall of the event loop every few seconds).
-    gc.collect()
-    gc.freeze()
-    sd_notify("READY=1\nSTATUS=serving")
-    if ready is not None:
-        ready.set()
-    waiters = [asyncio.ensure_future(stop_event.wait()), asyncio.ensure_future(drain_now.wait())]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        log.info(
-            "draining %d connections (up to %.0fs)", len(rt.conns), rt.cfg.limits.drain_seconds
-        )
-        await rt.drain(rt.cfg.limits.drain_seconds)
-        sweeper.cancel()
-        if watcher is not None:
-            watcher.cancel()
-        if shared is not None:
-            shared.close()
-        if rt.worker_control is not None:
-            rt.worker_control.close()
-        if rt.monitor is not None:
-            await rt.monitor.stop()
-        if rt.localapi is not None:
-            await rt.localapi.close()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        for srv in rt.servers:
-            srv.close()
-        rt.log.close()
-        if stop is None:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-    return 0
-
-
-def _warn_if_no_credentials(rt: Runtime) -> None:
-    """One clear line when every request would be refused for want of a token."""
-    authz, cfg = rt.authz, rt.cfg
-    s = authz.settings
-    if (
-        s.require_token
-        and s.auth_mode == "both"
-        and not len(authz.tokens)
-        and authz.jwt is None
-        and authz.gateway_token_digest is None
-    ):
-        log.warning(
-            "requireToken is on but no token exists yet: every request will get "
-            "401 until you create one with `clawgate token new NAME` (token file: %s)",
-            cfg.tokens.file,
-        )
-
-
-def _with_port(cfg: Config, port: int) -> Config:
-
-    return dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, port=port))
-
-
-async def _bind_new(rt: Runtime, addrs: list[str], ssl_context: Any) -> None:
-    # One address at a time: one that cannot be bound (IPv6 off in a container, say) must
-    # not keep the others unbound or unlogged.
-    for host in addrs:
-        try:
-            bound = await start_listeners(rt, [host], ssl_context=ssl_context)
-        except ClawgateError as exc:
-            log.error("%s", exc)
-            continue
-        for addr in bound:
-            log.info("listening on %s (tailnet address appeared)", addr)
-
-
-async def _sweep(rt: Runtime) -> None:
-    """Once a second: expire credentials of live sessions, idle tunnels, lockouts."""
-    last_bytes: dict[int, tuple[int, float]] = {}
-    while True:
-        await asyncio.sleep(1.0)
-        now = time.time()
-        mono = time.monotonic()
-        idle = rt.cfg.limits.idle_timeout
-        seen = set()
-        for conn in list(rt.conns):
-            grant = conn.grant
-            if grant is not None and grant.credential is not None:
-                exp = grant.credential.expires_at
-                # close_reason set: already being ended (log and close frame once only).
-                if exp is not None and exp <= now and not conn.close_reason:
-                    rt.log.write(
-                        {
-                            "event": "session_ended",
-                            "conn": conn.conn_id,
-                            "peer": conn.peer_ip,
-                            "reason": f"credential {grant.credential.name} expired",
-                        }
-                    )
-                    conn.end_session(1008, "credential expired")
-                    continue
-                revoked = rt.authz.revoked
-                if grant.credential.kind == "jwt" and revoked is not None:
-                    # The revocation list is re-read by mtime: edits end live sessions too.
-                    why = revoked(grant.credential)
-                    # close_reason set: a reload already ended it (one close frame only).
-                    if why is not None and not conn.closed and not conn.close_reason:
-                        rt.log.write(
-                            {
-                                "event": "session_ended",
-                                "conn": conn.conn_id,
-                                "peer": conn.peer_ip,
-                                "reason": why,
-                            }
-                        )
-                        conn.end_session(1008, why)
-                        continue
-            if conn.is_tunnel:
-                seen.add(conn.conn_id)
-                total = conn.bytes_up + conn.bytes_down
-                prev = last_bytes.get(conn.conn_id)
-                if prev is None or prev[0] != total:
-                    last_bytes[conn.conn_id] = (total, mono)
-                elif mono - prev[1] > idle:
-                    conn.end_session(1001, "idle timeout")
-        for k in [k for k in last_bytes if k not in seen]:
-            del last_bytes[k]
-        rt.lockouts.expire()
-        rt.sessions.expire()
-
-
-async def _watch_shared(rt: Runtime) -> None:
-    """workers > 1: another worker logged a session out (or dropped it): end ours."""
-    assert rt.shared is not None
-    seen = rt.shared.epoch()
-    while True:
-        await asyncio.sleep(0.25)
-        epoch = rt.shared.epoch()
-        if epoch != seen:
-            seen = epoch
-            rt.end_logged_out()
