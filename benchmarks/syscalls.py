@@ -101,7 +101,11 @@ class Run:
             tids = thread_ids(t.pids())
             out = self.h.tmp / f"strace-{t.name}.txt"
             full = self.args.full_trace
-            cmd = ["strace", "-f", "-tt", "-o", str(full)] if full else ["strace", "-c", "-f", "-o", str(out)]
+            cmd = (
+                ["strace", "-f", "-tt", "-o", str(full)]
+                if full
+                else ["strace", "-c", "-f", "-o", str(out)]
+            )
             for tid in tids:
                 cmd += ["-p", str(tid)]
             st = harness.spawn(cmd, cpu=None, stderr=subprocess.PIPE)
@@ -117,7 +121,10 @@ class Run:
             t.stop()
         n = r["loadgen"]["ok_total"]
         per = {
-            k: {"calls": round(v["calls"] * 1000 / n, 1), "errors": round(v["errors"] * 1000 / n, 1)}
+            k: {
+                "calls": round(v["calls"] * 1000 / n, 1),
+                "errors": round(v["errors"] * 1000 / n, 1),
+            }
             for k, v in sorted(calls.items(), key=lambda kv: -kv[1]["calls"])
         }
         total = round(sum(v["calls"] for v in calls.values()) * 1000 / n, 1)
@@ -137,33 +144,32 @@ class Run:
                     "valgrind",
                     "--tool=callgrind",
                     f"--callgrind-out-file={out}",
-                    "--collect-atstart=no",
                     *cmd,
                 ]
             return orig(cmd, **kw)
 
-        harness.spawn = vg_spawn  # type: ignore[assignment]
+        harness.spawn = vg_spawn
         try:
             t.start("main")
         finally:
-            harness.spawn = orig  # type: ignore[assignment]
+            harness.spawn = orig
         try:
             pid = t.proc.pid if t.proc else 0
             self.conns(t, a.callgrind_warm, "clawgate callgrind warm-up")
-            ctl = ["callgrind_control", "-i", "on", str(pid)]
+            # zero the counters: the dump below holds the measured connections only
+            ctl = ["callgrind_control", "-z", str(pid)]
             subprocess.run(ctl, capture_output=True, timeout=60, check=True)
             r = self.conns(t, a.callgrind_count, "clawgate callgrind")
             subprocess.run(
                 ["callgrind_control", "-d", str(pid)], capture_output=True, timeout=120, check=True
             )
-            subprocess.run(["callgrind_control", "-i", "off", str(pid)], capture_output=True)
         finally:
             t.stop()
-        dumps = sorted(self.h.tmp.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
-        dumps = [d for d in dumps if d.stat().st_size > 0]
-        if not dumps:
+        # callgrind_control -d wrote OUT.1; OUT itself is the dump at exit (after the run)
+        dump = self.h.tmp / "callgrind.out.1"
+        if not dump.exists() or dump.stat().st_size == 0:
             raise RuntimeError("callgrind wrote no dump")
-        ir, allocs = parse_callgrind(dumps[-1].read_text(errors="replace"))
+        ir, allocs = parse_callgrind(dump.read_text(errors="replace"))
         n = r["loadgen"]["ok_total"]
         return {
             "connections": n,
@@ -209,21 +215,27 @@ def render(res: dict[str, Any]) -> str:
             if k not in names:
                 names.append(k)
     targets = list(st)
-    lines = [
-        "syscalls per 1,000 connections (strace -c -f; calls, errors in brackets)",
-        "",
-        "| syscall | " + " | ".join(targets) + " |",
-        "|---|" + "---|" * len(targets),
-    ]
+    lines: list[str] = []
+    if targets:
+        lines += [
+            "syscalls per 1,000 connections (strace -c -f; calls, errors in brackets)",
+            "",
+            "| syscall | " + " | ".join(targets) + " |",
+            "|---|" + "---|" * len(targets),
+        ]
     for k in names:
         cells = []
         for t in targets:
             v = st[t]["per_1000"].get(k)
             cells.append(
-                "" if v is None else f"{v['calls']:g}" + (f" ({v['errors']:g})" if v["errors"] else "")
+                ""
+                if v is None
+                else f"{v['calls']:g}" + (f" ({v['errors']:g})" if v["errors"] else "")
             )
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines.append("| **total** | " + " | ".join(f"{st[t]['total_per_1000']:g}" for t in targets) + " |")
+    if targets:
+        total = " | ".join(f"{st[t]['total_per_1000']:g}" for t in targets)
+        lines.append(f"| **total** | {total} |")
     cg = res.get("callgrind")
     if cg:
         lines += [
