@@ -135,24 +135,10 @@ class Run:
         a = self.args
         if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
             raise RuntimeError("valgrind not installed (apt-get install valgrind)")
-        out = self.h.tmp / "callgrind.out"
-        orig = harness.spawn
-
-        def vg_spawn(cmd: list[str], **kw: Any) -> Any:
-            if cmd[:3] == [sys.executable, "-m", "proxy"]:
-                cmd = [
-                    "valgrind",
-                    "--tool=callgrind",
-                    f"--callgrind-out-file={out}",
-                    *cmd,
-                ]
-            return orig(cmd, **kw)
-
-        harness.spawn = vg_spawn
-        try:
-            t.start("main")
-        finally:
-            harness.spawn = orig
+        vg = ClawgateCallgrind(self.h, self.h.tmp / "callgrind.out")
+        vg.token, vg.headers = t.token, t.headers
+        vg.start("main")
+        t = vg
         try:
             pid = t.proc.pid if t.proc else 0
             self.conns(t, a.callgrind_warm, "clawgate callgrind warm-up")
@@ -166,7 +152,7 @@ class Run:
         finally:
             t.stop()
         # callgrind_control -d wrote OUT.1; OUT itself is the dump at exit (after the run)
-        dump = self.h.tmp / "callgrind.out.1"
+        dump = vg.out.with_name(vg.out.name + ".1")
         if not dump.exists() or dump.stat().st_size == 0:
             raise RuntimeError("callgrind wrote no dump")
         ir, allocs = parse_callgrind(dump.read_text(errors="replace"))
@@ -176,6 +162,28 @@ class Run:
             "ir_per_connection": round(ir / n),
             "allocator_calls_per_connection": {k: round(v / n, 1) for k, v in allocs.items()},
         }
+
+
+class ClawgateCallgrind(harness.Clawgate):
+    """clawgate with every check on, under valgrind --tool=callgrind (slow to start)."""
+
+    def __init__(self, h: harness.Harness, out: Path) -> None:
+        super().__init__(h)
+        self.out = out
+
+    def start(self, variant: str) -> None:
+        self.port = harness.free_port()
+        path = self.h.tmp / f"clawgate-callgrind-{self.port}.json"
+        path.write_text(json.dumps(self.config(variant), indent=2))
+        vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}"]
+        self.proc = harness.spawn(
+            [*vg, sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+            cpu=self.cpu,
+            log=self.h.tmp / "clawgate-callgrind.log",
+            cwd=harness.ROOT,
+            prefix=harness.TOPO.srv_prefix(),
+        )
+        harness.wait_port(self.port, self.proc, timeout=180)
 
 
 def parse_callgrind(text: str) -> tuple[int, dict[str, int]]:

@@ -350,9 +350,9 @@ class ClientConnection(asyncio.Protocol):
         rt = self.rt
         up = UpstreamConnection(self)
         task = dial(rt.loop, rt.cfg.upstream, up, rt.tasks)
-        timer = rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel)
+        up.pending = (rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel), head, out)
         self._task = task
-        task.add_done_callback(lambda t: self._dialed(t, timer, up, head, out))
+        task.add_done_callback(up.dialed)  # -> self._dialed(task, timer, up, head, out)
 
     def _dialed(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 from proxy.accesslog import AccessLog
@@ -62,6 +63,11 @@ def test_a_loop_running_in_another_thread_is_not_used(tmp_path: Path) -> None:
     t.start()
     try:
         assert started.wait(5)
+        for _ in range(500):  # the thread's line flushed: nothing pending any more
+            if _lines(p):
+                break
+            time.sleep(0.01)
+        assert len(_lines(p)) == 1
         log.write({"event": "main"})  # main thread, no loop of its own: through at once
         assert any('"main"' in line for line in _lines(p))
     finally:
