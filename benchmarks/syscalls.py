@@ -155,6 +155,8 @@ class Run:
         dump = vg.out.with_name(vg.out.name + ".1")
         if not dump.exists() or dump.stat().st_size == 0:
             raise RuntimeError("callgrind wrote no dump")
+        if a.callgrind_keep:
+            shutil.copyfile(dump, a.callgrind_keep)  # for callgrind_annotate
         ir, allocs = parse_callgrind(dump.read_text(errors="replace"))
         n = r["loadgen"]["ok_total"]
         return {
@@ -270,6 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-strace", action="store_true", help="skip the strace runs")
     ap.add_argument("--callgrind-count", type=int, default=500)
     ap.add_argument("--callgrind-warm", type=int, default=200)
+    ap.add_argument("--callgrind-keep", default="", help="copy the callgrind dump to this file")
     ap.add_argument(
         "--full-trace", default="", help="write the whole strace (not -c) to this file instead"
     )
