@@ -94,10 +94,17 @@ class AccessLog:
             except (OSError, ValueError):
                 pass
 
-    def write(self, record: dict[str, Any]) -> None:
+    def fragment(self, fields: dict[str, Any]) -> str:
+        """``fields`` encoded as write() would, without the braces: a ``tail`` to reuse."""
+        return self._dumps(fields)[1:-1]
+
+    def write(self, record: dict[str, Any], tail: str = "") -> None:
+        """One line: ``record``, then ``tail`` (a fragment() of the last fields) if any."""
         if not self.enabled:
             return
         line = self._dumps(record)
+        if tail:
+            line = (line[:-1] + "," if len(line) > 2 else "{") + tail + "}"
         if "time" not in record and len(line) > 2:
             # The time goes first, as before; splicing it in avoids copying the dict.
             line = '{"time":"' + self._now() + '",' + line[1:]

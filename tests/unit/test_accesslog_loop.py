@@ -75,3 +75,22 @@ def test_a_loop_running_in_another_thread_is_not_used(tmp_path: Path) -> None:
         t.join(5)
         loop.close()
     log.close()
+
+
+def test_a_tail_fragment_gives_the_same_line_as_one_record(tmp_path: Path) -> None:
+    p = tmp_path / "a.log"
+    log = AccessLog(str(p))
+    rec = {"time": "t", "event": "close", "n": 1, "d": 0.25, "w": True, "x": None}
+    extra = {"token": 'bénch\n"q"', "tags": ["tag:a"], "os": None, "peer_path": "direct"}
+    log.write({**rec, **extra})
+    log.write(rec, log.fragment(extra))
+    log.write({"time": "t", **extra})
+    log.write({"time": "t"}, log.fragment(extra))
+    log.write(extra)  # no fields but the tail: braces and the time still right
+    log.write({}, log.fragment(extra))
+    log.write(rec, log.fragment({}))  # an empty tail: the record alone
+    log.write(rec)
+    a, b, c, d, g, h, e, f = _lines(p)
+    assert a == b and c == d and e == f
+    assert g.split(",", 1)[1] == h.split(",", 1)[1] and h.startswith('{"time":"')
+    log.close()
