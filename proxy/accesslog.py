@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -42,6 +43,11 @@ class AccessLog:
         self.suppressed = 0
         self._newline = ""  # "\n" when a failed write may have left half a line
         self._pending: list[str] = []  # encoded lines not written yet (this loop iteration)
+        # The loop (and its thread) the flush was last scheduled on: asyncio.get_running_loop()
+        # is a getpid() syscall per call on Python 3.11 (its fork check), once per
+        # connection here. Workers are exec'd, never forked, so the check buys nothing.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._sec = -1  # the second _stamp was made for
         self._stamp = ""
         if destination == "stdout":
@@ -88,20 +94,33 @@ class AccessLog:
             except (OSError, ValueError):
                 pass
 
-    def write(self, record: dict[str, Any]) -> None:
+    def fragment(self, fields: dict[str, Any]) -> str:
+        """``fields`` encoded as write() would, without the braces: a ``tail`` to reuse."""
+        return self._dumps(fields)[1:-1]
+
+    def write(self, record: dict[str, Any], tail: str = "") -> None:
+        """One line: ``record``, then ``tail`` (a fragment() of the last fields) if any."""
         if not self.enabled:
             return
         line = self._dumps(record)
+        if tail:
+            line = (line[:-1] + "," if len(line) > 2 else "{") + tail + "}"
         if "time" not in record and len(line) > 2:
             # The time goes first, as before; splicing it in avoids copying the dict.
             line = '{"time":"' + self._now() + '",' + line[1:]
         pending = self._pending
         pending.append(line)
         if len(pending) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no event loop (CLI, tests): write through
-                self.flush()
+            loop = self._loop
+            if loop is None or self._loop_thread != threading.get_ident() or not loop.is_running():
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no event loop (CLI, tests): write through
+                    self._loop = None
+                    self.flush()
+                    return
+                self._loop, self._loop_thread = loop, threading.get_ident()
+            loop.call_soon(self.flush)
         elif len(pending) >= _MAX_PENDING:
             self.flush()
 

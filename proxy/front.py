@@ -221,10 +221,12 @@ class ClientConnection(asyncio.Protocol):
         self._client_eof = True
         st = self.state
         if st == TUNNEL:
+            if self._up_eof:
+                # Both sides are done: closing sends the FIN (after what is buffered), so a
+                # shutdown(SHUT_WR) first would be one more syscall for the same bytes.
+                return None
             if self.up_t is not None and self.up_t.can_write_eof():
                 self.up_t.write_eof()
-            if self._up_eof:
-                return None
             return True  # half-close: keep sending the gateway's bytes to the client
         if st == HEAD and not self.buf:
             self.close_reason = self.close_reason or "client closed"
@@ -335,8 +337,10 @@ class ClientConnection(asyncio.Protocol):
         if self.up_t is not None and not self.up.closed:  # type: ignore[union-attr]
             self._forward_head(head, out)
         else:
+            # Reading stays on while dialing: DECIDING holds early bytes (bounded, pausing
+            # past the head limit), and a pause/resume pair here was two epoll_ctl
+            # (io_uring) submissions per connection for bytes that rarely come.
             self.state = DECIDING
-            self._pause(True)
             self._dial(head, out)
 
     def _dial(self, head: RequestHead, out: bytes) -> None:
@@ -346,9 +350,9 @@ class ClientConnection(asyncio.Protocol):
         rt = self.rt
         up = UpstreamConnection(self)
         task = dial(rt.loop, rt.cfg.upstream, up, rt.tasks)
-        timer = rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel)
+        up.pending = (rt.loop.call_later(rt.cfg.upstream.connect_timeout, task.cancel), head, out)
         self._task = task
-        task.add_done_callback(lambda t: self._dialed(t, timer, up, head, out))
+        task.add_done_callback(up.dialed)  # -> self._dialed(task, timer, up, head, out)
 
     def _dialed(
         self,
@@ -510,6 +514,10 @@ class ClientConnection(asyncio.Protocol):
         self._up_eof = True
         t = self.transport
         if t is not None and not self._closed and t.can_write_eof():
+            if self._client_eof:
+                # The close sends the FIN after what is buffered: no shutdown(SHUT_WR) first.
+                self._close("both sides closed")
+                return
             t.write_eof()
         elif t is not None and not self._closed:
             # TLS cannot half-close (no write_eof on SSL transports): the gateway has

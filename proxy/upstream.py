@@ -29,6 +29,7 @@ from .tasks import spawn
 
 if TYPE_CHECKING:
     from .config import Config, UpstreamConfig
+    from .core.http1 import RequestHead
 
 __all__ = ["UpstreamConnection", "BoundaryCloser", "Client", "dial"]
 
@@ -68,6 +69,14 @@ class Client(Protocol):
     def forget_upstream(self) -> None: ...
     def pause_reading_for_upstream(self) -> None: ...
     def resume_reading_for_upstream(self) -> None: ...
+    def _dialed(
+        self,
+        task: asyncio.Task[tuple[asyncio.Transport, Any]],
+        timer: asyncio.TimerHandle,
+        up: UpstreamConnection,
+        head: RequestHead,
+        out: bytes,
+    ) -> None: ...
 
 
 _MAX_RESPONSE_HEAD = 65536
@@ -81,11 +90,12 @@ def dial(
 ) -> asyncio.Task[tuple[asyncio.Transport, Any]]:
     """Start connecting ``up`` to the gateway; the caller owns the task and its timeout
     (uvloop's create_connection is a coroutine: a task, cancelled on connectTimeout)."""
+    # ``up`` is its own protocol factory (UpstreamConnection.__call__): no closure per dial.
     if u.unix_path is not None:
-        coro = loop.create_unix_connection(lambda: up, u.unix_path)
+        coro = loop.create_unix_connection(up, u.unix_path)
     else:
         assert u.host is not None and u.port is not None
-        coro = loop.create_connection(lambda: up, u.host, u.port)
+        coro = loop.create_connection(up, u.host, u.port)
     # Owned by the connection (it cancels it on close); a failure is its to handle.
     return spawn(coro, "dial", owner, loop=loop)
 
@@ -161,6 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_got_any",
         "frames",
         "closed",
+        "pending",
     )
 
     def __init__(self, client: Client) -> None:
@@ -179,6 +190,20 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_any = False
         self.frames = FrameTracker()
         self.closed = False
+        # While dialing: (connect timer, request head, rewritten head) for the client's
+        # _dialed; held here so the dial's done-callback is a bound method, not a closure.
+        self.pending: tuple[asyncio.TimerHandle, RequestHead, bytes] | None = None
+
+    def __call__(self) -> UpstreamConnection:
+        """Its own protocol factory, for create_connection."""
+        return self
+
+    def dialed(self, task: asyncio.Task[tuple[asyncio.Transport, Any]]) -> None:
+        """The dial task is done: hand it to the client with what it stored for it."""
+        assert self.pending is not None
+        timer, head, out = self.pending
+        self.pending = None
+        self.client._dialed(task, timer, self, head, out)  # noqa: SLF001 - its owner
 
     # ---------------------------------------------------------------- asyncio callbacks
 
