@@ -14,19 +14,32 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
-from .core.exchange import HEAD_TOO_LARGE, after_response, request_body, scan_head
-from .core.http1 import (
-    BODY_CHUNKED,
-    ChunkedScanner,
-    RequestHead,
-    parse_request_head,
+from .core.exchange import (
+    CLOSING,
+    GATED,
+    TUNNEL,
+    Answer,
+    Authorize,
+    BadGateway,
+    Close,
+    Commands,
+    Deadline,
+    Dial,
+    DropUpstream,
+    Exchange,
+    Forward,
+    Local,
+    Pause,
+    Refuse,
+    SendHead,
 )
+from .core.http1 import RequestHead
 from .core.networks import is_loopback
 from .core.policy import ALLOW_EXEMPT, Decision
 from .core.wsframe import close_frame
-from .errors import AccessError, BadRequest
+from .errors import AccessError
 from .upstream import BoundaryCloser, UpstreamConnection, dial
 
 if TYPE_CHECKING:
@@ -62,9 +75,6 @@ END_SESSION_GRACE = 1.0
 # client never sees the status and reason.
 LINGER_SECONDS = 2.0
 
-# States. Small ints: compared on every data_received.
-HEAD, DECIDING, BODY, AWAIT, TUNNEL, GATED, LOCAL_BODY, CLOSING = range(8)
-
 _ids = itertools.count(1)
 
 
@@ -74,35 +84,26 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "up",
         "up_t",
-        "state",
-        "buf",
+        "ex",
         "conn_id",
         "peer_ip",
         "peer_port",
         "started",
         "bytes_up",
         "bytes_down",
-        "requests",
         "grant",
-        "head",
         "_head_timer",
-        "_body_left",
-        "_chunks",
         "_paused_state",
         "_paused_bp",
-        "_client_eof",
         "_up_eof",
-        "awaiting_upgrade",
         "_task",
         "close_reason",
         "_closed",
-        "_t_head",
         "gate",
         "counted_ip",
         "proto",
         "tls",
         "unauth_counted",
-        "_local_head",
         "was_tunnel",
         "counted_identity",
         "_end_timer",
@@ -115,35 +116,26 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.up: UpstreamConnection | None = None
         self.up_t: asyncio.Transport | None = None
-        self.state = HEAD
-        self.buf = b""
+        self.ex = Exchange()  # the HTTP/1 state: what to do with each event (core)
         self.conn_id = 0
         self.peer_ip = ""
         self.peer_port = 0
         self.started = 0.0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.requests = 0
         self.grant: Grant | None = None
-        self.head: RequestHead | None = None
         self._head_timer: asyncio.TimerHandle | None = None
-        self._body_left = 0
-        self._chunks: ChunkedScanner | None = None
         self._paused_state = False
         self._paused_bp = False
-        self._client_eof = False
         self._up_eof = False
-        self.awaiting_upgrade = False
         self._task: asyncio.Task[Any] | None = None
         self.close_reason = ""
         self._closed = False
-        self._t_head = 0.0
         self.gate: Any = None
         self.counted_ip = False
         self.unauth_counted = False  # counted in rt.admission.unauth_per_ip until the first allow
         self.counted_identity: str | None = None  # the rt.admission.per_identity key counted
         self._end_timer: asyncio.TimerHandle | None = None
-        self._local_head: RequestHead | None = None
         self.was_tunnel = False
 
     # ------------------------------------------------------------------ accept
@@ -181,46 +173,24 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ reading
 
     def data_received(self, data: bytes) -> None:
-        st = self.state
+        ex = self.ex
+        st = ex.state
         if st == TUNNEL:
             # HOT PATH: client -> gateway splice.
             self.bytes_up += len(data)
             self.up_t.write(data)  # type: ignore[union-attr]
             return
-        if st == BODY:
-            self._body_bytes(data)
-            return
         if st == GATED:
             self.gate.feed(data)
             return
-        if st == HEAD:
-            buf = self.buf + data if self.buf else data
-            end = scan_head(buf, len(self.buf), self.rt.cfg.limits.head_bytes)
-            if end < 0:
-                if end == HEAD_TOO_LARGE:
-                    self.buf = b""
-                    self._deny_and_close(431, "request head too large")
-                    return
-                self.buf = buf
-                return
-            self.buf = buf[end:]
-            self._on_head(buf[:end])
-            return
-        if st == LOCAL_BODY:
-            self.buf += data
-            self._local_body_progress()
-            return
-        if st == CLOSING:
-            return
-        # DECIDING / AWAIT: hold what arrives (pipelined request, early frames).
-        self.buf += data
-        if len(self.buf) > self.rt.cfg.limits.head_bytes + 65536:
-            self._pause(True)
+        cmds = ex.received(data, self.rt.cfg.limits)
+        if cmds:
+            self._run(cmds)
 
     def eof_received(self) -> bool | None:
-        self._client_eof = True
-        st = self.state
-        if st == TUNNEL:
+        ex = self.ex
+        keep = ex.eof()
+        if ex.state == TUNNEL:
             if self._up_eof:
                 # Both sides are done: closing sends the FIN (after what is buffered), so a
                 # shutdown(SHUT_WR) first would be one more syscall for the same bytes.
@@ -228,12 +198,7 @@ class ClientConnection(asyncio.Protocol):
             if self.up_t is not None and self.up_t.can_write_eof():
                 self.up_t.write_eof()
             return True  # half-close: keep sending the gateway's bytes to the client
-        if st == HEAD and not self.buf:
-            self.close_reason = self.close_reason or "client closed"
-            return None
-        if st in (AWAIT, DECIDING):
-            return True  # the response may still come; close after it
-        return None
+        return True if keep else None  # the response may still come; close after it
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is None:
@@ -249,35 +214,63 @@ class ClientConnection(asyncio.Protocol):
         self.up = None
         self.up_t = None
 
-    # ------------------------------------------------------------------ the head
-
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self.state in (HEAD, LOCAL_BODY) and not self._closed:
-            self.rt.metrics.refused["head_timeout"] += 1
-            if self.buf or self.requests == 0:
-                self._deny_and_close(408, "request head not received in time")
-            else:
-                self._close("idle keep-alive")
+        if not self._closed:
+            self._run(self.ex.head_timeout())
 
-    def _on_head(self, raw: bytes) -> None:
-        rt = self.rt
-        self._t_head = time.monotonic()
+    # ------------------------------------------------------------------ commands
+
+    def _run(self, cmds: Commands) -> None:
+        """Carry out the exchange's commands, in order (core/exchange.py lists them)."""
+        for c in cmds:
+            match c:
+                case Forward(data):
+                    self.bytes_up += len(data)
+                    self.up_t.write(data)  # type: ignore[union-attr]
+                case Authorize(head):
+                    self._stop_deadline()
+                    self._authorize(head)
+                case SendHead(head, out):
+                    self._send_head(head, out)
+                case Pause(on):
+                    self._pause(on)
+                case Dial(head, out):
+                    self._dial(head, out)
+                case Deadline(seconds):
+                    self._stop_deadline()
+                    self._head_timer = self.rt.loop.call_later(seconds, self._head_timeout)
+                case Close(reason, counter):
+                    if counter is not None:
+                        self.rt.metrics.refused[counter] += 1
+                    self._close(reason)
+                case Refuse(status, reason, counter):
+                    if counter is not None:
+                        self.rt.metrics.refused[counter] += 1
+                    self._deny_and_close(status, reason)
+                case Local(head, body):
+                    self._stop_deadline()
+                    self._local_respond(head, body)
+                case Answer(status, reason, linger):
+                    self._send_simple(status, reason, close=True, linger=linger)
+                case BadGateway(reason):
+                    self.rt.metrics.upstream_errors += 1
+                    self._send_simple(502, reason, close=True)
+                case DropUpstream():
+                    self.up = None
+                    self.up_t = None
+                case _:
+                    assert_never(c)
+
+    def _stop_deadline(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        try:
-            head = parse_request_head(raw, rt.cfg.limits.head_lines)
-        except BadRequest as exc:
-            rt.metrics.refused["bad_request"] += 1
-            self.head = None  # the answer is to this malformed head, not the last request
-            self._deny_and_close(exc.status, exc.reason)
-            return
-        self.requests += 1
-        self.head = head
-        if head.path.startswith(b"/__clawgate/"):
-            self._local(head)
-            return
+
+    # ------------------------------------------------------------------ the decision
+
+    def _authorize(self, head: RequestHead) -> None:
+        rt = self.rt
         try:
             grant = rt.authz.authorize_sync(self, head)
         except AccessError as exc:
@@ -285,7 +278,6 @@ class ClientConnection(asyncio.Protocol):
             return
         if grant is None:
             # Identity not cached: ask tailscaled without blocking other connections.
-            self.state = DECIDING
             self._pause(True)
             self._task = rt.spawn(self._decide_async(head), f"decide-{self.conn_id}")
             return
@@ -333,15 +325,10 @@ class ClientConnection(asyncio.Protocol):
         except ValueError:
             self._deny(head, 403, "identity value not representable in a header")
             return
-        self.awaiting_upgrade = head.websocket
-        if self.up_t is not None and not self.up.closed:  # type: ignore[union-attr]
-            self._forward_head(head, out)
-        else:
-            # Reading stays on while dialing: DECIDING holds early bytes (bounded, pausing
-            # past the head limit), and a pause/resume pair here was two epoll_ctl
-            # (io_uring) submissions per connection for bytes that rarely come.
-            self.state = DECIDING
-            self._dial(head, out)
+        connected = self.up_t is not None and not self.up.closed  # type: ignore[union-attr]
+        self._run(
+            self.ex.allowed(head, out, connected=connected, identity_headers=rt.authz.identity_norm)
+        )
 
     def _dial(self, head: RequestHead, out: bytes) -> None:
         # The connect task itself (uvloop's create_connection is a coroutine), owned by
@@ -397,59 +384,14 @@ class ClientConnection(asyncio.Protocol):
             return
         self.up = up
         self.up_t = transport
-        self._forward_head(head, out)
+        self._run(self.ex.connected(head, out, rt.authz.identity_norm))
 
-    def _forward_head(self, head: RequestHead, out: bytes) -> None:
+    def _send_head(self, head: RequestHead, out: bytes) -> None:
         assert self.up is not None and self.up_t is not None
         self.up.expect_response(head.method == b"HEAD")
         self.up_t.write(out)
-        if self.requests == 1:
+        if self.ex.requests == 1:
             self.rt.metrics.observe_handshake(time.monotonic() - self.started)
-        body = request_body(head)
-        if body == BODY_CHUNKED:
-            self._chunks = ChunkedScanner(
-                request=True, identity_headers=self.rt.authz.identity_norm
-            )
-            self.state = BODY
-        elif body > 0:
-            self._body_left = body
-            self.state = BODY
-        else:
-            self.state = AWAIT
-        self._pause(False)
-        if self.buf:
-            pending, self.buf = self.buf, b""
-            if self.state == BODY:
-                self._body_bytes(pending)
-            else:
-                self.buf = pending  # early bytes (e.g. frames before the 101): hold them
-
-    def _body_bytes(self, data: bytes) -> None:
-        assert self.up_t is not None
-        if self._chunks is not None:
-            try:
-                end = self._chunks.feed(data)
-            except ValueError as exc:
-                self._send_simple(400, f"bad chunked body: {exc}", close=True, linger=True)
-                return
-            if end < 0:
-                self.bytes_up += len(data)
-                self.up_t.write(data)
-                return
-            self._chunks = None
-        else:
-            end = min(self._body_left, len(data))
-            self._body_left -= end
-            if self._body_left > 0:
-                self.bytes_up += len(data)
-                self.up_t.write(data)
-                return
-        self.bytes_up += end
-        self.up_t.write(data[:end])
-        rest = data[end:]
-        self.state = AWAIT
-        if rest:
-            self.buf += rest
 
     # ------------------------------------------------------------------ responses
 
@@ -458,44 +400,31 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_down += len(data)
             self.transport.write(data)
 
+    @property
+    def awaiting_upgrade(self) -> bool:
+        return self.ex.awaiting_upgrade
+
     def response_done(self, status: int, keep_alive: bool) -> None:
         """The gateway finished a response; decide the next request (or close)."""
-        self.awaiting_upgrade = False
-        head = self.head
-        why = after_response(
-            keep_alive=keep_alive,
-            body_unfinished=self.state == BODY,
-            client_eof=self._client_eof,
-            request_keep_alive=head.keep_alive if head is not None else None,
-            draining=self.rt.draining,
+        rt = self.rt
+        self._run(
+            self.ex.response_done(
+                keep_alive=keep_alive,
+                draining=rt.draining,
+                authenticated=not self.unauth_counted,
+                limits=rt.cfg.limits,
+            )
         )
-        if why is not None:
-            self._close(why)
-            return
-        self.state = HEAD
-        # Keep-alive allowance for a connection that showed a credential; one that has not
-        # (exempt requests only) gets headTimeout, like a new connection.
-        wait = self.rt.cfg.limits.head_timeout
-        self._head_timer = self.rt.loop.call_later(
-            wait if self.unauth_counted else wait * 6, self._head_timeout
-        )
-        if self.buf:
-            pending, self.buf = self.buf, b""
-            self.data_received(pending)
 
     def become_tunnel(self, early: bytes) -> None:
         """The gateway answered 101: from now on, splice (or gate the first frame)."""
         rt = self.rt
-        self.awaiting_upgrade = False
         rt.metrics.tunnels += 1
         self.was_tunnel = True
         gate = rt.make_gate(self)
-        pending, self.buf = self.buf, b""
         if gate is not None:
             self.gate = gate
-            self.state = GATED
-        else:
-            self.state = TUNNEL
+        pending = self.ex.upgraded(gated=gate is not None)
         if early:
             self.up.data_received(early)  # type: ignore[union-attr]
         if pending:
@@ -504,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
     def gate_passed(self, released: bytes) -> None:
         """The first-frame gate verified the client: release what it held and splice."""
         self.gate = None
-        self.state = TUNNEL
+        self.ex.gate_passed()
         self.rt.decided(self)  # the gateway token was verified: no longer unauthenticated
         if released:
             self.bytes_up += len(released)
@@ -512,9 +441,10 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_eof(self) -> None:
         self._up_eof = True
+        client_eof = self.ex.client_eof
         t = self.transport
         if t is not None and not self._closed and t.can_write_eof():
-            if self._client_eof:
+            if client_eof:
                 # The close sends the FIN after what is buffered: no shutdown(SHUT_WR) first.
                 self._close("both sides closed")
                 return
@@ -525,27 +455,18 @@ class ClientConnection(asyncio.Protocol):
             # never comes (websockets: close_timeout, then the TLS shutdown timeout).
             self._close("gateway closed")
             return
-        if self._client_eof:
+        if client_eof:
             self._close("both sides closed")
 
     def upstream_lost(self) -> None:
-        if self.state == CLOSING and self.gate is not None:
+        if self.ex.state == CLOSING and self.gate is not None:
             return  # the first-frame gate refused: it closes the client side (lingering)
         self._close(self.close_reason or "gateway closed")
 
     def upstream_lost_during_exchange(self, got_any: bool) -> None:
-        if self._closed or (self.state == CLOSING and self._end_timer is not None):
+        if self._closed or (self.ex.state == CLOSING and self._end_timer is not None):
             return  # gone, or lingering after a refusal (our own close of the gateway side)
-        if self.state == HEAD and not got_any:
-            # Idle keep-alive connection closed by the gateway: dial again next time.
-            self.up = None
-            self.up_t = None
-            return
-        if not got_any and self.state in (AWAIT, BODY):
-            self.rt.metrics.upstream_errors += 1
-            self._send_simple(502, "gateway closed the connection without a response", close=True)
-            return
-        self._close("gateway closed mid-response")
+        self._run(self.ex.upstream_lost(got_any=got_any))
 
     def upstream_broken(self, reason: str, started: bool) -> None:
         self.rt.metrics.upstream_errors += 1
@@ -595,35 +516,6 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ local endpoints
 
-    def _local(self, head: RequestHead) -> None:
-        if head.content_length:
-            if head.content_length > 8192:
-                self._deny_and_close(413, "body too large")
-                return
-            self._local_head = head
-            self._body_left = head.content_length
-            self.state = LOCAL_BODY
-            self._head_timer = self.rt.loop.call_later(
-                self.rt.cfg.limits.head_timeout, self._head_timeout
-            )
-            self._local_body_progress()
-            return
-        if head.chunked:
-            self._deny_and_close(411, "length required")
-            return
-        self._local_respond(head, b"")
-
-    def _local_body_progress(self) -> None:
-        head = self._local_head
-        if head is None or len(self.buf) < self._body_left:
-            return
-        body, self.buf = self.buf[: self._body_left], self.buf[self._body_left :]
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._local_head = None
-        self._local_respond(head, body)
-
     def _local_respond(self, head: RequestHead, body: bytes) -> None:
         refused = self.rt.local_misdirected(self, head)
         if refused is not None:
@@ -631,7 +523,6 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.rt.authz.login_needs_identity(head):
             # A login POST: whois first, so failures count against the peer's node.
-            self.state = DECIDING
             self._pause(True)
             self._task = self.rt.spawn(self._local_async(head, body), f"local-{self.conn_id}")
             return
@@ -742,14 +633,15 @@ class ClientConnection(asyncio.Protocol):
         lines.append("Cache-Control: no-store")
         if close:
             lines.append("Connection: close")
-        if self.head is not None and self.head.method == b"HEAD":
+        head = self.ex.head
+        if head is not None and head.method == b"HEAD":
             body = b""  # a response to HEAD has no body (Content-Length still says its size)
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         self.bytes_down += len(data)
         t.write(data)
         if close:
             self.close_reason = self.close_reason or f"{status} sent"
-            self.state = CLOSING
+            self.ex.state = CLOSING
             if linger and t.can_write_eof() and self._end_timer is None:
                 # FIN after the answer; the client's bytes are read and dropped (CLOSING)
                 # until it closes, or LINGER_SECONDS pass.
@@ -773,7 +665,7 @@ class ClientConnection(asyncio.Protocol):
         self.close_reason = reason
         t = self.transport
         up, up_t = self.up, self.up_t
-        if self.state not in (TUNNEL, GATED) or t is None or up is None or up_t is None:
+        if self.ex.state not in (TUNNEL, GATED) or t is None or up is None or up_t is None:
             self._close(reason)
             return
         frame = close_frame(code, reason)
@@ -809,7 +701,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close_if_idle(self, reason: str) -> None:
         """Close a keep-alive connection waiting between requests (drain)."""
-        if self.state == HEAD and self.requests > 0 and not self.buf and not self._closed:
+        if self.ex.idle and not self._closed:
             self.close_reason = reason
             self._close(reason)
 
@@ -821,7 +713,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self, reason: str) -> None:
         self.close_reason = self.close_reason or reason
-        self.state = CLOSING
+        self.ex.state = CLOSING
         if self.transport is not None and not self._closed:
             self.transport.close()
         if self.up_t is not None and not self.up_t.is_closing():
@@ -831,7 +723,7 @@ class ClientConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        self.state = CLOSING
+        self.ex.state = CLOSING
         if self._end_timer is not None:
             self._end_timer.cancel()
             self._end_timer = None
@@ -852,7 +744,11 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def is_tunnel(self) -> bool:
-        return self.state in (TUNNEL, GATED)
+        return self.ex.state in (TUNNEL, GATED)
+
+    @property
+    def requests(self) -> int:
+        return self.ex.requests
 
     @property
     def is_loopback_peer(self) -> bool:

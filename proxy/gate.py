@@ -29,8 +29,9 @@ from .core.connect_auth import (
     needs_store,
     parse_connect,
 )
+from .core.exchange import CLOSING
 from .core.wsframe import close_frame, parse_client_frame
-from .front import CLOSING, ClientConnection
+from .front import ClientConnection
 from .gateway_store import DB_RELATIVE, GatewayStore, store_version
 from .runtime import Connection, Runtime
 
@@ -152,7 +153,7 @@ class FirstFrameGate:
         conn.rt.note_denied(conn, 401)
         conn.close_reason = reason
         # From here on the client's bytes are read and dropped (front: CLOSING).
-        conn.state = CLOSING
+        conn.ex.state = CLOSING
         up_t = conn.up_t
         if up_t is not None:
             # The gateway never sees a byte from this client: just drop our side.
