@@ -1,12 +1,13 @@
 """JWT verification: pinned algorithms, keys bound to their algorithm family, exact claims.
 
-``JwtVerifier`` owns everything a signed token needs: the keys (a local PEM or JWKS file,
-an HS256 secret file, or a JWKS URL fetched in the background with caching, rotation by
-``kid`` and a cooldown for unknown ``kid``s), the checks pyjwt does not make for us
-(algorithm against the key's type, ``crit``, exact ``iss``/``aud``), a cache of verified
-tokens keyed by SHA-256 digest until ``exp``, and the revocation list (by ``jti`` or
-``sub``) read from ``jwt.revokedFile``. Every refusal is an ``Unauthenticated`` whose
-reason never names an expected value. The JWKS fetch is the only I/O here; the rest is pure.
+``JwtVerifier`` owns the I/O and the state around a signed token: the keys (a local PEM or
+JWKS file, an HS256 secret file, or a JWKS URL fetched in the background with caching,
+rotation by ``kid`` and a cooldown for unknown ``kid``s), a cache of verified tokens keyed
+by SHA-256 digest until ``exp``, and the revocation list (by ``jti`` or ``sub``) read from
+``jwt.revokedFile``. The verification itself (parsing, header rules, claims) is
+proxy/core/jwt.py over a ``KeySet`` snapshot; the signature checks it calls are built here,
+on cryptography (``signature_checks``). Every refusal is an ``Unauthenticated`` whose
+reason never names an expected value.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -22,16 +24,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt as pyjwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from ..config import JwtConfig
+from ..core import jwt as core_jwt
+from ..core.jwt import HMAC_ALGS, MAX_TOKEN_BYTES, KeySet, KeyUnusable, SignatureCheck
 from ..core.tokens import Credential
 from ..errors import ConfigError, Unauthenticated
 from ..tasks import spawn
@@ -45,6 +51,7 @@ __all__ = [
     "jwk_thumbprint",
     "keys_from_jwks",
     "public_jwk",
+    "signature_checks",
     "MAX_LEEWAY",
     "MAX_TOKEN_BYTES",
 ]
@@ -57,18 +64,14 @@ def _log_fetch_error(task: asyncio.Task[None], exc: BaseException) -> None:
 
 
 MAX_LEEWAY = 60.0
-MAX_TOKEN_BYTES = 8192
 MAX_JWKS_BYTES = 1 << 20
 MAX_JWKS_KEYS = 64
 MIN_RSA_BITS = 2048
 MIN_HMAC_BYTES = 32
-# A kid-less token is tried against at most this many keys of its algorithm family.
-MAX_KIDLESS_TRIES = 4
 FETCH_TIMEOUT = 3.0
 REVOCATION_CHECK_SECONDS = 1.0
 
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256"})
-_HMAC_ALGS = frozenset({"HS256"})
 
 
 def _b64url(data: bytes) -> str:
@@ -88,7 +91,7 @@ def algorithms_for_key(key: Any) -> frozenset[str]:
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return frozenset({"EdDSA"})
     if isinstance(key, bytes):
-        return _HMAC_ALGS
+        return HMAC_ALGS
     return frozenset()
 
 
@@ -126,6 +129,113 @@ class KeyEntry:
     key: Any  # a cryptography public key, or bytes for HS256
     algorithms: frozenset[str]
     source: str  # "file" | "jwks" | "secret"
+
+
+# --------------------------------------------------------------------------- signatures
+
+_SHA: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
+}
+_EC_CURVES: dict[str, type[ec.EllipticCurve]] = {
+    "ES256": ec.SECP256R1,
+    "ES384": ec.SECP384R1,
+    "ES512": ec.SECP521R1,
+}
+
+
+def _unusable(signing_input: bytes, signature: bytes) -> bool:
+    raise KeyUnusable
+
+
+def _rsa_check(key: rsa.RSAPublicKey, alg: str) -> SignatureCheck:
+    digest = _SHA[alg[2:]]
+    pss = alg.startswith("PS")
+    salt = digest().digest_size  # RFC 7518 3.5: the salt is as long as the hash
+
+    def check(signing_input: bytes, signature: bytes) -> bool:
+        pad: padding.AsymmetricPadding = (
+            padding.PSS(mgf=padding.MGF1(digest()), salt_length=salt) if pss else padding.PKCS1v15()
+        )
+        try:
+            key.verify(signature, signing_input, pad, digest())
+        except InvalidSignature:
+            return False
+        return True
+
+    return check
+
+
+def _ecdsa_check(key: ec.EllipticCurvePublicKey, alg: str) -> SignatureCheck:
+    if not isinstance(key.curve, _EC_CURVES[alg]):
+        return _unusable  # ES256 is P-256 only, and so on (RFC 7518 3.4)
+    digest = _SHA[alg[2:]]
+    size = (key.curve.key_size + 7) // 8
+
+    def check(signing_input: bytes, signature: bytes) -> bool:
+        # JWS carries r||s, fixed width; cryptography wants DER.
+        if len(signature) != 2 * size:
+            return False
+        der = encode_dss_signature(
+            int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+        )
+        try:
+            key.verify(der, signing_input, ec.ECDSA(digest()))
+        except InvalidSignature:
+            return False
+        return True
+
+    return check
+
+
+def _eddsa_check(key: ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) -> SignatureCheck:
+    def check(signing_input: bytes, signature: bytes) -> bool:
+        try:
+            key.verify(signature, signing_input)
+        except InvalidSignature:
+            return False
+        return True
+
+    return check
+
+
+def _hmac_check(secret: bytes, alg: str) -> SignatureCheck:
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    try:
+        # pyjwt's rule, kept: a "secret" that is a PEM, SSH or DER key is no HMAC key.
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+    except pyjwt.InvalidKeyError:
+        return _unusable
+
+    def check(signing_input: bytes, signature: bytes) -> bool:
+        return hmac.compare_digest(signature, hmac.new(secret, signing_input, digest).digest())
+
+    return check
+
+
+def signature_checks(key: Any, algorithms: Iterable[str]) -> dict[str, SignatureCheck]:
+    """One ``SignatureCheck`` per algorithm, for proxy/core/jwt.py; an algorithm the key's
+    type cannot verify gets a check that raises ``KeyUnusable``."""
+    checks: dict[str, SignatureCheck] = {}
+    for alg in sorted(algorithms):
+        check: SignatureCheck = _unusable
+        if alg[:2] in ("RS", "PS") and alg[2:] in _SHA and isinstance(key, rsa.RSAPublicKey):
+            check = _rsa_check(key, alg)
+        elif alg in _EC_CURVES and isinstance(key, ec.EllipticCurvePublicKey):
+            check = _ecdsa_check(key, alg)
+        elif alg == "EdDSA" and isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            check = _eddsa_check(key)
+        elif alg in ("HS256", "HS384", "HS512") and isinstance(key, bytes) and key:
+            check = _hmac_check(key, alg)
+        checks[alg] = check
+    return checks
+
+
+def _core_key(entry: KeyEntry) -> core_jwt.Key:
+    return core_jwt.Key(
+        entry.kid, signature_checks(entry.key, entry.algorithms), any_kid=entry.source == "secret"
+    )
 
 
 def _jwk_to_entry(jwk: Mapping[str, Any], source: str) -> KeyEntry:
@@ -229,7 +339,7 @@ def _load_hmac_secret(path: str) -> KeyEntry:
         log.warning("jwt.hs256SecretFile %s is readable by group/others: chmod 600 it", path)
     if len(secret) < MIN_HMAC_BYTES:
         raise ConfigError(where, f"{path}: the secret must be at least {MIN_HMAC_BYTES} bytes")
-    return KeyEntry(None, secret, _HMAC_ALGS, "secret")
+    return KeyEntry(None, secret, HMAC_ALGS, "secret")
 
 
 def _check_jwks_url(url: str) -> str:
@@ -490,16 +600,6 @@ class _Cached:
     exp: float
 
 
-_PYJWT_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (pyjwt.ExpiredSignatureError, "token expired"),
-    (pyjwt.ImmatureSignatureError, "token not yet valid"),
-    (pyjwt.InvalidSignatureError, "invalid signature"),
-    (pyjwt.InvalidAlgorithmError, "algorithm not allowed"),
-    (pyjwt.InvalidKeyError, "algorithm does not match the key"),
-    (pyjwt.DecodeError, "malformed token"),
-)
-
-
 class JwtVerifier:
     """Verifies bearer JWTs for one config snapshot; see the module docstring."""
 
@@ -522,6 +622,14 @@ class JwtVerifier:
         self.audience = cfg.audience
         self.algorithms = frozenset(cfg.algorithms) - {"none"}
         self.leeway = max(0.0, min(float(cfg.leeway), MAX_LEEWAY))
+        self.rules = core_jwt.Rules(
+            issuer=cfg.issuer,
+            audience=cfg.audience,
+            algorithms=self.algorithms,
+            leeway=self.leeway,
+            subject_claim=cfg.subject_claim,
+            scopes_claim=cfg.scopes_claim,
+        )
         self.clock = clock
         self.local_keys = tuple(keys)
         self.jwks = jwks
@@ -530,7 +638,7 @@ class JwtVerifier:
         self.verifications = 0  # full signature checks (cache misses), for tests and metrics
         self.cache_hits = 0
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
-        self._index: dict[str | None, tuple[KeyEntry, ...]] = {}
+        self.keyset = KeySet()
         self._rebuild_index()
         if jwks is not None:
             jwks.on_change.append(self._keys_changed)
@@ -585,11 +693,8 @@ class JwtVerifier:
     # ------------------------------------------------------------------ keys
 
     def _rebuild_index(self) -> None:
-        index: dict[str | None, list[KeyEntry]] = {}
         remote = self.jwks.keys if self.jwks is not None else ()
-        for entry in (*self.local_keys, *remote):
-            index.setdefault(entry.kid, []).append(entry)
-        self._index = {k: tuple(v) for k, v in index.items()}
+        self.keyset = KeySet(_core_key(e) for e in (*self.local_keys, *remote))
 
     def _keys_changed(self, old: tuple[KeyEntry, ...], new: tuple[KeyEntry, ...]) -> None:
         self._rebuild_index()
@@ -597,27 +702,6 @@ class JwtVerifier:
         fingerprint = {(e.kid, _key_id(e)) for e in new}
         if any((e.kid, _key_id(e)) not in fingerprint for e in old):
             self._cache.clear()
-
-    def _candidates(self, alg: str, kid: str | None) -> list[KeyEntry]:
-        if kid is not None:
-            named = self._index.get(kid)
-            if named is None:
-                # Our HS256 secret has no kid of its own: it answers for any kid it meets.
-                secrets = [e for e in self._index.get(None, ()) if e.source == "secret"]
-                if alg in _HMAC_ALGS and secrets:
-                    return secrets
-                raise Unauthenticated("unknown key id")
-            fitting = [e for e in named if alg in e.algorithms]
-            if not fitting:
-                raise Unauthenticated("algorithm does not match the key")
-            return fitting
-        every = [e for group in self._index.values() for e in group]
-        fitting = [e for e in every if alg in e.algorithms]
-        if not fitting:
-            if every:
-                raise Unauthenticated("algorithm does not match the key")
-            raise Unauthenticated("no verification key available")
-        return fitting[:MAX_KIDLESS_TRIES]
 
     def needs_keys(self, token: str) -> bool:
         """True when verifying ``token`` should first wait for a JWKS fetch (which the
@@ -629,13 +713,13 @@ class JwtVerifier:
             return False
         if not (jwks.fetching or jwks.may_fetch_now()):
             return False
-        header = _header(token)
+        header = core_jwt.parse_header(token)
         if header is None:
             return False
         kid = header.get("kid")
         if kid is None:
             return not jwks.loaded
-        return isinstance(kid, str) and kid not in self._index
+        return isinstance(kid, str) and kid not in self.keyset
 
     async def prepare(self, token: str) -> None:
         """Await the JWKS fetch ``token`` needs, if any (bounded by the fetch timeout)."""
@@ -673,106 +757,7 @@ class JwtVerifier:
 
     def _verify_uncached(self, token: str) -> Credential:
         self.verifications += 1
-        header = _header(token)
-        if header is None:
-            raise Unauthenticated("malformed token")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or not alg:
-            raise Unauthenticated("malformed token")
-        if alg.lower() == "none":
-            raise Unauthenticated("unsigned token refused")
-        if alg not in self.algorithms:
-            raise Unauthenticated("algorithm not allowed")
-        if "crit" in header or "b64" in header:
-            # RFC 7515 4.1.11: we understand no extension, so any critical one refuses.
-            raise Unauthenticated("unsupported critical header")
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise Unauthenticated("malformed token")
-        candidates = self._candidates(alg, kid)
-        claims: dict[str, Any] | None = None
-        reason = "invalid signature"
-        for entry in candidates:
-            try:
-                claims = pyjwt.decode(
-                    token,
-                    key=entry.key,
-                    algorithms=[alg],
-                    leeway=self.leeway,
-                    options={
-                        "require": ["exp"],
-                        "verify_aud": False,
-                        "verify_iss": False,
-                        "verify_signature": True,
-                        "verify_exp": True,
-                        "verify_nbf": True,
-                        "verify_iat": True,
-                    },
-                )
-                break
-            except pyjwt.InvalidSignatureError:
-                continue  # a kid-less token may match the next key of the family
-            except pyjwt.MissingRequiredClaimError:
-                raise Unauthenticated("token has no expiry") from None
-            except (pyjwt.PyJWTError, ValueError, TypeError) as exc:
-                reason = _reason_for(exc)
-                break
-        if claims is None:
-            raise Unauthenticated(reason)
-        cred = self._credential(claims)
-        # Leeway covers issuer clock skew on nbf/iat only: live sessions end at exp
-        # exactly (the server's sweep), so a token past exp is never admitted.
-        assert cred.expires_at is not None
-        if cred.expires_at <= self.clock():
-            raise Unauthenticated("token expired")
-        return cred
-
-    def _credential(self, claims: dict[str, Any]) -> Credential:
-        iss = claims.get("iss")
-        if iss is None:
-            raise Unauthenticated("token has no issuer")
-        # Exact equality: an issuer that merely contains ours is somebody else.
-        if not isinstance(iss, str) or iss != self.issuer:
-            raise Unauthenticated("wrong issuer")
-        aud = claims.get("aud")
-        if aud is None:
-            raise Unauthenticated("token has no audience")
-        if isinstance(aud, str):
-            aud_ok = aud == self.audience
-        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
-            aud_ok = self.audience in aud
-        else:
-            aud_ok = False
-        if not aud_ok:
-            raise Unauthenticated("wrong audience")
-        sub = claims.get(self.cfg.subject_claim)
-        if not isinstance(sub, str) or not sub or len(sub) > 256 or not sub.isprintable():
-            raise Unauthenticated("token has no usable subject")
-        exp = claims.get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
-            raise Unauthenticated("token has no expiry")
-        raw_scopes = claims.get(self.cfg.scopes_claim)
-        scopes: tuple[str, ...]
-        if raw_scopes is None:
-            scopes = ()
-        elif isinstance(raw_scopes, str):
-            scopes = tuple(raw_scopes.split())
-        elif isinstance(raw_scopes, list) and all(isinstance(s, str) for s in raw_scopes):
-            scopes = tuple(raw_scopes)
-        else:
-            raise Unauthenticated("malformed scopes claim")
-        jti = claims.get("jti")
-        if jti is not None and not isinstance(jti, str):
-            raise Unauthenticated("malformed token id")
-        return Credential(
-            "jwt",
-            f"jwt:{sub}",
-            subject=sub,
-            scopes=scopes,
-            expires_at=float(exp),
-            jti=jti,
-            claims=MappingProxyType(claims),
-        )
+        return core_jwt.verify(token, self.keyset, self.rules, self.clock())
 
     # ------------------------------------------------------------------ revocation
 
@@ -786,27 +771,7 @@ class JwtVerifier:
         return len(self._cache)
 
 
-def _header(token: str) -> dict[str, Any] | None:
-    """The JOSE header, parsed here rather than by pyjwt so that every header we refuse
-    (alg none, crit) gets its own reason before pyjwt sees the token."""
-    head, sep, _ = token.partition(".")
-    if not sep or len(head) > 4096:
-        return None
-    try:
-        data = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _key_id(entry: KeyEntry) -> str:
     if isinstance(entry.key, bytes):
         return hashlib.sha256(entry.key).hexdigest()
     return jwk_thumbprint(public_jwk(entry.key))
-
-
-def _reason_for(exc: Exception) -> str:
-    for kind, reason in _PYJWT_REASONS:
-        if isinstance(exc, kind):
-            return reason
-    return "invalid token"

@@ -82,6 +82,7 @@ def test_core_package_exists_with_its_modules() -> None:
         "admission",
         "connect_auth",
         "exchange",
+        "jwt",
     } <= names
 
 
