@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any
 
 from .core.exchange import (
     CLOSING,
@@ -24,6 +24,7 @@ from .core.exchange import (
     Authorize,
     BadGateway,
     Close,
+    Command,
     Commands,
     Deadline,
     Dial,
@@ -222,45 +223,59 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ commands
 
     def _run(self, cmds: Commands) -> None:
-        """Carry out the exchange's commands, in order (core/exchange.py lists them)."""
+        """Carry out the exchange's commands, in order (core/exchange.py lists them).
+
+        Dispatch on the exact type, commonest first: a ``match`` over class patterns cost
+        ~3x as much per command (measured), and this runs several times per connection.
+        """
         for c in cmds:
-            match c:
-                case Forward(data):
-                    self.bytes_up += len(data)
-                    self.up_t.write(data)  # type: ignore[union-attr]
-                case Authorize(head):
-                    self._stop_deadline()
-                    self._authorize(head)
-                case SendHead(head, out):
-                    self._send_head(head, out)
-                case Pause(on):
-                    self._pause(on)
-                case Dial(head, out):
-                    self._dial(head, out)
-                case Deadline(seconds):
-                    self._stop_deadline()
-                    self._head_timer = self.rt.loop.call_later(seconds, self._head_timeout)
-                case Close(reason, counter):
-                    if counter is not None:
-                        self.rt.metrics.refused[counter] += 1
-                    self._close(reason)
-                case Refuse(status, reason, counter):
-                    if counter is not None:
-                        self.rt.metrics.refused[counter] += 1
-                    self._deny_and_close(status, reason)
-                case Local(head, body):
-                    self._stop_deadline()
-                    self._local_respond(head, body)
-                case Answer(status, reason, linger):
-                    self._send_simple(status, reason, close=True, linger=linger)
-                case BadGateway(reason):
-                    self.rt.metrics.upstream_errors += 1
-                    self._send_simple(502, reason, close=True)
-                case DropUpstream():
-                    self.up = None
-                    self.up_t = None
-                case _:
-                    assert_never(c)
+            kind = type(c)
+            if kind is Forward:
+                assert isinstance(c, Forward)
+                self.bytes_up += len(c.data)
+                self.up_t.write(c.data)  # type: ignore[union-attr]
+            elif kind is Authorize:
+                assert isinstance(c, Authorize)
+                self._stop_deadline()
+                self._authorize(c.head)
+            elif kind is SendHead:
+                assert isinstance(c, SendHead)
+                self._send_head(c.head, c.out)
+            elif kind is Dial:
+                assert isinstance(c, Dial)
+                self._dial(c.head, c.out)
+            elif kind is Pause:
+                assert isinstance(c, Pause)
+                self._pause(c.on)
+            else:
+                self._run_rare(c)
+
+    def _run_rare(self, c: Command) -> None:
+        match c:
+            case Deadline(seconds):
+                self._stop_deadline()
+                self._head_timer = self.rt.loop.call_later(seconds, self._head_timeout)
+            case Close(reason, counter):
+                if counter is not None:
+                    self.rt.metrics.refused[counter] += 1
+                self._close(reason)
+            case Refuse(status, reason, counter):
+                if counter is not None:
+                    self.rt.metrics.refused[counter] += 1
+                self._deny_and_close(status, reason)
+            case Local(head, body):
+                self._stop_deadline()
+                self._local_respond(head, body)
+            case Answer(status, reason, linger):
+                self._send_simple(status, reason, close=True, linger=linger)
+            case BadGateway(reason):
+                self.rt.metrics.upstream_errors += 1
+                self._send_simple(502, reason, close=True)
+            case DropUpstream():
+                self.up = None
+                self.up_t = None
+            case _:
+                raise AssertionError(f"not a command of this connection: {c!r}")
 
     def _stop_deadline(self) -> None:
         if self._head_timer is not None:

@@ -273,6 +273,11 @@ async def _sweep(rt: Runtime) -> None:
         now = time.time()
         mono = time.monotonic()
         idle = rt.cfg.limits.idle_timeout
+        jwt = rt.snap.jwt
+        if jwt is not None:
+            # The revocation file is re-read here (mtime, at most once a second), so no
+            # request ever waits on a stat or a read: RevocationList.reason is a lookup.
+            jwt.revocations.maybe_reload()
         seen = set()
         for conn in list(rt.conns):
             grant = conn.grant

@@ -555,9 +555,10 @@ class RevocationList:
             self._reload(strict=False)
 
     def reason(self, cred: Credential) -> str | None:
+        """Pure lookup: the file is re-read by ``maybe_reload``, which the once-a-second
+        sweep calls (serve._sweep), never on a request's path."""
         if self.path is None:
             return None
-        self.maybe_reload()
         if self.error is not None:
             return "revocation list unreadable"
         if cred.jti is not None and cred.jti in self.jti:

@@ -377,11 +377,14 @@ def test_revocation_by_jti_and_sub_picked_up_by_mtime(tmp_path: Path) -> None:
     v = JwtVerifier(config(), keys=[entry(ED_KEY)], revocations=rl)
     cred = v.verify(sign(ED_KEY, "EdDSA", jti="lost-phone"))
     other = v.verify(sign(ED_KEY, "EdDSA", jti="laptop"))
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(cred) is None
     write_json(path, {"version": 1, "jti": {"lost-phone": {"revoked": "now"}}})
     mono.t += 0.5
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(cred) is None  # checked at most once a second
     mono.t += 0.6
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(cred) == "token revoked"
     assert v.revoked_reason(other) is None
     # By subject: tokens issued up to "before"; a token issued later still passes.
@@ -390,10 +393,12 @@ def test_revocation_by_jti_and_sub_picked_up_by_mtime(tmp_path: Path) -> None:
     new = v.verify(sign(ED_KEY, "EdDSA", jti="n", iat=iat + 5))
     write_json(path, {"sub": {"alice": {"before": iat}}})
     mono.t += 1.1
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(old) == "subject revoked"
     assert v.revoked_reason(new) is None
     write_json(path, {"sub": {"alice": {}}})
     mono.t += 1.1
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(new) == "subject revoked"
     assert v.revoked_reason(Credential("token", "phone")) is None  # static tokens: not here
 
@@ -412,9 +417,11 @@ def test_malformed_revocation_file_fails_closed(tmp_path: Path) -> None:
     cred = v.verify(sign(ED_KEY, "EdDSA"))
     path.write_text('{"jti": {}, "surprise": 1}')
     mono.t += 2
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(cred) == "revocation list unreadable"
     write_json(path, {"jti": {}})
     mono.t += 2
+    v.revocations.maybe_reload()  # the sweep's tick
     assert v.revoked_reason(cred) is None
 
 
@@ -697,3 +704,21 @@ def test_token_subject_must_match_tailscale_user(
     d = decide(s, token_name="jwt:alice", token_error=None, token_subject="alice", identity=outcome)
     assert d.status == status, d
     assert d.allow == (status == 200)
+
+
+def test_revocation_lookup_does_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The request path only looks up: a stat or a read there would stall the event loop
+    # (issue 14). The sweep's tick (maybe_reload) is the only reader of the file.
+    path = tmp_path / "revoked.json"
+    write_json(path, {"version": 1, "jti": {"lost-phone": {}}})
+    mono = Clock()
+    rl = RevocationList(str(path), monotonic=mono)
+    mono.t += 5
+
+    def no_io(*args: object, **kw: object) -> None:
+        raise AssertionError("file I/O on the request path")
+
+    monkeypatch.setattr(os, "stat", no_io)
+    monkeypatch.setattr("builtins.open", no_io)
+    assert rl.reason(Credential("jwt", "jwt:alice", jti="lost-phone")) == "token revoked"
+    assert rl.reason(Credential("jwt", "jwt:alice", jti="laptop")) is None
