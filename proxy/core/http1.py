@@ -16,10 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
-from ..errors import BadRequest
+from ..errors import BadRequest, HeadTooLarge
 
 __all__ = [
     "DEFAULT_HEAD_LINES",
@@ -97,10 +98,6 @@ _SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
 _UNDERSCORE_FRAMING = frozenset({b"content_length", b"transfer_encoding"})
 # limits.headLines: far above a browser's ~20 lines, far below Node's 1,000-line cut.
 DEFAULT_HEAD_LINES = 100
-
-
-class HeadTooLarge(BadRequest):
-    status = 431
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -458,6 +455,13 @@ _TRAILER_FORBIDDEN = frozenset(
 )
 
 
+# ChunkedScanner's states (module constants: mypyc compiles them to plain integers).
+_ST_SIZE: Final = 0
+_ST_DATA: Final = 1
+_ST_DATA_CRLF: Final = 2
+_ST_TRAILER: Final = 3
+
+
 class ChunkedScanner:
     """Finds the end of a chunked body without copying or decoding it.
 
@@ -479,12 +483,10 @@ class ChunkedScanner:
         "_identity",
     )
 
-    _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
-
     def __init__(
         self, request: bool = False, identity_headers: frozenset[bytes] = frozenset()
     ) -> None:
-        self._state = self._SIZE
+        self._state = _ST_SIZE
         self._remaining = 0
         self._line = b""
         self._request = request
@@ -499,12 +501,12 @@ class ChunkedScanner:
         n = len(data)
         while pos < n:
             st = self._state
-            if st == self._DATA:
+            if st == _ST_DATA:
                 take = min(self._remaining, n - pos)
                 self._remaining -= take
                 pos += take
                 if self._remaining == 0:
-                    self._state = self._DATA_CRLF
+                    self._state = _ST_DATA_CRLF
                 continue
             nl = data.find(b"\n", pos)
             if nl < 0:
@@ -518,10 +520,10 @@ class ChunkedScanner:
             if not line.endswith(b"\r\n"):
                 raise ValueError("bare LF in chunked framing")
             line = line[:-2]
-            if st == self._DATA_CRLF:
+            if st == _ST_DATA_CRLF:
                 if line:
                     raise ValueError("missing CRLF after chunk data")
-                self._state = self._SIZE
+                self._state = _ST_SIZE
                 continue
             if line:  # a chunk-size line or a trailer field: one more step
                 self._steps += 1
@@ -529,7 +531,7 @@ class ChunkedScanner:
                     self._data >> _CHUNK_BYTES_SHIFT
                 ):
                     raise ValueError("too many chunks (use fewer, larger chunks)")
-            if st == self._SIZE:
+            if st == _ST_SIZE:
                 size_text = line.split(b";", 1)[0]
                 if (
                     not size_text
@@ -539,14 +541,14 @@ class ChunkedScanner:
                     raise ValueError("invalid chunk size")
                 size = int(size_text, 16)
                 if size == 0:
-                    self._state = self._TRAILER
+                    self._state = _ST_TRAILER
                 else:
                     self._remaining = size
                     self._data += size
-                    self._state = self._DATA
+                    self._state = _ST_DATA
             else:  # trailer section: lines until an empty one
                 if not line:
-                    self._state = self._SIZE
+                    self._state = _ST_SIZE
                     self._steps = self._data = 0
                     return pos
                 if line[0] in (0x20, 0x09) or b":" not in line:
