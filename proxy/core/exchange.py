@@ -16,12 +16,14 @@ answers each event with commands, so front only carries the commands out.
 
 from __future__ import annotations
 
+from typing import Final
+
 from .http1 import BODY_CHUNKED, BODY_NONE, RequestHead, find_head_end
 
 __all__ = ["HEAD_TOO_LARGE", "NEED_MORE", "scan_head", "request_body", "after_response"]
 
-NEED_MORE = -1
-HEAD_TOO_LARGE = -2
+NEED_MORE: Final = -1
+HEAD_TOO_LARGE: Final = -2
 
 
 def scan_head(buf: bytes, searched: int, limit: int) -> int:

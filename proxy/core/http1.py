@@ -41,12 +41,12 @@ __all__ = [
     "BODY_UNTIL_CLOSE",
 ]
 
-_CRLF = b"\r\n"
-_CTL_RE = re.compile(rb"[\x00-\x20\x7f]")
-_HEAD_END = b"\r\n\r\n"
-_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+_CRLF: Final = b"\r\n"
+_CTL_RE: Final = re.compile(rb"[\x00-\x20\x7f]")
+_HEAD_END: Final = b"\r\n\r\n"
+_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 # End-to-end headers a client must not get removed by listing them in Connection.
-_PROTECTED = frozenset(
+_PROTECTED: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -64,7 +64,7 @@ _PROTECTED = frozenset(
         b"authorization",
     }
 )
-_HOP_BY_HOP = frozenset(
+_HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -78,7 +78,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # Client-supplied claims about the client: never believed, never forwarded.
-_SPOOF_EXACT = frozenset(
+_SPOOF_EXACT: Final = frozenset(
     {
         b"forwarded",
         b"x-real-ip",
@@ -94,10 +94,10 @@ _SPOOF_EXACT = frozenset(
         b"x-originating-ip",
     }
 )
-_SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
-_UNDERSCORE_FRAMING = frozenset({b"content_length", b"transfer_encoding"})
+_SPOOF_PREFIXES: Final = (b"x-forwarded-", b"tailscale-")
+_UNDERSCORE_FRAMING: Final = frozenset({b"content_length", b"transfer_encoding"})
 # limits.headLines: far above a browser's ~20 lines, far below Node's 1,000-line cut.
-DEFAULT_HEAD_LINES = 100
+DEFAULT_HEAD_LINES: Final = 100
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -379,9 +379,9 @@ class ResponseError(Exception):
 
 # How a response body is framed (the third value of response_framing); a value >= 0 is a
 # Content-Length.
-BODY_NONE = -1
-BODY_CHUNKED = -2
-BODY_UNTIL_CLOSE = -3
+BODY_NONE: Final = -1
+BODY_CHUNKED: Final = -2
+BODY_UNTIL_CLOSE: Final = -3
 
 
 def response_framing(head: bytes, head_request: bool) -> tuple[int, bool, int]:
@@ -431,11 +431,11 @@ def response_framing(head: bytes, head_request: bool) -> tuple[int, bool, int]:
 # costs a few Python steps per chunk, so a body of 1-byte chunks (8 MB of them stalled the
 # event loop for ~2 s) is cut off after ~1,024 steps; a body cut into pieces of a few KiB,
 # or a short stream of small writes, is never near it.
-REQUEST_FREE_CHUNKS = 1024
-_CHUNK_BYTES_SHIFT = 12  # one more chunk allowed per 4 KiB
+REQUEST_FREE_CHUNKS: Final = 1024
+_CHUNK_BYTES_SHIFT: Final = 12  # one more chunk allowed per 4 KiB
 # Fields that never belong in a request trailer: framing, routing, credentials, and the
 # spoof catalogue (checked with http1.is_spoofable_header).
-_TRAILER_FORBIDDEN = frozenset(
+_TRAILER_FORBIDDEN: Final = frozenset(
     {
         b"host",
         b"content-length",

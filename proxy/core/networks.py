@@ -20,6 +20,7 @@ import ipaddress
 from _socket import AF_INET, AF_INET6, inet_pton
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "NetworkSet",
@@ -33,7 +34,7 @@ __all__ = [
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+_V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
 
 
 def parse_network(text: str) -> Network:
