@@ -20,12 +20,14 @@ ARG PIP_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 # Wheels only (uvloop, httptools, aiohttp, cryptography ship manylinux wheels): no
-# compiler in the image, and a source build would fail loudly instead of silently.
+# compiler in the image, and a source build would fail loudly instead of silently. So
+# proxy/core stays pure Python here (CLAWGATE_COMPILE=0: setup.py skips mypyc; the build
+# backend still installs mypy, a [build-system] requirement, from its wheel).
 RUN python3 -m venv /opt/clawgate \
-    && /opt/clawgate/bin/pip install --no-cache-dir --disable-pip-version-check \
+    && CLAWGATE_COMPILE=0 /opt/clawgate/bin/pip install --no-cache-dir --disable-pip-version-check \
        --only-binary=:all: . \
     && /opt/clawgate/bin/pip uninstall --yes --quiet pip setuptools \
     && rm -rf /opt/clawgate/bin/pip* /opt/clawgate/bin/[Aa]ctivate* \

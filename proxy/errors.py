@@ -68,6 +68,16 @@ class BadRequest(AccessError):
     status = 400
 
 
+class HeadTooLarge(BadRequest):
+    """More request-head lines or bytes than the limits allow (431).
+
+    Raised by proxy.core.http1, which re-exports it. Defined here, in plain Python: a class
+    compiled by mypyc that overrides a class attribute of a Python base (``status``) would
+    keep the base's value."""
+
+    status = 431
+
+
 class Unauthenticated(AccessError):
     status = 401
 

@@ -34,7 +34,7 @@ first, so nothing that arrives after it is acted on.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from ..errors import BadRequest
 from .http1 import (
@@ -84,17 +84,24 @@ __all__ = [
 ]
 
 # States. Small ints: front compares one on every data_received.
-HEAD, DECIDING, BODY, AWAIT, TUNNEL, GATED, LOCAL_BODY, CLOSING = range(8)
+HEAD: Final = 0
+DECIDING: Final = 1
+BODY: Final = 2
+AWAIT: Final = 3
+TUNNEL: Final = 4
+GATED: Final = 5
+LOCAL_BODY: Final = 6
+CLOSING: Final = 7
 
-NEED_MORE = -1
-HEAD_TOO_LARGE = -2
+NEED_MORE: Final = -1
+HEAD_TOO_LARGE: Final = -2
 
 # clawgate's own endpoints (login pages): answered by clawgate, never forwarded.
-LOCAL_PREFIX = b"/__clawgate/"
-LOCAL_BODY_LIMIT = 8192
+LOCAL_PREFIX: Final = b"/__clawgate/"
+LOCAL_BODY_LIMIT: Final = 8192
 # What a client may send while its request is decided or answered (a pipelined request,
 # early frames) beyond limits.headBytes before reading it is paused.
-HOLD_SLACK = 65536
+HOLD_SLACK: Final = 65536
 
 
 class Limits(Protocol):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
-from ..errors import BadRequest
+from ..errors import BadRequest, HeadTooLarge
 
 __all__ = [
     "DEFAULT_HEAD_LINES",
@@ -40,12 +41,12 @@ __all__ = [
     "BODY_UNTIL_CLOSE",
 ]
 
-_CRLF = b"\r\n"
-_CTL_RE = re.compile(rb"[\x00-\x20\x7f]")
-_HEAD_END = b"\r\n\r\n"
-_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+_CRLF: Final = b"\r\n"
+_CTL_RE: Final = re.compile(rb"[\x00-\x20\x7f]")
+_HEAD_END: Final = b"\r\n\r\n"
+_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 # End-to-end headers a client must not get removed by listing them in Connection.
-_PROTECTED = frozenset(
+_PROTECTED: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -63,7 +64,7 @@ _PROTECTED = frozenset(
         b"authorization",
     }
 )
-_HOP_BY_HOP = frozenset(
+_HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -77,7 +78,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # Client-supplied claims about the client: never believed, never forwarded.
-_SPOOF_EXACT = frozenset(
+_SPOOF_EXACT: Final = frozenset(
     {
         b"forwarded",
         b"x-real-ip",
@@ -93,14 +94,10 @@ _SPOOF_EXACT = frozenset(
         b"x-originating-ip",
     }
 )
-_SPOOF_PREFIXES = (b"x-forwarded-", b"tailscale-")
-_UNDERSCORE_FRAMING = frozenset({b"content_length", b"transfer_encoding"})
+_SPOOF_PREFIXES: Final = (b"x-forwarded-", b"tailscale-")
+_UNDERSCORE_FRAMING: Final = frozenset({b"content_length", b"transfer_encoding"})
 # limits.headLines: far above a browser's ~20 lines, far below Node's 1,000-line cut.
-DEFAULT_HEAD_LINES = 100
-
-
-class HeadTooLarge(BadRequest):
-    status = 431
+DEFAULT_HEAD_LINES: Final = 100
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -382,9 +379,9 @@ class ResponseError(Exception):
 
 # How a response body is framed (the third value of response_framing); a value >= 0 is a
 # Content-Length.
-BODY_NONE = -1
-BODY_CHUNKED = -2
-BODY_UNTIL_CLOSE = -3
+BODY_NONE: Final = -1
+BODY_CHUNKED: Final = -2
+BODY_UNTIL_CLOSE: Final = -3
 
 
 def response_framing(head: bytes, head_request: bool) -> tuple[int, bool, int]:
@@ -434,11 +431,11 @@ def response_framing(head: bytes, head_request: bool) -> tuple[int, bool, int]:
 # costs a few Python steps per chunk, so a body of 1-byte chunks (8 MB of them stalled the
 # event loop for ~2 s) is cut off after ~1,024 steps; a body cut into pieces of a few KiB,
 # or a short stream of small writes, is never near it.
-REQUEST_FREE_CHUNKS = 1024
-_CHUNK_BYTES_SHIFT = 12  # one more chunk allowed per 4 KiB
+REQUEST_FREE_CHUNKS: Final = 1024
+_CHUNK_BYTES_SHIFT: Final = 12  # one more chunk allowed per 4 KiB
 # Fields that never belong in a request trailer: framing, routing, credentials, and the
 # spoof catalogue (checked with http1.is_spoofable_header).
-_TRAILER_FORBIDDEN = frozenset(
+_TRAILER_FORBIDDEN: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -456,6 +453,13 @@ _TRAILER_FORBIDDEN = frozenset(
         b"content-encoding",
     }
 )
+
+
+# ChunkedScanner's states (module constants: mypyc compiles them to plain integers).
+_ST_SIZE: Final = 0
+_ST_DATA: Final = 1
+_ST_DATA_CRLF: Final = 2
+_ST_TRAILER: Final = 3
 
 
 class ChunkedScanner:
@@ -479,12 +483,10 @@ class ChunkedScanner:
         "_identity",
     )
 
-    _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
-
     def __init__(
         self, request: bool = False, identity_headers: frozenset[bytes] = frozenset()
     ) -> None:
-        self._state = self._SIZE
+        self._state = _ST_SIZE
         self._remaining = 0
         self._line = b""
         self._request = request
@@ -499,12 +501,12 @@ class ChunkedScanner:
         n = len(data)
         while pos < n:
             st = self._state
-            if st == self._DATA:
+            if st == _ST_DATA:
                 take = min(self._remaining, n - pos)
                 self._remaining -= take
                 pos += take
                 if self._remaining == 0:
-                    self._state = self._DATA_CRLF
+                    self._state = _ST_DATA_CRLF
                 continue
             nl = data.find(b"\n", pos)
             if nl < 0:
@@ -518,10 +520,10 @@ class ChunkedScanner:
             if not line.endswith(b"\r\n"):
                 raise ValueError("bare LF in chunked framing")
             line = line[:-2]
-            if st == self._DATA_CRLF:
+            if st == _ST_DATA_CRLF:
                 if line:
                     raise ValueError("missing CRLF after chunk data")
-                self._state = self._SIZE
+                self._state = _ST_SIZE
                 continue
             if line:  # a chunk-size line or a trailer field: one more step
                 self._steps += 1
@@ -529,7 +531,7 @@ class ChunkedScanner:
                     self._data >> _CHUNK_BYTES_SHIFT
                 ):
                     raise ValueError("too many chunks (use fewer, larger chunks)")
-            if st == self._SIZE:
+            if st == _ST_SIZE:
                 size_text = line.split(b";", 1)[0]
                 if (
                     not size_text
@@ -539,14 +541,14 @@ class ChunkedScanner:
                     raise ValueError("invalid chunk size")
                 size = int(size_text, 16)
                 if size == 0:
-                    self._state = self._TRAILER
+                    self._state = _ST_TRAILER
                 else:
                     self._remaining = size
                     self._data += size
-                    self._state = self._DATA
+                    self._state = _ST_DATA
             else:  # trailer section: lines until an empty one
                 if not line:
-                    self._state = self._SIZE
+                    self._state = _ST_SIZE
                     self._steps = self._data = 0
                     return pos
                 if line[0] in (0x20, 0x09) or b":" not in line:

@@ -20,6 +20,7 @@ import ipaddress
 from _socket import AF_INET, AF_INET6, inet_pton
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "NetworkSet",
@@ -33,7 +34,7 @@ __all__ = [
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+_V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
 
 
 def parse_network(text: str) -> Network:
@@ -140,16 +141,20 @@ class NetworkSet:
 
     @classmethod
     def from_strings(cls, cidrs: Iterable[str]) -> NetworkSet:
-        return cls.compile(parse_network(c) for c in cidrs)
+        return cls.compile([parse_network(c) for c in cidrs])
 
     def __bool__(self) -> bool:
         return bool(self._v4_starts or self._v6_starts)
 
-    def contains(self, ip: str) -> bool:
+    def contains(self, ip: object) -> bool:
         """True when ``ip`` (a textual address from getpeername) is inside the set.
 
-        Anything that does not parse is outside: the check fails closed.
+        Anything that does not parse is outside, a non-str too: the check fails closed.
+        (Typed ``object``: compiled by mypyc, a ``str`` parameter would raise TypeError at
+        the call instead.)
         """
+        if not isinstance(ip, str):
+            return False
         try:
             if ":" in ip:
                 packed = inet_pton(AF_INET6, ip.split("%", 1)[0])
@@ -167,4 +172,5 @@ class NetworkSet:
         i = bisect.bisect_right(starts, value) - 1
         return i >= 0 and value <= ends[i]
 
-    __contains__ = contains
+    def __contains__(self, ip: object) -> bool:
+        return self.contains(ip)

@@ -73,9 +73,12 @@ def build_wheelhouse(dest: Path) -> Path:
     so the image build and the nspawn install need no registry of their own."""
     dest.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PIP_REQUIRE_VIRTUALENV"}
+    # clawgate's own wheel pure (no mypyc), as the image builds it; mypy is a build requirement.
+    env["CLAWGATE_COMPILE"] = "0"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    backend = ["setuptools>=77", "wheel", "mypy>=1.11"]
     for argv in (
-        [*pip, "download", "--only-binary=:all:", "-d", str(dest), ".", "setuptools>=77", "wheel"],
+        [*pip, "download", "--only-binary=:all:", "-d", str(dest), ".", *backend],
         [*pip, "wheel", "--no-deps", "-w", str(dest), "."],
     ):
         proc = subprocess.run(

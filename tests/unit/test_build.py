@@ -1,0 +1,68 @@
+"""The build under test is the one meant, and a compiled one is never stale (issue 15).
+
+proxy/core is pure Python, or compiled by mypyc (``scripts/setup --compiled``): then
+proxy/core/X.*.so sits beside X.py and Python imports it instead. An .so older than its .py
+would run yesterday's code while every test reads today's source, so with any .so present
+each module must have one, built after its .py was last changed, and be the one imported.
+scripts/test names the build it runs (CLAWGATE_BUILD, "pure" or "compiled"); without it the
+build is read off the tree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import os
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parents[2] / "proxy" / "core"
+MODULES = sorted(p.stem for p in CORE.glob("*.py") if p.name != "__init__.py")
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
+
+
+def _compiled_files() -> list[Path]:
+    return sorted(CORE.glob("*.so"))
+
+
+def _expected_build() -> str:
+    build = os.environ.get("CLAWGATE_BUILD", "")
+    if build:
+        assert build in ("pure", "compiled"), f"CLAWGATE_BUILD={build!r}"
+        return build
+    return "compiled" if _compiled_files() else "pure"
+
+
+def test_core_modules_are_found() -> None:
+    assert {"http1", "networks", "tokens", "exchange"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_imported_module_is_the_build_under_test(name: str) -> None:
+    module = importlib.import_module(f"proxy.core.{name}")
+    assert module.__file__ is not None
+    if _expected_build() == "compiled":
+        assert module.__file__.endswith(".so"), f"proxy.core.{name} is not compiled"
+    else:
+        assert module.__file__.endswith(".py"), f"proxy.core.{name} is {module.__file__}"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_compiled_module_is_not_older_than_its_source(name: str) -> None:
+    if _expected_build() == "pure":
+        assert _compiled_files() == [], "pure build, yet compiled modules in proxy/core"
+        return
+    source = CORE / f"{name}.py"
+    # The module's own extension (a thin stub) and the shared library holding its code.
+    for compiled in (CORE / f"{name}{SUFFIX}", CORE / f"_native__mypyc{SUFFIX}"):
+        assert compiled.exists(), f"{compiled.name} is missing: run scripts/setup --compiled"
+        assert compiled.stat().st_mtime >= source.stat().st_mtime, (
+            f"{compiled.name} is older than {source.name}: run scripts/setup --compiled"
+        )
+
+
+def test_no_compiled_module_without_a_source() -> None:
+    """Every .so is a module of today's tree, or mypyc's shared library."""
+    stems = {p.name.split(".")[0] for p in _compiled_files()}
+    assert stems <= set(MODULES) | {"_native__mypyc"}
