@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from ..errors import Unauthenticated
 from .tokens import Credential
@@ -153,13 +153,19 @@ def parse_header(token: str) -> dict[str, Any] | None:
     return None if raw is None else _json_object(raw)
 
 
+# The largest time claim taken as a time (floats are exact up to here).
+MAX_TIME: Final = 2**53
+
+
 def _as_int(value: Any) -> int | None:
     """A time claim as the integer it is compared as (``int()``: 1.9 is 1, "12" is 12,
-    true is 1), or None when it is none (NaN, Infinity, a list, null, "abc")."""
+    true is 1), or None when it is none (NaN, Infinity, a list, null, "abc", or past
+    +-2**53 seconds: no real time, and compiled, comparing it with a float overflows)."""
     try:
-        return int(value)
+        n = int(value)
     except (ValueError, TypeError, OverflowError):
         return None
+    return n if -MAX_TIME <= n <= MAX_TIME else None
 
 
 def verify(token: str, keys: KeySet, rules: Rules, now: float) -> Credential:
