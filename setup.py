@@ -1,10 +1,11 @@
-"""Optional ahead-of-time compilation of proxy/core with mypyc (issue 15).
+"""Optional ahead-of-time compilation of proxy/core (and the hot-path protocols) with mypyc
+(issue 15).
 
 All project metadata lives in pyproject.toml; this file only adds the extension modules.
 CLAWGATE_COMPILE picks the build:
 
 - ``0``: pure Python (the modules as they are);
-- ``1``: compile proxy/core with mypyc, and fail when that is not possible;
+- ``1``: compile proxy/core and HOT_PATH with mypyc, and fail when that is not possible;
 - ``auto`` (the default): compile when mypyc, a C compiler and the Python headers are
   there, else build pure.
 
@@ -27,10 +28,17 @@ from setuptools import setup
 PURE_ONLY: frozenset[str] = frozenset()
 
 
-def _core_modules() -> list[str]:
+# Modules outside proxy/core compiled too: the asyncio Protocol classes every connection
+# runs through (ClientConnection, UpstreamConnection, BoundaryCloser: data_received and
+# the relay are the per-connection hot path; issue 15 lever 1). They are compiled in the
+# same group as proxy/core, so their calls into it are native calls.
+HOT_PATH: tuple[str, ...] = ("proxy/front.py", "proxy/upstream.py")
+
+
+def _compiled_modules() -> list[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     paths = sorted(glob(os.path.join(here, "proxy", "core", "*.py")))
-    rel = [os.path.relpath(p, here) for p in paths]
+    rel = [os.path.relpath(p, here) for p in paths] + list(HOT_PATH)
     return [p for p in rel if os.path.basename(p) != "__init__.py" and p not in PURE_ONLY]
 
 
@@ -65,7 +73,7 @@ def _ext_modules() -> list[Any]:
 
     # group_name: the shared library is proxy/core/_native__mypyc.*.so, inside the package
     # (an editable install maps only the proxy package; scripts/setup --pure removes it).
-    return mypycify(_core_modules(), opt_level="3", group_name="proxy.core._native")
+    return mypycify(_compiled_modules(), opt_level="3", group_name="proxy.core._native")
 
 
 setup(ext_modules=_ext_modules())

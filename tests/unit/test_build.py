@@ -5,7 +5,8 @@ proxy/core/X.*.so sits beside X.py and Python imports it instead. An .so older t
 would run yesterday's code while every test reads today's source, so with any .so present
 each module must have one, built after its .py was last changed, and be the one imported.
 scripts/test names the build it runs (CLAWGATE_BUILD, "pure" or "compiled"); without it the
-build is read off the tree.
+build is read off the tree. The hot-path protocols proxy/front.py and proxy/upstream.py
+(setup.py's HOT_PATH) are compiled with proxy/core and checked the same way.
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[2] / "proxy" / "core"
-MODULES = sorted(p.stem for p in CORE.glob("*.py") if p.name != "__init__.py")
+PROXY = Path(__file__).resolve().parents[2] / "proxy"
+CORE = PROXY / "core"
+HOT_PATH = ["front", "upstream"]  # setup.py's HOT_PATH, compiled beside proxy/core
+# Dotted names below proxy (core.http1, front) of every module a compiled build compiles.
+MODULES = sorted(f"core.{p.stem}" for p in CORE.glob("*.py") if p.name != "__init__.py")
+MODULES += HOT_PATH
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
 
 
 def _compiled_files() -> list[Path]:
-    return sorted(CORE.glob("*.so"))
+    return sorted(CORE.glob("*.so")) + sorted(PROXY.glob("*.so"))
+
+
+def _source(name: str) -> Path:
+    return PROXY.joinpath(*name.split(".")).with_suffix(".py")
 
 
 def _expected_build() -> str:
@@ -35,27 +44,28 @@ def _expected_build() -> str:
 
 
 def test_core_modules_are_found() -> None:
-    assert {"http1", "networks", "tokens", "exchange"} <= set(MODULES)
+    assert {"core.http1", "core.networks", "core.tokens", "core.exchange"} <= set(MODULES)
+    assert all(_source(name).exists() for name in MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_the_imported_module_is_the_build_under_test(name: str) -> None:
-    module = importlib.import_module(f"proxy.core.{name}")
+    module = importlib.import_module(f"proxy.{name}")
     assert module.__file__ is not None
     if _expected_build() == "compiled":
-        assert module.__file__.endswith(".so"), f"proxy.core.{name} is not compiled"
+        assert module.__file__.endswith(".so"), f"proxy.{name} is not compiled"
     else:
-        assert module.__file__.endswith(".py"), f"proxy.core.{name} is {module.__file__}"
+        assert module.__file__.endswith(".py"), f"proxy.{name} is {module.__file__}"
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_a_compiled_module_is_not_older_than_its_source(name: str) -> None:
     if _expected_build() == "pure":
-        assert _compiled_files() == [], "pure build, yet compiled modules in proxy/core"
+        assert _compiled_files() == [], "pure build, yet compiled modules in proxy"
         return
-    source = CORE / f"{name}.py"
+    source = _source(name)
     # The module's own extension (a thin stub) and the shared library holding its code.
-    for compiled in (CORE / f"{name}{SUFFIX}", CORE / f"_native__mypyc{SUFFIX}"):
+    for compiled in (source.with_suffix(SUFFIX), CORE / f"_native__mypyc{SUFFIX}"):
         assert compiled.exists(), f"{compiled.name} is missing: run scripts/setup --compiled"
         assert compiled.stat().st_mtime >= source.stat().st_mtime, (
             f"{compiled.name} is older than {source.name}: run scripts/setup --compiled"
@@ -64,5 +74,7 @@ def test_a_compiled_module_is_not_older_than_its_source(name: str) -> None:
 
 def test_no_compiled_module_without_a_source() -> None:
     """Every .so is a module of today's tree, or mypyc's shared library."""
-    stems = {p.name.split(".")[0] for p in _compiled_files()}
-    assert stems <= set(MODULES) | {"_native__mypyc"}
+    names = {
+        ("core." if p.parent == CORE else "") + p.name.split(".")[0] for p in _compiled_files()
+    }
+    assert names <= set(MODULES) | {"core._native__mypyc"}
