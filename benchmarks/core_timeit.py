@@ -30,9 +30,9 @@ def cases() -> dict[str, Callable[[], object]]:
     tokens = TokenSet(TokenEntry(f"t{i}", digest(f"token-{i}")) for i in range(10))
     scanner_body = b"".join(b"%x\r\n" % 100 + b"x" * 100 + b"\r\n" for _ in range(8)) + b"0\r\n\r\n"
 
-    def rewrite() -> bytes:
+    def rewrite_of(parsed: http1.RequestHead) -> bytes:
         return http1.rewrite_request_head(
-            head,
+            parsed,
             client_ip="100.101.102.103",
             proto=b"http",
             identity_headers=ids,
@@ -41,16 +41,11 @@ def cases() -> dict[str, Callable[[], object]]:
             session_cookie=b"clawgate_session",
         )
 
+    def rewrite() -> bytes:
+        return rewrite_of(head)
+
     def parse_and_rewrite() -> bytes:
-        return http1.rewrite_request_head(
-            http1.parse_request_head(HEAD),
-            client_ip="100.101.102.103",
-            proto=b"http",
-            identity_headers=ids,
-            add=add,
-            drop_authorization=True,
-            session_cookie=b"clawgate_session",
-        )
+        return rewrite_of(http1.parse_request_head(HEAD))
 
     return {
         "scan_head": lambda: scan_head(HEAD, 0, 16384),
