@@ -619,15 +619,11 @@ class JwtVerifier:
             raise ConfigError("jwt", "issuer and audience are required")
         self.cfg = cfg
         self.loop = loop
-        self.issuer = cfg.issuer
-        self.audience = cfg.audience
-        self.algorithms = frozenset(cfg.algorithms) - {"none"}
-        self.leeway = max(0.0, min(float(cfg.leeway), MAX_LEEWAY))
         self.rules = core_jwt.Rules(
             issuer=cfg.issuer,
             audience=cfg.audience,
-            algorithms=self.algorithms,
-            leeway=self.leeway,
+            algorithms=frozenset(cfg.algorithms) - {"none"},
+            leeway=max(0.0, min(float(cfg.leeway), MAX_LEEWAY)),
             subject_claim=cfg.subject_claim,
             scopes_claim=cfg.scopes_claim,
         )
