@@ -15,6 +15,7 @@ where clawgate's headers sit in Node's ``rawHeaders``, which is what a truncatin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -60,16 +61,20 @@ def flood(n: int) -> str:
     return "a:\r\n" * n
 
 
-def ws_payload(resp_bytes: bytes) -> dict[str, Any]:
-    """The JSON inside the one unmasked text frame node_echo.js sends after its 101."""
-    body = resp_bytes.split(b"\r\n\r\n", 1)[1]
-    ln = body[1] & 0x7F
-    pos = 2
-    if ln == 126:
-        ln, pos = int.from_bytes(body[2:4], "big"), 4
-    elif ln == 127:
-        ln, pos = int.from_bytes(body[2:10], "big"), 10
-    data: dict[str, Any] = json.loads(body[pos : pos + ln])
+async def read_ws_text(reader: asyncio.StreamReader, timeout: float = 10.0) -> dict[str, Any]:
+    """The JSON inside the one unmasked text frame node_echo.js sends after its 101.
+
+    Read exactly one frame: its 2-byte header, the extended length, then the payload. The
+    frame is ~7 KiB here and may arrive in several segments, so one read() is not enough.
+    """
+    async with asyncio.timeout(timeout):
+        hdr = await reader.readexactly(2)
+        ln = hdr[1] & 0x7F
+        if ln == 126:
+            ln = int.from_bytes(await reader.readexactly(2), "big")
+        elif ln == 127:
+            ln = int.from_bytes(await reader.readexactly(8), "big")
+        data: dict[str, Any] = json.loads(await reader.readexactly(ln))
     return data
 
 
@@ -144,9 +149,8 @@ async def test_clawgate_headers_come_first_even_with_headlines_raised(
         )
         first = await read_response(reader, timeout=10)
         assert first.status == 101, first.raw
-        frame = await reader.read(1 << 20)
+        views["upgrade"] = await read_ws_text(reader)
         writer.close()
-        views["upgrade"] = ws_payload(first.raw + frame)
         for label, view in views.items():
             raw = view["rawHeaders"]
             names = [n.lower() for n in raw[0::2]]
