@@ -16,11 +16,29 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Final
 
 import httptools
 
 from ..errors import BadRequest, HeadTooLarge
+
+
+def _load_fast() -> ModuleType | None:
+    """proxy/core/_head.c, built with the compiled build; None in the pure build."""
+    try:
+        from . import _head
+    except ImportError:
+        return None
+    return _head
+
+
+# The common request head in C (issue 15, lever 4): parse() answers for a narrow subset of
+# heads or defers (None) to the Python parser below, never refusing by itself; rewrite()
+# copies rewrite_request_head for the heads parse() accepted. tests/unit/test_head_fast.py
+# and tests/fuzz/fuzz_head.py hold it to the Python code, the oracle.
+_FAST: Final = _load_fast()
+FAST_HEAD: Final = _FAST is not None
 
 __all__ = [
     "DEFAULT_HEAD_LINES",
@@ -28,6 +46,9 @@ __all__ = [
     "HeadTooLarge",
     "parse_request_head",
     "rewrite_request_head",
+    "parse_request_head_py",
+    "rewrite_request_head_py",
+    "FAST_HEAD",
     "find_head_end",
     "normalise_header_name",
     "is_spoofable_header",
@@ -132,6 +153,7 @@ class RequestHead:
     websocket: bool
     keep_alive: bool
     host: bytes | None = None  # the Host value (at most one Host line is accepted)
+    fast: bool = False  # parsed by proxy/core/_head.c (so its rewrite applies)
 
     @property
     def path(self) -> bytes:
@@ -194,6 +216,17 @@ def parse_request_head(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> Reque
     Raises BadRequest (400) for anything malformed or smuggling-shaped, HeadTooLarge (431)
     for more than ``max_lines`` header lines.
     """
+    if _FAST is not None:
+        t = _FAST.parse(raw, max_lines)
+        if t is not None:
+            return RequestHead(
+                raw, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], True
+            )
+    return parse_request_head_py(raw, max_lines)
+
+
+def parse_request_head_py(raw: bytes, max_lines: int = DEFAULT_HEAD_LINES) -> RequestHead:
+    """parse_request_head in Python, for every head (the oracle _head.c is held to)."""
     lines = _strict_lines(raw, max_lines)
     request_line = lines[0]
     parts = request_line.split(b" ")
@@ -327,6 +360,47 @@ def rewrite_request_head(
     and the ``session_cookie`` pair in every Cookie line. ``identity_headers`` holds
     normalised names (lower case, '-').
     """
+    if head.fast and _FAST is not None:
+        done: bytes | None = _FAST.rewrite(
+            head.request_line,
+            head.lines,
+            head.names,
+            head.values,
+            head.host,
+            head.websocket,
+            head.keep_alive,
+            head.version == (1, 0),
+            client_ip,
+            proto,
+            identity_headers,
+            add,
+            drop_authorization,
+            session_cookie,
+        )
+        if done is not None:
+            return done
+    return rewrite_request_head_py(
+        head,
+        client_ip=client_ip,
+        proto=proto,
+        identity_headers=identity_headers,
+        add=add,
+        drop_authorization=drop_authorization,
+        session_cookie=session_cookie,
+    )
+
+
+def rewrite_request_head_py(
+    head: RequestHead,
+    *,
+    client_ip: str,
+    proto: bytes,
+    identity_headers: frozenset[bytes],
+    add: Sequence[tuple[bytes, bytes]] = (),
+    drop_authorization: bool = False,
+    session_cookie: bytes | None = None,
+) -> bytes:
+    """rewrite_request_head in Python, for every head (the oracle _head.c is held to)."""
     out: list[bytes] = [
         head.request_line,
         b"X-Forwarded-For: " + client_ip.encode("ascii"),
