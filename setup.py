@@ -5,7 +5,8 @@ All project metadata lives in pyproject.toml; this file only adds the extension 
 CLAWGATE_COMPILE picks the build:
 
 - ``0``: pure Python (the modules as they are);
-- ``1``: compile proxy/core and HOT_PATH with mypyc, and fail when that is not possible;
+- ``1``: compile proxy/core and HOT_PATH with mypyc, build the C module proxy/core/_head.c,
+  and fail when that is not possible;
 - ``auto`` (the default): compile when mypyc, a C compiler and the Python headers are
   there, else build pure.
 
@@ -22,17 +23,27 @@ import sysconfig
 from glob import glob
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 # Modules mypyc must not compile: none today (list a module here with the reason).
 PURE_ONLY: frozenset[str] = frozenset()
 
 
-# Modules outside proxy/core compiled too: the asyncio Protocol classes every connection
-# runs through (ClientConnection, UpstreamConnection, BoundaryCloser: data_received and
-# the relay are the per-connection hot path; issue 15 lever 1). They are compiled in the
-# same group as proxy/core, so their calls into it are native calls.
-HOT_PATH: tuple[str, ...] = ("proxy/front.py", "proxy/upstream.py")
+# Modules outside proxy/core compiled too: what every connection runs through (issue 15
+# lever 1). The asyncio Protocol classes (ClientConnection, UpstreamConnection,
+# BoundaryCloser: data_received and the relay), the authorizer (credential, decision,
+# rewrite), the runtime's per-connection bookkeeping (admission, log lines, close) with the
+# access log and the metrics it counts in: compiled, -11.5% instructions per connection
+# (callgrind, benchmarks/notes/issue15-lever4.md). One group with proxy/core, so their
+# calls into each other are native calls.
+HOT_PATH: tuple[str, ...] = (
+    "proxy/front.py",
+    "proxy/upstream.py",
+    "proxy/authz.py",
+    "proxy/runtime.py",
+    "proxy/accesslog.py",
+    "proxy/metrics.py",
+)
 
 
 def _compiled_modules() -> list[str]:
@@ -73,7 +84,15 @@ def _ext_modules() -> list[Any]:
 
     # group_name: the shared library is proxy/core/_native__mypyc.*.so, inside the package
     # (an editable install maps only the proxy package; scripts/setup --pure removes it).
-    return mypycify(_compiled_modules(), opt_level="3", group_name="proxy.core._native")
+    compiled = mypycify(_compiled_modules(), opt_level="3", group_name="proxy.core._native")
+    # The request head's common case in C (issue 15 lever 4; proxy/core/_head.c): part of
+    # the compiled build, absent from the pure one (http1 then parses every head itself).
+    fast_head = Extension(
+        "proxy.core._head",
+        ["proxy/core/_head.c"],
+        extra_compile_args=["-O2"],
+    )
+    return [*compiled, fast_head]
 
 
 setup(ext_modules=_ext_modules())

@@ -76,6 +76,11 @@ def _head(auth: str | None) -> Any:
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    if (authz_module.__file__ or "").endswith(".so"):
+        # Compiled by mypyc too (setup.py's HOT_PATH), authz calls read_authorization and
+        # extract_token natively: no patch can see the calls. The pure build, which CI
+        # runs as well, counts them in the same source.
+        pytest.skip("counted in the pure build (proxy/authz.py is compiled here)")
     seen: list[str] = []
     real = core_tokens.extract_token
 

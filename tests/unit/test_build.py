@@ -5,12 +5,14 @@ proxy/core/X.*.so sits beside X.py and Python imports it instead. An .so older t
 would run yesterday's code while every test reads today's source, so with any .so present
 each module must have one, built after its .py was last changed, and be the one imported.
 scripts/test names the build it runs (CLAWGATE_BUILD, "pure" or "compiled"); without it the
-build is read off the tree. The hot-path protocols proxy/front.py and proxy/upstream.py
-(setup.py's HOT_PATH) are compiled with proxy/core and checked the same way.
+build is read off the tree. The per-connection modules outside proxy/core (setup.py's
+HOT_PATH: front, upstream, authz, runtime, accesslog, metrics) are compiled with proxy/core
+and checked the same way, and so is the C module proxy/core/_head.c.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.machinery
 import os
@@ -20,10 +22,24 @@ import pytest
 
 PROXY = Path(__file__).resolve().parents[2] / "proxy"
 CORE = PROXY / "core"
-HOT_PATH = ["front", "upstream"]  # setup.py's HOT_PATH, compiled beside proxy/core
+
+
+def _setup_hot_path() -> list[str]:
+    """setup.py's HOT_PATH, read from its source: ["front", "upstream", ...]."""
+    tree = ast.parse((PROXY.parent / "setup.py").read_text("utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "HOT_PATH":
+            assert node.value is not None
+            return [Path(p).stem for p in ast.literal_eval(node.value)]
+    raise AssertionError("setup.py has no HOT_PATH")
+
+
+HOT_PATH = _setup_hot_path()
 # Dotted names below proxy (core.http1, front) of every module a compiled build compiles.
 MODULES = sorted(f"core.{p.stem}" for p in CORE.glob("*.py") if p.name != "__init__.py")
 MODULES += HOT_PATH
+# C modules of the compiled build (setup.py's Extension list): proxy/core/X.c
+C_MODULES = sorted(f"core.{p.stem}" for p in CORE.glob("*.c"))
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
 
 
@@ -73,8 +89,30 @@ def test_a_compiled_module_is_not_older_than_its_source(name: str) -> None:
 
 
 def test_no_compiled_module_without_a_source() -> None:
-    """Every .so is a module of today's tree, or mypyc's shared library."""
+    """Every .so is a module of today's tree, mypyc's shared library or a C module."""
     names = {
         ("core." if p.parent == CORE else "") + p.name.split(".")[0] for p in _compiled_files()
     }
-    assert names <= set(MODULES) | {"core._native__mypyc"}
+    assert names <= set(MODULES) | {"core._native__mypyc"} | set(C_MODULES)
+
+
+@pytest.mark.parametrize("name", C_MODULES)
+def test_a_c_module_is_there_exactly_in_the_compiled_build(name: str) -> None:
+    """proxy/core/_head.c is built with the compiled build, never older than its source,
+    and used by http1 (FAST_HEAD); the pure build has no trace of it."""
+    from proxy.core import http1
+
+    source = PROXY.joinpath(*name.split(".")).with_suffix(".c")
+    compiled = source.with_suffix(SUFFIX)
+    assert source.exists()
+    if _expected_build() == "pure":
+        assert not compiled.exists()
+        assert http1.FAST_HEAD is False
+        return
+    assert compiled.exists(), f"{compiled.name} is missing: run scripts/setup --compiled"
+    assert compiled.stat().st_mtime >= source.stat().st_mtime, (
+        f"{compiled.name} is older than {source.name}: run scripts/setup --compiled"
+    )
+    module = importlib.import_module(f"proxy.{name}")
+    assert module.__file__ == str(compiled)
+    assert http1.FAST_HEAD is True
