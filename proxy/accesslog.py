@@ -26,6 +26,48 @@ __all__ = ["AccessLog"]
 _PIPE_CHUNK = 4096
 # Past this many pending lines, write now rather than at the end of the loop iteration.
 _MAX_PENDING = 512
+# The milliseconds and zone of a time stamp, ".000Z" to ".999Z": a lookup instead of a
+# format call per line.
+_MS: tuple[str, ...] = tuple(f".{i:03d}Z" for i in range(1000))
+# A JSON string (quotes included) as the line encoder writes one (ensure_ascii=False): C.
+json_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def decision_fields(
+    conn: int,
+    peer: str,
+    allow: bool,
+    status: int,
+    reason: str,
+    method: str,
+    path: str,
+    websocket: bool,
+) -> str:
+    """A decision line's own fields, encoded as write() encodes the same record (no braces):
+    the per-connection line without the generic encoder (tests/unit/test_accesslog_fields)."""
+    return (
+        f'"event":"decision","conn":{conn},"peer":{json_str(peer)},'
+        f'"decision":"{"allow" if allow else "deny"}","status":{status},'
+        f'"reason":{json_str(reason)},"method":{json_str(method)},"path":{json_str(path)},'
+        f'"websocket":{"true" if websocket else "false"}'
+    )
+
+
+def close_fields(
+    conn: int,
+    peer: str,
+    requests: int,
+    bytes_in: int,
+    bytes_out: int,
+    duration: float,
+    reason: str,
+) -> str:
+    """A close line's own fields, encoded as write() encodes the same record (no braces)."""
+    return (
+        f'"event":"close","conn":{conn},"peer":{json_str(peer)},"requests":{requests},'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration":{float.__repr__(duration)},'
+        f'"reason":{json_str(reason)}'
+    )
 
 
 class AccessLog:
@@ -108,6 +150,19 @@ class AccessLog:
         if "time" not in record and len(line) > 2:
             # The time goes first, as before; splicing it in avoids copying the dict.
             line = '{"time":"' + self._now() + '",' + line[1:]
+        self._append(line)
+
+    def write_fields(self, fields: str, tail: str = "") -> None:
+        """The line write() makes of a record without "time" whose encoding without braces
+        is ``fields`` (non-empty; decision_fields, close_fields), then ``tail``."""
+        if not self.enabled:
+            return
+        if tail:
+            self._append('{"time":"' + self._now() + '",' + fields + "," + tail + "}")
+        else:
+            self._append('{"time":"' + self._now() + '",' + fields + "}")
+
+    def _append(self, line: str) -> None:
         pending = self._pending
         pending.append(line)
         if len(pending) == 1:
@@ -173,7 +228,7 @@ class AccessLog:
         if sec != self._sec:  # strftime once per second, not per line
             self._sec = sec
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._stamp}.{int(t % 1 * 1000):03d}Z"
+        return self._stamp + _MS[int(t % 1 * 1000) % 1000]
 
     def refused(self, record: dict[str, Any]) -> None:
         """A rate-limited line for refusals a scan can generate in bulk."""

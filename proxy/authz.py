@@ -67,6 +67,8 @@ __all__ = [
 _NONE = IdentityOutcome("none")
 # The name logs and sessions use for the gateway's own token (never the token itself).
 GATEWAY_TOKEN_NAME = "gateway-token"  # noqa: S105
+# The credential of an upgrade whose gateway token is in its first frame (gate.py checks it).
+_FIRST_FRAME = Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)")
 
 
 class JwtVerifierLike(Protocol):
@@ -217,6 +219,12 @@ class Authorizer:
         self.identity = identity
         self.jwt = jwt
         self.gateway_token_digest = digest(gateway_token) if gateway_token else None
+        # The credential the gateway's own token grants, built once (frozen).
+        self._gateway_cred = (
+            None
+            if self.gateway_token_digest is None
+            else Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=self.gateway_token_digest)
+        )
         # The gateway's session generations for its shared secret (device tokens it issued
         # to browsers under this secret carry one).
         self.gateway_generations = (
@@ -287,14 +295,13 @@ class Authorizer:
                     return None, why, True
             return cred, None, True
         d = digest(token)
-        name = self.tokens.verify_digest(d)
-        if name is not None:
-            return Credential("token", name, binding=d), None, True
-        if self.gateway_token_digest is not None and hmac.compare_digest(
-            self.gateway_token_digest, d
-        ):
+        static = self.tokens.credential(d)
+        if static is not None:
+            return static, None, True
+        gw = self._gateway_cred
+        if gw is not None and hmac.compare_digest(gw.binding or b"", d):
             # The gateway's own token: the gateway needs it, so it is forwarded.
-            return (Credential("gateway-token", GATEWAY_TOKEN_NAME, binding=d), None, False)
+            return gw, None, False
         if not self.settings.require_token and self.jwt is None:
             return None, None, False
         return None, "invalid token", True
@@ -418,7 +425,7 @@ class Authorizer:
         ):
             # The client carries only the gateway's token, inside its first frame:
             # let the upgrade through and hold that frame until it is checked.
-            cred = Credential("gateway-token", f"{GATEWAY_TOKEN_NAME} (first frame)")
+            cred = _FIRST_FRAME
             gated = True
         decision = decide(
             s,

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .access.hosts import HostNames
-from .accesslog import AccessLog
+from .accesslog import AccessLog, close_fields, decision_fields
 from .authz import GATEWAY_TOKEN_NAME, Authorizer, Grant, Peer
 from .config import HOST_TAILSCALE, Config, load_config
 from .core.admission import LOCKED_OUT, OVER_IDENTITY, Admission
@@ -613,18 +613,17 @@ class Runtime:
         if not self.log.enabled:
             return
         d = grant.decision
-        rec: dict[str, Any] = {
-            "event": "decision",
-            "conn": conn.conn_id,
-            "peer": conn.peer_ip,
-            "decision": "allow" if d.allow else "deny",
-            "status": d.status,
-            "reason": d.reason,
-            "method": head.method.decode("latin-1"),
-            "path": head.path.decode("latin-1")[:256],
-            "websocket": head.websocket,
-        }
-        self.log.write(rec, self._log_tail(grant, conn.peer_ip))
+        fields = decision_fields(
+            conn.conn_id,
+            conn.peer_ip,
+            d.allow,
+            d.status,
+            d.reason,
+            head.method.decode("latin-1"),
+            head.path.decode("latin-1")[:256],
+            head.websocket,
+        )
+        self.log.write_fields(fields, self._log_tail(grant, conn.peer_ip))
 
     def connection_closed(self, conn: Connection, reason: str) -> None:
         self.conns.discard(conn)
@@ -643,18 +642,18 @@ class Runtime:
             self.identity_cache.forget(cache_key(conn.peer_ip, conn.peer_port))
         if not self.log.enabled:
             return
-        rec: dict[str, Any] = {
-            "event": "close",
-            "conn": conn.conn_id,
-            "peer": conn.peer_ip,
-            "requests": conn.requests,
-            "bytes_in": conn.bytes_up,
-            "bytes_out": conn.bytes_down,
-            "duration": round(conn.age(), 4),
-            "reason": reason,
-        }
+        fields = close_fields(
+            conn.conn_id,
+            conn.peer_ip,
+            conn.requests,
+            conn.bytes_up,
+            conn.bytes_down,
+            round(conn.age(), 4),
+            reason,
+        )
         grant = conn.grant
-        self.log.write(rec, self._log_tail(grant, conn.peer_ip) if grant is not None else "")
+        tail = self._log_tail(grant, conn.peer_ip) if grant is not None else ""
+        self.log.write_fields(fields, tail)
 
 
 def _log_task_error(task: asyncio.Task[Any], exc: BaseException) -> None:
