@@ -238,6 +238,8 @@ class Authorizer:
         norm = ts.identity_header.lower().replace("_", "-").encode()
         self.identity_norm = frozenset({norm})
         self.identity_header = ts.identity_header.encode()
+        # _identity_lines' cache: id(identity) -> (identity, its header lines).
+        self._ident_lines: dict[int, tuple[object, tuple[tuple[bytes, bytes], ...]]] = {}
         self.want_identity = identity is not None
         self._static_ok = self.settings.require_token or len(tokens) > 0
 
@@ -446,44 +448,55 @@ class Authorizer:
     # ------------------------------------------------------------------ rewrite
 
     def rewrite(self, conn: Peer, head: RequestHead, grant: Grant) -> bytes:
-        add: list[tuple[bytes, bytes]] = []
         ident = grant.identity
-        ts = self.cfg.tailscale
-        if ident is not None:
-            value: str | None
-            if ident.tagged:
-                value = (
-                    ts.tagged_identity.format(
-                        node=ident.node_name,
-                        host=ident.node_host,
-                        tags=",".join(ident.tags),
-                        id=ident.node_id,
-                    )
-                    if ts.tagged_identity
-                    else None
-                )
-            else:
-                value = ident.login
-            if value:
-                add.append((self.identity_header, _header_value(value)))
-            if ts.send_tailscale_headers and not ident.tagged and ident.login:
-                add.append((b"Tailscale-User-Login", _header_value(q_encode(ident.login))))
-                if ident.display_name:
-                    add.append(
-                        (b"Tailscale-User-Name", _header_value(q_encode(ident.display_name)))
-                    )
-                if ident.profile_pic:
-                    add.append((b"Tailscale-User-Profile-Pic", _header_value(ident.profile_pic)))
         return rewrite_request_head(
             head,
             client_ip=conn.peer_ip,
             proto=conn.proto,
             identity_headers=self.identity_norm,
-            add=add,
+            add=() if ident is None else self._identity_lines(ident),
             drop_authorization=grant.drop_authorization,
             # clawgate's cookie is never the gateway's business, valid or not, in any line.
             session_cookie=self.cookie_name,
         )
+
+    def _identity_lines(self, ident: Any) -> tuple[tuple[bytes, bytes], ...]:
+        """The header lines that tell the gateway who ``ident`` (the Grant's
+        tailscale.Identity) is, made once per identity object: identities are immutable and
+        cached, and this Authorizer's settings never change. Raises ValueError for a value
+        that cannot be a header (never cached)."""
+        hit = self._ident_lines.get(id(ident))
+        if hit is not None and hit[0] is ident:  # id() alone could be a reused address
+            return hit[1]
+        add: list[tuple[bytes, bytes]] = []
+        ts = self.cfg.tailscale
+        value: str | None
+        if ident.tagged:
+            value = (
+                ts.tagged_identity.format(
+                    node=ident.node_name,
+                    host=ident.node_host,
+                    tags=",".join(ident.tags),
+                    id=ident.node_id,
+                )
+                if ts.tagged_identity
+                else None
+            )
+        else:
+            value = ident.login
+        if value:
+            add.append((self.identity_header, _header_value(value)))
+        if ts.send_tailscale_headers and not ident.tagged and ident.login:
+            add.append((b"Tailscale-User-Login", _header_value(q_encode(ident.login))))
+            if ident.display_name:
+                add.append((b"Tailscale-User-Name", _header_value(q_encode(ident.display_name))))
+            if ident.profile_pic:
+                add.append((b"Tailscale-User-Profile-Pic", _header_value(ident.profile_pic)))
+        lines = tuple(add)
+        if len(self._ident_lines) >= 1024:
+            self._ident_lines.clear()
+        self._ident_lines[id(ident)] = (ident, lines)
+        return lines
 
     # ------------------------------------------------------------------ login
 
